@@ -1,0 +1,39 @@
+"""coblax: budget-constrained compression of deep networks in JAX.
+
+Public surface: the allocation protocol and registry, the decomposition and cost
+model, COBLA and the uniform allocator, data, models and training. Everything
+else is an implementation detail.
+"""
+
+__version__ = "0.1.0"
+
+from coblax.allocation import (  # noqa: E402
+    Allocation,
+    AllocationProblem,
+    Allocator,
+    BudgetError,
+    LayerCost,
+    LossOracle,
+    greedy_repair,
+    is_feasible,
+    largest_feasible,
+    ranks_cost,
+)
+from coblax.registry import allocator_names, get_allocator, register_allocator  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "Allocation",
+    "AllocationProblem",
+    "Allocator",
+    "BudgetError",
+    "LayerCost",
+    "LossOracle",
+    "greedy_repair",
+    "is_feasible",
+    "largest_feasible",
+    "ranks_cost",
+    "allocator_names",
+    "get_allocator",
+    "register_allocator",
+]

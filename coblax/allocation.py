@@ -1,0 +1,294 @@
+"""The allocation problem and the one protocol every rank allocator implements.
+
+An allocator (COBLA or any baseline) receives an :class:`AllocationProblem` — the
+decomposable layers with their singular values and their affine cost vectors, plus
+the two budgets — and returns an :class:`Allocation` (integer ranks, relaxed masks
+if it has any, status and diagnostics).
+
+Cost model (per decomposable layer i, rank r):
+    factored:  N_C,i(r) = r * mac_per_rank_i,  N_M,i(r) = r * param_per_rank_i
+    original:  N_C,i = original_macs_i,        N_M,i = original_params_i
+A layer is kept in its original (unfactored) form once the factored form would cost
+at least as much as the original in MACs *or* in parameters, i.e. for
+r >= saturation_rank_i. This is the "cost saturation" rule of the COBLA authors'
+code; it keeps every layer's cost monotone in r and never above the original.
+Budgets in the problem are absolute and refer to the decomposable layers only: the
+caller has already subtracted the cost of the layers that are not decomposed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = [
+    "LayerCost",
+    "AllocationProblem",
+    "Allocation",
+    "Allocator",
+    "LossOracle",
+    "BudgetError",
+    "ranks_cost",
+    "is_feasible",
+    "largest_feasible",
+    "greedy_repair",
+]
+
+
+class BudgetError(ValueError):
+    """A budget that an allocator cannot meet; the message names the closest ratio."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerCost:
+    """One decomposable layer as the allocators see it.
+
+    Attributes:
+      name: layer key used everywhere else (``"conv1"``, ``"Dense_0"``...).
+      kind: ``"dense"`` or ``"conv"``.
+      shape: (rows, cols) of the matricized weight that was factored.
+      sigma: singular values of that matrix, descending, length ``full_rank``.
+      mac_per_rank: MACs per example added by one kept singular triplet.
+      param_per_rank: parameters added by one kept singular triplet.
+      original_macs: MACs per example of the unfactored layer (kernel only).
+      original_params: parameters of the unfactored kernel (bias excluded: it is
+        a fixed cost, identical in both forms).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    sigma: np.ndarray
+    mac_per_rank: float
+    param_per_rank: float
+    original_macs: float
+    original_params: float
+
+    @property
+    def full_rank(self) -> int:
+        return int(len(self.sigma))
+
+    @property
+    def saturation_rank(self) -> int:
+        """Smallest r whose factored form costs >= the original in MACs or params.
+
+        Ranks at or above it mean "keep the original layer". May exceed full_rank
+        (then the factored form is cheaper even at full rank).
+        """
+        r_c = math.ceil(self.original_macs / self.mac_per_rank - 1e-12)
+        r_m = math.ceil(self.original_params / self.param_per_rank - 1e-12)
+        return max(1, min(r_c, r_m))
+
+    def is_original(self, rank: int) -> bool:
+        """Whether a layer at ``rank`` is kept in its original form."""
+        return rank >= min(self.saturation_rank, self.full_rank)
+
+    def macs(self, rank: int) -> float:
+        if self.is_original(rank):
+            return float(self.original_macs)
+        return float(rank) * self.mac_per_rank
+
+    def params(self, rank: int) -> float:
+        if self.is_original(rank):
+            return float(self.original_params)
+        return float(rank) * self.param_per_rank
+
+
+@runtime_checkable
+class LossOracle(Protocol):
+    """Network-level loss callbacks, for allocators that look at the data (COBLA).
+
+    Both take the flat vector of masking variables m (layers in problem order, each
+    layer's triplets in descending-sigma order; a layer whose block is all ones is
+    the original layer exactly). ``value_and_grad(m)`` returns (E(m), dE/dm) as
+    (float, float64 array) on the objective subset; ``validation_loss(m)`` is E on
+    a held-out split of the training data (used to pick among roundings).
+    """
+
+    def value_and_grad(self, m: np.ndarray) -> tuple[float, np.ndarray]: ...
+
+    def validation_loss(self, m: np.ndarray) -> float: ...
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AllocationProblem:
+    """Layers, budgets and (optionally) a loss oracle.
+
+    ``mac_max`` / ``param_max`` bound the summed cost of the decomposable layers.
+    ``min_rank`` is the smallest rank any layer may get (a rank-0 layer would cut
+    the network). ``seed`` drives any randomness of an allocator.
+    """
+
+    layers: tuple[LayerCost, ...]
+    mac_max: float
+    param_max: float
+    min_rank: int = 1
+    loss: LossOracle | None = None
+    seed: int = 0
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(layer.name for layer in self.layers)
+
+    def full_ranks(self) -> dict[str, int]:
+        return {layer.name: layer.full_rank for layer in self.layers}
+
+    def original_cost(self) -> tuple[float, float]:
+        return (
+            float(sum(layer.original_macs for layer in self.layers)),
+            float(sum(layer.original_params for layer in self.layers)),
+        )
+
+    def offsets(self) -> np.ndarray:
+        """Start index of each layer's block in the flat masking vector."""
+        return np.concatenate([[0], np.cumsum([layer.full_rank for layer in self.layers])])
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+    """What every allocator returns.
+
+    Attributes:
+      ranks: layer name -> integer rank (full rank = original layer kept).
+      status: short machine-readable outcome (``"ok"``, ``"repaired"``...).
+      relaxed: layer name -> relaxed masking variables in [0, 1], if any.
+      masks: layer name -> final length-R multiplier vector of the singular values:
+        nonzero entries are the kept triplets (COBLA keeps sigma_ij * m_ij, so its
+        entries are m_ij). None (or a missing layer) means "the top ``ranks[name]``
+        triplets with multiplier 1", which is what every SVD-truncation baseline wants.
+      stats: diagnostics (threshold, beta, optimality gap, iterations, trace...).
+    """
+
+    ranks: dict[str, int]
+    status: str = "ok"
+    relaxed: dict[str, np.ndarray] | None = None
+    masks: dict[str, np.ndarray] | None = None
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@runtime_checkable
+class Allocator(Protocol):
+    """``allocator(problem) -> Allocation``; ``name`` is its registry key."""
+
+    name: str
+
+    def __call__(self, problem: AllocationProblem) -> Allocation: ...
+
+
+def ranks_cost(layers: tuple[LayerCost, ...], ranks: Mapping[str, int]) -> tuple[float, float]:
+    """Total (MACs, params) of the decomposable layers at the given ranks."""
+    macs = sum(layer.macs(int(ranks[layer.name])) for layer in layers)
+    params = sum(layer.params(int(ranks[layer.name])) for layer in layers)
+    return float(macs), float(params)
+
+
+def is_feasible(problem: AllocationProblem, ranks: Mapping[str, int]) -> bool:
+    """Both budgets met (with a relative slack of 1e-9 for float sums)."""
+    macs, params = ranks_cost(problem.layers, ranks)
+    return macs <= problem.mac_max * (1 + 1e-9) and params <= problem.param_max * (1 + 1e-9)
+
+
+def largest_feasible(
+    problem: AllocationProblem,
+    ranks_at: Callable[[float], Mapping[str, int]],
+    lo: float,
+    hi: float,
+    *,
+    iters: int = 60,
+    method: str = "",
+) -> tuple[float, dict[str, int]]:
+    """Bisect a scalar knob t in [lo, hi] for the largest t whose ranks are feasible.
+
+    ``ranks_at(t)`` must give ranks non-decreasing in t (CPTV's beta, a uniform
+    fraction, a threshold's inverse multiplier...). Raises :class:`BudgetError`
+    naming ``method`` and the closest achievable ratio if even ``ranks_at(lo)``
+    breaks a budget.
+    """
+
+    def clip(ranks: Mapping[str, int]) -> dict[str, int]:
+        return {
+            layer.name: int(min(layer.full_rank, max(problem.min_rank, ranks[layer.name])))
+            for layer in problem.layers
+        }
+
+    best = clip(ranks_at(lo))
+    if not is_feasible(problem, best):
+        macs, params = ranks_cost(problem.layers, best)
+        o_mac, o_par = problem.original_cost()
+        raise BudgetError(
+            f"method {method or '?'} cannot meet the budget: its smallest allocation costs "
+            f"{macs / o_mac:.4f} of the decomposable MACs and {params / o_par:.4f} of the "
+            f"parameters (budget {problem.mac_max / o_mac:.4f} / {problem.param_max / o_par:.4f})"
+        )
+    top = clip(ranks_at(hi))
+    if is_feasible(problem, top):
+        return hi, top
+    best_t = lo
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        ranks = clip(ranks_at(mid))
+        if is_feasible(problem, ranks):
+            lo, best_t, best = mid, mid, ranks
+        else:
+            hi = mid
+    return best_t, best
+
+
+def greedy_repair(
+    problem: AllocationProblem,
+    ranks: Mapping[str, int],
+    importance: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, int]:
+    """Lower ranks until both budgets hold, deterministically.
+
+    Repeatedly drops, among layers above ``min_rank``, the last kept triplet whose
+    importance (default: sigma^2) per unit of normalized cost saved is smallest.
+    Dropping a triplet from a layer kept in original form moves it to its largest
+    factored rank. Raises :class:`BudgetError` if even ``min_rank`` everywhere is
+    infeasible.
+    """
+    o_mac, o_par = problem.original_cost()
+    current = {
+        layer.name: int(min(layer.full_rank, max(problem.min_rank, ranks[layer.name])))
+        for layer in problem.layers
+    }
+    floor = {layer.name: problem.min_rank for layer in problem.layers}
+    if not is_feasible(problem, floor):
+        macs, params = ranks_cost(problem.layers, floor)
+        raise BudgetError(
+            f"no allocation meets the budget: rank {problem.min_rank} in every layer "
+            f"already costs {macs / o_mac:.4f} of the decomposable MACs and "
+            f"{params / o_par:.4f} of the parameters"
+        )
+    by_name = {layer.name: layer for layer in problem.layers}
+    while not is_feasible(problem, current):
+        macs, params = ranks_cost(problem.layers, current)
+        # Weight each budget by how much it is exceeded, so the step saves where it counts.
+        w_c = max(0.0, macs / problem.mac_max - 1.0) if problem.mac_max > 0 else 1.0
+        w_m = max(0.0, params / problem.param_max - 1.0) if problem.param_max > 0 else 1.0
+        best_name, best_score, best_rank = None, math.inf, 0
+        for name, r in current.items():
+            if r <= problem.min_rank:
+                continue
+            layer = by_name[name]
+            new_r = r - 1
+            if layer.is_original(r):
+                new_r = max(problem.min_rank, min(layer.saturation_rank, layer.full_rank) - 1)
+            saved = w_c * (layer.macs(r) - layer.macs(new_r)) / o_mac + w_m * (
+                layer.params(r) - layer.params(new_r)
+            ) / o_par
+            if saved <= 0:
+                continue
+            imp = layer.sigma**2 if importance is None else np.asarray(importance[name])
+            lost = float(np.sum(imp[new_r:r])) / max(float(np.sum(imp)), 1e-30)
+            score = lost / saved
+            if score < best_score:
+                best_name, best_score, best_rank = name, score, new_r
+        if best_name is None:  # pragma: no cover - floor feasibility checked above
+            raise BudgetError("repair could not make progress")
+        current[best_name] = best_rank
+    return current

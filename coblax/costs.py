@@ -1,0 +1,143 @@
+"""Cost model: MACs per example N_C(m) and parameters N_M(m), affine in the masks.
+
+For a decomposable layer at rank r (number of kept triplets, r = Σ_j m_ij):
+
+* dense, W in x out, P positions (P = 1 for a plain vector input):
+    N_C = P·r·(in + out),            N_M = r·(in + out)
+* conv ``zhang`` (X·Y·C, N), output Ho x Wo:
+    N_C = Ho·Wo·r·(X·Y·C + N),       N_M = r·(X·Y·C + N)
+* conv ``tai`` (C·X, Y·N), input width W_in (the vertical conv runs on every
+  input column; the horizontal one applies the width stride and padding):
+    N_C = r·(Ho·W_in·X·C + Ho·Wo·Y·N), N_M = r·(X·C + Y·N)
+
+The original layer costs P·in·out (dense) or Ho·Wo·X·Y·C·N / groups (conv) MACs
+and its kernel size in parameters. Biases, normalization parameters and every
+other leaf of the parameter tree are a fixed memory cost; the MACs of layers that
+are not decomposed are a fixed compute cost. Pooling, activations and additions
+are not counted (MACs are the convention of the seed). A layer whose factored form
+would cost at least as much as the original keeps its original form (see
+:class:`coblax.allocation.LayerCost`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+from coblax.allocation import AllocationProblem, BudgetError, LayerCost, ranks_cost
+from coblax.decompose import TracedLayer
+
+__all__ = ["layer_cost", "NetworkCost", "network_cost", "make_problem", "BUDGET_BASES"]
+
+BUDGET_BASES = ("decomposed", "network")
+
+
+def layer_cost(layer: TracedLayer, sigma: np.ndarray, scheme: str) -> LayerCost:
+    """The affine cost vector of one decomposable layer under ``scheme``."""
+    if layer.kind == "dense":
+        n_in, n_out = layer.kernel_shape
+        positions = int(np.prod(layer.in_shape[:-1])) if len(layer.in_shape) > 1 else 1
+        per_param = n_in + n_out
+        per_mac = positions * per_param
+        shape = (n_in, n_out)
+    else:
+        X, Y, C, N = layer.kernel_shape
+        Ho, Wo = layer.out_shape[:2]
+        W_in = layer.in_shape[1]
+        if scheme == "zhang":
+            per_param = X * Y * C + N
+            per_mac = Ho * Wo * per_param
+            shape = (X * Y * C, N)
+        else:
+            per_param = X * C + Y * N
+            per_mac = Ho * W_in * X * C + Ho * Wo * Y * N
+            shape = (C * X, Y * N)
+    return LayerCost(
+        name=layer.name,
+        kind=layer.kind,
+        shape=shape,
+        sigma=np.asarray(sigma, dtype=np.float64),
+        mac_per_rank=float(per_mac),
+        param_per_rank=float(per_param),
+        original_macs=float(layer.macs),
+        original_params=float(np.prod(layer.kernel_shape)),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkCost:
+    """Whole-network costs split into the decomposable part and the fixed rest.
+
+    ``total_*`` are the original network's N_C,O and N_M,O.
+    """
+
+    layers: tuple[LayerCost, ...]
+    fixed_macs: float
+    fixed_params: float
+    total_macs: float
+    total_params: float
+
+    def decomposed_original(self) -> tuple[float, float]:
+        return (sum(l.original_macs for l in self.layers), sum(l.original_params for l in self.layers))
+
+    def cost(self, ranks: Mapping[str, int]) -> tuple[float, float]:
+        """Whole-network (MACs, params) at the given ranks."""
+        macs, params = ranks_cost(self.layers, ranks)
+        return macs + self.fixed_macs, params + self.fixed_params
+
+    def ratios(self, ranks: Mapping[str, int], basis: str) -> tuple[float, float]:
+        """(MAC ratio, param ratio) on the budget basis."""
+        if basis == "network":
+            macs, params = self.cost(ranks)
+            return macs / self.total_macs, params / self.total_params
+        macs, params = ranks_cost(self.layers, ranks)
+        o_mac, o_par = self.decomposed_original()
+        return macs / o_mac, params / o_par
+
+    def budgets(self, mac_fraction: float, param_fraction: float, basis: str) -> tuple[float, float]:
+        """Absolute budgets on the decomposable layers for fractions on ``basis``."""
+        if basis == "network":
+            return (mac_fraction * self.total_macs - self.fixed_macs,
+                    param_fraction * self.total_params - self.fixed_params)
+        o_mac, o_par = self.decomposed_original()
+        return mac_fraction * o_mac, param_fraction * o_par
+
+
+def network_cost(
+    traced: list[TracedLayer], params, decomposed: Mapping[str, np.ndarray], scheme: str
+) -> NetworkCost:
+    """Costs of a network whose layers in ``decomposed`` (name -> σ) are factored."""
+    total_params = float(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params)))
+    total_macs = float(sum(layer.macs for layer in traced))
+    layers = tuple(layer_cost(l, decomposed[l.name], scheme) for l in traced if l.name in decomposed)
+    fixed_macs = total_macs - sum(l.original_macs for l in layers)
+    fixed_params = total_params - sum(l.original_params for l in layers)
+    return NetworkCost(layers, fixed_macs, fixed_params, total_macs, total_params)
+
+
+def make_problem(
+    net: NetworkCost,
+    mac_fraction: float,
+    param_fraction: float,
+    basis: str = "decomposed",
+    *,
+    min_rank: int = 1,
+    loss=None,
+    seed: int = 0,
+) -> AllocationProblem:
+    """The allocation problem for budget fractions, or a BudgetError naming the minimum."""
+    if basis not in BUDGET_BASES:
+        raise ValueError(f"unknown budget basis {basis!r}; valid: {', '.join(BUDGET_BASES)}")
+    mac_max, param_max = net.budgets(mac_fraction, param_fraction, basis)
+    floor = {l.name: min_rank for l in net.layers}
+    min_mac, min_par = net.ratios(floor, basis)
+    if mac_fraction < min_mac * (1 - 1e-12) or param_fraction < min_par * (1 - 1e-12):
+        raise BudgetError(
+            f"budget mac={mac_fraction:g}, param={param_fraction:g} ({basis} basis) is below what the "
+            f"network costs with rank {min_rank} in every decomposed layer and every other layer intact: "
+            f"the smallest feasible budget is mac >= {min_mac:.4f}, param >= {min_par:.4f}"
+        )
+    return AllocationProblem(net.layers, mac_max, param_max, min_rank=min_rank, loss=loss, seed=seed)

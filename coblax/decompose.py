@@ -1,0 +1,322 @@
+"""Masking-variable decomposition of any Flax model's Dense and Conv layers.
+
+Each decomposable layer's weight is matricized and factored by SVD, W = U S V^T;
+singular triplet j of layer i gets a masking variable m_ij and the layer computes
+with U diag(m ⊙ σ) V^T. Three factorizations:
+
+* dense: W (in x out) directly; y = ((x U) ⊙ (m σ)) V^T.
+* conv ``zhang`` (Zhang et al. 2016, seed Eq. 4): W (X, Y, C, N) as the
+  (X·Y·C) x N matrix; an X x Y conv to R channels, scale, then a 1x1 conv to N.
+* conv ``tai`` (Tai et al. 2016, seed Eq. 3): W as the (C·X) x (Y·N) matrix; a
+  vertical X x 1 conv to R channels, scale, then a horizontal 1 x Y conv to N.
+  Stride and padding split by axis: height in the first conv, width in the second.
+
+The network is run through ``flax.linen.intercept_methods``: a decomposed layer's
+``__call__`` is replaced by the factored computation (its bias is still read from
+the layer), so any linen model made of ``nn.Dense`` / ``nn.Conv`` works unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "SCHEMES",
+    "TracedLayer",
+    "trace_layers",
+    "Factors",
+    "factorize",
+    "factored_apply",
+    "truncate",
+    "layer_key",
+    "get_kernel",
+]
+
+SCHEMES = ("tai", "zhang")
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def layer_key(path: Iterable[str]) -> str:
+    """The layer's name everywhere in coblax: its module path joined by '/'."""
+    return "/".join(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedLayer:
+    """A Dense or Conv call seen while tracing the model on one example.
+
+    ``macs`` counts multiply-accumulates per example of the layer as it is;
+    ``reason`` is empty for a decomposable layer, else why it is not.
+    """
+
+    name: str
+    kind: str  # "dense" | "conv"
+    kernel_shape: tuple[int, ...]
+    in_shape: tuple[int, ...]  # one example, without batch
+    out_shape: tuple[int, ...]
+    strides: tuple[int, ...] = ()
+    pads: tuple[tuple[int, int], ...] = ()
+    macs: int = 0
+    reason: str = ""
+
+    @property
+    def decomposable(self) -> bool:
+        return not self.reason
+
+
+def _explicit_pads(mod: nn.Conv, in_spatial, kernel_spatial, strides):
+    pad = mod.padding
+    if isinstance(pad, str):
+        if pad.upper() in ("SAME", "VALID"):
+            return tuple(lax.padtype_to_pads(in_spatial, kernel_spatial, strides, pad.upper()))
+        return None
+    if isinstance(pad, int):
+        return tuple((pad, pad) for _ in in_spatial)
+    pads = []
+    for p in pad:
+        pads.append((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])))
+    return tuple(pads)
+
+
+def _as_tuple(v, n):
+    if v is None:
+        return (1,) * n
+    if isinstance(v, int):
+        return (v,) * n
+    return tuple(int(a) for a in v)
+
+
+def trace_layers(model: nn.Module, params: Any, example: jnp.ndarray) -> list[TracedLayer]:
+    """Run the model abstractly on one example and record every Dense/Conv call.
+
+    Uses ``jax.eval_shape`` so nothing is computed; the order is call order.
+    """
+    found: list[TracedLayer] = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        mod = context.module
+        out = next_fun(*args, **kwargs)
+        if context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.Conv)):
+            return out
+        x = args[0]
+        kernel = mod.get_variable("params", "kernel")
+        name = layer_key(mod.path)
+        in_shape, out_shape = tuple(x.shape[1:]), tuple(out.shape[1:])
+        if isinstance(mod, nn.Dense):
+            positions = int(np.prod(in_shape[:-1])) if len(in_shape) > 1 else 1
+            macs = positions * kernel.shape[0] * kernel.shape[1]
+            found.append(TracedLayer(name, "dense", tuple(kernel.shape), in_shape, out_shape, macs=macs))
+            return out
+        groups = int(mod.feature_group_count)
+        positions = int(np.prod(out_shape[:-1]))
+        macs = positions * int(np.prod(kernel.shape[:-1])) * kernel.shape[-1]
+        reason = ""
+        strides = _as_tuple(mod.strides, kernel.ndim - 2)
+        pads = None
+        if kernel.ndim != 4 or len(in_shape) != 3:
+            reason = "only 2-D convolutions on NHWC inputs are decomposed"
+        elif groups != 1:
+            reason = "grouped/depthwise convolution"
+        elif _as_tuple(mod.kernel_dilation, 2) != (1, 1) or _as_tuple(mod.input_dilation, 2) != (1, 1):
+            reason = "dilated convolution"
+        else:
+            pads = _explicit_pads(mod, in_shape[:2], kernel.shape[:2], strides)
+            if pads is None:
+                reason = f"padding {mod.padding!r} is not SAME, VALID or explicit"
+        found.append(
+            TracedLayer(name, "conv", tuple(kernel.shape), in_shape, out_shape, strides,
+                        pads or (), macs, reason)
+        )
+        return out
+
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(model.apply, params, example[:1])
+    seen: dict[str, TracedLayer] = {}
+    for layer in found:
+        if layer.name in seen:  # a shared layer called twice: cost counts twice, no decomposition
+            prev = seen[layer.name]
+            seen[layer.name] = dataclasses.replace(prev, macs=prev.macs + layer.macs, reason="layer called more than once")
+        else:
+            seen[layer.name] = layer
+    return list(seen.values())
+
+
+def get_kernel(params: Any, name: str) -> jnp.ndarray:
+    node = params["params"]
+    for part in name.split("/"):
+        node = node[part]
+    return node["kernel"]
+
+
+def _matricize(kernel: np.ndarray, kind: str, scheme: str) -> np.ndarray:
+    if kind == "dense":
+        return kernel
+    X, Y, C, N = kernel.shape
+    if scheme == "zhang":
+        return kernel.reshape(X * Y * C, N)
+    # tai: rows (c, x), cols (y, n)
+    return kernel.transpose(2, 0, 1, 3).reshape(C * X, Y * N)
+
+
+@dataclasses.dataclass(frozen=True)
+class Factors:
+    """One layer's factors: ``first`` maps the input to R channels, ``second`` back.
+
+    The layer computes second(scale ⊙ first(x)) where ``scale`` is m ⊙ σ during
+    the relaxed solve and absent (folded into the kernels) after truncation.
+    dense: first (in, R), second (R, out). zhang: first (X, Y, C, R),
+    second (1, 1, R, N). tai: first (X, 1, C, R), second (1, Y, R, N).
+    """
+
+    kind: str
+    scheme: str
+    first: Any
+    second: Any
+    sigma: Any  # singular values (descending), kept for reference / relaxed scaling
+    strides: tuple[int, ...] = ()
+    pads: tuple[tuple[int, int], ...] = ()
+
+
+jax.tree_util.register_dataclass(
+    Factors, data_fields=["first", "second", "sigma"], meta_fields=["kind", "scheme", "strides", "pads"]
+)
+
+
+def factorize(kernel: np.ndarray, layer: TracedLayer, scheme: str) -> Factors:
+    """SVD of the matricized kernel, arranged as two kernels (singular values apart)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
+    k = np.asarray(kernel, dtype=np.float64)
+    mat = _matricize(k, layer.kind, scheme)
+    u, s, vt = np.linalg.svd(mat, full_matrices=False)
+    v = vt.T  # (cols, R)
+    R = s.shape[0]
+    dt = np.asarray(kernel).dtype
+    if layer.kind == "dense":
+        first, second = u, vt
+    else:
+        X, Y, C, N = k.shape
+        if scheme == "zhang":
+            first = u.reshape(X, Y, C, R)
+            second = vt.reshape(1, 1, R, N)
+        else:
+            first = u.reshape(C, X, R).transpose(1, 0, 2)[:, None, :, :]  # (X, 1, C, R)
+            second = v.reshape(Y, N, R).transpose(0, 2, 1)[None]  # (1, Y, R, N)
+    return Factors(layer.kind, scheme, jnp.asarray(first, dt), jnp.asarray(second, dt),
+                   jnp.asarray(s, dt), layer.strides, layer.pads)
+
+
+def truncate(f: Factors, mask: np.ndarray) -> Factors:
+    """Keep the triplets where ``mask`` is nonzero, singular values σ·mask folded in.
+
+    The singular value is split as sqrt into both kernels so fine-tuning starts
+    from balanced factors.
+    """
+    mask = np.asarray(mask, dtype=np.float64)
+    keep = np.nonzero(mask)[0]
+    s = np.asarray(f.sigma, dtype=np.float64)[keep] * mask[keep]
+    root = np.sqrt(np.abs(s))
+    sign = np.sign(s)
+    first = np.asarray(f.first)[..., keep] * root
+    second = np.take(np.asarray(f.second), keep, axis=-2) * (root * sign)[:, None]
+    dt = np.asarray(f.first).dtype
+    return Factors(f.kind, f.scheme, jnp.asarray(first, dt), jnp.asarray(second, dt),
+                   jnp.asarray(s, dt), f.strides, f.pads)
+
+
+def _conv(x, kernel, strides, pads):
+    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN)
+
+
+def _apply_factors(f: Factors, x: jnp.ndarray, scale: jnp.ndarray | None) -> jnp.ndarray:
+    if f.kind == "dense":
+        h = x @ f.first
+        if scale is not None:
+            h = h * scale
+        return h @ f.second
+    (sh, sw), ((ph0, ph1), (pw0, pw1)) = f.strides, f.pads
+    if f.scheme == "zhang":
+        h = _conv(x, f.first, (sh, sw), ((ph0, ph1), (pw0, pw1)))
+        if scale is not None:
+            h = h * scale
+        return _conv(h, f.second, (1, 1), ((0, 0), (0, 0)))
+    h = _conv(x, f.first, (sh, 1), ((ph0, ph1), (0, 0)))
+    if scale is not None:
+        h = h * scale
+    return _conv(h, f.second, (1, sw), ((0, 0), (pw0, pw1)))
+
+
+def factored_apply(
+    model: nn.Module,
+    params: Any,
+    factors: Mapping[str, Factors],
+    x: jnp.ndarray,
+    scales: Mapping[str, jnp.ndarray] | None = None,
+) -> jnp.ndarray:
+    """Run ``model`` with each layer in ``factors`` computed in factored form.
+
+    Args:
+      model, params: the original Flax model and its variables (the decomposed
+        layers' kernels are not read; their biases are).
+      factors: layer name -> :class:`Factors`.
+      x: a batch of inputs.
+      scales: layer name -> the R-vector m ⊙ σ multiplying the intermediate
+        channels (the relaxed masked network). Omit for truncated factors whose
+        singular values are already folded in.
+    """
+    scales = scales or {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        mod = context.module
+        if context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.Conv)):
+            return next_fun(*args, **kwargs)
+        name = layer_key(mod.path)
+        f = factors.get(name)
+        if f is None:
+            return next_fun(*args, **kwargs)
+        x_in = jnp.asarray(args[0])
+        y = _apply_factors(f, x_in, scales.get(name))
+        if mod.use_bias:
+            y = y + mod.get_variable("params", "bias")
+        return y
+
+    with nn.intercept_methods(interceptor):
+        return model.apply(params, x)
+
+
+def masked_scales(factors: Mapping[str, Factors], masks: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
+    """m ⊙ σ for every layer in ``masks``."""
+    return {name: masks[name] * factors[name].sigma for name in masks}
+
+
+__all__.append("masked_scales")
+
+
+def apply_fn_for(model: nn.Module, factors: Mapping[str, Factors]) -> Callable:
+    """``apply_fn(variables, x)`` for a factored network whose factors live in the tree.
+
+    The variables are ``{"params": base params, "factors": {name: (first, second)}}``
+    so one optimizer trains factors and the rest together.
+    """
+    meta = {n: dataclasses.replace(f, first=None, second=None, sigma=None) for n, f in factors.items()}
+
+    def apply(variables, x):
+        fs = {
+            n: dataclasses.replace(meta[n], first=variables["factors"][n]["first"],
+                                   second=variables["factors"][n]["second"])
+            for n in meta
+        }
+        return factored_apply(model, {"params": variables["params"]}, fs, x)
+
+    return apply
+
+
+__all__.append("apply_fn_for")

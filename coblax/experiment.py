@@ -1,0 +1,328 @@
+"""``coblax run``: base model -> every method at every budget -> results.json.
+
+Intentionally thin: each step calls a library module (data, models, train,
+decompose, costs, objective, allocators, finetune). Budgets are checked for every
+model and scheme before any training so that a bad budget fails fast with
+nothing written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coblax import train as T
+from coblax.allocation import Allocation, is_feasible
+from coblax.config import ModelConfig, RunConfig
+from coblax.costs import NetworkCost, make_problem, network_cost
+from coblax.data import Dataset, load_dataset
+from coblax.decompose import Factors, apply_fn_for, factorize, get_kernel, trace_layers, truncate
+from coblax.models import build_model
+from coblax.objective import NetworkLoss
+from coblax.registry import get_allocator
+
+__all__ = ["run_experiment", "BaseModel", "train_base_model", "decomposable_layers", "factored_variables", "versions"]
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that determine results."""
+    import flax
+    import optax
+    import scipy
+
+    from coblax import __version__
+
+    return {
+        "coblax": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModel:
+    model: Any
+    params: Any
+    accuracy: float
+    cached: bool
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("COBLAX_CACHE", Path.home() / ".cache" / "coblax"))
+
+
+def train_base_model(cfg: RunConfig, mc: ModelConfig, data: Dataset, cache_dir: Path | None, progress: bool = True) -> BaseModel:
+    """Train the base model, or load it from the cache when settings match."""
+    model = build_model(mc.name, num_classes=data.num_classes, input_shape=data.input_shape, **dict(mc.options))
+    params = model.init(jax.random.PRNGKey(cfg.seed), jnp.asarray(data.x_train[:1]))
+    settings = {
+        "model": mc.name,
+        "options": mc.options,
+        "data": dataclasses.asdict(cfg.data) | {"dir": None},
+        "train": dataclasses.asdict(cfg.train),
+        "seed": cfg.seed,
+        "n_train": int(len(data.x_train)),
+    }
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / "models" / f"{mc.name}-{T.cache_key(settings)}.npz"
+        if path.is_file():
+            try:
+                loaded = T.load_params(path)
+                if jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(params):
+                    acc = T.evaluate(model.apply, loaded, data.x_test, data.y_test)
+                    return BaseModel(model, loaded, acc, True)
+            except (OSError, ValueError, KeyError):
+                pass  # unreadable cache entry: retrain and overwrite it
+    params = T.fit(
+        model.apply, params, data.x_train, data.y_train,
+        epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
+        learning_rate=cfg.train.learning_rate, optimizer=cfg.train.optimizer,
+        seed=cfg.seed, desc=f"train {mc.label}", progress=progress,
+    )
+    acc = T.evaluate(model.apply, params, data.x_test, data.y_test)
+    if path is not None:
+        T.save_params(path, params, meta=settings | {"test_accuracy": acc})
+    return BaseModel(model, params, acc, False)
+
+
+def decomposable_layers(traced, cfg: RunConfig) -> list:
+    """Traced layers selected for decomposition by ``decompose.layers/exclude``."""
+    chosen = []
+    names = {l.name for l in traced}
+    for wanted in cfg.decompose.layers + cfg.decompose.exclude:
+        if wanted not in names:
+            raise ValueError(f"decompose: no layer named {wanted!r}; layers: {', '.join(sorted(names))}")
+    for layer in traced:
+        if not layer.decomposable:
+            continue
+        if cfg.decompose.layers and layer.name not in cfg.decompose.layers:
+            continue
+        if layer.name in cfg.decompose.exclude:
+            continue
+        chosen.append(layer)
+    return chosen
+
+
+def preflight(cfg: RunConfig, data_shape: tuple, num_classes: int) -> None:
+    """Check every budget against every model/scheme before anything runs."""
+    for mc in cfg.models:
+        model = build_model(mc.name, num_classes=num_classes, input_shape=data_shape, **dict(mc.options))
+        x = jnp.zeros((1,) + tuple(data_shape), jnp.float32)
+        params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+        traced = trace_layers(model, params, x)
+        chosen = decomposable_layers(traced, cfg)
+        if not chosen:
+            raise ValueError(f"model {mc.label}: no decomposable layer selected")
+        for scheme in cfg.decompose.schemes:
+            sig = {l.name: np.ones(_full_rank(l, scheme)) for l in chosen}
+            net = network_cost(traced, params, sig, scheme)
+            for mac, par in cfg.budgets.pairs():
+                make_problem(net, mac, par, cfg.budgets.basis, min_rank=cfg.budgets.min_rank)
+
+
+def _full_rank(layer, scheme: str) -> int:
+    if layer.kind == "dense":
+        return min(layer.kernel_shape)
+    X, Y, C, N = layer.kernel_shape
+    return min(X * Y * C, N) if scheme == "zhang" else min(C * X, Y * N)
+
+
+def factored_variables(params: Any, factors: dict[str, Factors]) -> dict:
+    """{"params": params without the factored kernels, "factors": {name: {first, second}}}."""
+    def strip(node, prefix):
+        out = {}
+        for k, v in node.items():
+            path = f"{prefix}/{k}" if prefix else k
+            if isinstance(v, dict) or hasattr(v, "items"):
+                out[k] = strip(v, path)
+            elif not (k == "kernel" and prefix in factors):
+                out[k] = v
+        return out
+
+    return {
+        "params": strip(params["params"], ""),
+        "factors": {n: {"first": f.first, "second": f.second} for n, f in factors.items()},
+    }
+
+
+def _split(data: Dataset, cfg: RunConfig):
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(data.x_train))
+    n_obj = min(cfg.cobla.objective_size, len(order))
+    n_val = min(cfg.cobla.validation_size, max(0, len(order) - n_obj))
+    obj, val = order[:n_obj], order[n_obj:n_obj + n_val]
+    return (data.x_train[obj], data.y_train[obj]), (data.x_train[val], data.y_train[val]) if n_val else None
+
+
+def run_method(
+    method: str,
+    cfg: RunConfig,
+    base: BaseModel,
+    data: Dataset,
+    traced,
+    net: NetworkCost,
+    full: dict[str, Factors],
+    loss: NetworkLoss | None,
+    budget: tuple[float, float],
+    progress: bool,
+) -> dict:
+    """One (model, scheme, budget, method) record."""
+    options = dict(cfg.method_options.get(method, {}))
+    if method == "cobla":
+        defaults = {k: getattr(cfg.cobla, k) for k in ("max_iter", "ftol", "roundings", "warm_start", "saturation_rounds")}
+        options = defaults | options
+    allocator = get_allocator(method, **options)
+    problem = make_problem(net, budget[0], budget[1], cfg.budgets.basis,
+                           min_rank=cfg.budgets.min_rank, loss=loss, seed=cfg.seed)
+    start = time.perf_counter()
+    allocation: Allocation = allocator(problem)
+    solve_seconds = time.perf_counter() - start
+    if not is_feasible(problem, allocation.ranks):
+        raise AssertionError(f"method {method} returned ranks that break the budget: {allocation.ranks}")
+    masks = allocation.masks or {}
+    kept: dict[str, Factors] = {}
+    ranks = {}
+    for layer in net.layers:
+        r = int(allocation.ranks[layer.name])
+        if layer.is_original(r):
+            ranks[layer.name] = layer.full_rank
+            continue
+        mask = masks.get(layer.name)
+        if mask is None:
+            mask = np.zeros(layer.full_rank)
+            mask[:r] = 1.0
+        kept[layer.name] = truncate(full[layer.name], mask)
+        ranks[layer.name] = int(np.count_nonzero(mask))
+    variables = factored_variables(base.params, kept)
+    apply = apply_fn_for(base.model, kept)
+    acc_before = T.evaluate(apply, variables, data.x_test, data.y_test)
+    ft_start = time.perf_counter()
+    variables = T.fit(
+        apply, variables, data.x_train, data.y_train,
+        epochs=cfg.finetune.epochs, batch_size=cfg.finetune.batch_size,
+        learning_rate=cfg.finetune.learning_rate, optimizer=cfg.finetune.optimizer,
+        seed=cfg.seed + 1, desc=f"finetune {method}", progress=progress,
+    )
+    finetune_seconds = time.perf_counter() - ft_start
+    acc_after = T.evaluate(apply, variables, data.x_test, data.y_test)
+    macs, params = net.cost(ranks)
+    mac_ratio, param_ratio = net.ratios(ranks, cfg.budgets.basis)
+    stats = dict(allocation.stats)
+    trace = stats.pop("objective_trace", None)
+    stats.pop("trace", None)
+    return {
+        "method": method,
+        "status": allocation.status,
+        "budget_mac": budget[0],
+        "budget_param": budget[1],
+        "basis": cfg.budgets.basis,
+        "ranks": ranks,
+        "full_ranks": {l.name: l.full_rank for l in net.layers},
+        "original_layers": sorted(l.name for l in net.layers if l.is_original(ranks[l.name])),
+        "macs": macs,
+        "params": params,
+        "mac_ratio": mac_ratio,
+        "param_ratio": param_ratio,
+        "network_mac_ratio": macs / net.total_macs,
+        "network_param_ratio": params / net.total_params,
+        "acc_before_finetune": acc_before,
+        "acc_after_finetune": acc_after,
+        "base_acc": base.accuracy,
+        "objective_trace": trace,
+        "solver_iterations": stats.pop("solver_iterations", None),
+        "solve_seconds": solve_seconds,
+        "finetune_seconds": finetune_seconds,
+        "diagnostics": _jsonable(stats),
+    }
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return obj
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        json.dump(_jsonable(payload), tmp, indent=1)
+    os.replace(tmp.name, path)
+
+
+def run_experiment(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    config_text: str = "",
+    progress: bool = True,
+    on_record: Callable[[dict], None] | None = None,
+) -> dict:
+    """Run every model x scheme x budget x method; write ``out_dir/results.json``.
+
+    Partial results are kept in ``results.partial.json`` while running (so a
+    crash loses nothing finished) and replaced by ``results.json`` at the end.
+    """
+    data = load_dataset(cfg.data.name, cfg.data.dir, seed=cfg.seed,
+                        limit_train=cfg.data.limit_train, limit_test=cfg.data.limit_test)
+    preflight(cfg, data.input_shape, data.num_classes)
+    out_dir = Path(out_dir)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    payload: dict = {
+        "config": dataclasses.asdict(cfg),
+        "config_text": config_text,
+        "seed": cfg.seed,
+        "versions": versions(),
+        "dataset": {"name": data.name, "train": len(data.x_train), "test": len(data.x_test)},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "records": [],
+    }
+    partial = out_dir / "results.partial.json"
+    objective_data, validation_data = _split(data, cfg)
+    for mc in cfg.models:
+        base = train_base_model(cfg, mc, data, cache_dir, progress)
+        x1 = jnp.asarray(data.x_train[:1])
+        traced = trace_layers(base.model, base.params, x1)
+        chosen = decomposable_layers(traced, cfg)
+        for scheme in cfg.decompose.schemes:
+            full = {l.name: factorize(get_kernel(base.params, l.name), l, scheme) for l in chosen}
+            net = network_cost(traced, base.params, {n: np.asarray(f.sigma) for n, f in full.items()}, scheme)
+            loss = None
+            if "cobla" in cfg.methods:
+                loss = NetworkLoss(base.model, base.params, full, objective_data, validation_data,
+                                   batch_size=cfg.cobla.batch_size)
+            for budget in cfg.budgets.pairs():
+                for method in cfg.methods:
+                    record = run_method(method, cfg, base, data, traced, net, full, loss, budget, progress)
+                    record = {"model": mc.label, "scheme": scheme, "base_cached": base.cached} | record
+                    payload["records"].append(record)
+                    write_json_atomic(partial, payload)
+                    if on_record is not None:
+                        on_record(record)
+    payload["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    write_json_atomic(out_dir / "results.json", payload)
+    partial.unlink(missing_ok=True)
+    return payload

@@ -1,0 +1,199 @@
+"""One training loop (optax), evaluation, and safe checkpoints of base models.
+
+Checkpoints are ``.npz`` files of the flattened parameter tree read with
+``allow_pickle=False`` plus a JSON side file, so loading one never executes code.
+A base model is cached under a key hashed from the model, data and training
+settings and the seed: a later run with the same settings loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+__all__ = [
+    "cross_entropy",
+    "make_optimizer",
+    "fit",
+    "evaluate",
+    "mean_loss",
+    "save_params",
+    "load_params",
+    "flatten_params",
+    "unflatten_params",
+]
+
+OPTIMIZERS = ("adam", "sgd", "momentum")
+
+
+def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+    """Mean softmax cross-entropy with integer labels."""
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+    if name == "adam":
+        return optax.adam(learning_rate)
+    if name == "sgd":
+        return optax.sgd(learning_rate)
+    if name == "momentum":
+        return optax.sgd(learning_rate, momentum=0.9)
+    raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+
+
+def fit(
+    apply_fn: Callable[[Any, jnp.ndarray], jnp.ndarray],
+    params: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int = 128,
+    learning_rate: float = 1e-3,
+    optimizer: str | optax.GradientTransformation = "adam",
+    seed: int = 0,
+    transform_grads: Callable[[Any, Any], Any] | None = None,
+    project: Callable[[Any], Any] | None = None,
+    loss_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> Any:
+    """Minibatch training of ``params`` for ``epochs``; deterministic under ``seed``.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> logits``.
+      transform_grads: ``(grads, params) -> grads`` inside the jitted step, before
+        the optimizer (mask pruned weights, sum gradients per cluster...).
+      project: ``params -> params`` after each update (re-apply masks, clip...).
+      loss_fn: ``(logits, labels) -> scalar``; default cross-entropy. Labels may be
+        any array (e.g. soft targets for distillation) batched along axis 0.
+    """
+    if epochs <= 0:
+        return params
+    loss_fn = loss_fn or cross_entropy
+    tx = make_optimizer(optimizer, learning_rate) if isinstance(optimizer, str) else optimizer
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, xb, yb):
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(apply_fn(p, xb), yb))(params)
+        if transform_grads is not None:
+            grads = transform_grads(grads, params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        if project is not None:
+            params = project(params)
+        return params, opt_state, loss
+
+    n = len(x)
+    batch_size = min(batch_size, n)
+    steps_per_epoch = max(1, n // batch_size)
+    rng = np.random.default_rng(seed)
+    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False)
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        for i in range(steps_per_epoch):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            params, opt_state, loss = step(params, opt_state, x[idx], y[idx])
+            bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+    bar.close()
+    return params
+
+
+def _batched(fn, x, batch_size):
+    outs = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        pad = batch_size - len(xb)
+        if pad and len(x) > batch_size:  # keep one compiled shape
+            xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
+        out = np.asarray(fn(xb))
+        outs.append(out[: batch_size - pad] if pad and len(x) > batch_size else out)
+    return np.concatenate(outs)
+
+
+def predict(apply_fn, params, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Logits for ``x`` in fixed-size batches (one compilation)."""
+    fn = jax.jit(lambda xb: apply_fn(params, xb))
+    return _batched(fn, x, batch_size)
+
+
+def evaluate(apply_fn, params, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    logits = predict(apply_fn, params, x, batch_size)
+    return float(np.mean(np.argmax(logits, -1) == np.asarray(y)))
+
+
+def mean_loss(apply_fn, params, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> float:
+    """Mean cross-entropy over ``x``."""
+    logits = predict(apply_fn, params, x, batch_size)
+    return float(cross_entropy(jnp.asarray(logits), jnp.asarray(y)))
+
+
+__all__ += ["predict"]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def flatten_params(params: Any) -> dict[str, np.ndarray]:
+    """Nested dict -> {'a/b/kernel': array}."""
+    flat: dict[str, np.ndarray] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict) or hasattr(node, "items"):
+            for k, v in node.items():
+                walk(v, f"{prefix}/{k}" if prefix else str(k))
+        else:
+            flat[prefix] = np.asarray(node)
+
+    walk(params, "")
+    return flat
+
+
+def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split("/")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = jnp.asarray(value)
+    return out
+
+
+def save_params(path: str | os.PathLike, params: Any, meta: dict | None = None) -> None:
+    """Write params as .npz (no pickle) + ``path.json`` metadata, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
+        np.savez(tmp, **flatten_params(params))
+    os.replace(tmp.name, path)
+    if meta is not None:
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def load_params(path: str | os.PathLike) -> dict:
+    with np.load(path, allow_pickle=False) as data:
+        return unflatten_params({k: data[k] for k in data.files})
+
+
+def cache_key(settings: dict) -> str:
+    """Stable hash of the settings that determine a trained base model."""
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+__all__ += ["cache_key"]
