@@ -1,0 +1,32 @@
+"""Rank-allocation baselines for coblax, registered as ``coblax.allocators`` plug-ins.
+
+* ``cptv`` — :class:`CPTV` (Tai et al. 2016), one energy fraction beta for all layers.
+* ``pos_greedy`` / ``pos_greedy_unnormalized`` — :class:`POSGreedy` (Zhang et al. 2016).
+* ``pos_exact`` — :class:`POSExact`, the MILP optimum of the POS objective.
+* ``vbmf`` — :class:`VBMF`, analytic empirical VBMF thresholds (Nakajima et al. 2013).
+* ``gavish_donoho`` — :class:`GavishDonoho`, optimal hard thresholds (Gavish & Donoho 2014).
+"""
+
+from baselines.cptv import CPTV, cptv_rank
+from baselines.gavish_donoho import GavishDonoho, lambda_star, omega, omega_approx
+from baselines.gavish_donoho import threshold as gavish_donoho_threshold
+from baselines.pos import POSExact, POSGreedy, POSGreedyUnnormalized, pos_objective
+from baselines.vbmf import VBMF, EVBMFResult, evbmf, evbmf_from_singular_values
+
+__all__ = [
+    "CPTV",
+    "cptv_rank",
+    "POSGreedy",
+    "POSGreedyUnnormalized",
+    "POSExact",
+    "pos_objective",
+    "VBMF",
+    "EVBMFResult",
+    "evbmf",
+    "evbmf_from_singular_values",
+    "GavishDonoho",
+    "lambda_star",
+    "omega",
+    "omega_approx",
+    "gavish_donoho_threshold",
+]

@@ -1,0 +1,210 @@
+"""Comparison tables (Markdown, CSV, LaTeX) built from saved experiment results.
+
+Each experiment directory holds a ``results.json`` of the form ``{"records": [...]}``;
+a record describes one (model, method, scheme, budget) run with at least the keys of
+:data:`REQUIRED_KEYS`. :func:`format_table` writes one table per (model, scheme):
+methods are rows, and each budget ``mac/param`` spans four columns — accuracy before
+fine-tuning, accuracy after fine-tuning, achieved MAC ratio, achieved parameter ratio.
+The best accuracy of every accuracy column is marked (ratios are constraints, not
+scores, so they are never marked). Tables are rebuilt from saved results only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["REQUIRED_KEYS", "FORMATS", "load_records", "format_table"]
+
+REQUIRED_KEYS = (
+    "model",
+    "method",
+    "scheme",
+    "budget_mac",
+    "budget_param",
+    "mac_ratio",
+    "param_ratio",
+    "acc_before_finetune",
+    "acc_after_finetune",
+    "base_acc",
+)
+FORMATS = ("md", "csv", "tex")
+_SUBCOLUMNS = ("acc before FT", "acc after FT", "MAC ratio", "param ratio")
+_MISSING = "-"
+
+
+def load_records(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """Read the records of ``DIR/results.json`` for each path (a directory or the file).
+
+    Raises:
+      FileNotFoundError: a path without a results.json.
+      ValueError: a file without a ``records`` list, or a record missing a required key.
+    """
+    if isinstance(paths, str):
+        raise ValueError("paths must be a list of paths, not a single string")
+    records: list[dict[str, Any]] = []
+    for path in paths:
+        file = os.path.join(path, "results.json") if os.path.isdir(path) else path
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+            raise ValueError(f"{file}: expected a JSON object with a 'records' list")
+        for i, rec in enumerate(data["records"]):
+            missing = [k for k in REQUIRED_KEYS if k not in rec]
+            if missing:
+                raise ValueError(f"{file}: record {i} lacks the keys {', '.join(missing)}")
+            records.append(dict(rec))
+    return records
+
+
+def _budget_label(rec: dict[str, Any]) -> str:
+    return f"{float(rec['budget_mac']):g}/{float(rec['budget_param']):g}"
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def format_table(
+    records: Sequence[dict[str, Any]],
+    fmt: str = "md",
+    *,
+    acc_scale: float = 100.0,
+    acc_digits: int = 2,
+    ratio_digits: int = 3,
+) -> str:
+    """Comparison tables, one per (model, scheme), in Markdown, CSV or LaTeX.
+
+    Rows are methods (first-appearance order); budgets are column groups sorted from
+    the loosest to the tightest (descending MAC then param budget), labelled
+    ``mac/param`` (e.g. ``0.5/0.5``). Accuracies are multiplied by ``acc_scale``
+    (records hold fractions; 100 prints percent). The best displayed accuracy of each
+    accuracy column is marked — ``**x**`` (md), ``\\textbf{x}`` (tex), ``x*`` (csv) —
+    ties all marked. A missing run or a None/NaN value prints ``-``. If several
+    records share (model, scheme, method, budget), the last one wins.
+
+    Args:
+      records: as returned by :func:`load_records`.
+      fmt: ``"md"``, ``"csv"`` or ``"tex"``.
+    Returns:
+      The tables, separated by a blank line.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for rec in records:
+        missing = [k for k in REQUIRED_KEYS if k not in rec]
+        if missing:
+            raise ValueError(f"record {rec!r} lacks the keys {', '.join(missing)}")
+        groups.setdefault((str(rec["model"]), str(rec["scheme"])), []).append(rec)
+    tables = []
+    for (model, scheme), recs in groups.items():
+        methods = list(dict.fromkeys(str(r["method"]) for r in recs))
+        budgets = sorted(
+            {(float(r["budget_mac"]), float(r["budget_param"])) for r in recs}, reverse=True
+        )
+        labels = [f"{m:g}/{p:g}" for m, p in budgets]
+        cell: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in recs:
+            cell[(str(r["method"]), _budget_label(r))] = r
+        base = _num(recs[-1]["base_acc"])
+        # Displayed strings first, so "best" is judged on what the reader sees.
+        grid: dict[str, list[str]] = {}
+        values: dict[str, list[float | None]] = {}
+        for method in methods:
+            row, vals = [], []
+            for label in labels:
+                r = cell.get((method, label))
+                for k, key in enumerate(
+                    ("acc_before_finetune", "acc_after_finetune", "mac_ratio", "param_ratio")
+                ):
+                    v = _num(r[key]) if r is not None else None
+                    if v is not None and k < 2:
+                        v *= acc_scale
+                    digits = acc_digits if k < 2 else ratio_digits
+                    row.append(_MISSING if v is None else f"{v:.{digits}f}")
+                    vals.append(None if v is None else float(f"{v:.{digits}f}"))
+            grid[method], values[method] = row, vals
+        for col in range(len(labels) * 4):
+            if col % 4 >= 2:
+                continue  # ratios are not scores
+            present = [values[m][col] for m in methods if values[m][col] is not None]
+            if not present:
+                continue
+            best = max(present)
+            for m in methods:
+                if values[m][col] == best:
+                    grid[m][col] = _mark(grid[m][col], fmt)
+        base_txt = _MISSING if base is None else f"{base * acc_scale:.{acc_digits}f}"
+        tables.append(_render(fmt, model, scheme, base_txt, labels, methods, grid))
+    return "\n\n".join(tables) + ("\n" if tables else "")
+
+
+def _mark(text: str, fmt: str) -> str:
+    if fmt == "md":
+        return f"**{text}**"
+    if fmt == "tex":
+        return f"\\textbf{{{text}}}"
+    return f"{text}*"
+
+
+_TEX_SPECIAL = {ch: "\\" + ch for ch in "&%$#_{}"} | {"\\": "\\textbackslash{}"}
+
+
+def _tex_escape(text: str) -> str:
+    return "".join(_TEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def _csv_cell(text: str) -> str:
+    if any(ch in text for ch in ',"\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def _render(
+    fmt: str,
+    model: str,
+    scheme: str,
+    base: str,
+    labels: list[str],
+    methods: list[str],
+    grid: dict[str, list[str]],
+) -> str:
+    if fmt == "md":
+        head = ["method"] + [f"{label} {sub}" for label in labels for sub in _SUBCOLUMNS]
+        lines = [
+            f"### {model} — {scheme} (base accuracy {base})",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+        ]
+        lines += ["| " + " | ".join([m] + grid[m]) + " |" for m in methods]
+        return "\n".join(lines)
+    if fmt == "csv":
+        head = ["model", "scheme", "method"] + [
+            f"{label} {sub}" for label in labels for sub in _SUBCOLUMNS
+        ]
+        lines = [",".join(_csv_cell(h) for h in head)]
+        lines += [
+            ",".join(_csv_cell(c) for c in [model, scheme, m] + grid[m]) for m in methods
+        ]
+        return "\n".join(lines)
+    lines = [
+        f"% {model} / {scheme}, base accuracy {base}",
+        "\\begin{tabular}{l" + "cccc" * len(labels) + "}",
+        "\\toprule",
+        " & ".join(["Method"] + [f"\\multicolumn{{4}}{{c}}{{{label}}}" for label in labels])
+        + " \\\\",
+        " ".join(f"\\cmidrule(lr){{{2 + 4 * k}-{5 + 4 * k}}}" for k in range(len(labels))),
+        " & ".join([""] + list(_SUBCOLUMNS) * len(labels)) + " \\\\",
+        "\\midrule",
+    ]
+    lines += [" & ".join([_tex_escape(m)] + grid[m]) + " \\\\" for m in methods]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines)
