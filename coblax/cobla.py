@@ -19,10 +19,9 @@ Where the paper is silent we follow the authors' public code (chongli-uw/cobla):
 from __future__ import annotations
 
 import dataclasses
-import logging
-import time
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from coblax.allocation import Allocation, AllocationProblem, is_feasible
 from coblax.registry import get_allocator, register_allocator
@@ -30,8 +29,6 @@ from coblax.rounding import round_masks
 from coblax.sqp import solve_slsqp
 
 __all__ = ["COBLA", "warm_start_point"]
-
-log = logging.getLogger(__name__)
 
 
 def warm_start_point(problem: AllocationProblem, how: str) -> np.ndarray:
@@ -63,6 +60,7 @@ class COBLA:
       warm_start: ``"uniform"``, another allocator's name, or ``"constant"``.
       saturation_rounds: how many times layers may be moved to original form and
         the problem re-solved.
+      progress: show a progress bar over SQP iterations.
     """
 
     max_iter: int = 100
@@ -70,6 +68,7 @@ class COBLA:
     roundings: int = 10
     warm_start: str = "uniform"
     saturation_rounds: int = 5
+    progress: bool = False
     name: str = "cobla"
 
     def __call__(self, problem: AllocationProblem) -> Allocation:
@@ -84,6 +83,12 @@ class COBLA:
         iterations = 0
         seconds = 0.0
         status, message = 0, ""
+        bar = tqdm(desc="cobla SQP", unit="it", disable=not self.progress, leave=False)
+
+        def tick(iteration: int, value: float) -> None:
+            bar.update(1)
+            bar.set_postfix(E=f"{value:.4f}", saturated=len(saturated))
+
         for _ in range(self.saturation_rounds + 1):
             active = [i for i, l in enumerate(layers) if l.name not in saturated]
             idx = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in active]) if active else np.zeros(0, int)
@@ -106,7 +111,8 @@ class COBLA:
                 value, grad = problem.loss.value_and_grad(full)
                 return value, grad[idx]
 
-            res = solve_slsqp(fun_and_grad, m[idx], A, b, max_iter=self.max_iter, ftol=self.ftol)
+            res = solve_slsqp(fun_and_grad, m[idx], A, b, max_iter=self.max_iter, ftol=self.ftol,
+                              progress=tick)
             m[idx] = res.x
             base = len(trace)
             for t in res.trace:
@@ -120,6 +126,7 @@ class COBLA:
             for i in newly:
                 m[offsets[i]:offsets[i + 1]] = 1.0
                 saturated.add(layers[i].name)
+        bar.close()
         m_hat = {l.name: m[offsets[i]:offsets[i + 1]].copy() for i, l in enumerate(layers)}
         for name in saturated:
             m_hat[name] = np.ones_like(m_hat[name])

@@ -188,7 +188,7 @@ def run_method(
     options = dict(cfg.method_options.get(method, {}))
     if method == "cobla":
         defaults = {k: getattr(cfg.cobla, k) for k in ("max_iter", "ftol", "roundings", "warm_start", "saturation_rounds")}
-        options = defaults | options
+        options = defaults | {"progress": progress} | options
     allocator = get_allocator(method, **options)
     problem = make_problem(net, budget[0], budget[1], cfg.budgets.basis,
                            min_rank=cfg.budgets.min_rank, loss=loss, seed=cfg.seed)
