@@ -14,11 +14,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from coblax.allocation import Allocation, AllocationProblem, BudgetError, is_feasible, ranks_cost
+from coblax.allocation import Allocation, AllocationProblem, budget_error, is_feasible, ranks_cost
 
 __all__ = [
     "clip_ranks",
-    "budget_error",
     "check_floor",
     "smallest_feasible_multiplier",
     "cost_ratios",
@@ -39,17 +38,6 @@ def cost_ratios(problem: AllocationProblem, ranks: Mapping[str, int]) -> tuple[f
     macs, params = ranks_cost(problem.layers, ranks)
     o_mac, o_par = problem.original_cost()
     return macs / o_mac, params / o_par
-
-
-def budget_error(problem: AllocationProblem, ranks: Mapping[str, int], method: str) -> BudgetError:
-    """The :class:`BudgetError` for a method whose cheapest allocation is ``ranks``."""
-    mac_r, par_r = cost_ratios(problem, ranks)
-    o_mac, o_par = problem.original_cost()
-    return BudgetError(
-        f"method {method} cannot meet the budget: its smallest allocation costs "
-        f"{mac_r:.4f} of the decomposable MACs and {par_r:.4f} of the parameters "
-        f"(budget {problem.mac_max / o_mac:.4f} / {problem.param_max / o_par:.4f})"
-    )
 
 
 def check_floor(problem: AllocationProblem, method: str) -> dict[str, int]:

@@ -32,6 +32,7 @@ __all__ = [
     "Allocator",
     "LossOracle",
     "BudgetError",
+    "budget_error",
     "ranks_cost",
     "is_feasible",
     "largest_feasible",
@@ -192,6 +193,17 @@ def is_feasible(problem: AllocationProblem, ranks: Mapping[str, int]) -> bool:
     return macs <= problem.mac_max * (1 + 1e-9) and params <= problem.param_max * (1 + 1e-9)
 
 
+def budget_error(problem: AllocationProblem, ranks: Mapping[str, int], method: str) -> BudgetError:
+    """The :class:`BudgetError` for a method whose cheapest allocation is ``ranks``."""
+    macs, params = ranks_cost(problem.layers, ranks)
+    o_mac, o_par = problem.original_cost()
+    return BudgetError(
+        f"method {method} cannot meet the budget: its smallest allocation costs "
+        f"{macs / o_mac:.4f} of the decomposable MACs and {params / o_par:.4f} of the "
+        f"parameters (budget {problem.mac_max / o_mac:.4f} / {problem.param_max / o_par:.4f})"
+    )
+
+
 def largest_feasible(
     problem: AllocationProblem,
     ranks_at: Callable[[float], Mapping[str, int]],
@@ -217,13 +229,7 @@ def largest_feasible(
 
     best = clip(ranks_at(lo))
     if not is_feasible(problem, best):
-        macs, params = ranks_cost(problem.layers, best)
-        o_mac, o_par = problem.original_cost()
-        raise BudgetError(
-            f"method {method or '?'} cannot meet the budget: its smallest allocation costs "
-            f"{macs / o_mac:.4f} of the decomposable MACs and {params / o_par:.4f} of the "
-            f"parameters (budget {problem.mac_max / o_mac:.4f} / {problem.param_max / o_par:.4f})"
-        )
+        raise budget_error(problem, best, method or "?")
     top = clip(ranks_at(hi))
     if is_feasible(problem, top):
         return hi, top

@@ -58,3 +58,23 @@ def test_fit_is_deterministic_and_learns(tmp_path):
     assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(runs[0])
     with np.load(path, allow_pickle=False) as data:
         assert "params/fc1/kernel" in data.files
+
+
+def test_base_model_is_cached_and_reused(tmp_path):
+    from coblax.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from coblax.data import load_dataset
+    from coblax.experiment import train_base_model
+
+    cfg = RunConfig(data=DataConfig(limit_train=200), train=TrainConfig(epochs=1))
+    data = load_dataset("digits", limit_train=200)
+    mc = ModelConfig("mlp", {"hidden": [8]})
+    first = train_base_model(cfg, mc, data, tmp_path, progress=False)
+    second = train_base_model(cfg, mc, data, tmp_path, progress=False)
+    assert (first.cached, second.cached) == (False, True)
+    assert second.accuracy == first.accuracy
+    for a, b in zip(jax.tree_util.tree_leaves(first.params), jax.tree_util.tree_leaves(second.params)):
+        np.testing.assert_array_equal(a, b)
+    # other training settings -> another cache entry
+    other = train_base_model(RunConfig(data=cfg.data, train=TrainConfig(epochs=2)), mc, data, tmp_path, progress=False)
+    assert not other.cached
+    assert len(list((tmp_path / "models").glob("*.npz"))) == 2
