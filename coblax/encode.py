@@ -1,0 +1,366 @@
+"""Lossless encoding for compressed weights: bit packing, canonical Huffman, relative index.
+
+Three pieces, each a pure function (plus a tiny bit writer/reader):
+
+* :class:`BitWriter` / :class:`BitReader` pack integers MSB-first into bytes; the
+  last byte is padded with zero bits.
+* Canonical Huffman coding (Huffman 1952). Code lengths come from the Huffman
+  algorithm on symbol frequencies; codes are assigned canonically (shorter codes
+  first, ties by symbol), so a codebook is fully described by its code lengths.
+  The coded length of a message with frequencies f_s is sum_s f_s * len_s, the
+  minimum over all prefix codes.
+* Deep Compression's relative sparse index (Han et al. 2016, Sec. 2 and Fig. 2):
+  every stored entry carries the gap (number of zeros) since the previous entry in
+  a fixed width of b bits. A gap larger than 2^b - 1 is bridged by "filler" entries:
+  each filler skips 2^b - 1 zeros and stores a zero weight at the next position.
+
+Reference: Huffman, D. (1952) "A Method for the Construction of Minimum-Redundancy
+Codes"; Han, Mao & Dally (2016) "Deep Compression", ICLR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import numpy as np
+from numpy.typing import ArrayLike
+
+__all__ = [
+    "BitWriter",
+    "BitReader",
+    "BitstreamError",
+    "huffman_code_lengths",
+    "canonical_codes",
+    "huffman_encode",
+    "huffman_decode",
+    "coded_bits",
+    "RelativeIndex",
+    "relative_index_encode",
+    "relative_index_decode",
+]
+
+
+class BitstreamError(ValueError):
+    """A bit stream that cannot be decoded: read past its end or an invalid code."""
+
+
+# ---------------------------------------------------------------------------- bit I/O
+
+
+class BitWriter:
+    """Accumulate bits MSB-first; :meth:`getvalue` returns them packed into bytes."""
+
+    def __init__(self) -> None:
+        self._chunks: list[np.ndarray] = []
+        self._nbits = 0
+
+    @property
+    def bit_length(self) -> int:
+        """Number of bits written so far (before padding to a whole byte)."""
+        return self._nbits
+
+    def write(self, value: int, nbits: int) -> None:
+        """Append the ``nbits`` low bits of the non-negative int ``value``, MSB first."""
+        if nbits < 0:
+            raise ValueError(f"nbits must be >= 0, got {nbits}")
+        if value < 0 or value >> nbits:
+            raise ValueError(f"value {value} does not fit in {nbits} unsigned bits")
+        if nbits == 0:
+            return
+        bits = np.array([(value >> (nbits - 1 - i)) & 1 for i in range(nbits)], dtype=np.uint8)
+        self.write_bits(bits)
+
+    def write_array(self, values: ArrayLike, nbits: int) -> None:
+        """Append every value of ``values`` in a fixed width of ``nbits`` bits (vectorized)."""
+        v = np.asarray(values, dtype=np.int64).ravel()
+        if not 0 <= nbits <= 62:
+            raise ValueError(f"nbits must be in [0, 62], got {nbits}")
+        if v.size and (v.min() < 0 or v.max() >> nbits):
+            raise ValueError(f"values must lie in [0, 2**{nbits} - 1]")
+        if nbits == 0 or v.size == 0:
+            return
+        shifts = np.arange(nbits - 1, -1, -1, dtype=np.int64)
+        self.write_bits(((v[:, None] >> shifts) & 1).astype(np.uint8).ravel())
+
+    def write_bits(self, bits: ArrayLike) -> None:
+        """Append raw bits (an array of 0/1)."""
+        b = np.asarray(bits, dtype=np.uint8).ravel()
+        if b.size and b.max() > 1:
+            raise ValueError("bits must be 0 or 1")
+        self._chunks.append(b)
+        self._nbits += int(b.size)
+
+    def getvalue(self) -> bytes:
+        """The bits packed MSB-first into ceil(bit_length / 8) bytes, zero padded."""
+        if not self._chunks:
+            return b""
+        return np.packbits(np.concatenate(self._chunks)).tobytes()
+
+
+class BitReader:
+    """Read MSB-first bits from ``data``; ``bit_length`` limits the readable bits."""
+
+    def __init__(self, data: bytes, bit_length: int | None = None) -> None:
+        self._bits = np.unpackbits(np.frombuffer(bytes(data), dtype=np.uint8))
+        if bit_length is None:
+            bit_length = int(self._bits.size)
+        if not 0 <= bit_length <= self._bits.size:
+            raise BitstreamError(
+                f"bit_length {bit_length} exceeds the {self._bits.size} bits of data"
+            )
+        self._end = int(bit_length)
+        self._pos = 0
+
+    @property
+    def position(self) -> int:
+        """Bits consumed so far."""
+        return self._pos
+
+    @property
+    def remaining(self) -> int:
+        """Bits left before ``bit_length``."""
+        return self._end - self._pos
+
+    def _take(self, n: int) -> np.ndarray:
+        if n < 0:
+            raise ValueError(f"nbits must be >= 0, got {n}")
+        if n > self.remaining:
+            raise BitstreamError(
+                f"read of {n} bits past the end of the stream ({self.remaining} left)"
+            )
+        out = self._bits[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+    def read(self, nbits: int) -> int:
+        """Read one unsigned integer of ``nbits`` bits."""
+        value = 0
+        for bit in self._take(nbits).tolist():
+            value = (value << 1) | bit
+        return value
+
+    def read_array(self, count: int, nbits: int) -> np.ndarray:
+        """Read ``count`` unsigned integers of ``nbits`` bits each (vectorized), as int64."""
+        if not 0 <= nbits <= 62:
+            raise ValueError(f"nbits must be in [0, 62], got {nbits}")
+        bits = self._take(count * nbits).astype(np.int64).reshape(count, nbits)
+        weights = np.left_shift(np.int64(1), np.arange(nbits - 1, -1, -1, dtype=np.int64))
+        return bits @ weights if nbits else np.zeros(count, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- Huffman
+
+
+def huffman_code_lengths(frequencies: ArrayLike) -> np.ndarray:
+    """Huffman code length of every symbol from its frequency.
+
+    Repeatedly merges the two least frequent subtrees (ties broken by creation
+    order, so the result is deterministic); a symbol's code length is its depth.
+    Symbols with frequency 0 get length 0 (absent). A single present symbol gets
+    length 1 so that every stored symbol costs at least one bit.
+
+    Args:
+      frequencies: non-negative counts, indexed by symbol (length K).
+    Returns:
+      int64 array of K code lengths; sum f_s * len_s is minimal among prefix codes.
+    """
+    freqs = np.asarray(frequencies)
+    if freqs.ndim != 1:
+        raise ValueError(f"frequencies must be 1-D, got shape {freqs.shape}")
+    if freqs.size and (not np.all(np.isfinite(freqs)) or freqs.min() < 0):
+        raise ValueError("frequencies must be finite and >= 0")
+    lengths = np.zeros(freqs.size, dtype=np.int64)
+    present = np.flatnonzero(freqs > 0)
+    if present.size == 1:
+        lengths[present] = 1
+    if present.size <= 1:
+        return lengths
+    # Nodes 0..n-1 are the leaves, n.. the merged ones; parent pointers give depths.
+    n = int(present.size)
+    parent = np.zeros(2 * n - 1, dtype=np.int64)
+    heap: list[tuple[float, int]] = [(float(freqs[s]), i) for i, s in enumerate(present)]
+    heapq.heapify(heap)
+    for node in range(n, 2 * n - 1):
+        w1, a = heapq.heappop(heap)
+        w2, b = heapq.heappop(heap)
+        parent[a] = parent[b] = node
+        heapq.heappush(heap, (w1 + w2, node))  # node ids increase: ties break by creation
+    depth = np.zeros(2 * n - 1, dtype=np.int64)
+    for node in range(2 * n - 3, -1, -1):  # parents have larger ids than children
+        depth[node] = depth[parent[node]] + 1
+    lengths[present] = depth[:n]
+    return lengths
+
+
+def _check_lengths(lengths: ArrayLike) -> np.ndarray:
+    lens = np.asarray(lengths, dtype=np.int64).ravel()
+    if lens.size and lens.min() < 0:
+        raise ValueError("code lengths must be >= 0")
+    if lens.size and lens.max() > 62:
+        raise ValueError(f"code lengths must be <= 62, got {lens.max()}")
+    # Kraft: a prefix code with these lengths exists iff sum 2^-len <= 1.
+    used = lens[lens > 0].tolist()
+    if used:
+        top = max(used)
+        if sum(1 << (top - n) for n in used) > (1 << top):
+            raise BitstreamError("code lengths violate the Kraft inequality")
+    return lens
+
+
+def canonical_codes(lengths: ArrayLike) -> np.ndarray:
+    """Canonical Huffman codes for the given code lengths.
+
+    Symbols are ordered by (length, symbol); the first gets code 0 and each next
+    code is the previous plus one, shifted left when the length grows (DEFLATE,
+    RFC 1951 Sec. 3.2.2). Returns int64 codes (0 for absent symbols).
+    """
+    lens = _check_lengths(lengths)
+    codes = np.zeros(lens.size, dtype=np.int64)
+    code, prev_len = 0, 0
+    for s in sorted(np.flatnonzero(lens > 0).tolist(), key=lambda s: (lens[s], s)):
+        code <<= int(lens[s]) - prev_len
+        codes[s] = code
+        code += 1
+        prev_len = int(lens[s])
+    return codes
+
+
+def coded_bits(frequencies: ArrayLike, lengths: ArrayLike) -> int:
+    """Length in bits of a message with these symbol frequencies: sum_s f_s * len_s."""
+    f = np.asarray(frequencies, dtype=np.int64)
+    return int(np.sum(f * np.asarray(lengths, dtype=np.int64)))
+
+
+def huffman_encode(
+    symbols: ArrayLike, lengths: ArrayLike, writer: BitWriter | None = None
+) -> BitWriter:
+    """Append the canonical codes of ``symbols`` to ``writer`` (a new one if None).
+
+    Every symbol must have a positive code length. Vectorized: each symbol's code
+    is expanded to its bits through a (K, max_len) table.
+    """
+    writer = BitWriter() if writer is None else writer
+    lens = _check_lengths(lengths)
+    sym = np.asarray(symbols, dtype=np.int64).ravel()
+    if sym.size == 0:
+        return writer
+    if sym.min() < 0 or sym.max() >= lens.size or np.any(lens[sym] == 0):
+        raise ValueError("every symbol must be in range and have a positive code length")
+    codes = canonical_codes(lens)
+    top = int(lens.max())
+    # Left-align each code in `top` bits; then keep the first len_s bits of each row.
+    shifts = np.arange(top - 1, -1, -1, dtype=np.int64)
+    table = ((np.left_shift(codes, top - lens)[:, None] >> shifts) & 1).astype(np.uint8)
+    keep = np.arange(top)[None, :] < lens[sym][:, None]
+    writer.write_bits(table[sym][keep])
+    return writer
+
+
+def huffman_decode(reader: BitReader, lengths: ArrayLike, count: int) -> np.ndarray:
+    """Decode ``count`` symbols coded with the canonical code of ``lengths``.
+
+    Canonical decoding: read bit by bit; a code of length l is valid when
+    code - first_code[l] < count[l], and its symbol is the (code - first_code[l])-th
+    of the length-l symbols in symbol order.
+    Raises BitstreamError on an invalid code or a read past the end.
+    """
+    lens = _check_lengths(lengths)
+    out = np.zeros(count, dtype=np.int64)
+    if count == 0:
+        return out
+    present = np.flatnonzero(lens > 0)
+    if present.size == 0:
+        raise BitstreamError("cannot decode symbols with an empty code")
+    ordered = sorted(present.tolist(), key=lambda s: (lens[s], s))
+    top = int(lens.max())
+    n_of_len = np.bincount(lens[present], minlength=top + 1).tolist()
+    first_code, first_index = [0] * (top + 1), [0] * (top + 1)
+    code = index = 0
+    for length in range(1, top + 1):
+        code = (code + n_of_len[length - 1]) << 1 if length > 1 else 0
+        first_code[length], first_index[length] = code, index
+        index += n_of_len[length]
+    bits = reader._bits[reader._pos : reader._end].tolist()
+    pos, nbits = 0, len(bits)
+    for i in range(count):
+        code, length = 0, 0
+        while True:
+            if pos >= nbits:
+                raise BitstreamError(f"stream ended inside symbol {i} of {count}")
+            code = (code << 1) | bits[pos]
+            pos += 1
+            length += 1
+            offset = code - first_code[length]
+            if offset < n_of_len[length]:
+                out[i] = ordered[first_index[length] + offset]
+                break
+            if length >= top:
+                raise BitstreamError(f"invalid Huffman code at symbol {i}")
+    reader._pos += pos
+    return out
+
+
+# ------------------------------------------------------------------ relative index
+
+
+@dataclasses.dataclass(frozen=True)
+class RelativeIndex:
+    """Stored entries of a sparse vector in Deep Compression's relative format.
+
+    Attributes:
+      gaps: zeros skipped before each entry, each in [0, 2^index_bits - 1].
+      values: the entry's value (0 for fillers).
+      n_fillers: entries inserted only to bridge a gap larger than 2^b - 1.
+      index_bits: b.
+    """
+
+    gaps: np.ndarray
+    values: np.ndarray
+    n_fillers: int
+    index_bits: int
+
+
+def relative_index_encode(flat: ArrayLike, index_bits: int) -> RelativeIndex:
+    """Encode the nonzeros of a 1-D array as (gap, value) entries with b-bit gaps.
+
+    With positions p_0 < p_1 < ... of the nonzeros and p_{-1} = -1, the gap before
+    p_i is G_i = p_i - p_{i-1} - 1. If G_i > 2^b - 1, floor(G_i / 2^b) filler
+    entries (gap 2^b - 1, value 0) come first, each consuming 2^b positions, and
+    the entry itself keeps gap G_i mod 2^b. Zeros after the last nonzero need no
+    entry (the decoder knows the length).
+    """
+    if not isinstance(index_bits, (int, np.integer)) or not 1 <= index_bits <= 16:
+        raise ValueError(f"index_bits must be an int in [1, 16], got {index_bits!r}")
+    v = np.asarray(flat).ravel()
+    pos = np.flatnonzero(v)
+    span = 1 << int(index_bits)
+    gaps = np.diff(pos, prepend=-1) - 1
+    fillers = gaps // span
+    n_entries = pos.size + int(fillers.sum())
+    out_gaps = np.full(n_entries, span - 1, dtype=np.int64)
+    out_vals = np.zeros(n_entries, dtype=v.dtype)
+    # Entry i lands after its own fillers and everything before it.
+    where = np.cumsum(fillers + 1) - 1
+    out_gaps[where] = gaps % span
+    out_vals[where] = v[pos]
+    return RelativeIndex(out_gaps, out_vals, int(fillers.sum()), int(index_bits))
+
+
+def relative_index_decode(gaps: ArrayLike, values: ArrayLike, size: int) -> np.ndarray:
+    """Inverse of :func:`relative_index_encode`: scatter the entries into ``size`` zeros.
+
+    Entry j sits at position sum_{i<=j} (gap_i + 1) - 1. Raises BitstreamError if an
+    entry falls outside the array.
+    """
+    g = np.asarray(gaps, dtype=np.int64).ravel()
+    vals = np.asarray(values).ravel()
+    if g.size != vals.size:
+        raise ValueError(f"gaps ({g.size}) and values ({vals.size}) must have the same length")
+    if g.size and g.min() < 0:
+        raise BitstreamError("negative gap in relative index")
+    positions = np.cumsum(g + 1) - 1
+    if positions.size and positions[-1] >= size:
+        raise BitstreamError(f"relative index points at {positions[-1]}, past the end ({size})")
+    out = np.zeros(size, dtype=vals.dtype)
+    out[positions] = vals
+    return out
