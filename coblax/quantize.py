@@ -606,6 +606,11 @@ def share_gradients(
       num_clusters: ``{layer: k}`` (default: max index + 1).
     """
     idx, msk, ks = _cluster_tables(num_clusters, indices, masks, kernels(grads))
+    return _share_gradients(grads, idx, msk, ks)
+
+
+def _share_gradients(grads: Params, idx, msk, ks: Mapping[str, int]) -> Params:
+    """share_gradients on validated tables; idx/msk may be traced (jit arguments)."""
 
     def f(name, g):
         if name not in idx:
@@ -629,6 +634,11 @@ def snap_to_clusters(
     round-off the optimizer introduced. Arguments as :func:`share_gradients`.
     """
     idx, msk, ks = _cluster_tables(num_clusters, indices, masks, kernels(params))
+    return _snap_to_clusters(params, idx, msk, ks)
+
+
+def _snap_to_clusters(params: Params, idx, msk, ks: Mapping[str, int]) -> Params:
+    """snap_to_clusters on validated tables; idx/msk may be traced (jit arguments)."""
 
     def f(name, w):
         if name not in idx:
@@ -698,8 +708,9 @@ def finetune_centroids(
         apply_fn, params, x, y,
         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
         optimizer=optimizer, seed=seed,
-        transform_grads=lambda g, p: share_gradients(g, idx, msk, sizes),
-        project=lambda p: snap_to_clusters(p, idx, msk, sizes),
+        transform_grads=lambda g, p, aux: _share_gradients(g, aux[0], aux[1], sizes),
+        project=lambda p, aux: _snap_to_clusters(p, aux[0], aux[1], sizes),
+        aux=(idx, msk),
         progress=progress,
     )
     ks = kernels(params)

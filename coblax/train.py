@@ -66,6 +66,7 @@ def fit(
     transform_grads: Callable[[Any, Any], Any] | None = None,
     project: Callable[[Any], Any] | None = None,
     loss_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray] | None = None,
+    aux: Any = None,
     desc: str = "train",
     progress: bool = True,
 ) -> Any:
@@ -78,6 +79,10 @@ def fit(
       project: ``params -> params`` after each update (re-apply masks, clip...).
       loss_fn: ``(logits, labels) -> scalar``; default cross-entropy. Labels may be
         any array (e.g. soft targets for distillation) batched along axis 0.
+      aux: a PyTree of arrays passed to the jitted step as an argument; when given,
+        ``transform_grads(grads, params, aux)`` and ``project(params, aux)`` receive
+        it. Large index tables belong here: captured in a closure they would be
+        baked into the compiled step as constants (slow to compile).
     """
     if epochs <= 0:
         return params
@@ -85,15 +90,17 @@ def fit(
     tx = make_optimizer(optimizer, learning_rate) if isinstance(optimizer, str) else optimizer
     opt_state = tx.init(params)
 
+    extra = () if aux is None else (aux,)
+
     @jax.jit
-    def step(params, opt_state, xb, yb):
+    def step(params, opt_state, xb, yb, aux):
         loss, grads = jax.value_and_grad(lambda p: loss_fn(apply_fn(p, xb), yb))(params)
         if transform_grads is not None:
-            grads = transform_grads(grads, params)
+            grads = transform_grads(grads, params, *aux)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         if project is not None:
-            params = project(params)
+            params = project(params, *aux)
         return params, opt_state, loss
 
     n = len(x)
@@ -105,7 +112,7 @@ def fit(
         order = rng.permutation(n)
         for i in range(steps_per_epoch):
             idx = order[i * batch_size:(i + 1) * batch_size]
-            params, opt_state, loss = step(params, opt_state, x[idx], y[idx])
+            params, opt_state, loss = step(params, opt_state, x[idx], y[idx], extra)
             bar.update(1)
         bar.set_postfix(loss=f"{float(loss):.4f}")
     bar.close()

@@ -277,10 +277,12 @@ def test_finetune_centroids_sgd_step_is_the_summed_cluster_gradient():
     cb = {"l": np.array([0.5, -1.0], np.float32)}
     idx = {"l": np.array([[0, 1], [1, 0]], np.int32)}
 
-    def fit_fn(apply_fn, params, x, y, *, epochs, learning_rate, transform_grads, project, **_):
+    def fit_fn(apply_fn, params, x, y, *, epochs, learning_rate, transform_grads, project, aux=None,
+               **_):
+        extra = () if aux is None else (aux,)  # as coblax.train.fit passes it
         loss = lambda p: 0.5 * jnp.sum((apply_fn(p, x) - y) ** 2)  # noqa: E731
-        g = transform_grads(jax.grad(loss)(params), params)
-        return project(jax.tree.map(lambda p, d: p - learning_rate * d, params, g))
+        g = transform_grads(jax.grad(loss)(params), params, *extra)
+        return project(jax.tree.map(lambda p, d: p - learning_rate * d, params, g), *extra)
 
     out, cb2 = quantize.finetune_centroids(
         lambda p, xb: xb @ p["params"]["l"]["kernel"], params, cb, idx, None, x, y,
