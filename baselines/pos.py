@@ -44,6 +44,10 @@ References:
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+
 import dataclasses
 import logging
 import math
@@ -78,6 +82,26 @@ logger = logging.getLogger(__name__)
 EPS = 1e-12
 """Relative floor inside the logarithm: log(E_i + EPS * E_i(full))."""
 
+
+
+@contextlib.contextmanager
+def _quiet_native_stdout():
+    """Silence C-level stdout: HiGHS prints a banner even with output_flag=False,
+    which would land in the middle of the tables that ``coblax run`` prints."""
+    sys.stdout.flush()
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # captured / replaced stdout
+        yield
+        return
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
 
 def _cumulative(layer: LayerCost) -> np.ndarray:
     """[0, E(1), ..., E(full)] with E(k) = sum_{j<=k} sigma_j^2."""
@@ -259,13 +283,14 @@ def pos_milp(
             c_par @ x <= rhs_m * (1 - shrink),
         ]
         prob = cp.Problem(cp.Maximize(weight @ x), cons)
-        prob.solve(
-            solver=solver,
-            mip_rel_gap=tol,
-            mip_feasibility_tolerance=tol,
-            primal_feasibility_tolerance=tol,
-            output_flag=False,
-        )
+        with _quiet_native_stdout():
+            prob.solve(
+                solver=solver,
+                mip_rel_gap=tol,
+                mip_feasibility_tolerance=tol,
+                primal_feasibility_tolerance=tol,
+                output_flag=False,
+            )
         if x.value is None:
             continue
         chosen = np.asarray(x.value) > 0.5
