@@ -440,15 +440,9 @@ def encode_cbx(
     return data, info
 
 
-def write_cbx(
-    path: str | os.PathLike,
-    params: Mapping[str, Any],
-    coding: Mapping[str, LeafCoding],
-    meta: Mapping[str, Any] | None = None,
-) -> CbxSizeInfo:
-    """Encode with :func:`encode_cbx` and write atomically (temp file, then rename)."""
-    data, info = encode_cbx(params, coding, meta)
-    path = Path(path)
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path`` and rename it into place,
+    so a crash never leaves a half-written file under the final name."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -458,6 +452,17 @@ def write_cbx(
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_cbx(
+    path: str | os.PathLike,
+    params: Mapping[str, Any],
+    coding: Mapping[str, LeafCoding],
+    meta: Mapping[str, Any] | None = None,
+) -> CbxSizeInfo:
+    """Encode with :func:`encode_cbx` and write atomically (temp file, then rename)."""
+    data, info = encode_cbx(params, coding, meta)
+    write_bytes_atomic(Path(path), data)
     return info
 
 

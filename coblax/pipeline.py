@@ -28,7 +28,6 @@ import copy
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,7 +38,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from coblax.cbx import CbxSizeInfo, LeafCoding, decode_cbx, encode_cbx, flatten_params, read_cbx
+from coblax.cbx import (
+    CbxSizeInfo,
+    LeafCoding,
+    decode_cbx,
+    encode_cbx,
+    flatten_params,
+    read_cbx,
+    write_bytes_atomic,
+)
 from coblax.config import (
     ConfigError,
     DataConfig,
@@ -327,18 +334,6 @@ def _kept(masks_by_layer: Mapping[str, np.ndarray] | None, layer: str, shape) ->
     if masks_by_layer is None or layer not in masks_by_layer:
         return np.ones(shape, dtype=bool)
     return np.asarray(masks_by_layer[layer], dtype=bool)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _jsonable(obj: Any) -> Any:
@@ -741,8 +736,8 @@ def run_compress(
         "files": {"model": "model.cbx", "report": "compression.json"},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "model.cbx", blob)
-    _atomic_write(out_dir / "compression.json", json.dumps(_jsonable(report), indent=1).encode())
+    write_bytes_atomic(out_dir / "model.cbx", blob)
+    write_bytes_atomic(out_dir / "compression.json", json.dumps(_jsonable(report), indent=1).encode())
     return _jsonable(report)
 
 

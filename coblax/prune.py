@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from coblax.train import cross_entropy, make_optimizer
+
 __all__ = [
     # tree helpers
     "layer_name",
@@ -600,20 +602,6 @@ def dns_update_probability(iteration: Any, gamma: float = 1e-4, power: float = 1
     return (1.0 + gamma * iteration) ** (-power)
 
 
-def _default_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-
-
-def _make_tx(optimizer: str, learning_rate: float) -> optax.GradientTransformation:
-    if optimizer == "sgd":
-        return optax.sgd(learning_rate)
-    if optimizer == "momentum":
-        return optax.sgd(learning_rate, momentum=0.9)
-    if optimizer == "adam":
-        return optax.adam(learning_rate)
-    raise ValueError(f"optimizer must be 'sgd', 'momentum' or 'adam', got {optimizer!r}")
-
-
 def dns(
     apply_fn: Callable[[Params, Any], Any],
     params: Params,
@@ -658,7 +646,7 @@ def dns(
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-    loss_fn = loss_fn or _default_loss
+    loss_fn = loss_fn or cross_entropy
     thr = dns_thresholds(params, rate, margin)
     a_tree = map_kernels(lambda n, w: jnp.asarray(thr[n][0], w.dtype), params, other=lambda _: None)
     b_tree = map_kernels(lambda n, w: jnp.asarray(thr[n][1], w.dtype), params, other=lambda _: None)
@@ -671,7 +659,7 @@ def dns(
 
     masks = update_masks(params, full_masks(params))
     initial = layer_masks(masks)
-    tx = _make_tx(optimizer, learning_rate)
+    tx = make_optimizer(optimizer, learning_rate)
     opt_state = tx.init(params)
 
     @jax.jit
@@ -866,7 +854,7 @@ def obd_prune(
       (masked params, mask tree, report with ``extra["saliency_sum"]`` per layer:
       the predicted loss increase 1/2 sum H_kk w_k^2 over the deleted weights).
     """
-    lf = loss_fn or _default_loss
+    lf = loss_fn or cross_entropy
     x = jnp.asarray(x)
     y = jnp.asarray(y)
     sal = obd_saliency(

@@ -8,31 +8,13 @@ import numpy as np
 import pytest
 
 from coblax import prune, quantize
+from helpers import blobs as _blobs
+from helpers import mlp_apply as _mlp_apply
+from helpers import mlp_params
 
 
 def _mlp_params(seed: int = 0, sizes=(6, 16, 3)) -> dict:
-    rng = np.random.default_rng(seed)
-    p = {}
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        p[f"fc{i + 1}"] = {
-            "kernel": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), jnp.float32),
-            "bias": jnp.zeros((b,), jnp.float32),
-        }
-    return {"params": p}
-
-
-def _mlp_apply(params, x):
-    p = params["params"]
-    h = jnp.tanh(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])
-    return h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
-
-
-def _blobs(n=240, d=6, classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(classes, d)) * 2.0
-    y = rng.integers(0, classes, size=n).astype(np.int32)
-    x = (centers[y] + rng.normal(size=(n, d))).astype(np.float32)
-    return x, y
+    return mlp_params(seed, sizes)
 
 
 def _xent(logits, y):
