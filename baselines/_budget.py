@@ -14,7 +14,14 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from coblax.allocation import Allocation, AllocationProblem, budget_error, is_feasible, ranks_cost
+from coblax.lowrank.allocation import (
+    Allocation,
+    AllocationProblem,
+    budget_error,
+    clip_ranks,
+    is_feasible,
+    ranks_cost,
+)
 
 __all__ = [
     "clip_ranks",
@@ -23,14 +30,6 @@ __all__ = [
     "cost_ratios",
     "threshold_allocation",
 ]
-
-
-def clip_ranks(problem: AllocationProblem, ranks: Mapping[str, int]) -> dict[str, int]:
-    """Clip each rank into [problem.min_rank, layer.full_rank]."""
-    return {
-        layer.name: int(min(layer.full_rank, max(problem.min_rank, int(ranks[layer.name]))))
-        for layer in problem.layers
-    }
 
 
 def cost_ratios(problem: AllocationProblem, ranks: Mapping[str, int]) -> tuple[float, float]:

@@ -31,7 +31,7 @@ from scipy.integrate import quad
 from scipy.optimize import brentq
 
 from baselines._budget import threshold_allocation
-from coblax.allocation import Allocation, AllocationProblem
+from coblax.lowrank.allocation import Allocation, AllocationProblem
 
 __all__ = [
     "lambda_star",

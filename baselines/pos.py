@@ -21,7 +21,7 @@ Three allocators:
       Delta C = w_C Delta N_C / N_C,orig + w_M Delta N_M / N_M,orig,
       w_b = max(0, N_b / N_b,max - 1),
   so a budget that already holds stops steering the choice (the same weighting as
-  :func:`coblax.allocation.greedy_repair`). Zhang et al. have a single complexity
+  :func:`coblax.lowrank.allocation.greedy_repair`). Zhang et al. have a single complexity
   budget; this weighting is our choice for two.
 * ``pos_greedy_unnormalized`` — the variant of the COBLA authors' code (Li & Shi,
   ECCV 2018, as described in the project brief): drop the triplet with the smallest
@@ -57,7 +57,7 @@ from typing import ClassVar
 import numpy as np
 
 from baselines._budget import check_floor, clip_ranks, cost_ratios
-from coblax.allocation import (
+from coblax.lowrank.allocation import (
     Allocation,
     AllocationProblem,
     BudgetError,

@@ -49,7 +49,7 @@ import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 
 from baselines._budget import threshold_allocation
-from coblax.allocation import Allocation, AllocationProblem
+from coblax.lowrank.allocation import Allocation, AllocationProblem
 
 __all__ = ["EVBMFResult", "evbmf", "evbmf_from_singular_values", "evb_tau", "VBMF"]
 

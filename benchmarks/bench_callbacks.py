@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coblax.data import load_dataset
-from coblax.decompose import factorize, get_kernel, trace_layers
-from coblax.models import build_model
-from coblax.objective import NetworkLoss
+from coblax.nn.data import load_dataset
+from coblax.lowrank.decompose import factorize, get_kernel, trace_layers
+from coblax.nn.models import build_model
+from coblax.lowrank.objective import NetworkLoss
 
 
 def _time(fn, repeats):

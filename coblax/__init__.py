@@ -7,7 +7,7 @@ else is an implementation detail.
 
 __version__ = "0.1.0"
 
-from coblax.allocation import (  # noqa: E402
+from coblax.lowrank.allocation import (  # noqa: E402
     Allocation,
     AllocationProblem,
     Allocator,
@@ -19,7 +19,7 @@ from coblax.allocation import (  # noqa: E402
     largest_feasible,
     ranks_cost,
 )
-from coblax.registry import allocator_names, get_allocator, register_allocator  # noqa: E402
+from coblax.lowrank.registry import allocator_names, get_allocator, register_allocator  # noqa: E402
 
 __all__ = [
     "__version__",

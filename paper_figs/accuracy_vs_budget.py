@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from coblax.report import load_records  # noqa: E402
+from coblax.app.report import load_records  # noqa: E402
 
 
 def main() -> None:

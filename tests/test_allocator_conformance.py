@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coblax.allocation import Allocation, AllocationProblem, BudgetError, LayerCost, is_feasible
-from coblax.registry import allocator_names, get_allocator
+from coblax.lowrank.allocation import Allocation, AllocationProblem, BudgetError, LayerCost, is_feasible
+from coblax.lowrank.registry import allocator_names, get_allocator
 
 NEEDS_LOSS = {"cobla"}  # allocators that need problem.loss (a network to evaluate)
 

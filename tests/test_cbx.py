@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 import pytest
 
-from coblax.cbx import (
+from coblax.compress.cbx import (
     CRC_BYTES,
     HEADER_BYTES,
     MAGIC,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from coblax.cli import main
+from coblax.app.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,7 +124,7 @@ def test_quickstart_end_to_end_tiny(tmp_path, capsys):
 
 
 def test_shipped_quickstart_config_validates():
-    from coblax.config import load_run_config
+    from coblax.app.config import load_run_config
 
     cfg = load_run_config(REPO / "experiments" / "quickstart.toml")
     assert cfg.methods == ("cobla", "uniform") and cfg.budgets.pairs() == [(0.5, 0.5)]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coblax.allocation import AllocationProblem, LayerCost, is_feasible
-from coblax.cobla import COBLA, warm_start_point
-from coblax.registry import get_allocator
+from coblax.lowrank.allocation import AllocationProblem, LayerCost, is_feasible
+from coblax.lowrank.cobla import COBLA, warm_start_point
+from coblax.lowrank.registry import get_allocator
 
 
 class QuadraticLoss:

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coblax.allocation import BudgetError
-from coblax.costs import make_problem, network_cost
-from coblax.decompose import trace_layers
-from coblax.models import build_model
+from coblax.lowrank.allocation import BudgetError
+from coblax.lowrank.costs import make_problem, network_cost
+from coblax.lowrank.decompose import trace_layers
+from coblax.nn.models import build_model
 
 
 def _net(name, scheme, only=None):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from baselines.cptv import CPTV, cptv_rank
-from coblax.allocation import AllocationProblem, BudgetError, LayerCost, is_feasible
+from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, is_feasible
 
 
 def dense(name, k, l, sigma):

@@ -1,4 +1,4 @@
-"""Tests for coblax.data: IDX and CIFAR parsing, dataset resolution, digits split, batches."""
+"""Tests for coblax.nn.data: IDX and CIFAR parsing, dataset resolution, digits split, batches."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coblax.data import (
+from coblax.nn.data import (
     DataError,
     Dataset,
     batches,

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coblax.decompose import (
+from coblax.lowrank.decompose import (
     SCHEMES,
     factored_apply,
     factorize,
@@ -17,7 +17,7 @@ from coblax.decompose import (
     trace_layers,
     truncate,
 )
-from coblax.models import MODEL_NAMES, build_model
+from coblax.nn.models import MODEL_NAMES, build_model
 
 
 class Zoo(nn.Module):

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coblax.encode import (
+from coblax.compress.encode import (
     BitReader,
     BitstreamError,
     BitWriter,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coblax.energy import EnergyCosts, LayerWork, estimate_energy
+from coblax.compress.energy import EnergyCosts, LayerWork, estimate_energy
 
 
 def test_hand_computation():

@@ -14,7 +14,7 @@ from baselines.gavish_donoho import (
     omega_approx,
     threshold,
 )
-from coblax.allocation import AllocationProblem, BudgetError, LayerCost, is_feasible
+from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, is_feasible
 
 
 def test_square_constants():

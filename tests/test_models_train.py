@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coblax import train as T
-from coblax.models import build_model
+from coblax.nn import train as T
+from coblax.nn.models import build_model
 
 
 def _count(params):
@@ -61,9 +61,9 @@ def test_fit_is_deterministic_and_learns(tmp_path):
 
 
 def test_base_model_is_cached_and_reused(tmp_path):
-    from coblax.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-    from coblax.data import load_dataset
-    from coblax.experiment import train_base_model
+    from coblax.app.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from coblax.nn.data import load_dataset
+    from coblax.app.experiment import train_base_model
 
     cfg = RunConfig(data=DataConfig(limit_train=200), train=TrainConfig(epochs=1))
     data = load_dataset("digits", limit_train=200)

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coblax.decompose import factorize, get_kernel, trace_layers
-from coblax.models import build_model
-from coblax.objective import NetworkLoss
+from coblax.lowrank.decompose import factorize, get_kernel, trace_layers
+from coblax.nn.models import build_model
+from coblax.lowrank.objective import NetworkLoss
 
 
 def _oracle(dtype, scheme="tai", name="small_cnn"):

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coblax.cbx import CRC_BYTES, HEADER_BYTES, read_cbx
-from coblax.config import ConfigError
-from coblax.pipeline import (
+from coblax.compress.cbx import CRC_BYTES, HEADER_BYTES, read_cbx
+from coblax.app.config import ConfigError
+from coblax.compress.pipeline import (
     evaluate_file,
     format_compression_table,
     load_compress_config,

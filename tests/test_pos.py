@@ -18,7 +18,7 @@ from baselines.pos import (
     pos_objective,
     pos_relaxation_bound,
 )
-from coblax.allocation import AllocationProblem, BudgetError, LayerCost, is_feasible
+from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, is_feasible
 
 
 def layer(name, sigma2, per_rank, original):

@@ -1,4 +1,4 @@
-"""Tests for coblax.prune: hand counts, closed forms and brute force."""
+"""Tests for coblax.compress.prune: hand counts, closed forms and brute force."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coblax import prune
+from coblax.compress import prune
 from helpers import blobs as _blobs
 from helpers import mlp_apply as _mlp_apply
 from helpers import mlp_params

@@ -1,4 +1,4 @@
-"""Tests for coblax.quantize: hand values, closed forms, Monte Carlo means."""
+"""Tests for coblax.compress.quantize: hand values, closed forms, Monte Carlo means."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coblax import prune, quantize
+from coblax.compress import prune
+from coblax.compress import quantize
 from helpers import blobs as _blobs
 from helpers import mlp_apply as _mlp_apply
 from helpers import mlp_params
@@ -119,7 +120,7 @@ def test_fixed_point_apply_fn_forward_and_straight_through_grad():
 
 def test_fixed_point_apply_fn_trains_float_copy():
     x, y = _blobs()
-    from coblax.train import fit
+    from coblax.nn.train import fit
 
     q_apply = quantize.fixed_point_apply_fn(_mlp_apply, 2, 3)
     params = fit(q_apply, _mlp_params(1), x, y, epochs=5, batch_size=32, learning_rate=1e-2,
@@ -261,7 +262,7 @@ def test_finetune_centroids_sgd_step_is_the_summed_cluster_gradient():
 
     def fit_fn(apply_fn, params, x, y, *, epochs, learning_rate, transform_grads, project, aux=None,
                **_):
-        extra = () if aux is None else (aux,)  # as coblax.train.fit passes it
+        extra = () if aux is None else (aux,)  # as coblax.nn.train.fit passes it
         loss = lambda p: 0.5 * jnp.sum((apply_fn(p, x) - y) ** 2)  # noqa: E731
         g = transform_grads(jax.grad(loss)(params), params, *extra)
         return project(jax.tree.map(lambda p, d: p - learning_rate * d, params, g), *extra)
@@ -368,7 +369,7 @@ def test_binaryconnect_grad_goes_to_real_weights_and_clip():
 
 
 def test_binaryconnect_training_with_fit():
-    from coblax.train import fit
+    from coblax.nn.train import fit
 
     x, y = _blobs()
     bc = quantize.binaryconnect_apply_fn(_mlp_apply, "det")

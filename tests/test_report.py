@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from coblax.report import format_table, load_records
+from coblax.app.report import format_table, load_records
 
 
 def rec(method, budget, before, after, mac, par, model="lenet", scheme="CX,YN"):

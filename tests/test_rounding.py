@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coblax.allocation import AllocationProblem, BudgetError, LayerCost, is_feasible, ranks_cost
-from coblax.rounding import masks_for_ranks, round_masks
+from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, is_feasible, ranks_cost
+from coblax.lowrank.rounding import masks_for_ranks, round_masks
 
 
 def dense(name, k, l, rng):

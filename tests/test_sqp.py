@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coblax.sqp import solve_slsqp
+from coblax.lowrank.sqp import solve_slsqp
 
 
 def _kkt_solution(a, t, c, p, C, P):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from baselines.vbmf import VBMF, evb_tau, evbmf, evbmf_from_singular_values
-from coblax.allocation import AllocationProblem, BudgetError, LayerCost, is_feasible
+from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, is_feasible
 
 
 def planted(rng, L=100, M=200, rank=5, noise=0.7, scale=(60.0, 100.0)):

@@ -1,6 +1,6 @@
 """Weight quantization: fixed point, k-means weight sharing, PQ/RQ codebooks, binarization.
 
-Same conventions as :mod:`coblax.prune`: kernels (leaves named ``kernel``) are the
+Same conventions as :mod:`coblax.compress.prune`: kernels (leaves named ``kernel``) are the
 layer weights, keyed by their ``/``-joined module path; biases stay in float.
 
 * Fixed point ⟨IL, FL⟩ (Gupta et al. 2015): step ε = 2^-FL, range
@@ -15,7 +15,7 @@ layer weights, keyed by their ``/``-joined module path; biases stay in float.
   al. 2016): binary weights (and activations) in the forward/backward passes, a
   real-valued copy updated by the optimizer, straight-through gradients.
 
-Training with a quantized forward pass reuses ``coblax.train.fit``: the helpers here
+Training with a quantized forward pass reuses ``coblax.nn.train.fit``: the helpers here
 return an ``apply_fn`` that quantizes the kernels on the fly (the optimizer keeps
 updating the float copy) and ``transform_grads`` / ``project`` functions.
 
@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coblax.prune import kernels, layer_masks, map_kernels, replace_kernels
+from coblax.compress.prune import kernels, layer_masks, map_kernels, replace_kernels
 
 __all__ = [
     # fixed point
@@ -228,7 +228,7 @@ def fixed_point_apply_fn(
     Quantized training with a full-precision copy: the forward uses
     W_q = fixed_point(W); the backward passes the gradient straight through
     (∂L/∂W := ∂L/∂W_q), so the optimizer keeps updating the float W. Use with
-    ``coblax.train.fit(q_apply, ...)``; deploy ``fixed_point_quantize(params)``.
+    ``coblax.nn.train.fit(q_apply, ...)``; deploy ``fixed_point_quantize(params)``.
 
     The returned ``q_apply(params, x, key=None)``: with stochastic rounding and
     no key, the key is derived from ``seed`` and a hash of the params and batch,
@@ -686,13 +686,13 @@ def finetune_centroids(
       masks: mask tree, ``{layer: bool array}`` or ``None``.
       x, y: training data.
       epochs, learning_rate, batch_size, seed, optimizer: passed to ``fit``.
-      fit_fn: training function with ``coblax.train.fit``'s signature.
+      fit_fn: training function with ``coblax.nn.train.fit``'s signature.
 
     Returns:
       (params, updated codebooks ``{layer: float32 (k,)}``).
     """
     if fit_fn is None:
-        from coblax.train import fit as fit_fn  # lazy: heavy trainer import
+        from coblax.nn.train import fit as fit_fn  # lazy: heavy trainer import
     ks = kernels(params)
     unknown = sorted(set(codebooks) - set(ks))
     if unknown:

@@ -3,8 +3,8 @@
 Relaxed problem (seed, Eq. 2):
     minimize_m  E(m)   s.t.  N_C(m) <= N_C,max,  N_M(m) <= N_M,max,  0 <= m <= 1,
 with E the network's mean cross-entropy on a fixed objective subset and N_C, N_M
-affine in m (see :mod:`coblax.costs`). It is solved by SQP (scipy SLSQP) over
-jitted JAX callbacks, then rounded (:mod:`coblax.rounding`).
+affine in m (see :mod:`coblax.lowrank.costs`). It is solved by SQP (scipy SLSQP) over
+jitted JAX callbacks, then rounded (:mod:`coblax.lowrank.rounding`).
 
 Where the paper is silent we follow the authors' public code (chongli-uw/cobla):
 * cost saturation — after a solve, a layer whose relaxed rank Σ_j m_ij reaches
@@ -13,7 +13,7 @@ Where the paper is silent we follow the authors' public code (chongli-uw/cobla):
   and the rest is re-solved with the budgets reduced accordingly;
 * warm start from a feasible point: the ``uniform`` allocation (or any other
   registered allocator's) as a 0/1 mask, or ``constant`` m = α·1;
-* rounding as described in :mod:`coblax.rounding`.
+* rounding as described in :mod:`coblax.lowrank.rounding`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import dataclasses
 import numpy as np
 from tqdm.auto import tqdm
 
-from coblax.allocation import Allocation, AllocationProblem, is_feasible
-from coblax.registry import get_allocator, register_allocator
-from coblax.rounding import round_masks
-from coblax.sqp import solve_slsqp
+from coblax.lowrank.allocation import Allocation, AllocationProblem, is_feasible
+from coblax.lowrank.registry import get_allocator
+from coblax.lowrank.rounding import round_masks
+from coblax.lowrank.sqp import solve_slsqp
 
 __all__ = ["COBLA", "warm_start_point"]
 
@@ -52,7 +52,7 @@ def warm_start_point(problem: AllocationProblem, how: str) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class COBLA:
-    """The COBLA allocator; needs ``problem.loss`` (a :class:`~coblax.allocation.LossOracle`).
+    """The COBLA allocator; needs ``problem.loss`` (a :class:`~coblax.lowrank.allocation.LossOracle`).
 
     Attributes:
       max_iter, ftol: SLSQP's limits per solve.
@@ -167,5 +167,3 @@ class COBLA:
                 out.append(i)
         return out
 
-
-register_allocator("cobla", lambda **options: COBLA(**options))

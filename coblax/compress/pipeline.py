@@ -3,17 +3,17 @@
 Stages (Han, Mao & Dally 2016, Fig. 1), each optional but in this order:
 
 1. ``prune``: iterative magnitude pruning with retraining
-   (:func:`coblax.prune.iterative_magnitude_prune`);
+   (:func:`coblax.compress.prune.iterative_magnitude_prune`);
 2. ``quantize``: k-means weight sharing with 2^b centroids per layer (default b = 8
    for convolutions, 5 for dense layers, as in the paper) and centroid fine-tuning
-   (:func:`coblax.quantize.kmeans_codebook` per layer, :func:`coblax.quantize.finetune_centroids`);
+   (:func:`coblax.compress.quantize.kmeans_codebook` per layer, :func:`coblax.compress.quantize.finetune_centroids`);
 3. ``huffman``: canonical Huffman codes for the weight codes and / or the relative
-   index gaps (:mod:`coblax.encode`).
+   index gaps (:mod:`coblax.compress.encode`).
 
-The result is written as ``model.cbx`` (:mod:`coblax.cbx`) and a report
+The result is written as ``model.cbx`` (:mod:`coblax.compress.cbx`) and a report
 ``compression.json`` with the per-layer table of the paper (Tables 2-5), the file
 size against float32 parameters, the accuracy after every stage and an energy
-estimate (:mod:`coblax.energy`). The reported final accuracy is measured on the
+estimate (:mod:`coblax.compress.energy`). The reported final accuracy is measured on the
 parameters decoded from the file's bytes, so :func:`evaluate_file` reproduces it.
 
 Entry points: :func:`run_compress` (config path -> report) and :func:`evaluate_file`.
@@ -38,16 +38,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from coblax.cbx import (
+from coblax.compress.cbx import (
     CbxSizeInfo,
     LeafCoding,
     decode_cbx,
     encode_cbx,
-    flatten_params,
     read_cbx,
-    write_bytes_atomic,
 )
-from coblax.config import (
+from coblax.util import flatten_tree, jsonable, to_numpy_tree, write_bytes_atomic
+from coblax.app.config import (
     ConfigError,
     DataConfig,
     ModelConfig,
@@ -55,8 +54,8 @@ from coblax.config import (
     load_toml,
     parse_dataclass,
 )
-from coblax.encode import relative_index_encode
-from coblax.energy import DEFAULT_SRAM_BYTES, LayerWork, estimate_energy
+from coblax.compress.encode import relative_index_encode
+from coblax.compress.energy import DEFAULT_SRAM_BYTES, LayerWork, estimate_energy
 
 __all__ = [
     "STAGES",
@@ -246,7 +245,7 @@ class CompressConfig:
             raise ConfigError(
                 f"stages must keep the order {' -> '.join(STAGES)}, got {list(self.stages)}"
             )
-        from coblax.models import MODEL_NAMES
+        from coblax.nn.models import MODEL_NAMES
 
         _choice(self.model.name, MODEL_NAMES, "model.name")
 
@@ -309,14 +308,9 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:
 
 
 def _versions() -> dict[str, str]:
-    from coblax.experiment import versions
+    from coblax.app.experiment import versions
 
     return versions()
-
-
-def _to_numpy_tree(params: Any) -> dict:
-    """A params tree as nested dicts of float32-or-original-dtype NumPy arrays."""
-    return jax.tree.map(lambda a: np.asarray(a), jax.device_get(params))
 
 
 def _walk_axes(ndim: int, order: str) -> tuple[int, ...] | None:
@@ -334,20 +328,6 @@ def _kept(masks_by_layer: Mapping[str, np.ndarray] | None, layer: str, shape) ->
     if masks_by_layer is None or layer not in masks_by_layer:
         return np.ones(shape, dtype=bool)
     return np.asarray(masks_by_layer[layer], dtype=bool)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (np.floating, np.integer, np.bool_)):
-        return obj.item()
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(dataclasses.asdict(obj))
-    return obj
 
 
 # ------------------------------------------------------------------------------- report
@@ -511,7 +491,7 @@ def format_compression_table(report: Mapping[str, Any]) -> str:
 
 
 def _layers(model: Any, params: Any, example: np.ndarray) -> dict[str, Any]:
-    from coblax.decompose import trace_layers
+    from coblax.lowrank.decompose import trace_layers
 
     return {layer.name: layer for layer in trace_layers(model, params, jnp.asarray(example[:1]))}
 
@@ -539,13 +519,13 @@ def _share_weights(
 ):
     """k-means weight sharing in which every layer's codes fit its bit width.
 
-    Like :func:`coblax.quantize.kmeans_share` (same k-means, same seeds), except
+    Like :func:`coblax.compress.quantize.kmeans_share` (same k-means, same seeds), except
     that a layer whose stored entries include zeros -- Deep Compression's filler
     entries, or pruned weights in a dense layout -- gets k = 2^b - 1 centroids, so
     that 0.0 is the 2^b-th shared value and every code still fits in b bits.
     """
-    from coblax import prune as P
-    from coblax import quantize as Q
+    from coblax.compress import prune as P
+    from coblax.compress import quantize as Q
 
     kernels = P.kernels(params)
     codebooks, indices, stats, new = {}, {}, {}, {}
@@ -590,12 +570,12 @@ def run_compress(
     Returns:
       The report written to ``compression.json``.
     """
-    from coblax import prune as P
-    from coblax import quantize as Q
-    from coblax import train as T
-    from coblax.config import RunConfig
-    from coblax.data import load_dataset
-    from coblax.experiment import default_cache_dir, train_base_model
+    from coblax.compress import prune as P
+    from coblax.compress import quantize as Q
+    from coblax.nn import train as T
+    from coblax.app.config import RunConfig
+    from coblax.nn.data import load_dataset
+    from coblax.app.experiment import default_cache_dir, train_base_model
 
     t0 = time.time()
     config_path = Path(config_path)
@@ -687,7 +667,7 @@ def run_compress(
             huffman_index=huff and cfg.huffman.index and b > 0,
             axes=_walk_axes(np.ndim(kernels_now[n]), cfg.encode.order),
         )
-    np_params = _to_numpy_tree(params)
+    np_params = to_numpy_tree(params)
     meta = {
         "format": "coblax deep compression",
         "name": cfg.name or config_path.stem,
@@ -700,7 +680,7 @@ def run_compress(
     blob, info = encode_cbx(np_params, coding, meta)
     decoded, _ = decode_cbx(blob)
     accuracy["file"] = evaluate(decoded)
-    n_params = sum(int(np.size(v)) for v in flatten_params(np_params).values())
+    n_params = sum(int(np.size(v)) for v in flatten_tree(np_params).values())
     table = compression_table(info, {_kernel_path(n): n for n in names}, n_params)
 
     works = []
@@ -716,9 +696,9 @@ def run_compress(
     )
     report = {
         "name": meta["name"],
-        "config": _jsonable(dataclasses.asdict(cfg)),
+        "config": jsonable(dataclasses.asdict(cfg)),
         "config_text": config_path.read_text(),
-        "overrides": _jsonable(overrides or {}),
+        "overrides": jsonable(overrides or {}),
         "seed": cfg.seed,
         "versions": _versions(),
         "model": meta["model"],
@@ -737,8 +717,8 @@ def run_compress(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out_dir / "model.cbx", blob)
-    write_bytes_atomic(out_dir / "compression.json", json.dumps(_jsonable(report), indent=1).encode())
-    return _jsonable(report)
+    write_bytes_atomic(out_dir / "compression.json", json.dumps(jsonable(report), indent=1).encode())
+    return jsonable(report)
 
 
 def evaluate_file(
@@ -754,9 +734,9 @@ def evaluate_file(
       dict with accuracy, file size, number of parameters and the compression
       against float32 parameters.
     """
-    from coblax import train as T
-    from coblax.data import load_dataset
-    from coblax.models import build_model
+    from coblax.nn import train as T
+    from coblax.nn.data import load_dataset
+    from coblax.nn.models import build_model
 
     path = Path(path)
     params, meta = read_cbx(path)
@@ -781,7 +761,7 @@ def evaluate_file(
         input_shape=tuple(meta["input_shape"]), **dict(meta["model"].get("options", {})),
     )
     acc = T.evaluate(model.apply, params, data.x_test, data.y_test)
-    n_params = sum(int(np.size(v)) for v in flatten_params(params).values())
+    n_params = sum(int(np.size(v)) for v in flatten_tree(params).values())
     size = path.stat().st_size
     return {
         "file": str(path),

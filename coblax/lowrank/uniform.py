@@ -9,8 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from coblax.allocation import Allocation, AllocationProblem, largest_feasible
-from coblax.registry import register_allocator
+from coblax.lowrank.allocation import Allocation, AllocationProblem, largest_feasible
 
 __all__ = ["Uniform", "uniform_ranks"]
 
@@ -35,5 +34,3 @@ class Uniform:
         )
         return Allocation(ranks=ranks, stats={"fraction": fraction})
 
-
-register_allocator("uniform", lambda **options: Uniform(**options))

@@ -16,7 +16,7 @@ other leaf of the parameter tree are a fixed memory cost; the MACs of layers tha
 are not decomposed are a fixed compute cost. Pooling, activations and additions
 are not counted (MACs are the convention of the seed). A layer whose factored form
 would cost at least as much as the original keeps its original form (see
-:class:`coblax.allocation.LayerCost`).
+:class:`coblax.lowrank.allocation.LayerCost`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from coblax.allocation import AllocationProblem, BudgetError, LayerCost, ranks_cost
-from coblax.decompose import TracedLayer
+from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, ranks_cost
+from coblax.lowrank.decompose import TracedLayer
 
 __all__ = ["layer_cost", "NetworkCost", "network_cost", "make_problem", "BUDGET_BASES"]
 

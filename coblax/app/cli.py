@@ -14,19 +14,19 @@ __all__ = ["main"]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from coblax.allocation import BudgetError
-    from coblax.config import ConfigError
-    from coblax.data import DataError
-    from coblax.registry import UnknownMethodError
+    from coblax.lowrank.allocation import BudgetError
+    from coblax.app.config import ConfigError
+    from coblax.nn.data import DataError
+    from coblax.lowrank.registry import UnknownMethodError
 
     errors: list[type[BaseException]] = [ConfigError, BudgetError, DataError, UnknownMethodError, ValueError]
     return tuple(errors)
 
 
 def _cmd_run(args) -> int:
-    from coblax.config import load_run_config
-    from coblax.experiment import run_experiment
-    from coblax.report import format_table
+    from coblax.app.config import load_run_config
+    from coblax.app.experiment import run_experiment
+    from coblax.app.report import format_table
 
     cfg = load_run_config(args.config)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
@@ -39,7 +39,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_table(args) -> int:
-    from coblax.report import format_table, load_records
+    from coblax.app.report import format_table, load_records
 
     records = load_records(args.results)
     print(format_table(records, args.format))
@@ -47,7 +47,7 @@ def _cmd_table(args) -> int:
 
 
 def _cmd_compress(args) -> int:
-    from coblax.pipeline import format_compression_table, run_compress
+    from coblax.compress.pipeline import format_compression_table, run_compress
 
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     report = run_compress(args.config, out)
@@ -59,7 +59,7 @@ def _cmd_compress(args) -> int:
 def _cmd_evaluate(args) -> int:
     import json
 
-    from coblax.pipeline import evaluate_file
+    from coblax.compress.pipeline import evaluate_file
 
     result = evaluate_file(args.file, data_dir=args.data_dir)
     print(json.dumps(result, indent=1))
@@ -67,7 +67,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_methods(args) -> int:
-    from coblax.registry import allocator_names
+    from coblax.lowrank.registry import allocator_names
 
     print("\n".join(allocator_names()))
     return 0

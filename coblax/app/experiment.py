@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,15 +22,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coblax import train as T
-from coblax.allocation import Allocation, is_feasible
-from coblax.config import ModelConfig, RunConfig
-from coblax.costs import NetworkCost, make_problem, network_cost
-from coblax.data import Dataset, load_dataset
-from coblax.decompose import Factors, apply_fn_for, factorize, get_kernel, trace_layers, truncate
-from coblax.models import build_model
-from coblax.objective import NetworkLoss
-from coblax.registry import get_allocator
+from coblax.nn import train as T
+from coblax.lowrank.allocation import Allocation, is_feasible
+from coblax.app.config import ModelConfig, RunConfig
+from coblax.lowrank.costs import NetworkCost, make_problem, network_cost
+from coblax.nn.data import Dataset, load_dataset
+from coblax.lowrank.decompose import Factors, apply_fn_for, factorize, get_kernel, trace_layers, truncate
+from coblax.nn.models import build_model
+from coblax.lowrank.objective import NetworkLoss
+from coblax.lowrank.registry import get_allocator
+from coblax.util import jsonable, write_json_atomic
 
 __all__ = ["run_experiment", "BaseModel", "train_base_model", "decomposable_layers", "factored_variables", "versions"]
 
@@ -250,27 +250,8 @@ def run_method(
         "solver_iterations": stats.pop("solver_iterations", None),
         "solve_seconds": solve_seconds,
         "finetune_seconds": finetune_seconds,
-        "diagnostics": _jsonable(stats),
+        "diagnostics": jsonable(stats),
     }
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    return obj
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        json.dump(_jsonable(payload), tmp, indent=1)
-    os.replace(tmp.name, path)
 
 
 def run_experiment(

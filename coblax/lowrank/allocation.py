@@ -33,6 +33,7 @@ __all__ = [
     "LossOracle",
     "BudgetError",
     "budget_error",
+    "clip_ranks",
     "ranks_cost",
     "is_feasible",
     "largest_feasible",
@@ -180,6 +181,14 @@ class Allocator(Protocol):
     def __call__(self, problem: AllocationProblem) -> Allocation: ...
 
 
+def clip_ranks(problem: AllocationProblem, ranks: Mapping[str, int]) -> dict[str, int]:
+    """Each layer's rank clipped into [problem.min_rank, layer.full_rank] (plain ints)."""
+    return {
+        layer.name: int(min(layer.full_rank, max(problem.min_rank, int(ranks[layer.name]))))
+        for layer in problem.layers
+    }
+
+
 def ranks_cost(layers: tuple[LayerCost, ...], ranks: Mapping[str, int]) -> tuple[float, float]:
     """Total (MACs, params) of the decomposable layers at the given ranks."""
     macs = sum(layer.macs(int(ranks[layer.name])) for layer in layers)
@@ -222,10 +231,7 @@ def largest_feasible(
     """
 
     def clip(ranks: Mapping[str, int]) -> dict[str, int]:
-        return {
-            layer.name: int(min(layer.full_rank, max(problem.min_rank, ranks[layer.name])))
-            for layer in problem.layers
-        }
+        return clip_ranks(problem, ranks)
 
     best = clip(ranks_at(lo))
     if not is_feasible(problem, best):
@@ -258,10 +264,7 @@ def greedy_repair(
     infeasible.
     """
     o_mac, o_par = problem.original_cost()
-    current = {
-        layer.name: int(min(layer.full_rank, max(problem.min_rank, ranks[layer.name])))
-        for layer in problem.layers
-    }
+    current = clip_ranks(problem, ranks)
     floor = {layer.name: problem.min_rank for layer in problem.layers}
     if not is_feasible(problem, floor):
         macs, params = ranks_cost(problem.layers, floor)

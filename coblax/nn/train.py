@@ -9,9 +9,9 @@ settings and the seed: a later run with the same settings loads it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from coblax.util import flatten_tree, to_numpy_tree, unflatten_tree, write_bytes_atomic, write_json_atomic
+
 __all__ = [
     "cross_entropy",
     "make_optimizer",
@@ -30,8 +32,6 @@ __all__ = [
     "mean_loss",
     "save_params",
     "load_params",
-    "flatten_params",
-    "unflatten_params",
 ]
 
 OPTIMIZERS = ("adam", "sgd", "momentum")
@@ -155,46 +155,19 @@ __all__ += ["predict"]
 # ---------------------------------------------------------------- checkpoints
 
 
-def flatten_params(params: Any) -> dict[str, np.ndarray]:
-    """Nested dict -> {'a/b/kernel': array}."""
-    flat: dict[str, np.ndarray] = {}
-
-    def walk(node, prefix):
-        if isinstance(node, dict) or hasattr(node, "items"):
-            for k, v in node.items():
-                walk(v, f"{prefix}/{k}" if prefix else str(k))
-        else:
-            flat[prefix] = np.asarray(node)
-
-    walk(params, "")
-    return flat
-
-
-def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        parts = key.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = jnp.asarray(value)
-    return out
-
-
 def save_params(path: str | os.PathLike, params: Any, meta: dict | None = None) -> None:
-    """Write params as .npz (no pickle) + ``path.json`` metadata, atomically."""
+    """Write params as .npz (no pickle) + ``path.json`` metadata, each atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
-        np.savez(tmp, **flatten_params(params))
-    os.replace(tmp.name, path)
+    buf = io.BytesIO()
+    np.savez(buf, **flatten_tree(to_numpy_tree(params)))
+    write_bytes_atomic(path, buf.getvalue())
     if meta is not None:
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        write_json_atomic(path.with_suffix(".json"), meta, indent=2)
 
 
 def load_params(path: str | os.PathLike) -> dict:
     with np.load(path, allow_pickle=False) as data:
-        return unflatten_params({k: data[k] for k in data.files})
+        return jax.tree.map(jnp.asarray, unflatten_tree({k: data[k] for k in data.files}))
 
 
 def cache_key(settings: dict) -> str:

@@ -15,7 +15,7 @@ equation is in ``docs/compression.md``)::
     CRC32       4 bytes    zlib.crc32 of every byte before it
 
 A coded leaf stores its nonzeros in Deep Compression's relative format
-(:func:`coblax.encode.relative_index_encode`): one entry per nonzero plus filler
+(:func:`coblax.compress.encode.relative_index_encode`): one entry per nonzero plus filler
 entries, each entry a b-bit gap and a weight code (the index of its codebook value).
 Fillers store the zero weight, so a codebook that lacks 0.0 gets a 0.0 appended
 when the leaf needs fillers. ``index_bits = 0`` stores every element (no index).
@@ -35,7 +35,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from coblax.encode import (
+from coblax.util import flatten_tree, unflatten_tree, write_bytes_atomic
+from coblax.compress.encode import (
     BitReader,
     BitstreamError,
     BitWriter,
@@ -68,8 +68,6 @@ __all__ = [
     "decode_cbx",
     "write_cbx",
     "read_cbx",
-    "flatten_params",
-    "unflatten_params",
 ]
 
 MAGIC = b"\x89CBX\r\n\x1a\n"  # PNG-style: catches 7-bit and newline-mangling transfers
@@ -213,38 +211,6 @@ def _ceil8(bits: int) -> int:
 
 
 # ------------------------------------------------------------------------ params trees
-
-
-def flatten_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Nested dicts of arrays -> {"a/b/c": array}, keys sorted at every level."""
-    flat: dict[str, np.ndarray] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, Mapping):
-            for key in sorted(node):
-                if not isinstance(key, str) or not key or "/" in key:
-                    raise ValueError(
-                        f"params keys must be non-empty strings without '/', got {key!r} under "
-                        f"{prefix!r}"
-                    )
-                walk(node[key], f"{prefix}/{key}" if prefix else key)
-        else:
-            flat[prefix] = np.asarray(node)
-
-    walk(params, "")
-    return flat
-
-
-def unflatten_params(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Inverse of :func:`flatten_params`."""
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, last = name.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return tree
 
 
 def _dtype_code(name: str, arr: np.ndarray) -> int:
@@ -391,7 +357,7 @@ def encode_cbx(
     Returns:
       (file bytes, size breakdown).
     """
-    flat = flatten_params(params)
+    flat = flatten_tree(params)
     unknown = sorted(set(coding) - set(flat))
     if unknown:
         raise ValueError(f"coding names leaves not in params: {unknown}; leaves: {sorted(flat)}")
@@ -438,20 +404,6 @@ def encode_cbx(
         leaves=tuple(sizes),
     )
     return data, info
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path`` and rename it into place,
-    so a crash never leaves a half-written file under the final name."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_cbx(
@@ -638,7 +590,7 @@ def _decode_body(data, n_leaves, n_coded, meta_len, table_len, payload_len):
         else:
             values = _decode_leaf(name, shape, fields, axes, cb_cur, st_cur)
         flat[name] = _restore_dtype(values, dtype)
-    return unflatten_params(flat), meta
+    return unflatten_tree(flat), meta
 
 
 def read_cbx(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:

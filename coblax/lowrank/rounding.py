@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from coblax.allocation import AllocationProblem, LayerCost, greedy_repair, is_feasible
+from coblax.lowrank.allocation import AllocationProblem, LayerCost, clip_ranks, greedy_repair, is_feasible
 
 __all__ = ["masks_for_ranks", "stochastic_ranks", "round_masks", "flat_mask"]
 
@@ -58,8 +58,8 @@ def stochastic_ranks(
     for layer in problem.layers:
         expected = float(np.sum(m_hat[layer.name]))
         r = int(np.floor(expected)) + int(rng.random() < expected - np.floor(expected))
-        ranks[layer.name] = int(min(layer.full_rank, max(problem.min_rank, r)))
-    return ranks
+        ranks[layer.name] = r
+    return clip_ranks(problem, ranks)
 
 
 def flat_mask(problem: AllocationProblem, masks: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from coblax.decompose import Factors, factored_apply
+from coblax.lowrank.decompose import Factors, factored_apply
 
 __all__ = ["NetworkLoss"]
 
@@ -39,7 +39,7 @@ def _batch_stack(x: np.ndarray, y: np.ndarray, batch_size: int):
 
 
 class NetworkLoss:
-    """A :class:`~coblax.allocation.LossOracle` over a Flax model.
+    """A :class:`~coblax.lowrank.allocation.LossOracle` over a Flax model.
 
     Args:
       model, params: the original network.

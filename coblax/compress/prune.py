@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from coblax.train import cross_entropy, make_optimizer
+from coblax.nn.train import cross_entropy, make_optimizer
 
 __all__ = [
     # tree helpers
@@ -445,7 +445,7 @@ def sparsity_schedule(sparsity: float, steps: int, schedule: str = "geometric") 
 def _resolve_fit(fit_fn: Callable[..., Any] | None) -> Callable[..., Any]:
     if fit_fn is not None:
         return fit_fn
-    from coblax.train import fit  # lazy: keep prune importable without the trainer
+    from coblax.nn.train import fit  # lazy: keep prune importable without the trainer
 
     return fit
 
@@ -471,7 +471,7 @@ def iterative_magnitude_prune(
 
     For i = 1..steps: prune to sparsity s_i (see :func:`sparsity_schedule`; already
     pruned weights stay pruned), then retrain ``retrain_epochs`` with
-    ``coblax.train.fit`` where ``transform_grads`` zeroes the gradients of pruned
+    ``coblax.nn.train.fit`` where ``transform_grads`` zeroes the gradients of pruned
     weights and ``project`` re-applies the masks after every update, so the
     pruned weights stay exactly zero throughout (also under Adam or weight decay).
 
@@ -485,7 +485,7 @@ def iterative_magnitude_prune(
         optimizer, progress...). Stage i trains with seed ``seed + i``.
       schedule: ``"geometric"`` or ``"linear"`` sparsity schedule.
       fit_fn: training function with ``fit``'s signature (default
-        ``coblax.train.fit``).
+        ``coblax.nn.train.fit``).
 
     Returns:
       (params with masks applied, mask tree, report) — the report lists per-layer

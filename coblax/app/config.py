@@ -305,8 +305,8 @@ def load_run_config(path: str | Path) -> RunConfig:
         dec["schemes"] = dec.pop("scheme")
         raw = dict(raw, decompose=dec)
     cfg = parse_dataclass(RunConfig, raw)
-    from coblax.models import MODEL_NAMES
-    from coblax.registry import allocator_names
+    from coblax.nn.models import MODEL_NAMES
+    from coblax.lowrank.registry import allocator_names
 
     valid_methods = allocator_names()
     for m in cfg.methods:
