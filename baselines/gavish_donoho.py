@@ -66,6 +66,8 @@ def mp_median(beta: float) -> float:
     b = (1.0 + math.sqrt(beta)) ** 2
 
     def density(t: float) -> float:
+        if t <= 0.0:  # the pole at t = a = 0 (beta = 1); some QUADPACK builds evaluate it
+            return 0.0
         return math.sqrt(max((b - t) * (t - a), 0.0)) / (2.0 * math.pi * beta * t)
 
     def cdf_minus_half(x: float) -> float:
