@@ -120,6 +120,34 @@ def test_energy_and_table(tiny_run):
     assert f"{report['file']['bytes']:,} bytes" in text
 
 
+def test_layer_kept_in_float_keeps_its_pruned_weights(tmp_path, cache):
+    """Issue 7: centroid fine-tuning re-grew the pruned weights of a float32 layer."""
+    over = TINY | {
+        "cache_dir": str(cache),
+        "quantize": {"bits": 4, "finetune_epochs": 1, "learning_rate": 1e-3,
+                     "layer_bits": {"fc3": 0}},
+    }
+    report = run_compress(CONFIG, tmp_path / "f", overrides=over, progress=False)
+    params, _ = read_cbx(tmp_path / "f" / "model.cbx")
+    fc3 = params["params"]["fc3"]["kernel"]
+    assert fc3.size == 240 and np.count_nonzero(fc3) == 120
+    row = report["layers"][2]
+    assert row["layer"] == "fc3" and row["kept"] == 120 and row["codebook_size"] == 0
+    assert report["accuracy"]["file"] == report["accuracy"]["finetuned"]
+
+
+def test_shared_biases_are_coded_and_reproduced(tmp_path, cache):
+    over = TINY | {"cache_dir": str(cache),
+                   "quantize": {"bits": 4, "finetune_epochs": 1, "bias_bits": 3}}
+    report = run_compress(CONFIG, tmp_path / "b", overrides=over, progress=False)
+    params, _ = read_cbx(tmp_path / "b" / "model.cbx")
+    p = params["params"]
+    # fc1 (48) and fc2 (24) biases share 2^3 values; fc3's 10 are cheaper raw
+    assert len(np.unique(p["fc1"]["bias"])) <= 8 and len(np.unique(p["fc2"]["bias"])) <= 8
+    assert report["file"]["sections"]["raw_leaves"] == 4 * 10
+    assert evaluate_file(tmp_path / "b" / "model.cbx")["accuracy"] == report["accuracy"]["file"]
+
+
 def test_quantize_only_dense_layout_without_huffman(tmp_path, cache):
     over = TINY | {
         "cache_dir": str(cache),
