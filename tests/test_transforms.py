@@ -10,14 +10,7 @@ import optax
 import pytest
 
 from coblax.compress import prune, quantize
-from coblax.compress.pipeline import (
-    CompressState,
-    EncodeStage,
-    EnergyStage,
-    PruneStage,
-    QuantizeStage,
-    chain,
-)
+from coblax.compress import pipeline as dc
 from coblax.compress.transforms import keep_pruned, share_by_cluster
 from coblax.nn.train import fit
 from helpers import blobs, mlp_apply, mlp_params
@@ -107,16 +100,16 @@ def test_stages_compose_like_optax_chain():
     x, y = blobs(n=240)
     params = mlp_params(2)
     ev = lambda p: float(np.mean(np.argmax(mlp_apply(p, x), -1) == y))  # noqa: E731
+    retrain = dc.Training(mlp_apply, x, y, learning_rate=1e-2, batch_size=32, evaluate=ev)
+    finetune = dc.Training(mlp_apply, x, y, learning_rate=1e-3, batch_size=32, evaluate=ev)
     stages = [
-        PruneStage(mlp_apply, x, y, {"fc1": 0.5, "fc2": 0.5}, steps=2, retrain_epochs=1,
-                   learning_rate=1e-2, batch_size=32, evaluate=ev),
-        QuantizeStage(mlp_apply, x, y, bits={"fc1": 2, "fc2": 2}, bias_bits=0,
-                      index_bits={"fc1": 2, "fc2": 2}, finetune_epochs=1, learning_rate=1e-3,
-                      batch_size=32, evaluate=ev),
-        EncodeStage({"fc1": 2, "fc2": 2}, evaluate=ev),
-        EnergyStage({"fc1": 48, "fc2": 24}),
+        dc.PruneStage(retrain, {"fc1": 0.5, "fc2": 0.5}, steps=2, retrain_epochs=1),
+        dc.QuantizeStage(finetune, bits={"fc1": 2, "fc2": 2}, bias_bits=0,
+                         index_bits={"fc1": 2, "fc2": 2}, finetune_epochs=1),
+        dc.EncodeStage({"fc1": 2, "fc2": 2}, evaluate=ev),
+        dc.EnergyStage({"fc1": 48, "fc2": 24}),
     ]
-    out, state, reports = chain(*stages)(params, CompressState(accuracy={"base": ev(params)}))
+    out, state, reports = dc.chain(*stages)(params, dc.CompressState(accuracy={"base": ev(params)}))
     assert list(reports) == ["prune", "quantize", "encode", "energy"]
     assert set(state.accuracy) == {"base", "pruned", "quantized", "finetuned", "file"}
     assert state.accuracy["file"] == state.accuracy["finetuned"]
@@ -125,6 +118,6 @@ def test_stages_compose_like_optax_chain():
     assert reports["encode"]["file"]["bytes"] == len(state.blob)
     assert reports["energy"]["compressed"]["fp32_macs"] == pytest.approx(24 + 12)
     with pytest.raises(ValueError, match="unique"):
-        chain(stages[0], stages[0])
+        dc.chain(stages[0], stages[0])
     with pytest.raises(ValueError, match="after EncodeStage"):
-        stages[3](params, CompressState())
+        stages[3](params, dc.CompressState())

@@ -40,6 +40,7 @@ from coblax.compress.pipeline import (
     EnergyStage,
     PruneStage,
     QuantizeStage,
+    Training,
     chain,
 )
 from coblax.util import flatten_tree, jsonable, write_bytes_atomic
@@ -331,20 +332,22 @@ def build_stages(
         tx = T.make_optimizer(pc.optimizer, pc.learning_rate)
         if pc.weight_decay > 0:
             tx = optax.chain(optax.add_decayed_weights(pc.weight_decay), tx)
+        training = Training(apply_fn, data.x_train, data.y_train, learning_rate=pc.learning_rate,
+                            batch_size=pc.batch_size, seed=cfg.seed, progress=progress,
+                            evaluate=evaluate)
         stages.append(PruneStage(
-            apply_fn, data.x_train, data.y_train, pc.sparsity, steps=pc.steps,
-            retrain_epochs=pc.retrain_epochs, scope=pc.scope, schedule=pc.schedule,
-            optimizer=tx, batch_size=pc.batch_size, seed=cfg.seed, progress=progress,
-            evaluate=evaluate,
+            training, pc.sparsity, steps=pc.steps, retrain_epochs=pc.retrain_epochs,
+            scope=pc.scope, schedule=pc.schedule, optimizer=tx,
         ))
     if "quantize" in cfg.stages:
         qc = cfg.quantize
+        training = Training(apply_fn, data.x_train, data.y_train, learning_rate=qc.learning_rate,
+                            batch_size=qc.batch_size, seed=cfg.seed, progress=progress,
+                            evaluate=evaluate)
         stages.append(QuantizeStage(
-            apply_fn, data.x_train, data.y_train,
-            bits={n: qc.layer_bit_width(n, kinds[n]) for n in names}, bias_bits=qc.bias_bits,
-            index_bits=index_bits, order=cfg.encode.order, init=qc.init, iters=qc.iters,
-            finetune_epochs=qc.finetune_epochs, learning_rate=qc.learning_rate,
-            batch_size=qc.batch_size, seed=cfg.seed, progress=progress, evaluate=evaluate,
+            training, bits={n: qc.layer_bit_width(n, kinds[n]) for n in names},
+            bias_bits=qc.bias_bits, index_bits=index_bits, order=cfg.encode.order,
+            init=qc.init, iters=qc.iters, finetune_epochs=qc.finetune_epochs,
         ))
     huff = "huffman" in cfg.stages
     stages.append(EncodeStage(

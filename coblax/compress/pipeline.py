@@ -46,6 +46,7 @@ from coblax.util import flatten_tree, to_numpy_tree
 __all__ = [
     "CompressState",
     "Stage",
+    "Training",
     "chain",
     "PruneStage",
     "QuantizeStage",
@@ -152,6 +153,23 @@ def _walk_axes(ndim: int, order: str) -> tuple[int, ...] | None:
     return (ndim - 1, ndim - 2, *range(ndim - 2))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Training:
+    """What a stage that trains needs: the network, its data and how to train.
+
+    ``evaluate(params) -> accuracy`` (optional) measures the params after the stage.
+    """
+
+    apply_fn: Callable[[Params, Any], Any]
+    x: np.ndarray
+    y: np.ndarray
+    learning_rate: float = 1e-3
+    batch_size: int = 128
+    seed: int = 0
+    progress: bool = False
+    evaluate: Evaluate | None = None
+
+
 # --------------------------------------------------------------------------------- prune
 
 
@@ -161,37 +179,32 @@ class PruneStage:
 
     ``steps`` rounds; round i prunes each layer to the i-th sparsity of ``schedule``
     (ending at ``sparsity``, a fraction or ``{layer: fraction}``) and retrains
-    ``retrain_epochs`` with ``optimizer`` followed by ``keep_pruned(masks)``, so the
-    pruned weights stay exactly 0. Sets ``state.masks``; measures ``"pruned"``.
+    ``retrain_epochs`` with ``optimizer`` (a name, or any optax transform) followed by
+    ``keep_pruned(masks)``, so the pruned weights stay exactly 0. Sets
+    ``state.masks``; measures ``"pruned"``.
     """
 
-    apply_fn: Callable[[Params, Any], Any]
-    x: np.ndarray
-    y: np.ndarray
+    training: Training
     sparsity: float | Mapping[str, float]
     steps: int = 3
     retrain_epochs: int = 2
     scope: str = "layer"
     schedule: str = "geometric"
     optimizer: optax.GradientTransformation | str = "adam"
-    learning_rate: float = 1e-3
-    batch_size: int = 128
-    seed: int = 0
-    progress: bool = False
-    evaluate: Evaluate | None = None
     name: str = "prune"
 
     def __call__(self, params: Params, state: CompressState) -> tuple[Params, CompressState, dict]:
+        t = self.training
         params, masks, rep = P.iterative_magnitude_prune(
-            self.apply_fn, params, self.x, self.y,
+            t.apply_fn, params, t.x, t.y,
             sparsity=self.sparsity, steps=self.steps, retrain_epochs=self.retrain_epochs,
             scope=self.scope, schedule=self.schedule,
-            train_kwargs={"optimizer": self.optimizer, "learning_rate": self.learning_rate,
-                          "batch_size": self.batch_size, "seed": self.seed,
-                          "progress": self.progress, "desc": "prune+retrain"},
+            train_kwargs={"optimizer": self.optimizer, "learning_rate": t.learning_rate,
+                          "batch_size": t.batch_size, "seed": t.seed,
+                          "progress": t.progress, "desc": "prune+retrain"},
         )
         state = state._replace(masks=P.layer_masks(masks))
-        return params, _evaluate(self.evaluate, params, state, "pruned"), rep.to_dict()
+        return params, _evaluate(t.evaluate, params, state, "pruned"), rep.to_dict()
 
 
 # ------------------------------------------------------------------------------ quantize
@@ -228,9 +241,7 @@ class QuantizeStage:
     float32 centroids a file stores. Measures ``"quantized"`` and ``"finetuned"``.
     """
 
-    apply_fn: Callable[[Params, Any], Any]
-    x: np.ndarray
-    y: np.ndarray
+    training: Training
     bits: Mapping[str, int]
     bias_bits: int = 0
     index_bits: Mapping[str, int] | None = None
@@ -238,11 +249,6 @@ class QuantizeStage:
     init: str = "linear"
     iters: int = 50
     finetune_epochs: int = 1
-    learning_rate: float = 1e-4
-    batch_size: int = 128
-    seed: int = 0
-    progress: bool = False
-    evaluate: Evaluate | None = None
     name: str = "quantize"
 
     def _share(self, params: Params, masks):
@@ -263,7 +269,7 @@ class QuantizeStage:
                     f"most {max(kept.bit_length() - 1, 1)}"
                 )
             c, idx, info = Q.kmeans_codebook(w, k, init=self.init, mask=m, iters=self.iters,
-                                             seed=self.seed + i)
+                                             seed=self.training.seed + i)
             path = kernel_path(n)
             codebooks[path], indices[path], bits[path] = c, idx, b
             new[path] = np.where(m, c[idx], np.float32(0)).astype(np.float32)
@@ -278,7 +284,7 @@ class QuantizeStage:
                 if not path.endswith("/bias") or coded >= 4 * v.size:
                     continue
                 c, idx, _ = Q.kmeans_codebook(v, k, init=self.init, iters=self.iters,
-                                              seed=self.seed)
+                                              seed=self.training.seed)
                 codebooks[path], indices[path], bits[path] = c, idx, self.bias_bits
                 new[path] = c[idx]
         params = jax.tree_util.tree_map_with_path(
@@ -286,17 +292,17 @@ class QuantizeStage:
         return params, codebooks, indices, bits, Q.WeightSharingReport(stats, self.init)
 
     def __call__(self, params: Params, state: CompressState) -> tuple[Params, CompressState, dict]:
-        masks = state.masks
+        t, masks = self.training, state.masks
         params, codebooks, indices, bits, rep = self._share(params, masks)
-        state = _evaluate(self.evaluate, params, state, "quantized")
+        state = _evaluate(t.evaluate, params, state, "quantized")
         mask_of = {kernel_path(n): m for n, m in (masks or {}).items()}
         if self.finetune_epochs > 0:
             assign = {p: np.where(_mask_or_true(mask_of, p, i.shape), i, -1).astype(np.int32)
                       for p, i in indices.items()}
             params = Q.finetune_shared(
-                self.apply_fn, params, _leaf_tree(params, assign), _leaf_tree(params, mask_of),
-                self.x, self.y, epochs=self.finetune_epochs, learning_rate=self.learning_rate,
-                batch_size=self.batch_size, seed=self.seed, progress=self.progress,
+                t.apply_fn, params, _leaf_tree(params, assign), _leaf_tree(params, mask_of),
+                t.x, t.y, epochs=self.finetune_epochs, learning_rate=t.learning_rate,
+                batch_size=t.batch_size, seed=t.seed, progress=t.progress,
             )
             codebooks = _cluster_means(params, codebooks, indices, mask_of)
         rebuilt = {p: np.where(_mask_or_true(mask_of, p, i.shape),
@@ -305,7 +311,7 @@ class QuantizeStage:
         params = jax.tree_util.tree_map_with_path(
             lambda p, leaf: rebuilt.get(_path_str(p), leaf), params)
         if self.finetune_epochs > 0:
-            state = _evaluate(self.evaluate, params, state, "finetuned")
+            state = _evaluate(t.evaluate, params, state, "finetuned")
         state = state._replace(codebooks=codebooks, indices=indices, bits=bits)
         layer_bits = {n: b for n, b in self.bits.items()}
         return params, state, rep.to_dict() | {"bits": layer_bits, "bias_bits": self.bias_bits}

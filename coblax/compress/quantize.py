@@ -703,14 +703,7 @@ def finetune_centroids(
     masks: Any,
     x: Any,
     y: Any,
-    *,
-    epochs: int,
-    learning_rate: float,
-    batch_size: int = 128,
-    seed: int = 0,
-    optimizer: str = "adam",
-    fit_fn: Callable[..., Any] | None = None,
-    progress: bool = False,
+    **train: Any,
 ) -> tuple[Params, dict[str, np.ndarray]]:
     """Fine-tune the shared centroids (Deep Compression, Sec. 3.3, Eq. 3).
 
@@ -728,8 +721,8 @@ def finetune_centroids(
       codebooks, indices: from :func:`kmeans_share`.
       masks: mask tree, ``{layer: bool array}`` or ``None``.
       x, y: training data.
-      epochs, learning_rate, batch_size, seed, optimizer: passed to ``fit``.
-      fit_fn: training function with ``coblax.nn.train.fit``'s signature.
+      train: keywords of :func:`finetune_shared` (epochs, learning_rate, batch_size,
+        seed, optimizer, fit_fn, progress).
 
     Returns:
       (params, updated codebooks ``{layer: float32 (k,)}``).
@@ -748,8 +741,7 @@ def finetune_centroids(
     keep = map_kernels(lambda n, _: by_layer.get(n), params, other=lambda _: None)
     params = finetune_shared(
         apply_fn, params, _assignment_tree(params, idx, msk), keep if by_layer else None, x, y,
-        epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
-        optimizer=optimizer, fit_fn=fit_fn, progress=progress,
+        **train,
     )
     ks = kernels(params)
     return params, {n: cluster_means(ks[n], idx[n], msk[n], c) for n, c in codebooks.items()}
