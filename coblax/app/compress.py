@@ -436,7 +436,8 @@ def run_compress(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out_dir / "model.cbx", state.blob)
-    write_bytes_atomic(out_dir / "compression.json", json.dumps(jsonable(report), indent=1).encode())
+    text = json.dumps(jsonable(report), indent=1)
+    write_bytes_atomic(out_dir / "compression.json", text.encode())
     return jsonable(report)
 
 

@@ -162,7 +162,8 @@ def estimate_energy(
     compressed = sum_l MACs_l nnz_l / n_l (E_mul,l + E_add,l)
                  + compressed_bits / 32 * E_mem(compressed)
     with E_mul,l, E_add,l the int8 costs when layer l computes in fixed point with
-    <= 8-bit weights (``LayerWork.fixed_point``), else float32, and E_mem = SRAM cost if the bits fit in ``sram_bytes`` else DRAM cost.
+    <= 8-bit weights (``LayerWork.fixed_point``), else float32, and E_mem = SRAM cost
+    if the bits fit in ``sram_bytes`` else DRAM cost.
 
     Args:
       layers: one :class:`LayerWork` per weight layer.

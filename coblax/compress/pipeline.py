@@ -323,7 +323,7 @@ def _mask_or_true(mask_of: Mapping[str, np.ndarray], path: str, shape) -> np.nda
 
 
 def _cluster_means(params, codebooks, indices, mask_of) -> dict[str, np.ndarray]:
-    """Each centroid := the mean of its (kept) members (:func:`~coblax.compress.quantize.cluster_means`)."""
+    """Each centroid := the mean of its kept members (``quantize.cluster_means``)."""
     flat = flatten_tree(to_numpy_tree(params))
     return {p: Q.cluster_means(flat[p], indices[p], mask_of.get(p), c)
             for p, c in codebooks.items()}
