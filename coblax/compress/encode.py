@@ -384,8 +384,7 @@ def huffman_decode(reader: BitReader, lengths: ArrayLike, count: int) -> np.ndar
         used = int(span.sum())
         tab_len[:used] = np.repeat(lens[ordered], span)
         tab_sym[:used] = np.repeat(ordered, span)
-        idx = win.astype(np.intp)
-        length = tab_len[idx].astype(np.int64)
+        length = tab_len[win]
     else:
         n_of_len = np.bincount(lens[present], minlength=top + 1)
         first_code, first_index = np.zeros(top + 1, np.int64), np.zeros(top + 1, np.int64)
@@ -399,14 +398,15 @@ def huffman_decode(reader: BitReader, lengths: ArrayLike, count: int) -> np.ndar
         slot = np.searchsorted(limits, win, side="right")  # length - 1; top: invalid
         length = np.where(slot < top, slot + 1, 0)
     ok = length > 0
+    pos_t = np.int32 if nbits < 2**31 - 2 else np.int64
     # Near the end: a code needing bits past the end, or no code in what is left.
     tail = np.arange(max(nbits - top, 0), nbits)
     left = nbits - tail
     ended = np.zeros(nbits, dtype=bool)
     ended[tail] = (length[tail] > left) | (~ok[tail] & (left < top))
     ok &= ~ended
-    nxt = np.empty(nbits + 2, dtype=np.int64)
-    nxt[:nbits] = np.where(ok, np.arange(nbits, dtype=np.int64) + length, nbits + 1)
+    nxt = np.empty(nbits + 2, dtype=pos_t)
+    nxt[:nbits] = np.where(ok, np.arange(nbits, dtype=pos_t) + length, nbits + 1)
     nxt[nbits], nxt[nbits + 1] = nbits, nbits + 1
     chain = _follow(nxt, nbits, top)[:count]
     bad = np.flatnonzero(~ok[chain])
@@ -417,9 +417,9 @@ def huffman_decode(reader: BitReader, lengths: ArrayLike, count: int) -> np.ndar
         raise BitstreamError(f"invalid Huffman code at symbol {i}")
     if chain.size < count:
         raise BitstreamError(f"stream ended inside symbol {chain.size} of {count}")
-    lc = length[chain]
+    lc = length[chain].astype(np.int64)
     if top <= _TABLE_BITS:
-        out[:] = tab_sym[idx[chain]]
+        out[:] = tab_sym[win[chain]]
     else:
         offsets = (win[chain] >> (top - lc).astype(np.uint64)).astype(np.int64) - first_code[lc]
         out[:] = ordered[first_index[lc] + offsets]
