@@ -206,6 +206,32 @@ def test_other_dtypes_round_trip():
     assert_trees_equal(back, params)
 
 
+def test_float64_leaves_round_trip_bit_exact():
+    """Issue 7: float64 leaves were stored as float32 and came back rounded."""
+    rng = np.random.default_rng(0)
+    params = {
+        "d": rng.normal(size=(3, 4)),  # float64 values no float32 can hold
+        "e": np.array([np.pi, -1e-300, 1e300, -0.0]),
+        "h": rng.normal(size=5).astype(np.float16),
+    }
+    data, info = encode_cbx(params, {})
+    back, _ = decode_cbx(data)
+    for k, v in params.items():
+        assert back[k].dtype == v.dtype
+        assert back[k].tobytes() == v.tobytes()  # bit for bit, -0.0 included
+    # each raw leaf takes its own itemsize
+    assert info.leaf("d").raw_bytes == 8 * 12 and info.leaf("h").raw_bytes == 2 * 5
+
+
+def test_coded_float64_leaf_needs_float32_values():
+    w = np.array([[0.0, 0.5], [0.25, 0.0]], dtype=np.float64)  # float32 numbers: exact
+    coding = {"w": LeafCoding(codebook=np.array([0.25, 0.5]), index_bits=2)}
+    back, _ = decode_cbx(encode_cbx({"w": w}, coding)[0])
+    assert back["w"].dtype == np.float64 and np.array_equal(back["w"], w)
+    with pytest.raises(ValueError, match="not all float32 numbers"):
+        encode_cbx({"w": w + 1e-12}, {"w": LeafCoding(index_bits=2, huffman_weights=False)})
+
+
 def test_value_not_in_codebook_rejected():
     params = {"w": {"kernel": np.array([[0.0, 0.3]], np.float32)}}
     with pytest.raises(ValueError, match="not in its codebook"):

@@ -171,3 +171,73 @@ def test_relative_index_edge_cases():
         relative_index_encode(np.ones(3), 0)
     with pytest.raises(BitstreamError, match="past the end"):
         relative_index_decode([3, 3], [1.0, 2.0], 7)
+
+
+def _naive_decode(data: bytes, nbits: int, lengths, count: int) -> list[int]:
+    """Reference: match the bit string against every code as text, symbol by symbol."""
+    codes = canonical_codes(lengths)
+    table = {format(int(c), f"0{int(n)}b"): s for s, (c, n) in enumerate(zip(codes, lengths)) if n}
+    bits = "".join(format(b, "08b") for b in data)[:nbits]
+    out, pos = [], 0
+    while len(out) < count:
+        for n in range(1, int(max(lengths)) + 1):
+            if bits[pos:pos + n] in table and pos + n <= nbits:
+                out.append(table[bits[pos:pos + n]])
+                pos += n
+                break
+    return out
+
+
+@pytest.mark.parametrize(
+    "freqs",
+    [
+        [5, 1, 1, 3, 0, 2],  # short codes
+        [1] * 64,  # every code 6 bits: chains never resynchronize
+        [2**i for i in range(24)],  # codes up to 23 bits: the searchsorted path
+        list(range(1, 200)),
+    ],
+)
+def test_huffman_decode_matches_reference_on_long_streams(freqs):
+    rng = np.random.default_rng(len(freqs))
+    p = np.asarray(freqs, float) / np.sum(freqs)
+    syms = rng.choice(len(freqs), size=6000, p=p)
+    lengths = huffman_code_lengths(np.bincount(syms, minlength=len(freqs)))
+    w = huffman_encode(syms, lengths)
+    w.write(0b1011, 4)  # trailing bits after the symbols are left unread
+    data = w.getvalue()
+    reader = BitReader(data, w.bit_length)
+    got = huffman_decode(reader, lengths, syms.size)
+    np.testing.assert_array_equal(got, syms)
+    assert reader.remaining == 4 and reader.read(4) == 0b1011
+    head = _naive_decode(data, w.bit_length, lengths, 300)
+    assert got[:300].tolist() == head
+
+
+def test_huffman_decode_is_vectorized():
+    """Issue 7: decoding ran one Python iteration per bit. The Python-level work must
+    not grow with the stream: count the lines executed in coblax.compress.encode."""
+    import sys
+
+    rng = np.random.default_rng(0)
+    syms = rng.choice(32, size=100_000, p=rng.dirichlet(np.ones(32)))
+    lengths = huffman_code_lengths(np.bincount(syms, minlength=32))
+    w = huffman_encode(syms, lengths)
+    data, nbits = w.getvalue(), w.bit_length
+    lines = 0
+
+    def tracer(frame, event, arg):
+        nonlocal lines
+        if frame.f_code.co_filename.endswith("encode.py"):
+            if event == "line":
+                lines += 1
+            return tracer
+        return None
+
+    sys.settrace(tracer)
+    try:
+        got = huffman_decode(BitReader(data, nbits), lengths, syms.size)
+    finally:
+        sys.settrace(None)
+    np.testing.assert_array_equal(got, syms)
+    assert nbits > 400_000
+    assert lines < 40_000  # the per-bit loop executed > 10 lines per bit

@@ -9,10 +9,12 @@ from coblax.compress.energy import EnergyCosts, LayerWork, estimate_energy
 
 def test_hand_computation():
     layers = [
-        # a conv layer: 500 weights used 100 times each, half kept, 8-bit -> int8 MACs
-        LayerWork("conv1", macs=50_000, weights=500, nonzeros=250, weight_bits=8),
-        # a dense layer: 1000 weights, 10 % kept, 6-bit
-        LayerWork("fc1", macs=1_000, weights=1_000, nonzeros=100, weight_bits=6),
+        # a conv layer: 500 weights used 100 times each, half kept, 8-bit fixed point -> int8
+        LayerWork("conv1", macs=50_000, weights=500, nonzeros=250, weight_bits=8,
+                  fixed_point=True),
+        # a dense layer: 1000 weights, 10 % kept, 6-bit fixed point
+        LayerWork("fc1", macs=1_000, weights=1_000, nonzeros=100, weight_bits=6,
+                  fixed_point=True),
         # a layer left in float32, unpruned
         LayerWork("fc2", macs=20, weights=20, nonzeros=20, weight_bits=32),
     ]
@@ -34,6 +36,20 @@ def test_hand_computation():
     d = rep.to_dict()
     assert d["compressed"]["total_pj"] == pytest.approx(total_c)
     assert any("SRAM" in a for a in d["assumptions"])
+
+
+def test_kmeans_codebook_layers_count_float_macs():
+    # A 5-bit k-means layer computes with float centroids: float MACs, unless a
+    # fixed-point stage really ran (fixed_point=True).
+    kmeans = LayerWork("fc1", macs=1_000, weights=1_000, nonzeros=100, weight_bits=5)
+    rep = estimate_energy([kmeans], original_bits=32_000, compressed_bits=8 * 100)
+    assert rep.compressed.int8_macs == 0 and rep.compressed.fp32_macs == 100
+    assert rep.compressed.compute_pj == pytest.approx(100 * (3.7 + 0.9))
+    fixed = LayerWork("fc1", macs=1_000, weights=1_000, nonzeros=100, weight_bits=5,
+                      fixed_point=True)
+    rep = estimate_energy([fixed], original_bits=32_000, compressed_bits=8 * 100)
+    assert rep.compressed.int8_macs == 100
+    assert rep.compressed.compute_pj == pytest.approx(100 * (0.2 + 0.03))
 
 
 def test_sram_boundary_and_custom_costs():

@@ -141,6 +141,20 @@ def test_iterative_magnitude_prune_keeps_masks_through_retraining():
     assert acc > 0.9
 
 
+def test_score_masks_keeps_the_prior_zeros_at_a_lower_target():
+    """Issue 7: a prior sparser than the target had some of its zeros un-pruned."""
+    scores = {"l": np.arange(1.0, 11.0)}
+    prior = {"l": np.array([False] * 5 + [True] * 5)}  # 50 % pruned before
+    keep = prune.score_masks(scores, 0.3, prior=prior)["l"]
+    assert not np.any(keep & ~prior["l"])  # nothing the prior pruned comes back
+    np.testing.assert_array_equal(keep, prior["l"])
+    keep_g = prune.score_masks(scores, 0.3, scope="global", prior=prior)["l"]
+    np.testing.assert_array_equal(keep_g, prior["l"])
+    # a higher target still prunes more (smallest surviving scores first)
+    keep_hi = prune.score_masks(scores, 0.7, prior=prior)["l"]
+    assert keep_hi.tolist() == [False] * 7 + [True] * 3
+
+
 def test_iterative_magnitude_prune_rejects_reserved_train_kwargs():
     x, y = _blobs(n=16)
     with pytest.raises(ValueError, match="project"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from coblax.compress import prune
@@ -260,16 +261,15 @@ def test_finetune_centroids_sgd_step_is_the_summed_cluster_gradient():
     cb = {"l": np.array([0.5, -1.0], np.float32)}
     idx = {"l": np.array([[0, 1], [1, 0]], np.int32)}
 
-    def fit_fn(apply_fn, params, x, y, *, epochs, learning_rate, transform_grads, project, aux=None,
-               **_):
-        extra = () if aux is None else (aux,)  # as coblax.nn.train.fit passes it
+    def fit_fn(apply_fn, params, x, y, *, epochs, optimizer, **_):
+        # a plain optax loop: one step with the chained transform it is given
         loss = lambda p: 0.5 * jnp.sum((apply_fn(p, x) - y) ** 2)  # noqa: E731
-        g = transform_grads(jax.grad(loss)(params), params, *extra)
-        return project(jax.tree.map(lambda p, d: p - learning_rate * d, params, g), *extra)
+        updates, _ = optimizer.update(jax.grad(loss)(params), optimizer.init(params), params)
+        return optax.apply_updates(params, updates)
 
     out, cb2 = quantize.finetune_centroids(
         lambda p, xb: xb @ p["params"]["l"]["kernel"], params, cb, idx, None, x, y,
-        epochs=1, learning_rate=0.1, fit_fn=fit_fn)
+        epochs=1, learning_rate=0.1, optimizer="sgd", fit_fn=fit_fn)
     W = np.array([[0.5, -1.0], [-1.0, 0.5]])
     g = x.T @ (x @ W - y)  # dL/dW
     expected = np.array([0.5 - 0.1 * (g[0, 0] + g[1, 1]), -1.0 - 0.1 * (g[0, 1] + g[1, 0])])

@@ -47,7 +47,8 @@ def _cmd_table(args) -> int:
 
 
 def _cmd_compress(args) -> int:
-    from coblax.compress.pipeline import format_compression_table, run_compress
+    from coblax.app.compress import run_compress
+    from coblax.compress.pipeline import format_compression_table
 
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     report = run_compress(args.config, out)
@@ -59,7 +60,7 @@ def _cmd_compress(args) -> int:
 def _cmd_evaluate(args) -> int:
     import json
 
-    from coblax.compress.pipeline import evaluate_file
+    from coblax.app.compress import evaluate_file
 
     result = evaluate_file(args.file, data_dir=args.data_dir)
     print(json.dumps(result, indent=1))

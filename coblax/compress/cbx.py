@@ -11,7 +11,7 @@ equation is in ``docs/compression.md``)::
                   weights are Huffman coded, 2^b code lengths (u8) if the gaps are
       streams     per coded leaf: weight-code stream, then index (gap) stream, each
                   MSB-first and zero-padded to a whole byte
-      raw         per raw leaf: the values as float32, C order
+      raw         per raw leaf: the values in the leaf's own dtype, little-endian, C order
     CRC32       4 bytes    zlib.crc32 of every byte before it
 
 A coded leaf stores its nonzeros in Deep Compression's relative format
@@ -22,7 +22,7 @@ when the leaf needs fillers. ``index_bits = 0`` stores every element (no index).
 
 So the file size is exactly
     36 + meta_len + table_len + sum_coded(4K + [K] + [2^b] + ceil(wbits/8) + ceil(ibits/8))
-       + sum_raw(4 * numel) + 4,
+       + sum_raw(itemsize * numel) + 4,
 with table_len = sum(2 + len(name) + 3 + 4 ndim) + sum_coded(39 + ndim).
 
 Reference: Han, Mao & Dally (2016) "Deep Compression", ICLR, Sec. 2-4.
@@ -221,13 +221,29 @@ def _dtype_code(name: str, arr: np.ndarray) -> int:
     return _DTYPES[arr.dtype.name]
 
 
-def _restore_dtype(values: np.ndarray, code: int) -> np.ndarray:
+def _numpy_dtype(code: int) -> np.dtype:
     name = _DTYPE_NAMES[code]
     if name == "bfloat16":
         import ml_dtypes  # a jax dependency; imported lazily as only bfloat16 needs it
 
-        return values.astype(ml_dtypes.bfloat16)
-    return values.astype(name)
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _restore_dtype(values: np.ndarray, code: int) -> np.ndarray:
+    return values.astype(_numpy_dtype(code))
+
+
+def _raw_bytes(arr: np.ndarray) -> bytes:
+    """A raw leaf's values in its own dtype, little-endian, C order."""
+    n = arr.dtype.itemsize
+    return np.ascontiguousarray(arr).view(f"u{n}").astype(f"<u{n}").tobytes()
+
+
+def _raw_values(data: bytes, code: int, shape: tuple[int, ...]) -> np.ndarray:
+    dtype = _numpy_dtype(code)
+    n = dtype.itemsize
+    return np.frombuffer(data, dtype=f"<u{n}").astype(f"u{n}").view(dtype).reshape(shape)
 
 
 # ----------------------------------------------------------------------------- encode
@@ -255,6 +271,12 @@ def _encode_leaf(name: str, arr: np.ndarray, coding: LeafCoding):
     flat = np.transpose(arr.astype(np.float32), axes).ravel()
     if not np.all(np.isfinite(flat)):
         raise ValueError(f"leaf {name!r}: coded leaves must be finite")
+    if arr.dtype != np.float32 and not np.array_equal(flat.astype(arr.dtype),
+                                                      np.transpose(arr, axes).ravel()):
+        raise ValueError(
+            f"leaf {name!r}: its {arr.dtype.name} values are not all float32 numbers, and a "
+            "coded leaf stores float32 values; store it raw (its own dtype) or cast it first"
+        )
     b = int(coding.index_bits)
     if b:
         ri = relative_index_encode(flat, b)
@@ -352,7 +374,9 @@ def encode_cbx(
     Args:
       params: nested dicts of float arrays (a flax params tree).
       coding: leaf path (``"params/fc1/kernel"``) -> :class:`LeafCoding`; leaves not
-        named here are stored raw as float32.
+        named here are stored raw in their own dtype (float32, float16, bfloat16 or
+        float64), bit for bit. A coded leaf of another dtype than float32 must hold
+        float32 numbers only (its codebook is float32); else ValueError.
       meta: JSON-serializable dict stored verbatim (how to rebuild the model).
     Returns:
       (file bytes, size breakdown).
@@ -380,10 +404,10 @@ def encode_cbx(
             any_huffman |= size.huffman_weights or size.huffman_index
         else:
             entry = _table_prefix(name, _KIND_RAW, dtype, arr.shape)
-            raws.append(arr.astype("<f4").tobytes())
+            raws.append(_raw_bytes(arr))
             size = LeafSize(
                 name, "raw", tuple(arr.shape), int(arr.size), int(np.count_nonzero(arr)),
-                raw_bytes=4 * int(arr.size),
+                raw_bytes=arr.dtype.itemsize * int(arr.size),
             )
         table.append(entry)
         sizes.append(dataclasses.replace(size, table_bytes=len(entry)))
@@ -572,7 +596,7 @@ def _decode_body(data, n_leaves, n_coded, meta_len, table_len, payload_len):
         for *_, f, _ in coded
     )
     st_len = sum(_ceil8(f[6]) + _ceil8(f[7]) for *_, f, _ in coded)
-    raw_len = sum(4 * math.prod(e[2]) for e in entries if e[3] is None)
+    raw_len = sum(_numpy_dtype(e[1]).itemsize * math.prod(e[2]) for e in entries if e[3] is None)
     if cb_len + st_len + raw_len != payload_len:
         raise CbxError(
             f"corrupt .cbx: sections add up to {cb_len + st_len + raw_len} bytes, header says "
@@ -586,10 +610,11 @@ def _decode_body(data, n_leaves, n_coded, meta_len, table_len, payload_len):
         if name in flat:
             raise CbxError(f"corrupt .cbx: leaf {name!r} appears twice")
         if fields is None:
-            values = np.frombuffer(raw_cur.take(4 * math.prod(shape)), dtype="<f4").reshape(shape)
+            size = _numpy_dtype(dtype).itemsize * math.prod(shape)
+            flat[name] = _raw_values(raw_cur.take(size), dtype, shape)
         else:
             values = _decode_leaf(name, shape, fields, axes, cb_cur, st_cur)
-        flat[name] = _restore_dtype(values, dtype)
+            flat[name] = _restore_dtype(values, dtype)
     return unflatten_tree(flat), meta
 
 

@@ -98,15 +98,19 @@ class BitWriter:
 
 
 class BitReader:
-    """Read MSB-first bits from ``data``; ``bit_length`` limits the readable bits."""
+    """Read MSB-first bits from ``data``; ``bit_length`` limits the readable bits.
+
+    The bytes are kept packed; reads unpack only the bytes they touch.
+    """
 
     def __init__(self, data: bytes, bit_length: int | None = None) -> None:
-        self._bits = np.unpackbits(np.frombuffer(bytes(data), dtype=np.uint8))
+        self._data = np.frombuffer(bytes(data), dtype=np.uint8)
+        total = 8 * int(self._data.size)
         if bit_length is None:
-            bit_length = int(self._bits.size)
-        if not 0 <= bit_length <= self._bits.size:
+            bit_length = total
+        if not 0 <= bit_length <= total:
             raise BitstreamError(
-                f"bit_length {bit_length} exceeds the {self._bits.size} bits of data"
+                f"bit_length {bit_length} exceeds the {total} bits of data"
             )
         self._end = int(bit_length)
         self._pos = 0
@@ -128,7 +132,9 @@ class BitReader:
             raise BitstreamError(
                 f"read of {n} bits past the end of the stream ({self.remaining} left)"
             )
-        out = self._bits[self._pos : self._pos + n]
+        first = self._pos // 8
+        skip = self._pos - 8 * first
+        out = np.unpackbits(self._data[first : (self._pos + n + 7) // 8])[skip : skip + n]
         self._pos += n
         return out
 
@@ -256,13 +262,108 @@ def huffman_encode(
     return writer
 
 
+def _windows(data: np.ndarray, start: int, nbits: int, width: int) -> np.ndarray:
+    """The ``width`` bits from every bit position p in [start, start + nbits), as uint64.
+
+    MSB first; bits past the end of ``data`` read as 0. Built from big-endian words
+    at every byte offset (``width`` <= 57) or bit by bit (wider), without Python
+    loops over positions.
+    """
+    if nbits == 0:
+        return np.zeros(0, dtype=np.uint64)
+    first, last = start // 8, (start + nbits + 7) // 8
+    chunk = data[first:last]
+    off = start - 8 * first
+    if width > 57:
+        bits = np.concatenate([np.unpackbits(chunk), np.zeros(width, np.uint8)]).astype(np.uint64)
+        win = np.zeros(nbits, dtype=np.uint64)
+        for k in range(width):
+            win = (win << np.uint64(1)) | bits[off + k : off + k + nbits]
+        return win
+    n = chunk.size
+    nbytes = (width + 7 + 7) // 8  # bytes that hold `width` bits at any bit offset
+    buf = np.zeros(n + nbytes, dtype=np.uint64)
+    buf[:n] = chunk
+    words = np.zeros(n, dtype=np.uint64)
+    for k in range(nbytes):  # big-endian word of `nbytes` bytes starting at every byte
+        words = (words << np.uint64(8)) | buf[k : k + n]
+    shifts = np.uint64(8 * nbytes - width) - np.arange(8, dtype=np.uint64)
+    mask = np.uint64((1 << width) - 1)
+    win = ((words[:, None] >> shifts[None, :]) & mask).ravel()
+    return win[off : off + nbits]
+
+
+def _follow(nxt: np.ndarray, nbits: int, width: int, block: int = 4096, sync: int = 24
+            ) -> np.ndarray:
+    """Positions 0 = p_0 < p_1 < ... with p_{i+1} = nxt[p_i], while p_i < nbits.
+
+    ``nxt`` maps a bit position to the start of the next code (nbits: end of
+    stream, nbits + 1: error; both absorbing). Vectorized over blocks of ``block``
+    bits: (1) from each of the first ``width`` positions of every block -- the true
+    chain enters each block at one of them, since no code is longer than
+    ``width`` -- the chains are followed to the block's end, all at once; after
+    ``sync`` steps the chains that have merged (Huffman codes resynchronize within
+    a few symbols) are followed only once; (2) a walk over the blocks picks each
+    block's true entry from the previous block's exit, and the chains from those
+    entries are followed again, recording their positions.
+    """
+    n_blocks = -(-nbits // block)
+    ends = np.minimum((np.arange(n_blocks, dtype=np.int64) + 1) * block, nbits)
+    entries = np.zeros(n_blocks, dtype=np.int64)
+    reached = 1
+    if n_blocks > 1:
+        starts = np.arange(n_blocks, dtype=np.int64)[:, None] * block + np.arange(width)[None, :]
+        pos = np.minimum(starts, nbits).ravel()
+        end = np.repeat(ends, width)
+        for _ in range(sync):
+            pos = np.where(pos < end, nxt[pos], pos)
+        # merged chains: follow each distinct (block, position) once
+        keys, inverse = np.unique(end * (nbits + 2) + pos, return_inverse=True)
+        upos, uend = keys % (nbits + 2), keys // (nbits + 2)
+        while True:
+            active = upos < uend
+            if not active.any():
+                break
+            upos = np.where(active, nxt[upos], upos)
+        exits = upos[inverse.ravel()].reshape(n_blocks, width).tolist()
+        e = 0
+        for j in range(n_blocks - 1):
+            e = exits[j][e - j * block]
+            if e >= nbits:
+                break
+            entries[j + 1] = e
+            reached = j + 2
+    ends = ends[:reached]
+    pos = entries[:reached]
+    visited = []
+    while True:
+        active = pos < ends
+        if not active.any():
+            break
+        visited.append(np.where(active, pos, -1))
+        pos = np.where(active, nxt[pos], pos)
+    if not visited:
+        return np.zeros(0, dtype=np.int64)
+    chain = np.stack(visited, axis=1).ravel()
+    return chain[chain >= 0]
+
+
+_TABLE_BITS = 20  # decode through a 2^L lookup table up to this code length
+
+
 def huffman_decode(reader: BitReader, lengths: ArrayLike, count: int) -> np.ndarray:
     """Decode ``count`` symbols coded with the canonical code of ``lengths``.
 
-    Canonical decoding: read bit by bit; a code of length l is valid when
-    code - first_code[l] < count[l], and its symbol is the (code - first_code[l])-th
-    of the length-l symbols in symbol order.
-    Raises BitstreamError on an invalid code or a read past the end.
+    Table-driven and vectorized. With L the longest code, the L bits from every
+    position of the stream are read as one integer w (a left-aligned code). The
+    canonical codes of each length are consecutive integers and shorter codes come
+    first, so the code at a position is found from w alone: through a table of
+    2^L (length, symbol) entries for L <= 20, else as the smallest length l with
+        w < limit[l] = (first_code[l] + count[l]) << (L - l)
+    (``searchsorted``) and the ((w >> (L - l)) - first_code[l])-th length-l symbol.
+    The positions where codes really start are then followed from bit 0
+    (:func:`_follow`). Raises BitstreamError on an invalid code or a read past the
+    end.
     """
     lens = _check_lengths(lengths)
     out = np.zeros(count, dtype=np.int64)
@@ -271,32 +372,58 @@ def huffman_decode(reader: BitReader, lengths: ArrayLike, count: int) -> np.ndar
     present = np.flatnonzero(lens > 0)
     if present.size == 0:
         raise BitstreamError("cannot decode symbols with an empty code")
-    ordered = sorted(present.tolist(), key=lambda s: (lens[s], s))
+    ordered = np.array(sorted(present.tolist(), key=lambda s: (lens[s], s)), dtype=np.int64)
     top = int(lens.max())
-    n_of_len = np.bincount(lens[present], minlength=top + 1).tolist()
-    first_code, first_index = [0] * (top + 1), [0] * (top + 1)
-    code = index = 0
-    for length in range(1, top + 1):
-        code = (code + n_of_len[length - 1]) << 1 if length > 1 else 0
-        first_code[length], first_index[length] = code, index
-        index += n_of_len[length]
-    bits = reader._bits[reader._pos : reader._end].tolist()
-    pos, nbits = 0, len(bits)
-    for i in range(count):
-        code, length = 0, 0
-        while True:
-            if pos >= nbits:
-                raise BitstreamError(f"stream ended inside symbol {i} of {count}")
-            code = (code << 1) | bits[pos]
-            pos += 1
-            length += 1
-            offset = code - first_code[length]
-            if offset < n_of_len[length]:
-                out[i] = ordered[first_index[length] + offset]
-                break
-            if length >= top:
-                raise BitstreamError(f"invalid Huffman code at symbol {i}")
-    reader._pos += pos
+    nbits = reader.remaining
+    win = _windows(reader._data, reader._pos, nbits, top)
+    if top <= _TABLE_BITS:
+        # entries [c << (L - l), (c + 1) << (L - l)) decode to the symbol of code c
+        span = np.left_shift(1, top - lens[ordered])
+        tab_len = np.zeros(1 << top, dtype=np.int8)
+        tab_sym = np.zeros(1 << top, dtype=np.int64)
+        used = int(span.sum())
+        tab_len[:used] = np.repeat(lens[ordered], span)
+        tab_sym[:used] = np.repeat(ordered, span)
+        length = tab_len[win]
+    else:
+        n_of_len = np.bincount(lens[present], minlength=top + 1)
+        first_code, first_index = np.zeros(top + 1, np.int64), np.zeros(top + 1, np.int64)
+        code = index = 0
+        for ln in range(1, top + 1):
+            code = (code + int(n_of_len[ln - 1])) << 1 if ln > 1 else 0
+            first_code[ln], first_index[ln] = code, index
+            index += int(n_of_len[ln])
+        limits = np.array([(int(first_code[ln]) + int(n_of_len[ln])) << (top - ln)
+                           for ln in range(1, top + 1)], dtype=np.uint64)
+        slot = np.searchsorted(limits, win, side="right")  # length - 1; top: invalid
+        length = np.where(slot < top, slot + 1, 0)
+    ok = length > 0
+    pos_t = np.int32 if nbits < 2**31 - 2 else np.int64
+    # Near the end: a code needing bits past the end, or no code in what is left.
+    tail = np.arange(max(nbits - top, 0), nbits)
+    left = nbits - tail
+    ended = np.zeros(nbits, dtype=bool)
+    ended[tail] = (length[tail] > left) | (~ok[tail] & (left < top))
+    ok &= ~ended
+    nxt = np.empty(nbits + 2, dtype=pos_t)
+    nxt[:nbits] = np.where(ok, np.arange(nbits, dtype=pos_t) + length, nbits + 1)
+    nxt[nbits], nxt[nbits + 1] = nbits, nbits + 1
+    chain = _follow(nxt, nbits, top)[:count]
+    bad = np.flatnonzero(~ok[chain])
+    if bad.size:
+        i = int(bad[0])
+        if ended[chain[i]]:
+            raise BitstreamError(f"stream ended inside symbol {i} of {count}")
+        raise BitstreamError(f"invalid Huffman code at symbol {i}")
+    if chain.size < count:
+        raise BitstreamError(f"stream ended inside symbol {chain.size} of {count}")
+    lc = length[chain].astype(np.int64)
+    if top <= _TABLE_BITS:
+        out[:] = tab_sym[win[chain]]
+    else:
+        offsets = (win[chain] >> (top - lc).astype(np.uint64)).astype(np.int64) - first_code[lc]
+        out[:] = ordered[first_index[lc] + offsets]
+    reader._pos += int(chain[-1] + lc[-1])
     return out
 
 

@@ -9,8 +9,9 @@ Han et al. 2015/2016):
   each) are fetched once per inference;
 * compressed: only the MACs of nonzero weights run (MACs_l * nnz_l / n_l, exact
   for dense and convolution layers since every weight of a layer is used the
-  same number of times); a layer whose weights are quantized to <= 8 bits does
-  8-bit integer MACs; the bits fetched are the compressed file's bits;
+  same number of times); a layer that runs in fixed point with <= 8-bit weights
+  does 8-bit integer MACs, every other layer -- k-means codebook layers included,
+  whose centroids are float -- float MACs; the bits fetched are the file's bits;
 * a model whose weights fit in ``sram_bytes`` is fetched from SRAM, else from DRAM.
 
 Not counted (and stated in the report): activation traffic, bias adds, decoding
@@ -65,7 +66,11 @@ class LayerWork:
       macs: multiply-accumulates per example with all weights (dense count).
       weights: number of weights of the kernel.
       nonzeros: weights kept after pruning (= weights if not pruned).
-      weight_bits: bits per weight value at compute time (32: float; <= 8: int8 MACs).
+      weight_bits: bits per stored weight (a k-means code width, or 32).
+      fixed_point: the layer really computes in fixed point (a fixed-point stage
+        produced its weights): with ``weight_bits`` <= 8 its MACs are 8-bit integer
+        MACs. k-means codebook layers compute with float centroids, so they keep
+        float MACs whatever their code width.
     """
 
     name: str
@@ -73,6 +78,7 @@ class LayerWork:
     weights: int
     nonzeros: int
     weight_bits: int = 32
+    fixed_point: bool = False
 
     def __post_init__(self) -> None:
         if self.weights <= 0 or self.macs < 0:
@@ -155,8 +161,9 @@ def estimate_energy(
     original   = sum_l MACs_l (E_fmul + E_fadd) + original_bits / 32 * E_mem(original)
     compressed = sum_l MACs_l nnz_l / n_l (E_mul,l + E_add,l)
                  + compressed_bits / 32 * E_mem(compressed)
-    with E_mul,l, E_add,l the int8 costs when layer l's weights have <= 8 bits (else
-    float32), and E_mem = SRAM cost if the bits fit in ``sram_bytes`` else DRAM cost.
+    with E_mul,l, E_add,l the int8 costs when layer l computes in fixed point with
+    <= 8-bit weights (``LayerWork.fixed_point``), else float32, and E_mem = SRAM cost
+    if the bits fit in ``sram_bytes`` else DRAM cost.
 
     Args:
       layers: one :class:`LayerWork` per weight layer.
@@ -179,7 +186,7 @@ def estimate_energy(
     int8 = fp32 = 0.0
     for layer in layers:
         nz_macs = layer.macs * layer.nonzeros / layer.weights
-        if layer.weight_bits <= 8:
+        if layer.fixed_point and layer.weight_bits <= 8:
             int8 += nz_macs
         else:
             fp32 += nz_macs
@@ -190,8 +197,9 @@ def estimate_energy(
         "one inference of one example; energies per operation from Horowitz (45 nm)",
         "original: all MACs as 32-bit float multiply + add; all weights fetched once "
         "(32 bits each)",
-        "compressed: only MACs of nonzero weights; 8-bit integer MACs for layers quantized "
-        "to <= 8 bits (activations assumed 8-bit there), 32-bit float MACs otherwise",
+        "compressed: only MACs of nonzero weights; 8-bit integer MACs for layers that run in "
+        "fixed point with <= 8-bit weights (activations assumed 8-bit there), 32-bit float "
+        "MACs otherwise (k-means codebook layers compute with float centroids)",
         "compressed: bits fetched = the compressed file's bits, once per inference",
         f"weights are fetched from SRAM ({costs.sram_per_32bit} pJ / 32 bits) if they fit in "
         f"{sram_bytes} bytes, else from DRAM ({costs.dram_per_32bit} pJ / 32 bits)",

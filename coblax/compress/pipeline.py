@@ -1,22 +1,25 @@
-"""Deep Compression as a config-driven pipeline: prune -> quantize -> Huffman -> ``.cbx``.
+"""Deep Compression as a chain of stages: prune -> quantize -> encode (Huffman) -> energy.
 
-Stages (Han, Mao & Dally 2016, Fig. 1), each optional but in this order:
+Every stage has one interface, ``stage(params, state) -> (params, state, report)``,
+and :func:`chain` composes stages like ``optax.chain`` (Han, Mao & Dally 2016, Fig. 1):
 
-1. ``prune``: iterative magnitude pruning with retraining
-   (:func:`coblax.compress.prune.iterative_magnitude_prune`);
-2. ``quantize``: k-means weight sharing with 2^b centroids per layer (default b = 8
-   for convolutions, 5 for dense layers, as in the paper) and centroid fine-tuning
-   (:func:`coblax.compress.quantize.kmeans_codebook` per layer, :func:`coblax.compress.quantize.finetune_centroids`);
-3. ``huffman``: canonical Huffman codes for the weight codes and / or the relative
-   index gaps (:mod:`coblax.compress.encode`).
+1. :class:`PruneStage`: iterative magnitude pruning with retraining
+   (:func:`coblax.compress.prune.iterative_magnitude_prune`, masks held by
+   :func:`coblax.compress.transforms.keep_pruned`);
+2. :class:`QuantizeStage`: k-means weight sharing with 2^b centroids per layer
+   (:func:`coblax.compress.quantize.kmeans_codebook`), optionally of the biases too,
+   then centroid fine-tuning with :func:`coblax.compress.transforms.share_by_cluster`
+   before the optimizer and ``keep_pruned`` after it (paper Eq. 3);
+3. :class:`EncodeStage`: relative sparse index, canonical Huffman codes for the
+   weight codes and / or the index gaps, the bit-packed ``.cbx`` bytes
+   (:mod:`coblax.compress.cbx`) and the per-layer table of the paper (Tables 2-5);
+   the params it returns are those decoded from the bytes;
+4. :class:`EnergyStage`: energy estimate of the file (:mod:`coblax.compress.energy`).
 
-The result is written as ``model.cbx`` (:mod:`coblax.compress.cbx`) and a report
-``compression.json`` with the per-layer table of the paper (Tables 2-5), the file
-size against float32 parameters, the accuracy after every stage and an energy
-estimate (:mod:`coblax.compress.energy`). The reported final accuracy is measured on the
-parameters decoded from the file's bytes, so :func:`evaluate_file` reproduces it.
-
-Entry points: :func:`run_compress` (config path -> report) and :func:`evaluate_file`.
+The :class:`CompressState` carries what a later stage needs from an earlier one
+(masks, codebooks, code indices, accuracies, the file bytes). Nothing here reads a
+config or a dataset from disk: ``coblax.app.compress.run_compress`` builds the stages
+from a TOML config and runs them.
 
 Reference: Han, Mao & Dally (2016) "Deep Compression: Compressing Deep Neural
 Networks with Pruning, Trained Quantization and Huffman Coding", ICLR.
@@ -24,313 +27,404 @@ Networks with Pruning, Trained Quantization and Huffman Coding", ICLR.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
-import os
 import time
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from coblax.compress.cbx import (
-    CbxSizeInfo,
-    LeafCoding,
-    decode_cbx,
-    encode_cbx,
-    read_cbx,
-)
-from coblax.util import flatten_tree, jsonable, to_numpy_tree, write_bytes_atomic
-from coblax.app.config import (
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    TrainConfig,
-    load_toml,
-    parse_dataclass,
-)
+from coblax.compress import prune as P
+from coblax.compress import quantize as Q
+from coblax.compress.cbx import CbxSizeInfo, LeafCoding, decode_cbx, encode_cbx
 from coblax.compress.encode import relative_index_encode
 from coblax.compress.energy import DEFAULT_SRAM_BYTES, LayerWork, estimate_energy
+from coblax.util import flatten_tree, to_numpy_tree
 
 __all__ = [
-    "STAGES",
-    "PruneStageConfig",
-    "QuantizeStageConfig",
-    "HuffmanStageConfig",
-    "EncodeConfig",
-    "EnergyConfig",
-    "CompressConfig",
-    "load_compress_config",
-    "parse_compress_config",
-    "run_compress",
-    "evaluate_file",
-    "format_compression_table",
+    "CompressState",
+    "Stage",
+    "Training",
+    "chain",
+    "PruneStage",
+    "QuantizeStage",
+    "EncodeStage",
+    "EnergyStage",
+    "kernel_path",
+    "bias_path",
     "compression_table",
-    "resolve_data_dir",
+    "format_compression_table",
 ]
 
-STAGES = ("prune", "quantize", "huffman")
-_MAX_BITS = 16  # widest codebook index the .cbx format stores
+Params = Any
+Evaluate = Callable[[Params], float]
 
 
-def _fraction(value: Any, key: str) -> None:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or not 0.0 <= float(value) < 1.0:
-        raise ConfigError(f"{key} = {value!r} must be a number in [0, 1)")
+class CompressState(NamedTuple):
+    """What the stages pass on. Never mutated: a stage returns ``state._replace(...)``.
 
-
-def _int_in(value: Any, lo: int, hi: int, key: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ConfigError(f"{key} = {value!r} must be an integer in [{lo}, {hi}]")
-
-
-def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key} = {value!r} is not allowed; valid values: {', '.join(allowed)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class PruneStageConfig:
-    """Iterative magnitude pruning (Han et al. 2015).
-
-    ``sparsity``: fraction of each layer's weights pruned (a number, or a table
-    ``{layer: fraction}``, missing layers unpruned); with ``scope = "global"`` one
-    threshold over all kernels. ``steps`` prune/retrain rounds on a ``schedule``.
-    ``weight_decay`` adds the L2 gradient lambda * w before the optimizer while
-    retraining (Han et al. 2015, Sec. 3.1): weights that get no gradient from the
-    loss -- e.g. those of input pixels that are always 0 -- then shrink to 0 and
-    are pruned in the next round instead of surviving on their initial values.
+    Attributes:
+      masks: ``{layer: bool keep-mask}`` once pruned, else None.
+      codebooks: ``{leaf path: float32 centroids}`` of the shared leaves.
+      indices: ``{leaf path: int32 code per element}`` (0 at pruned positions).
+      bits: ``{leaf path: code width b}`` of the shared leaves.
+      accuracy: ``{label: accuracy}`` measured after the stages ran.
+      blob: the ``.cbx`` bytes once encoded.
+      info: their :class:`CbxSizeInfo`.
     """
 
-    sparsity: float | dict = 0.9
-    scope: str = "layer"
-    steps: int = 3
-    retrain_epochs: int = 2
-    schedule: str = "geometric"
-    learning_rate: float = 1e-3
-    batch_size: int = 128
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
+    masks: Mapping[str, np.ndarray] | None = None
+    codebooks: Mapping[str, np.ndarray] = {}
+    indices: Mapping[str, np.ndarray] = {}
+    bits: Mapping[str, int] = {}
+    accuracy: Mapping[str, float] = {}
+    blob: bytes | None = None
+    info: CbxSizeInfo | None = None
 
-    def validate(self, where: str) -> None:
-        if isinstance(self.sparsity, dict):
-            if self.scope == "global":
-                raise ConfigError(f"{where}.sparsity must be one number with scope = 'global'")
-            for layer, s in self.sparsity.items():
-                _fraction(s, f"{where}.sparsity.{layer}")
-        else:
-            _fraction(self.sparsity, f"{where}.sparsity")
-        _choice(self.scope, ("layer", "global"), f"{where}.scope")
-        _choice(self.schedule, ("geometric", "linear"), f"{where}.schedule")
-        _int_in(self.steps, 1, 1000, f"{where}.steps")
-        _int_in(self.retrain_epochs, 0, 10_000, f"{where}.retrain_epochs")
-        _int_in(self.batch_size, 1, 1 << 30, f"{where}.batch_size")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"{where}.learning_rate = {self.learning_rate!r} must be > 0")
-        _choice(self.optimizer, ("adam", "sgd", "momentum"), f"{where}.optimizer")
-        if not self.weight_decay >= 0:
-            raise ConfigError(f"{where}.weight_decay = {self.weight_decay!r} must be >= 0")
+
+class Stage(Protocol):
+    """One compression stage: ``(params, state) -> (params, state, report)``."""
+
+    name: str
+
+    def __call__(self, params: Params, state: CompressState) -> tuple[Params, CompressState, dict]:
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizeStageConfig:
-    """k-means weight sharing + centroid fine-tuning (Deep Compression, Sec. 3).
+class _Chain:
+    stages: tuple[Stage, ...]
+    name: str = "chain"
 
-    Bits per layer: ``layer_bits[layer]`` if given (0 keeps that layer in float32),
-    else ``bits`` if set, else ``conv_bits`` for convolutions and ``fc_bits`` for
-    dense layers (the paper's 8 / 5).
-    """
-
-    bits: int | None = None
-    conv_bits: int = 8
-    fc_bits: int = 5
-    layer_bits: dict = dataclasses.field(default_factory=dict)
-    init: str = "linear"
-    iters: int = 50
-    finetune_epochs: int = 1
-    learning_rate: float = 1e-4
-    batch_size: int = 128
-
-    def validate(self, where: str) -> None:
-        if self.bits is not None:
-            _int_in(self.bits, 1, _MAX_BITS, f"{where}.bits")
-        _int_in(self.conv_bits, 1, _MAX_BITS, f"{where}.conv_bits")
-        _int_in(self.fc_bits, 1, _MAX_BITS, f"{where}.fc_bits")
-        for layer, b in self.layer_bits.items():
-            _int_in(b, 0, _MAX_BITS, f"{where}.layer_bits.{layer}")
-        _choice(self.init, ("linear", "density", "random"), f"{where}.init")
-        _int_in(self.iters, 0, 100_000, f"{where}.iters")
-        _int_in(self.finetune_epochs, 0, 10_000, f"{where}.finetune_epochs")
-        _int_in(self.batch_size, 1, 1 << 30, f"{where}.batch_size")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"{where}.learning_rate = {self.learning_rate!r} must be > 0")
-
-    def layer_bit_width(self, layer: str, kind: str) -> int:
-        if layer in self.layer_bits:
-            return int(self.layer_bits[layer])
-        if self.bits is not None:
-            return self.bits
-        return self.conv_bits if kind == "conv" else self.fc_bits
+    def __call__(self, params: Params, state: CompressState) -> tuple[Params, CompressState, dict]:
+        reports: dict[str, Any] = {}
+        for stage in self.stages:
+            t = time.time()
+            params, state, rep = stage(params, state)
+            reports[stage.name] = dict(rep) | {"seconds": time.time() - t}
+        return params, state, reports
 
 
-@dataclasses.dataclass(frozen=True)
-class HuffmanStageConfig:
-    """Which streams the ``huffman`` stage codes: the weight codes, the index gaps."""
-
-    weights: bool = True
-    index: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class EncodeConfig:
-    """Relative sparse index width b (gaps of up to 2^b - 1 zeros; fillers beyond).
-
-    ``order``: ``"out_major"`` walks each kernel one output unit at a time, in
-    Caffe's (out, in[, kh, kw]) layout that Deep Compression coded; the gaps then
-    follow the input layout (dead input pixels make long, cheap runs).
-    ``"stored"`` walks flax's (in, out) / (kh, kw, in, out) layout as stored.
-    """
-
-    index_bits: int = 5
-    layer_index_bits: dict = dataclasses.field(default_factory=dict)
-    order: str = "out_major"
-
-    def validate(self, where: str) -> None:
-        _choice(self.order, ("out_major", "stored"), f"{where}.order")
-        _int_in(self.index_bits, 1, 16, f"{where}.index_bits")
-        for layer, b in self.layer_index_bits.items():
-            _int_in(b, 1, 16, f"{where}.layer_index_bits.{layer}")
+def chain(*stages: Stage) -> Stage:
+    """Compose stages in order, like ``optax.chain``; the report is ``{stage.name: report}``."""
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stage names must be unique, got {names}")
+    return _Chain(tuple(stages))
 
 
-@dataclasses.dataclass(frozen=True)
-class EnergyConfig:
-    """On-chip memory size of the energy model: weights that fit are read from SRAM."""
-
-    sram_bytes: int = DEFAULT_SRAM_BYTES
-
-    def validate(self, where: str) -> None:
-        _int_in(self.sram_bytes, 0, 1 << 50, f"{where}.sram_bytes")
+def kernel_path(layer: str) -> str:
+    """Leaf path of a layer's kernel in a flax params tree (``params/fc1/kernel``)."""
+    return f"params/{layer}/kernel"
 
 
-@dataclasses.dataclass(frozen=True)
-class CompressConfig:
-    """A ``coblax compress`` run: base model, then ``stages`` in order, then the file."""
-
-    name: str = ""
-    seed: int = 0
-    stages: tuple[str, ...] = STAGES
-    model: ModelConfig = ModelConfig("lenet_300_100")
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
-    prune: PruneStageConfig = PruneStageConfig()
-    quantize: QuantizeStageConfig = QuantizeStageConfig()
-    huffman: HuffmanStageConfig = HuffmanStageConfig()
-    encode: EncodeConfig = EncodeConfig()
-    energy: EnergyConfig = EnergyConfig()
-    cache_dir: str | None = None
-
-    def validate(self, where: str) -> None:
-        for s in self.stages:
-            if s not in STAGES:
-                raise ConfigError(f"stages: unknown stage {s!r}; valid stages: {', '.join(STAGES)}")
-        if len(set(self.stages)) != len(self.stages):
-            raise ConfigError(f"stages: a stage is listed twice in {list(self.stages)}")
-        order = [STAGES.index(s) for s in self.stages]
-        if order != sorted(order):
-            raise ConfigError(
-                f"stages must keep the order {' -> '.join(STAGES)}, got {list(self.stages)}"
-            )
-        from coblax.nn.models import MODEL_NAMES
-
-        _choice(self.model.name, MODEL_NAMES, "model.name")
+def bias_path(layer: str) -> str:
+    """Leaf path of a layer's bias (``params/fc1/bias``)."""
+    return f"params/{layer}/bias"
 
 
-def _deep_merge(base: dict, over: Mapping[str, Any]) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        nested = isinstance(v, Mapping) and isinstance(out.get(k), dict)
-        out[k] = _deep_merge(out[k], v) if nested else v
-    return out
+def _path_str(path: tuple) -> str:
+    return "/".join(P._key_str(k) for k in path)
 
 
-def parse_compress_config(raw: Mapping[str, Any]) -> CompressConfig:
-    """Validate a config dict (TOML contents) into a :class:`CompressConfig`.
-
-    ``[model]`` holds ``name`` and the model's own options (``hidden = [...]``), or
-    an explicit ``options`` table.
-    """
-    raw = copy.deepcopy(dict(raw))
-    model = raw.get("model")
-    if isinstance(model, str):
-        raw["model"] = {"name": model}
-    elif isinstance(model, dict) and "options" not in model:
-        if "name" not in model:
-            raise ConfigError("model needs a name")
-        options = {k: v for k, v in model.items() if k != "name"}
-        raw["model"] = {"name": model["name"], "options": options}
-    return parse_dataclass(CompressConfig, raw)
+def _leaf_tree(params: Params, by_path: Mapping[str, Any]) -> Any:
+    """A tree shaped like ``params`` with ``by_path[path]`` at each leaf (None if absent)."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: by_path.get(_path_str(p)), params)
 
 
-def load_compress_config(
-    path: str | os.PathLike, overrides: Mapping[str, Any] | None = None
-) -> CompressConfig:
-    """Read a TOML config (deep-merged with ``overrides``) and validate it."""
-    raw = load_toml(path)
-    if overrides:
-        raw = _deep_merge(raw, overrides)
-    return parse_compress_config(raw)
+def _evaluate(evaluate: Evaluate | None, params: Params, state: CompressState, label: str):
+    if evaluate is None:
+        return state
+    return state._replace(accuracy=dict(state.accuracy) | {label: evaluate(params)})
 
 
-# ------------------------------------------------------------------------------ helpers
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:
-    """The data directory: ``data_dir``, else ``$COBLAX_DATA``, else ``../shared/datasets``.
-
-    The relative default is tried from the working directory, then from the
-    repository root (the folder above the ``coblax`` package). None if none exists
-    (``load_dataset`` then explains what is missing).
-    """
-    if data_dir:
-        return str(data_dir)
-    if os.environ.get("COBLAX_DATA"):
-        return os.environ["COBLAX_DATA"]
-    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        cand = (root / ".." / "shared" / "datasets").resolve()
-        if cand.is_dir():
-            return str(cand)
-    return None
-
-
-def _versions() -> dict[str, str]:
-    from coblax.app.experiment import versions
-
-    return versions()
+def _kept(masks: Mapping[str, np.ndarray] | None, layer: str, shape) -> np.ndarray:
+    if masks is None or layer not in masks:
+        return np.ones(shape, dtype=bool)
+    return np.asarray(masks[layer], dtype=bool)
 
 
 def _walk_axes(ndim: int, order: str) -> tuple[int, ...] | None:
-    """Axis permutation of a kernel for ``encode.order`` (see :class:`EncodeConfig`)."""
+    """Axis permutation of a kernel for an element ``order`` (see :class:`EncodeStage`)."""
     if order == "stored" or ndim < 2:
         return None
     return (ndim - 1, ndim - 2, *range(ndim - 2))
 
 
-def _kernel_path(layer: str) -> str:
-    return f"params/{layer}/kernel"
+@dataclasses.dataclass(frozen=True, eq=False)
+class Training:
+    """What a stage that trains needs: the network, its data and how to train.
+
+    ``evaluate(params) -> accuracy`` (optional) measures the params after the stage.
+    """
+
+    apply_fn: Callable[[Params, Any], Any]
+    x: np.ndarray
+    y: np.ndarray
+    learning_rate: float = 1e-3
+    batch_size: int = 128
+    seed: int = 0
+    progress: bool = False
+    evaluate: Evaluate | None = None
 
 
-def _kept(masks_by_layer: Mapping[str, np.ndarray] | None, layer: str, shape) -> np.ndarray:
-    if masks_by_layer is None or layer not in masks_by_layer:
-        return np.ones(shape, dtype=bool)
-    return np.asarray(masks_by_layer[layer], dtype=bool)
+# --------------------------------------------------------------------------------- prune
 
 
-# ------------------------------------------------------------------------------- report
+@dataclasses.dataclass(frozen=True, eq=False)
+class PruneStage:
+    """Iterative magnitude pruning with retraining (Han et al. 2015, Sec. 3).
+
+    ``steps`` rounds; round i prunes each layer to the i-th sparsity of ``schedule``
+    (ending at ``sparsity``, a fraction or ``{layer: fraction}``) and retrains
+    ``retrain_epochs`` with ``optimizer`` (a name, or any optax transform) followed by
+    ``keep_pruned(masks)``, so the pruned weights stay exactly 0. Sets
+    ``state.masks``; measures ``"pruned"``.
+    """
+
+    training: Training
+    sparsity: float | Mapping[str, float]
+    steps: int = 3
+    retrain_epochs: int = 2
+    scope: str = "layer"
+    schedule: str = "geometric"
+    optimizer: optax.GradientTransformation | str = "adam"
+    name: str = "prune"
+
+    def __call__(self, params: Params, state: CompressState) -> tuple[Params, CompressState, dict]:
+        t = self.training
+        params, masks, rep = P.iterative_magnitude_prune(
+            t.apply_fn, params, t.x, t.y,
+            sparsity=self.sparsity, steps=self.steps, retrain_epochs=self.retrain_epochs,
+            scope=self.scope, schedule=self.schedule,
+            train_kwargs={"optimizer": self.optimizer, "learning_rate": t.learning_rate,
+                          "batch_size": t.batch_size, "seed": t.seed,
+                          "progress": t.progress, "desc": "prune+retrain"},
+        )
+        state = state._replace(masks=P.layer_masks(masks))
+        return params, _evaluate(t.evaluate, params, state, "pruned"), rep.to_dict()
+
+
+# ------------------------------------------------------------------------------ quantize
+
+
+def _needs_zero_code(
+    mask: np.ndarray, index_bits: int | None, axes: tuple[int, ...] | None
+) -> bool:
+    """Whether the stored entries of a layer include zeros (fillers or dense zeros)."""
+    if index_bits is None:
+        return not bool(np.all(mask))
+    walked = mask if axes is None else np.transpose(mask, axes)
+    return relative_index_encode(walked.ravel().astype(np.int8), index_bits).n_fillers > 0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizeStage:
+    """k-means weight sharing and centroid fine-tuning (Deep Compression, Sec. 3).
+
+    Layer l gets 2^b_l shared values, b_l = ``bits[l]`` (layers absent or 0 stay in
+    float32). A layer whose stored entries include zeros -- the relative index's
+    filler entries (``index_bits[l]`` and ``order`` decide) or pruned weights in a
+    dense layout -- gets k = 2^b - 1 centroids, so that 0.0 is the 2^b-th value and
+    every code still fits in b bits. With ``bias_bits`` > 0 every bias vector is
+    shared the same way (k = min(2^b, size), dense layout) where that is smaller
+    than its float32 values: 4k (codebook) + k (Huffman code lengths) +
+    ceil(size b / 8) < 4 size; shorter bias vectors stay float32.
+
+    Fine-tuning (``finetune_epochs``): the gradient of every shared entry is replaced
+    by its cluster's sum (``share_by_cluster``), Adam follows, and ``keep_pruned``
+    zeroes the updates of every pruned weight -- of shared layers and of layers kept
+    in float32 alike. The codebooks are then the cluster means and the shared leaves
+    are rebuilt from (codebook, indices, mask), so their values are exactly the
+    float32 centroids a file stores. Measures ``"quantized"`` and ``"finetuned"``.
+    """
+
+    training: Training
+    bits: Mapping[str, int]
+    bias_bits: int = 0
+    index_bits: Mapping[str, int] | None = None
+    order: str = "out_major"
+    init: str = "linear"
+    iters: int = 50
+    finetune_epochs: int = 1
+    name: str = "quantize"
+
+    def _share(self, params: Params, masks):
+        kernels = P.kernels(params)
+        codebooks, indices, bits, stats, new = {}, {}, {}, {}, {}
+        for i, (n, b) in enumerate((n, b) for n, b in self.bits.items() if b > 0):
+            w = np.asarray(kernels[n])
+            m = _kept(masks, n, w.shape)
+            kept = int(m.sum())
+            if kept == 0:
+                continue
+            bi = None if masks is None or self.index_bits is None else self.index_bits[n]
+            k = 2**b - (1 if _needs_zero_code(m, bi, _walk_axes(w.ndim, self.order)) else 0)
+            if k > kept or k < 1:
+                raise ValueError(
+                    f"quantize: layer {n!r} keeps {kept} weights, fewer than the k = {k} centroids "
+                    f"of {b}-bit codes; lower quantize.bits or set quantize.layer_bits.{n} to at "
+                    f"most {max(kept.bit_length() - 1, 1)}"
+                )
+            c, idx, info = Q.kmeans_codebook(w, k, init=self.init, mask=m, iters=self.iters,
+                                             seed=self.training.seed + i)
+            path = kernel_path(n)
+            codebooks[path], indices[path], bits[path] = c, idx, b
+            new[path] = np.where(m, c[idx], np.float32(0)).astype(np.float32)
+            stats[n] = Q.LayerCodebook(bits=b, k=k, n_weights=int(w.size), n_kept=kept,
+                                       objective_init=info.objective_init,
+                                       objective=info.objective)
+        if self.bias_bits > 0:
+            for path, v in flatten_tree(to_numpy_tree(params)).items():
+                k = min(2**self.bias_bits, v.size)
+                # codebook + code lengths + codes must beat the raw float32 values
+                coded = 5 * k + (v.size * self.bias_bits + 7) // 8
+                if not path.endswith("/bias") or coded >= 4 * v.size:
+                    continue
+                c, idx, _ = Q.kmeans_codebook(v, k, init=self.init, iters=self.iters,
+                                              seed=self.training.seed)
+                codebooks[path], indices[path], bits[path] = c, idx, self.bias_bits
+                new[path] = c[idx]
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, leaf: new.get(_path_str(p), leaf), params)
+        return params, codebooks, indices, bits, Q.WeightSharingReport(stats, self.init)
+
+    def __call__(self, params: Params, state: CompressState) -> tuple[Params, CompressState, dict]:
+        t, masks = self.training, state.masks
+        params, codebooks, indices, bits, rep = self._share(params, masks)
+        state = _evaluate(t.evaluate, params, state, "quantized")
+        mask_of = {kernel_path(n): m for n, m in (masks or {}).items()}
+        if self.finetune_epochs > 0:
+            assign = {p: np.where(_mask_or_true(mask_of, p, i.shape), i, -1).astype(np.int32)
+                      for p, i in indices.items()}
+            params = Q.finetune_shared(
+                t.apply_fn, params, _leaf_tree(params, assign), _leaf_tree(params, mask_of),
+                t.x, t.y, epochs=self.finetune_epochs, learning_rate=t.learning_rate,
+                batch_size=t.batch_size, seed=t.seed, progress=t.progress,
+            )
+            codebooks = _cluster_means(params, codebooks, indices, mask_of)
+        rebuilt = {p: np.where(_mask_or_true(mask_of, p, i.shape),
+                               np.asarray(codebooks[p], np.float32)[i], np.float32(0))
+                   for p, i in indices.items()}
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, leaf: rebuilt.get(_path_str(p), leaf), params)
+        if self.finetune_epochs > 0:
+            state = _evaluate(t.evaluate, params, state, "finetuned")
+        state = state._replace(codebooks=codebooks, indices=indices, bits=bits)
+        layer_bits = {n: b for n, b in self.bits.items()}
+        return params, state, rep.to_dict() | {"bits": layer_bits, "bias_bits": self.bias_bits}
+
+
+def _mask_or_true(mask_of: Mapping[str, np.ndarray], path: str, shape) -> np.ndarray:
+    m = mask_of.get(path)
+    return np.ones(shape, dtype=bool) if m is None else np.asarray(m, dtype=bool)
+
+
+def _cluster_means(params, codebooks, indices, mask_of) -> dict[str, np.ndarray]:
+    """Each centroid := the mean of its kept members (``quantize.cluster_means``)."""
+    flat = flatten_tree(to_numpy_tree(params))
+    return {p: Q.cluster_means(flat[p], indices[p], mask_of.get(p), c)
+            for p, c in codebooks.items()}
+
+
+# -------------------------------------------------------------------------------- encode
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EncodeStage:
+    """Write the params as ``.cbx`` bytes and measure the decoded file.
+
+    Every kernel is a coded leaf: its nonzeros in the relative index with
+    ``index_bits[layer]``-bit gaps (0: dense layout; used when nothing was pruned),
+    their values as codes into the layer's codebook (float32 bit patterns if it
+    has none). Shared biases are coded leaves in the dense layout; other leaves
+    are stored raw. ``huffman_weights`` / ``huffman_index`` switch the canonical
+    Huffman codes of the two streams. ``order``: ``"out_major"`` walks a kernel
+    one output unit at a time (Caffe's (out, in[, kh, kw]) layout that Deep
+    Compression coded), ``"stored"`` walks flax's layout as stored.
+
+    Returns the params decoded from the bytes (measured as ``"file"``); the report
+    is :func:`compression_table`.
+    """
+
+    index_bits: Mapping[str, int]
+    huffman_weights: bool = True
+    huffman_index: bool = True
+    order: str = "out_major"
+    meta: Mapping[str, Any] | None = None
+    evaluate: Evaluate | None = None
+    name: str = "encode"
+
+    def coding(self, params: Params, state: CompressState) -> dict[str, LeafCoding]:
+        """The :class:`LeafCoding` of every coded leaf."""
+        coding = {}
+        for n, w in P.kernels(params).items():
+            path = kernel_path(n)
+            cb = state.codebooks.get(path)
+            b = self.index_bits.get(n, 0) if state.masks is not None else 0
+            coding[path] = LeafCoding(
+                codebook=cb, index_bits=b,
+                huffman_weights=self.huffman_weights and cb is not None,
+                huffman_index=self.huffman_index and b > 0,
+                axes=_walk_axes(np.ndim(w), self.order),
+            )
+        for path, cb in state.codebooks.items():
+            if path not in coding:
+                coding[path] = LeafCoding(codebook=cb, index_bits=0,
+                                          huffman_weights=self.huffman_weights,
+                                          huffman_index=False)
+        return coding
+
+    def __call__(self, params: Params, state: CompressState) -> tuple[Params, CompressState, dict]:
+        np_params = to_numpy_tree(params)
+        blob, info = encode_cbx(np_params, self.coding(params, state), self.meta)
+        decoded, _ = decode_cbx(blob)
+        state = _evaluate(self.evaluate, decoded, state._replace(blob=blob, info=info), "file")
+        n_params = sum(int(np.size(v)) for v in flatten_tree(np_params).values())
+        names = {kernel_path(n): n for n in P.kernels(params)}
+        return decoded, state, compression_table(info, names, n_params)
+
+
+# -------------------------------------------------------------------------------- energy
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EnergyStage:
+    """Energy per inference of the encoded file vs float32 (:func:`estimate_energy`).
+
+    ``macs``: dense MACs per example of each layer. k-means layers compute with
+    float centroids, so their MACs count as float MACs; only layers named in
+    ``fixed_point_layers`` (weights from a fixed-point stage) count as 8-bit
+    integer MACs.
+    """
+
+    macs: Mapping[str, int]
+    sram_bytes: int = DEFAULT_SRAM_BYTES
+    fixed_point_layers: frozenset[str] = frozenset()
+    name: str = "energy"
+
+    def __call__(self, params: Params, state: CompressState) -> tuple[Params, CompressState, dict]:
+        if state.info is None:
+            raise ValueError("the energy stage needs an encoded file: put it after EncodeStage")
+        works = []
+        for n in P.kernels(params):
+            if n not in self.macs:
+                continue
+            leaf = state.info.leaf(kernel_path(n))
+            works.append(LayerWork(n, macs=int(self.macs[n]), weights=leaf.numel,
+                                   nonzeros=leaf.nnz,
+                                   weight_bits=state.bits.get(kernel_path(n), 32),
+                                   fixed_point=n in self.fixed_point_layers))
+        n_params = sum(leaf.numel for leaf in state.info.leaves)
+        energy = estimate_energy(works, original_bits=32 * n_params,
+                                 compressed_bits=8 * state.info.total_bytes,
+                                 sram_bytes=self.sram_bytes)
+        return params, state, energy.to_dict()
+
+
+# -------------------------------------------------------------------------------- report
 
 
 def _ceil8(bits: int) -> int:
@@ -348,14 +442,15 @@ def compression_table(
       index bits P+Q     = b;                                  P+Q+H = Huffman bits / E
       compress rate P+Q  = (32 K + E ceil(log2 K) + E b) / (32 n)
       compress rate P+Q+H = (32 K + 8 * code-length bytes + Huffman bits) / (32 n)
-    The totals row sums bits over the kernels; ``file`` compares the real file
-    (header, metadata, biases, CRC included) with 32 bits per parameter.
+    Rows and totals cover the kernels (the leaves named in ``layer_names``); ``file``
+    compares the real file (header, metadata, biases, CRC included) with 32 bits per
+    parameter.
     """
     rows = []
     keys = ("weights", "kept", "entries", "w_pq", "w_pqh", "i_pq", "i_pqh", "bits_pq", "bits_pqh")
     sums = dict.fromkeys(keys, 0)
     for leaf in info.leaves:
-        if leaf.kind != "coded":
+        if leaf.kind != "coded" or leaf.name not in layer_names:
             continue
         cb_bits = 8 * leaf.codebook_bytes
         wl = leaf.codebook_size if leaf.codebook_size else 0
@@ -487,290 +582,3 @@ def format_compression_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- pipeline
-
-
-def _layers(model: Any, params: Any, example: np.ndarray) -> dict[str, Any]:
-    from coblax.lowrank.decompose import trace_layers
-
-    return {layer.name: layer for layer in trace_layers(model, params, jnp.asarray(example[:1]))}
-
-
-def _check_layer_keys(table: Mapping[str, Any], names: list[str], key: str) -> None:
-    unknown = sorted(set(table) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"{key} names unknown layers {unknown}; the model's layers: {', '.join(names)}"
-        )
-
-
-def _needs_zero_code(
-    mask: np.ndarray, index_bits: int | None, axes: tuple[int, ...] | None
-) -> bool:
-    """Whether the stored entries of a layer include zeros (fillers or dense zeros)."""
-    if index_bits is None:
-        return not bool(np.all(mask))
-    walked = mask if axes is None else np.transpose(mask, axes)
-    return relative_index_encode(walked.ravel().astype(np.int8), index_bits).n_fillers > 0
-
-
-def _share_weights(
-    params, bits_by_layer, masks_by_layer, index_bits_by_layer, *, order, init, iters, seed
-):
-    """k-means weight sharing in which every layer's codes fit its bit width.
-
-    Like :func:`coblax.compress.quantize.kmeans_share` (same k-means, same seeds), except
-    that a layer whose stored entries include zeros -- Deep Compression's filler
-    entries, or pruned weights in a dense layout -- gets k = 2^b - 1 centroids, so
-    that 0.0 is the 2^b-th shared value and every code still fits in b bits.
-    """
-    from coblax.compress import prune as P
-    from coblax.compress import quantize as Q
-
-    kernels = P.kernels(params)
-    codebooks, indices, stats, new = {}, {}, {}, {}
-    for i, (n, b) in enumerate(bits_by_layer.items()):
-        w = np.asarray(kernels[n])
-        m = _kept(masks_by_layer, n, w.shape)
-        kept = int(m.sum())
-        if kept == 0:
-            continue
-        bi = None if index_bits_by_layer is None else index_bits_by_layer[n]
-        k = 2**b - (1 if _needs_zero_code(m, bi, _walk_axes(w.ndim, order)) else 0)
-        if k > kept or k < 1:
-            raise ValueError(
-                f"quantize: layer {n!r} keeps {kept} weights, fewer than the k = {k} centroids of "
-                f"{b}-bit codes; lower quantize.bits or set quantize.layer_bits.{n} to at most "
-                f"{max(kept.bit_length() - 1, 1)}"
-            )
-        c, idx, info = Q.kmeans_codebook(w, k, init=init, mask=m, iters=iters, seed=seed + i)
-        codebooks[n], indices[n] = c, idx
-        new[n] = np.where(m, c[idx], np.float32(0)).astype(np.float32)
-        stats[n] = Q.LayerCodebook(bits=b, k=k, n_weights=int(w.size), n_kept=kept,
-                                   objective_init=info.objective_init, objective=info.objective)
-    return P.replace_kernels(params, new), codebooks, indices, Q.WeightSharingReport(stats, init)
-
-
-def run_compress(
-    config_path: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    overrides: Mapping[str, Any] | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Run a Deep Compression config; write ``out_dir/model.cbx`` and ``out_dir/compression.json``.
-
-    Args:
-      config_path: TOML file (see ``docs/compression.md`` for every key).
-      out_dir: output directory (created; existing files of the same names are
-        replaced atomically, nothing is written if any step fails).
-      overrides: dict deep-merged into the TOML before validation (tests, sweeps).
-      progress: show training progress bars.
-
-    Returns:
-      The report written to ``compression.json``.
-    """
-    from coblax.compress import prune as P
-    from coblax.compress import quantize as Q
-    from coblax.nn import train as T
-    from coblax.app.config import RunConfig
-    from coblax.nn.data import load_dataset
-    from coblax.app.experiment import default_cache_dir, train_base_model
-
-    t0 = time.time()
-    config_path = Path(config_path)
-    cfg = load_compress_config(config_path, overrides)
-    out_dir = Path(out_dir)
-    data = load_dataset(cfg.data.name, resolve_data_dir(cfg.data.dir), seed=cfg.seed,
-                        limit_train=cfg.data.limit_train, limit_test=cfg.data.limit_test)
-    run_cfg = RunConfig(seed=cfg.seed, models=(cfg.model,), data=cfg.data, train=cfg.train)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    base = train_base_model(run_cfg, cfg.model, data, cache_dir, progress)
-    model, params = base.model, base.params
-    apply_fn = model.apply
-    layers = _layers(model, params, data.x_train)
-    names = list(P.kernels(params))
-    kinds = {n: layers[n].kind if n in layers else ("conv" if np.ndim(k) == 4 else "dense")
-             for n, k in P.kernels(params).items()}
-    if isinstance(cfg.prune.sparsity, dict):
-        _check_layer_keys(cfg.prune.sparsity, names, "prune.sparsity")
-    _check_layer_keys(cfg.quantize.layer_bits, names, "quantize.layer_bits")
-    _check_layer_keys(cfg.encode.layer_index_bits, names, "encode.layer_index_bits")
-    evaluate = lambda p: T.evaluate(apply_fn, p, data.x_test, data.y_test)  # noqa: E731
-    accuracy: dict[str, float | None] = {"base": base.accuracy}
-    stage_reports: dict[str, Any] = {}
-    timings: dict[str, float] = {"base": time.time() - t0}
-
-    masks_by_layer: dict[str, np.ndarray] | None = None
-    if "prune" in cfg.stages:
-        t = time.time()
-        pc = cfg.prune
-        tx = T.make_optimizer(pc.optimizer, pc.learning_rate)
-        if pc.weight_decay > 0:
-            tx = optax.chain(optax.add_decayed_weights(pc.weight_decay), tx)
-        params, masks, prep = P.iterative_magnitude_prune(
-            apply_fn, params, data.x_train, data.y_train,
-            sparsity=pc.sparsity, steps=pc.steps, retrain_epochs=pc.retrain_epochs, scope=pc.scope,
-            schedule=pc.schedule,
-            train_kwargs={"optimizer": tx, "batch_size": pc.batch_size,
-                          "seed": cfg.seed, "progress": progress, "desc": "prune+retrain"},
-        )
-        masks_by_layer = P.layer_masks(masks)
-        accuracy["pruned"] = evaluate(params)
-        stage_reports["prune"] = prep.to_dict()
-        timings["prune"] = time.time() - t
-
-    codebooks: dict[str, np.ndarray] = {}
-    bits_by_layer: dict[str, int] = {}
-    if "quantize" in cfg.stages:
-        t = time.time()
-        qc = cfg.quantize
-        bits_by_layer = {n: qc.layer_bit_width(n, kinds[n]) for n in names}
-        bits_by_layer = {n: b for n, b in bits_by_layer.items() if b > 0}
-        index_bits = {n: cfg.encode.layer_index_bits.get(n, cfg.encode.index_bits) for n in names}
-        params, codebooks, indices, qrep = _share_weights(
-            params, bits_by_layer, masks_by_layer, index_bits if "prune" in cfg.stages else None,
-            order=cfg.encode.order, init=qc.init, iters=qc.iters, seed=cfg.seed,
-        )
-        accuracy["quantized"] = evaluate(params)
-        if qc.finetune_epochs > 0:
-            params, codebooks = Q.finetune_centroids(
-                apply_fn, params, codebooks, indices, masks_by_layer, data.x_train, data.y_train,
-                epochs=qc.finetune_epochs, learning_rate=qc.learning_rate, batch_size=qc.batch_size,
-                seed=cfg.seed, progress=progress,
-            )
-        # Rebuild every shared kernel from (codebook, indices, mask) so that its values
-        # are exactly the float32 centroids the file stores.
-        rebuilt = {}
-        for n, idx in indices.items():
-            idx = np.asarray(idx)
-            values = np.asarray(codebooks[n], np.float32)[idx]
-            rebuilt[n] = np.where(_kept(masks_by_layer, n, idx.shape), values, np.float32(0))
-        params = P.replace_kernels(params, rebuilt)
-        stage_reports["quantize"] = qrep.to_dict() | {"bits": bits_by_layer}
-        if qc.finetune_epochs > 0:
-            accuracy["finetuned"] = evaluate(params)
-        timings["quantize"] = time.time() - t
-
-    # ---- encode
-    huff = "huffman" in cfg.stages
-    pruned = "prune" in cfg.stages
-    coding = {}
-    kernels_now = P.kernels(params)
-    for n in names:
-        cb = codebooks.get(n)
-        b = cfg.encode.layer_index_bits.get(n, cfg.encode.index_bits) if pruned else 0
-        coding[_kernel_path(n)] = LeafCoding(
-            codebook=cb,
-            index_bits=b,
-            huffman_weights=huff and cfg.huffman.weights and cb is not None,
-            huffman_index=huff and cfg.huffman.index and b > 0,
-            axes=_walk_axes(np.ndim(kernels_now[n]), cfg.encode.order),
-        )
-    np_params = to_numpy_tree(params)
-    meta = {
-        "format": "coblax deep compression",
-        "name": cfg.name or config_path.stem,
-        "model": {"name": cfg.model.name, "options": dict(cfg.model.options)},
-        "input_shape": list(data.input_shape),
-        "num_classes": int(data.num_classes),
-        "dataset": {"name": cfg.data.name, "limit_test": cfg.data.limit_test, "seed": cfg.seed},
-        "stages": list(cfg.stages),
-    }
-    blob, info = encode_cbx(np_params, coding, meta)
-    decoded, _ = decode_cbx(blob)
-    accuracy["file"] = evaluate(decoded)
-    n_params = sum(int(np.size(v)) for v in flatten_tree(np_params).values())
-    table = compression_table(info, {_kernel_path(n): n for n in names}, n_params)
-
-    works = []
-    for n in names:
-        if n not in layers:
-            continue
-        leaf = info.leaf(_kernel_path(n))
-        works.append(LayerWork(n, macs=int(layers[n].macs), weights=leaf.numel, nonzeros=leaf.nnz,
-                               weight_bits=bits_by_layer.get(n, 32)))
-    energy = estimate_energy(
-        works, original_bits=32 * n_params, compressed_bits=8 * info.total_bytes,
-        sram_bytes=cfg.energy.sram_bytes,
-    )
-    report = {
-        "name": meta["name"],
-        "config": jsonable(dataclasses.asdict(cfg)),
-        "config_text": config_path.read_text(),
-        "overrides": jsonable(overrides or {}),
-        "seed": cfg.seed,
-        "versions": _versions(),
-        "model": meta["model"],
-        "dataset": {
-            "name": data.name, "train": int(len(data.x_train)), "test": int(len(data.x_test))
-        },
-        "stages": list(cfg.stages),
-        "base_cached": bool(base.cached),
-        **table,
-        "accuracy": accuracy,
-        "accuracy_loss_pt": 100 * (accuracy["base"] - accuracy["file"]),
-        "energy": energy.to_dict(),
-        "stage_reports": stage_reports,
-        "timings_s": timings | {"total": time.time() - t0},
-        "files": {"model": "model.cbx", "report": "compression.json"},
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(out_dir / "model.cbx", blob)
-    write_bytes_atomic(out_dir / "compression.json", json.dumps(jsonable(report), indent=1).encode())
-    return jsonable(report)
-
-
-def evaluate_file(
-    path: str | os.PathLike, data_dir: str | os.PathLike | None = None
-) -> dict[str, Any]:
-    """Decode a ``.cbx`` file, rebuild its model and measure test accuracy.
-
-    The model and the test split come from the file's metadata (model name and
-    options, number of classes, dataset name, test subset); ``data_dir`` (else
-    ``$COBLAX_DATA``, else ``../shared/datasets``) locates file datasets.
-
-    Returns:
-      dict with accuracy, file size, number of parameters and the compression
-      against float32 parameters.
-    """
-    from coblax.nn import train as T
-    from coblax.nn.data import load_dataset
-    from coblax.nn.models import build_model
-
-    path = Path(path)
-    params, meta = read_cbx(path)
-    for key in ("model", "num_classes", "input_shape", "dataset"):
-        if key not in meta:
-            raise ValueError(
-                f"{path}: metadata lacks {key!r}; this .cbx file was not written by coblax "
-                "compress"
-            )
-    ds = meta["dataset"]
-    data = load_dataset(ds["name"], resolve_data_dir(data_dir), seed=int(ds.get("seed", 0)),
-                        limit_test=ds.get("limit_test"))
-    same_shape = list(data.input_shape) == list(meta["input_shape"])
-    if not same_shape or data.num_classes != meta["num_classes"]:
-        raise ValueError(
-            f"{path}: the model expects inputs {meta['input_shape']} with "
-            f"{meta['num_classes']} classes, "
-            f"dataset {ds['name']!r} has {list(data.input_shape)} with {data.num_classes}"
-        )
-    model = build_model(
-        meta["model"]["name"], num_classes=int(meta["num_classes"]),
-        input_shape=tuple(meta["input_shape"]), **dict(meta["model"].get("options", {})),
-    )
-    acc = T.evaluate(model.apply, params, data.x_test, data.y_test)
-    n_params = sum(int(np.size(v)) for v in flatten_tree(params).values())
-    size = path.stat().st_size
-    return {
-        "file": str(path),
-        "accuracy": acc,
-        "n_test": int(len(data.x_test)),
-        "dataset": ds["name"],
-        "model": meta["model"],
-        "file_bytes": size,
-        "params": n_params,
-        "original_bytes": 4 * n_params,
-        "compression": 4 * n_params / size,
-    }

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from coblax.compress.transforms import keep_pruned
 from coblax.nn.train import cross_entropy, make_optimizer
 
 __all__ = [
@@ -343,7 +344,9 @@ def score_masks(
     Exactly ``floor(s * n)`` entries are pruned (n: layer size for scope
     ``"layer"``, total size for ``"global"``); ties are broken by flat index
     (stable sort), so the result is deterministic. Entries already pruned in
-    ``prior`` score -inf and so stay pruned (masks only shrink across stages).
+    ``prior`` score -inf and stay pruned even when ``prior`` is sparser than the
+    target (masks only shrink across stages): then more than ``floor(s * n)``
+    entries are pruned.
 
     Args:
       scores: ``{layer: array}`` (|w| for magnitude pruning, saliency for OBD).
@@ -378,6 +381,10 @@ def score_masks(
             size = flat[n].size
             keep[n] = ~drop[offset:offset + size]
             offset += size
+    if prior is not None:  # a prior pruned more than this target: its zeros stay pruned
+        for n in names:
+            if n in prior:
+                keep[n] &= np.asarray(prior[n], dtype=bool).ravel()
     return {n: keep[n].reshape(np.shape(scores[n])) for n in names}
 
 
@@ -471,9 +478,9 @@ def iterative_magnitude_prune(
 
     For i = 1..steps: prune to sparsity s_i (see :func:`sparsity_schedule`; already
     pruned weights stay pruned), then retrain ``retrain_epochs`` with
-    ``coblax.nn.train.fit`` where ``transform_grads`` zeroes the gradients of pruned
-    weights and ``project`` re-applies the masks after every update, so the
-    pruned weights stay exactly zero throughout (also under Adam or weight decay).
+    ``coblax.nn.train.fit`` whose optimizer is ``optax.chain(optimizer,
+    keep_pruned(masks))``: the updates of pruned weights are zeroed, so they stay
+    exactly zero throughout (also under Adam, momentum or weight decay).
 
     Args:
       apply_fn: ``apply_fn(params, x) -> logits``.
@@ -482,7 +489,8 @@ def iterative_magnitude_prune(
       retrain_epochs: epochs of retraining after each pruning (0: prune only).
       scope: ``"layer"`` or ``"global"`` thresholds.
       train_kwargs: extra keywords for ``fit`` (learning_rate, batch_size, seed,
-        optimizer, progress...). Stage i trains with seed ``seed + i``.
+        optimizer -- a name or an ``optax.GradientTransformation`` --, progress...).
+        Stage i trains with seed ``seed + i``.
       schedule: ``"geometric"`` or ``"linear"`` sparsity schedule.
       fit_fn: training function with ``fit``'s signature (default
         ``coblax.nn.train.fit``).
@@ -502,6 +510,9 @@ def iterative_magnitude_prune(
     targets = _layer_sparsity(sparsity, names, scope)
     per_layer = {n: sparsity_schedule(targets[n], steps, schedule) for n in names}
     base_seed = int(train_kwargs.pop("seed", 0))
+    opt = train_kwargs.pop("optimizer", "adam")
+    if isinstance(opt, str):
+        opt = make_optimizer(opt, train_kwargs.get("learning_rate", 1e-3))
     fit = _resolve_fit(fit_fn) if retrain_epochs > 0 else None
 
     masks = None
@@ -515,15 +526,13 @@ def iterative_magnitude_prune(
         masks = magnitude_masks(params, s_i, scope=scope, prior_masks=masks)
         params = apply_masks(params, masks)
         if fit is not None:
-            stage_masks = masks
             params = fit(
                 apply_fn,
                 params,
                 x,
                 y,
                 epochs=retrain_epochs,
-                transform_grads=lambda g, p, m=stage_masks: apply_masks(g, m),
-                project=lambda p, m=stage_masks: apply_masks(p, m),
+                optimizer=optax.chain(opt, keep_pruned(masks)),
                 seed=base_seed + i,
                 **train_kwargs,
             )

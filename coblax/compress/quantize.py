@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coblax.compress.prune import kernels, layer_masks, map_kernels, replace_kernels
+from coblax.compress.transforms import keep_pruned, share_by_cluster
 
 __all__ = [
     # fixed point
@@ -62,7 +63,9 @@ __all__ = [
     "cluster_gradient",
     "share_gradients",
     "snap_to_clusters",
+    "finetune_shared",
     "finetune_centroids",
+    "cluster_means",
     # codebook quantization of matrices
     "kmeans_compression_ratio",
     "pq_compression_ratio",
@@ -605,21 +608,16 @@ def share_gradients(
       masks: mask tree, ``{layer: bool array}`` or ``None`` (nothing pruned).
       num_clusters: ``{layer: k}`` (default: max index + 1).
     """
-    idx, msk, ks = _cluster_tables(num_clusters, indices, masks, kernels(grads))
-    return _share_gradients(grads, idx, msk, ks)
+    idx, msk, _ = _cluster_tables(num_clusters, indices, masks, kernels(grads))
+    tx = share_by_cluster(_assignment_tree(grads, idx, msk))
+    return tx.update(grads, tx.init(grads))[0]
 
 
-def _share_gradients(grads: Params, idx, msk, ks: Mapping[str, int]) -> Params:
-    """share_gradients on validated tables; idx/msk may be traced (jit arguments)."""
-
-    def f(name, g):
-        if name not in idx:
-            return g
-        i, m = jnp.asarray(idx[name]), jnp.asarray(msk[name])
-        s = cluster_gradient(g, i, ks[name], m)
-        return jnp.where(m, s[i], jnp.zeros_like(g))
-
-    return map_kernels(f, grads)
+def _assignment_tree(tree: Params, idx, msk) -> Params:
+    """Tree of cluster indices (-1 where pruned) for :func:`share_by_cluster`."""
+    return map_kernels(
+        lambda n, _: np.where(msk[n], idx[n], -1).astype(np.int32) if n in idx else None,
+        tree, other=lambda _: None)
 
 
 def snap_to_clusters(
@@ -653,11 +651,10 @@ def _snap_to_clusters(params: Params, idx, msk, ks: Mapping[str, int]) -> Params
     return map_kernels(f, params)
 
 
-def finetune_centroids(
+def finetune_shared(
     apply_fn: Callable[[Params, Any], Any],
     params: Params,
-    codebooks: Mapping[str, Any],
-    indices: Mapping[str, Any],
+    assignments: Any,
     masks: Any,
     x: Any,
     y: Any,
@@ -666,18 +663,57 @@ def finetune_centroids(
     learning_rate: float,
     batch_size: int = 128,
     seed: int = 0,
-    optimizer: str = "adam",
+    optimizer: str | Any = "adam",
     fit_fn: Callable[..., Any] | None = None,
     progress: bool = False,
+) -> Params:
+    """Train shared weights: ``optax.chain(share_by_cluster, optimizer, keep_pruned)``.
+
+    Each shared entry's gradient becomes its cluster's sum (Deep Compression Eq. 3),
+    the optimizer runs, and the updates of pruned entries are zeroed, so shared
+    weights stay tied and pruned ones stay 0 (in every masked leaf, shared or not).
+
+    Args:
+      assignments: tree like ``params``: int cluster indices (-1: none) or None.
+      masks: tree like ``params``: bool keep-masks or None (or None for no masks).
+      optimizer: an optimizer name of ``coblax.nn.train.make_optimizer`` or an
+        ``optax.GradientTransformation``.
+      fit_fn: training function with ``coblax.nn.train.fit``'s signature; it
+        receives the chained transform as ``optimizer``.
+    """
+    import optax
+
+    from coblax.nn.train import fit, make_optimizer
+
+    fit_fn = fit_fn or fit
+    tx = make_optimizer(optimizer, learning_rate) if isinstance(optimizer, str) else optimizer
+    parts = [share_by_cluster(assignments), tx]
+    if masks is not None:
+        parts.append(keep_pruned(masks))
+    return fit_fn(apply_fn, params, x, y, epochs=epochs, batch_size=batch_size,
+                  learning_rate=learning_rate, optimizer=optax.chain(*parts), seed=seed,
+                  progress=progress)
+
+
+def finetune_centroids(
+    apply_fn: Callable[[Params, Any], Any],
+    params: Params,
+    codebooks: Mapping[str, Any],
+    indices: Mapping[str, Any],
+    masks: Any,
+    x: Any,
+    y: Any,
+    **train: Any,
 ) -> tuple[Params, dict[str, np.ndarray]]:
     """Fine-tune the shared centroids (Deep Compression, Sec. 3.3, Eq. 3).
 
-    The kernels are rebuilt from the codebooks; training then uses
-    ``transform_grads`` = :func:`share_gradients` (each cluster's gradients summed,
-    ∂L/∂c_j = Σ_{idx_i = j} ∂L/∂W_i, applied to all its members) and ``project``
-    = :func:`snap_to_clusters` (shared values re-tied, pruned weights back to 0).
-    Indices and masks never change; other parameters (biases, unquantized
-    layers) train normally.
+    The kernels are rebuilt from the codebooks, then trained by
+    :func:`finetune_shared`: gradients summed per cluster
+    (∂L/∂c_j = Σ_{idx_i = j} ∂L/∂W_i, applied to all members), and the updates of
+    every pruned weight zeroed -- also in masked layers without a codebook (kept in
+    float32), which would otherwise grow back. Indices and masks never change;
+    other parameters (biases) train normally. The new centroids are the cluster
+    means of the trained kernels.
 
     Args:
       apply_fn: ``apply_fn(params, x) -> logits``.
@@ -685,14 +721,12 @@ def finetune_centroids(
       codebooks, indices: from :func:`kmeans_share`.
       masks: mask tree, ``{layer: bool array}`` or ``None``.
       x, y: training data.
-      epochs, learning_rate, batch_size, seed, optimizer: passed to ``fit``.
-      fit_fn: training function with ``coblax.nn.train.fit``'s signature.
+      train: keywords of :func:`finetune_shared` (epochs, learning_rate, batch_size,
+        seed, optimizer, fit_fn, progress).
 
     Returns:
       (params, updated codebooks ``{layer: float32 (k,)}``).
     """
-    if fit_fn is None:
-        from coblax.nn.train import fit as fit_fn  # lazy: heavy trainer import
     ks = kernels(params)
     unknown = sorted(set(codebooks) - set(ks))
     if unknown:
@@ -700,29 +734,28 @@ def finetune_centroids(
     missing = sorted(set(codebooks) - set(indices))
     if missing:
         raise ValueError(f"indices lack layers {missing} that have codebooks")
-    idx, msk, sizes = _cluster_tables(codebooks, {n: indices[n] for n in codebooks}, masks, ks)
+    idx, msk, _ = _cluster_tables(codebooks, {n: indices[n] for n in codebooks}, masks, ks)
     rebuilt = {n: dequantize(codebooks[n], idx[n], msk[n]).astype(ks[n].dtype) for n in codebooks}
     params = replace_kernels(params, rebuilt)
-
-    params = fit_fn(
-        apply_fn, params, x, y,
-        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-        optimizer=optimizer, seed=seed,
-        transform_grads=lambda g, p, aux: _share_gradients(g, aux[0], aux[1], sizes),
-        project=lambda p, aux: _snap_to_clusters(p, aux[0], aux[1], sizes),
-        aux=(idx, msk),
-        progress=progress,
+    by_layer = _masks_by_layer(masks) or {}
+    keep = map_kernels(lambda n, _: by_layer.get(n), params, other=lambda _: None)
+    params = finetune_shared(
+        apply_fn, params, _assignment_tree(params, idx, msk), keep if by_layer else None, x, y,
+        **train,
     )
     ks = kernels(params)
-    out = {}
-    for n, c in codebooks.items():
-        m, i = msk[n], idx[n]
-        w = np.asarray(ks[n], dtype=np.float64)
-        sums = np.bincount(i[m], weights=w[m], minlength=sizes[n])
-        counts = np.bincount(i[m], minlength=sizes[n])
-        out[n] = np.where(counts > 0, sums / np.maximum(counts, 1), np.asarray(c)).astype(
-            np.float32)
-    return params, out
+    return params, {n: cluster_means(ks[n], idx[n], msk[n], c) for n, c in codebooks.items()}
+
+
+def cluster_means(w: Any, indices: Any, mask: Any, codebook: Any) -> np.ndarray:
+    """New centroids c_j = mean of the kept w_i with index j; an empty cluster keeps c_j."""
+    w = np.asarray(w, dtype=np.float64)
+    i = np.asarray(indices)
+    m = np.ones(w.shape, bool) if mask is None else np.asarray(mask, bool)
+    c = np.asarray(codebook)
+    sums = np.bincount(i[m], weights=w[m], minlength=c.size)
+    counts = np.bincount(i[m], minlength=c.size)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), c).astype(np.float32)
 
 
 # ---------------------------------------------------- codebook quantization (Gong)
