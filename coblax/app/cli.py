@@ -107,24 +107,44 @@ def _cmd_compress(args) -> int:
 
 
 def _check_cbx_for_evaluation(path: Path) -> None:
-    """The file exists, is a valid .cbx, and its metadata says how to rebuild the model."""
+    """The file is a valid .cbx whose metadata rebuilds a model with the file's shapes."""
+    import jax
+    import jax.numpy as jnp
+
     from coblax.app.config import check_model_options
-    from coblax.compress.cbx import CbxError, read_cbx_meta
+    from coblax.compress.cbx import CbxError, read_cbx_layout
+    from coblax.nn.models import build_model
 
     if not path.exists():
         raise CbxError(f"{path}: no such file")
     if path.is_dir():
         raise CbxError(f"{path} is a folder; expected a .cbx file (e.g. {path / 'model.cbx'})")
-    meta = read_cbx_meta(path)
+    meta, shapes = read_cbx_layout(path)
     missing = [k for k in ("model", "num_classes", "input_shape", "dataset") if k not in meta]
     if missing:
         raise CbxError(
             f"{path}: metadata lacks {', '.join(map(repr, missing))}; this .cbx file was not written "
             "by coblax compress"
         )
-    problems = check_model_options(meta["model"]["name"], dict(meta["model"].get("options", {})), "model")
+    name, options = meta["model"]["name"], dict(meta["model"].get("options", {}))
+    problems = check_model_options(name, options, "model")
     if problems:
         raise CbxError(f"{path}: metadata describes a model coblax cannot build: {'; '.join(problems)}")
+    model = build_model(name, num_classes=meta["num_classes"], **options)
+    x = jnp.zeros((1, *meta["input_shape"]), jnp.float32)
+    try:
+        expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+    except Exception as err:  # noqa: BLE001 - options that break the model are the file's fault
+        raise CbxError(f"{path}: metadata describes a model coblax cannot build: {err}") from None
+    want = {"/".join(str(getattr(part, "key", part)) for part in key): tuple(leaf.shape)
+            for key, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    if want != shapes:
+        diff = sorted(set(want) ^ set(shapes)) or [k for k in want if want[k] != shapes[k]]
+        k = diff[0]
+        raise CbxError(
+            f"{path}: its parameters do not fit the model its metadata names ({name}): "
+            f"{k} is {shapes.get(k, 'missing')} in the file, {want.get(k, 'not in the model')} in the model"
+        )
 
 
 def _cmd_evaluate(args) -> int:

@@ -69,7 +69,7 @@ __all__ = [
     "decode_cbx",
     "write_cbx",
     "read_cbx",
-    "read_cbx_meta",
+    "read_cbx_layout",
     "MAX_ELEMENTS",
 ]
 
@@ -627,12 +627,8 @@ def _parse_meta(raw: bytes) -> dict[str, Any]:
     return meta
 
 
-def _decode_body(data, n_leaves, n_coded, meta_len, table_len, payload_len):
-    pos = HEADER_BYTES
-    meta = _parse_meta(data[pos : pos + meta_len])
-    pos += meta_len
-    table = _Cursor(data[pos : pos + table_len], "layer table")
-    pos += table_len
+def _parse_table(table: _Cursor, n_leaves: int, n_coded: int) -> list[tuple]:
+    """(name, dtype, shape, coded fields or None, axes or None) of every table entry."""
     entries = []
     total_elements = 0
     for _ in range(n_leaves):
@@ -653,10 +649,19 @@ def _decode_body(data, n_leaves, n_coded, meta_len, table_len, payload_len):
             fields = table.unpack(_CODED_FIELDS.format)
             axes = list(table.take(ndim))
         entries.append((name, dtype, tuple(shape), fields, axes))
-    if table.pos != table_len or sum(e[3] is not None for e in entries) != n_coded:
+    if table.pos != len(table.data) or sum(e[3] is not None for e in entries) != n_coded:
         raise CbxError(
             "corrupt .cbx: layer table length or coded-leaf count does not match the header"
         )
+    return entries
+
+
+def _decode_body(data, n_leaves, n_coded, meta_len, table_len, payload_len):
+    pos = HEADER_BYTES
+    meta = _parse_meta(data[pos : pos + meta_len])
+    pos += meta_len
+    entries = _parse_table(_Cursor(data[pos : pos + table_len], "layer table"), n_leaves, n_coded)
+    pos += table_len
     coded = [e for e in entries if e[3] is not None]
     cb_len = sum(
         4 * f[3]
@@ -706,11 +711,21 @@ def read_cbx(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CbxError(f"{path}: {err}") from None
 
 
-def read_cbx_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of a ``.cbx`` file (frame and CRC checked, payload not decoded)."""
+def read_cbx_layout(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """(metadata, leaf path -> declared shape) of a ``.cbx`` file, without decoding the payload.
+
+    The frame, CRC, metadata types and layer table are checked as by
+    :func:`read_cbx`; raises CbxError (FileNotFoundError for a missing file).
+    """
     try:
         data = _read_file(path)
-        header = _check_frame(data)
-        return _parse_meta(data[HEADER_BYTES : HEADER_BYTES + header[5]])
+        _, _, _, n_leaves, n_coded, meta_len, table_len, _ = _check_frame(data)
+        meta = _parse_meta(data[HEADER_BYTES : HEADER_BYTES + meta_len])
+        start = HEADER_BYTES + meta_len
+        table = _Cursor(data[start : start + table_len], "layer table")
+        entries = _parse_table(table, n_leaves, n_coded)
     except CbxError as err:
         raise CbxError(f"{path}: {err}") from None
+    except (struct.error, UnicodeDecodeError) as err:
+        raise CbxError(f"{path}: corrupt .cbx: {err}") from None
+    return meta, {e[0]: e[2] for e in entries}
