@@ -722,7 +722,10 @@ def _sweep_records(plan: RunPlan, cfg: RunConfig, data: Dataset, progress: bool,
         except NumericalError as err:
             log(f"{mc.label}: {err}; its records are marked failed")
             for k in keys:
-                add(done[k], False) if k in done else add(_failed_record(k, cfg, err, None), True)
+                if k in done:
+                    add(done[k], False)
+                else:
+                    add(_failed_record(k, cfg, err, None), True)
             continue
         x1 = jnp.asarray(data.x_train[:1])
         traced = trace_layers(base.model, base.params, x1)
