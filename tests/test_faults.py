@@ -22,41 +22,10 @@ import pytest
 from coblax.app.cli import main
 from coblax.compress.cbx import HEADER_BYTES, MAX_ELEMENTS, CbxError, LeafCoding, decode_cbx, encode_cbx
 from coblax.util.errors import CoblaxError
+from helpers import tiny_run_config
 
-TINY = """
-seed = 0
-methods = ["uniform", "cptv"]
-models = [{{ name = "mlp", hidden = [16] }}]
-[data]
-name = "digits"
-limit_train = 300
-limit_test = 100
-[train]
-epochs = 2
-[budgets]
-mac = [0.5]
-param = [0.5]
-[finetune]
-epochs = 1
-{extra}
-"""
-
-
-def _config(tmp_path: Path, text: str, name: str = "cfg.toml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
-def _with(line: str, section: str = "") -> str:
-    """TINY with ``line`` set at the top level or in ``section``."""
-    text = TINY.format(extra="")
-    if not section:
-        key = line.split("=")[0].strip()
-        return line + "\n" + "\n".join(l for l in text.splitlines() if not l.startswith(key + " ="))
-    if section in text:
-        return text.replace(section, f"{section}\n{line}", 1)
-    return text + f"\n{section}\n{line}\n"
+def _config(tmp_path: Path, name: str = "cfg.toml", **values: str) -> Path:
+    return tiny_run_config(tmp_path, name, **values)
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:
@@ -77,31 +46,31 @@ def _user_error(capsys, *argv) -> str:
 
 
 @pytest.mark.parametrize(
-    "section,line,message",
+    "key,value,message",
     [
-        ("[train]", "learning_rate = nan", "train.learning_rate = nan must be a finite number"),
-        ("[train]", "learning_rate = inf", "train.learning_rate = inf must be a finite number"),
-        ("[finetune]", "learning_rate = nan", "finetune.learning_rate = nan must be a finite number"),
-        ("[cobla]", "ftol = nan", "cobla.ftol = nan must be a finite number"),
-        ("[cobla]", "ftol = -inf", "cobla.ftol = -inf must be a finite number"),
-        ("[budgets]", "min_rank = 0", "budgets.min_rank = 0 must be >= 1"),
-        ("[cobla]", "warm_start = 'cobla'", "valid values: constant, cptv"),
-        ("[cobla]", "max_iter = 99999999999", "cobla.max_iter = 99999999999 is out of range"),
-        ("", "seed = 99999999999999999999", "seed = 99999999999999999999 is out of range"),
-        ("", "seed = -1", "seed = -1 must be >= 0"),
+        ("train__learning_rate", "nan", "train.learning_rate = nan must be a finite number"),
+        ("train__learning_rate", "inf", "train.learning_rate = inf must be a finite number"),
+        ("finetune__learning_rate", "nan", "finetune.learning_rate = nan must be a finite number"),
+        ("cobla__ftol", "nan", "cobla.ftol = nan must be a finite number"),
+        ("cobla__ftol", "-inf", "cobla.ftol = -inf must be a finite number"),
+        ("budgets__min_rank", "0", "budgets.min_rank = 0 must be >= 1"),
+        ("cobla__warm_start", "'cobla'", "valid values: constant, cptv"),
+        ("cobla__max_iter", "99999999999", "cobla.max_iter = 99999999999 is out of range"),
+        ("seed", "99999999999999999999", "seed = 99999999999999999999 is out of range"),
+        ("seed", "-1", "seed = -1 must be >= 0"),
     ],
 )
-def test_non_finite_and_out_of_range_values_rejected(tmp_path, capsys, section, line, message):
+def test_non_finite_and_out_of_range_values_rejected(tmp_path, capsys, key, value, message):
     """Issue: nan/inf learning rates and tolerances passed validation; a seed beyond int64."""
-    err = _user_error(capsys, "check", _config(tmp_path, _with(line, section)), "--out", tmp_path / "out")
+    err = _user_error(capsys, "check", _config(tmp_path, **{key: value}), "--out", tmp_path / "out")
     assert message in err
     assert not (tmp_path / "out").exists()
 
 
 def test_empty_budget_list_rejected(tmp_path, capsys):
     """Issue: budgets.mac = [] exited 0 with zero records."""
-    text = TINY.format(extra="").replace("mac = [0.5]", "mac = []")
-    err = _user_error(capsys, "run", _config(tmp_path, text), "--out", tmp_path / "out", "--quiet")
+    cfg = _config(tmp_path, budgets__mac="[]")
+    err = _user_error(capsys, "run", cfg, "--out", tmp_path / "out", "--quiet")
     assert "budgets.mac is empty" in err
     assert not (tmp_path / "out").exists()
 
@@ -121,16 +90,15 @@ def test_empty_budget_list_rejected(tmp_path, capsys):
 )
 def test_model_options_checked_against_the_model(tmp_path, capsys, model, message):
     """Issue: model options of the wrong type or value gave a traceback (exit 1)."""
-    text = TINY.format(extra="").replace('{ name = "mlp", hidden = [16] }', model)
-    err = _user_error(capsys, "check", _config(tmp_path, text), "--out", tmp_path / "out")
+    err = _user_error(capsys, "check", _config(tmp_path, models=f"[{model}]"), "--out", tmp_path / "out")
     assert message in err
 
 
 def test_method_options_checked_against_the_allocator(tmp_path, capsys):
     """Issue: unknown method_options keys were found only after training."""
-    extra = "[method_options.cptv]\nbeta = 0.5\n[method_options.pos_exact]\nbound = 'yes'\n"
-    extra += "[method_options.cobla]\nwarm_start = 'cobla'\n"
-    err = _user_error(capsys, "check", _config(tmp_path, TINY.format(extra=extra)), "--out", tmp_path / "o")
+    cfg = _config(tmp_path, method_options__cptv__beta="0.5", method_options__pos_exact__bound="'yes'",
+                  method_options__cobla__warm_start="'cobla'")
+    err = _user_error(capsys, "check", cfg, "--out", tmp_path / "o")
     assert "method_options.cptv.beta: unknown option of method 'cptv'; its options: iters" in err
     assert "method_options.pos_exact.bound: expected true or false, got 'yes'" in err
     assert "method_options.cobla.warm_start = 'cobla' is not allowed" in err
@@ -138,9 +106,8 @@ def test_method_options_checked_against_the_allocator(tmp_path, capsys):
 
 
 def test_every_problem_reported_together_with_its_key(tmp_path, capsys):
-    text = TINY.format(extra="[cobla]\nftol = nan\n").replace("epochs = 2", "epochs = -2")
-    text = text.replace('methods = ["uniform", "cptv"]', 'methods = ["uniform", "svd_magic"]')
-    err = _user_error(capsys, "check", _config(tmp_path, text), "--out", tmp_path / "o")
+    cfg = _config(tmp_path, cobla__ftol="nan", train__epochs="-2", methods='["uniform", "svd_magic"]')
+    err = _user_error(capsys, "check", cfg, "--out", tmp_path / "o")
     assert f"{tmp_path / 'cfg.toml'}: 3 problems" in err
     for part in ("methods = 'svd_magic' is not allowed; valid methods: ", "train.epochs = -2 must be >= 0",
                  "cobla.ftol = nan must be a finite number"):
@@ -148,7 +115,7 @@ def test_every_problem_reported_together_with_its_key(tmp_path, capsys):
 
 
 def test_check_validates_without_running(tmp_path, capsys):
-    cfg = _config(tmp_path, TINY.format(extra=""))
+    cfg = _config(tmp_path)
     code, out, err = _run(capsys, "check", cfg, "--out", tmp_path / "out")
     assert code == 0, err
     assert "ok; 2 records" in out and "new" in out
@@ -157,10 +124,8 @@ def test_check_validates_without_running(tmp_path, capsys):
 
 
 def test_budget_infeasible_for_one_model_names_model_and_minimum(tmp_path, capsys):
-    text = TINY.format(extra="").replace("mac = [0.5]", "mac = [0.01]").replace(
-        "[budgets]", '[budgets]\nbasis = "network"'
-    )
-    err = _user_error(capsys, "check", _config(tmp_path, text), "--out", tmp_path / "o")
+    cfg = _config(tmp_path, budgets__mac="[0.01]", budgets__basis='"network"')
+    err = _user_error(capsys, "check", cfg, "--out", tmp_path / "o")
     assert "budgets (mlp(hidden=[16]), tai)" in err and "smallest feasible budget" in err
 
 
@@ -189,7 +154,8 @@ def test_config_unreadable(tmp_path, capsys):
     assert "is a folder" in err
     err = _user_error(capsys, "check", tmp_path / "missing.toml")
     assert "does not exist" in err
-    bad = _config(tmp_path, "x = = 1\n", "bad.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("x = = 1\n")
     assert f"{bad}: not valid TOML" in _user_error(capsys, "check", bad)
 
 
@@ -200,7 +166,7 @@ def test_out_that_is_a_file_fails_before_training(tmp_path, capsys):
     """Issue: --out an existing file failed with a traceback after training."""
     out = tmp_path / "out"
     out.write_text("not a folder")
-    err = _user_error(capsys, "run", _config(tmp_path, TINY.format(extra="")), "--out", out, "--quiet")
+    err = _user_error(capsys, "run", _config(tmp_path), "--out", out, "--quiet")
     assert f"output folder {out} is a file" in err
     assert not list((Path(os.environ["COBLAX_CACHE"]) / "models").glob("*.npz"))  # nothing trained
     under = out / "sub"  # a folder below a file cannot be created either
@@ -212,16 +178,16 @@ def test_out_that_is_a_file_fails_before_training(tmp_path, capsys):
 def test_out_and_cache_that_cannot_be_written(tmp_path, capsys):
     """Issue: a read-only --out and an unwritable cache_dir failed after training."""
     ro = Path("/proc/coblax-cannot-write-here")  # refused even to root
-    text = TINY.format(extra="").replace("seed = 0", f'seed = 0\ncache_dir = "{ro}"')
-    err = _user_error(capsys, "run", _config(tmp_path, text), "--out", ro / "out", "--quiet")
+    cfg = _config(tmp_path, cache_dir=f'"{ro}"')
+    err = _user_error(capsys, "run", cfg, "--out", ro / "out", "--quiet")
     assert "output folder /proc/coblax-cannot-write-here/out: cannot write in /proc" in err
     assert "cache_dir /proc/coblax-cannot-write-here: cannot write in /proc" in err
     assert "2 problems" in err
 
 
 def test_missing_data_folder_fails_before_work(tmp_path, capsys):
-    text = TINY.format(extra="").replace('name = "digits"', f'name = "mnist"\ndir = "{tmp_path / "nodata"}"')
-    err = _user_error(capsys, "check", _config(tmp_path, text), "--out", tmp_path / "o")
+    cfg = _config(tmp_path, data__name='"mnist"', data__dir=f'"{tmp_path / "nodata"}"')
+    err = _user_error(capsys, "check", cfg, "--out", tmp_path / "o")
     assert "data: data directory" in err and "does not exist" in err
 
 
@@ -229,7 +195,8 @@ def test_compress_out_that_is_a_file(tmp_path, capsys):
     """Issue: compress --out an existing file gave a traceback."""
     out = tmp_path / "out.txt"
     out.write_text("x")
-    cfg = _config(tmp_path, 'model = "mlp"\n', "c.toml")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('model = "mlp"\n')
     err = _user_error(capsys, "compress", cfg, "--out", out)
     assert f"--out {out} is a file, not a folder" in err
 
