@@ -94,6 +94,10 @@ def fit(
         ``transform_grads(grads, params, aux)`` and ``project(params, aux)`` receive
         it. Large index tables belong here: captured in a closure they would be
         baked into the compiled step as constants (slow to compile).
+
+    Raises:
+      NumericalError: a non-finite or diverging loss (checked once per epoch, the
+        error names ``desc`` and the step), or non-finite weights at the end.
     """
     if epochs <= 0:
         return params
@@ -119,30 +123,32 @@ def fit(
     steps_per_epoch = max(1, n // batch_size)
     rng = np.random.default_rng(seed)
     bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False)
-    watch = _LossWatch(desc)
-    try:
-        for _ in range(epochs):
-            order = rng.permutation(n)
-            losses = []
-            for i in range(steps_per_epoch):
-                idx = order[i * batch_size:(i + 1) * batch_size]
-                params, opt_state, loss = step(params, opt_state, x[idx], y[idx], extra)
-                losses.append(loss)
-                bar.update(1)
-            watch.epoch(losses)  # one transfer per epoch; raises NumericalError
-            bar.set_postfix(loss=f"{float(loss):.4f}")
-    finally:
-        bar.close()
+    watch = _LossWatch(desc, bar)
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        losses = []
+        for i in range(steps_per_epoch):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            params, opt_state, loss = step(params, opt_state, x[idx], y[idx], extra)
+            losses.append(loss)
+            bar.update(1)
+        watch.epoch(losses)  # one transfer per epoch; raises NumericalError
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+    bar.close()
     if not tree_all_finite(params):
         raise NumericalError(desc, watch.steps, float("nan"), "the weights are not finite after the last update")
     return params
 
 
 class _LossWatch:
-    """Checks each epoch's losses: the first non-finite or diverged one stops training."""
+    """Checks each epoch's losses: the first non-finite or diverged one stops training.
 
-    def __init__(self, stage: str) -> None:
-        self.stage, self.steps, self.first = stage, 0, None
+    Step k's loss is that of the weights before update k; a loss above
+    ``DIVERGENCE_FACTOR * max(|first loss|, 1)`` counts as diverged.
+    """
+
+    def __init__(self, stage: str, bar: Any = None) -> None:
+        self.stage, self.bar, self.steps, self.first = stage, bar, 0, None
 
     def epoch(self, losses: list) -> None:
         values = np.asarray(jax.device_get(losses), dtype=np.float64).reshape(-1)
@@ -151,6 +157,8 @@ class _LossWatch:
         limit = DIVERGENCE_FACTOR * max(abs(self.first or 1.0), 1.0)
         bad = np.flatnonzero(~np.isfinite(values) | (values > limit))
         if bad.size:
+            if self.bar is not None:
+                self.bar.close()
             k = int(bad[0])
             raise NumericalError(self.stage, self.steps + k + 1, float(values[k]),
                                  "lower the learning rate (or check the data)")
