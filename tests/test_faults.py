@@ -159,6 +159,20 @@ def test_config_unreadable(tmp_path, capsys):
     assert f"{bad}: not valid TOML" in _user_error(capsys, "check", bad)
 
 
+def test_config_permission_denied(tmp_path, capsys, monkeypatch):
+    """Issue: an unreadable config file gave a traceback (root reads anything: simulated)."""
+    cfg = _config(tmp_path)
+    real = Path.read_bytes
+
+    def deny(self):
+        if self == cfg:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", deny)
+    assert f"cannot read config file {cfg}: Permission denied" in _user_error(capsys, "check", cfg)
+
+
 # ---------------------------------------------------------------------- folders
 
 

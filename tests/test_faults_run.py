@@ -143,6 +143,9 @@ def test_partial_of_other_config_or_corrupt_is_never_overwritten(tmp_path, capsy
     assert partial.read_bytes() == before
     assert main(["run", str(cfg), "--out", str(out), "--quiet", "--force"]) == 0
     assert len(_records(out / "results.json")) == 4 and not partial.exists()
+    capsys.readouterr()
+    assert main(["check", str(cfg), "--out", str(out)]) == 0
+    assert "ok; 4 records" in (printed := capsys.readouterr().out) and ": complete (4 records" in printed
 
 
 # ------------------------------------------------------------------------- caches
