@@ -225,7 +225,9 @@ def _check(value: Any, tp, where: str, problems: Problems) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         if abs(value) > INT_MAX:
-            raise ConfigError(f"{where} = {value} is out of range; integers must lie in [-{INT_MAX}, {INT_MAX}]")
+            raise ConfigError(
+                f"{where} = {value} is out of range; integers must lie in [-{INT_MAX}, {INT_MAX}]"
+            )
         return value
     if tp is bool:
         if not isinstance(value, bool):

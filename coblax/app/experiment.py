@@ -153,7 +153,8 @@ def train_base_model(
     written is reported and the trained model used anyway.
     """
     log = log or _stderr
-    model = build_model(mc.name, num_classes=data.num_classes, input_shape=data.input_shape, **dict(mc.options))
+    model = build_model(mc.name, num_classes=data.num_classes, input_shape=data.input_shape,
+                        **dict(mc.options))
     params = model.init(jax.random.PRNGKey(cfg.seed), jnp.asarray(data.x_train[:1]))
     settings = jsonable(cache_settings(cfg, mc, data, digest))
     path = None

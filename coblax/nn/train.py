@@ -136,7 +136,7 @@ def fit(
         bar.set_postfix(loss=f"{float(loss):.4f}")
     bar.close()
     if not tree_all_finite(params):
-        raise NumericalError(desc, watch.steps, float("nan"), "the weights are not finite after the last update")
+        raise NumericalError(desc, watch.steps, float("nan"), "the weights are not finite at the end")
     return params
 
 
