@@ -566,11 +566,11 @@ def decode_cbx(data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     """Parse ``.cbx`` bytes into (params tree of numpy arrays, metadata dict).
 
     Checks, in order: length, magic, version, declared section lengths against the
-    file length, CRC32, the metadata's types, then every declared size of the
-    layer table — element counts against :data:`MAX_ELEMENTS`, entry counts
-    against the stream lengths, all sections against the payload — before any
-    array is allocated, then every field while decoding. Any failure raises
-    :class:`CbxError`; no value from a damaged file is returned.
+    file length, CRC32, the metadata's types, the layer table (leaf count against
+    its length, all elements against :data:`MAX_ELEMENTS`), all sections against
+    the payload, and before anything is allocated for a coded leaf its entry and
+    nonzero counts against its stream lengths; then every field while decoding.
+    Any failure raises :class:`CbxError`; no value from a damaged file is returned.
     """
     data = bytes(data)
     _, _, _, n_leaves, n_coded, meta_len, table_len, payload_len = _check_frame(data)
