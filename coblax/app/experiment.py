@@ -419,6 +419,8 @@ def _sweep(cfg: RunConfig, mc: ModelConfig, scheme: str | None = None) -> list[t
 def _fingerprint(config: dict, digest: str | None) -> dict:
     """The part of a config (as JSON) and data that determines the records."""
     conf = json.loads(json.dumps(jsonable(config)))
+    if not isinstance(conf, dict):
+        return {"config": conf, "data_digest": digest}
     for key in ("name", "cache_dir"):
         conf.pop(key, None)
     if isinstance(conf.get("data"), dict):
@@ -500,7 +502,9 @@ def _check_out_dir(out: Path, fingerprint: dict | None, force: bool, problems: P
             return None, False
         if fingerprint is None:  # the config has problems: nothing to compare yet
             return None, False
-        stored = payload.get("fingerprint") or _fingerprint(payload.get("config", {}), None)
+        stored = payload.get("fingerprint")
+        if not isinstance(stored, dict):  # written before fingerprints: compare the config
+            stored = _fingerprint(payload.get("config"), None)
         diff = _differences(fingerprint["config"], stored.get("config"))
         if stored.get("data_digest") and stored.get("data_digest") != fingerprint["data_digest"]:
             diff.append("the training data")
