@@ -121,6 +121,26 @@ def test_sigterm_then_kill9_then_resume_equals_an_uninterrupted_run(tmp_path, ca
     assert [_stable(r) for r in resumed] == [_stable(r) for r in reference]
 
 
+def test_sigint_saves_finished_records_and_restores_handlers(tmp_path, capsys, monkeypatch):
+    """SIGINT right after a record was saved: exit 130, the record is kept, handlers restored."""
+    from coblax.app import experiment
+
+    real = experiment.write_json_atomic
+
+    def write_then_interrupt(path, payload, **kwargs):
+        real(path, payload, **kwargs)
+        if Path(path).name == "results.partial.json":
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(experiment, "write_json_atomic", write_then_interrupt)
+    out = tmp_path / "run"
+    assert main(["run", str(_config(tmp_path)), "--out", str(out), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted by SIGINT; 1 finished record(s) are saved" in err and "Traceback" not in err
+    assert len(_records(out / "results.partial.json")) == 1 and not (out / "results.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_partial_of_other_config_or_corrupt_is_never_overwritten(tmp_path, capsys):
     """Issue: rerunning turned 8 finished records into 1; a different config needs --force."""
     out = tmp_path / "run"
@@ -141,8 +161,16 @@ def test_partial_of_other_config_or_corrupt_is_never_overwritten(tmp_path, capsy
     assert main(["check", str(cfg), "--out", str(out)]) == 2
     assert "holds results of a different config" in capsys.readouterr().err
     assert partial.read_bytes() == before
+    models = Path(os.environ["COBLAX_CACHE"]) / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    stale, young = models / ".mlp-x.npz.old.tmp", models / ".mlp-y.npz.new.tmp"
+    stale.write_bytes(b"PK")
+    young.write_bytes(b"PK")  # may be another run's write in progress: kept
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
     assert main(["run", str(cfg), "--out", str(out), "--quiet", "--force"]) == 0
     assert len(_records(out / "results.json")) == 4 and not partial.exists()
+    assert not stale.exists() and young.exists()
+    young.unlink()
     capsys.readouterr()
     assert main(["check", str(cfg), "--out", str(out)]) == 0
     assert "ok; 4 records" in (printed := capsys.readouterr().out) and ": complete (4 records" in printed

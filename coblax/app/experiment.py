@@ -690,14 +690,11 @@ def run_experiment(
         payload["resumed"] = list(previous.get("resumed", [])) + [now]
         log(f"resuming {out}: {len(done)} of {plan.total} records already finished with this config; "
             "skipping them")
-    saved = len(done)
 
     def add(record: dict, new: bool) -> None:
-        nonlocal saved
         payload["records"].append(record)
         if new:
             write_json_atomic(partial, payload)
-            saved = len(payload["records"])
             if on_record is not None:
                 on_record(record)
 
@@ -705,7 +702,11 @@ def run_experiment(
         with _stop_on_signals():
             _sweep_records(plan, cfg, data, progress, done, add, log)
     except RunInterrupted as err:
-        err.saved, err.partial = max(saved, len(done)), partial
+        try:  # what is on disk, whichever instant the signal came
+            err.saved = len(read_results(partial)["records"])
+        except ResultsError:
+            err.saved = 0
+        err.partial = partial
         raise
     payload["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json_atomic(out / RESULTS, payload)
