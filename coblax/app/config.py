@@ -335,11 +335,12 @@ def parse_dataclass(cls, data: dict, where: str = "", problems: Problems | None 
             kwargs[f.name] = value
     try:
         obj = cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        if not isinstance(err, ConfigError) and len(problems) == start:
+    except ConfigError as err:  # a __post_init__ check
+        problems.add(where or "config", str(err))
+        obj = None
+    except (TypeError, ValueError) as err:  # a required key missing, or a bad value above
+        if len(problems) == start:
             problems.add(where or "config", f"{where or 'config'}: {err}")
-        elif isinstance(err, ConfigError):
-            problems.add(where or "config", str(err))
         obj = None
     validate = getattr(obj, "validate", None)
     if validate is not None and len(problems) == start:
@@ -351,6 +352,9 @@ def parse_dataclass(cls, data: dict, where: str = "", problems: Problems | None 
     if not collect and len(problems) > start:
         raise problems.error()
     return obj
+
+
+# Helpers for validate() methods that check by hand.
 
 
 def _choice(value: str, allowed, key: str) -> None:
