@@ -119,8 +119,16 @@ def test_quickstart_end_to_end_tiny(tmp_path, capsys):
     # table command reads it back
     assert main(["table", str(out), "--format", "csv"]) == 0
     assert "cobla" in capsys.readouterr().out
-    # results.json exists: a second run refuses to overwrite
+    # results.json of the same config exists: a second run redoes nothing and says so
+    before = (out / "results.json").read_bytes()
+    assert main(["run", str(tmp_path / "cfg.toml"), "--out", str(out), "--quiet"]) == 0
+    assert "already in" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
+    # ... and results of another config are never overwritten without --force
+    _write(tmp_path, TINY.format(extra="").replace("seed = 0", "seed = 1"))
     assert main(["run", str(tmp_path / "cfg.toml"), "--out", str(out), "--quiet"]) == 2
+    assert "different config (differs in seed" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
 
 
 def test_shipped_quickstart_config_validates():

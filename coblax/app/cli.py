@@ -1,40 +1,76 @@
-"""The ``coblax`` command line: run, table, compress, evaluate, methods.
+"""The ``coblax`` command line: run, check, table, compress, evaluate, methods.
 
-Kept short on purpose: every command calls a library function. Bad input
-(config, budget, data, method) exits with status 2 and one message, no traceback.
+Kept short on purpose: every command calls a library function. Errors caused by
+input — the project's own error types (:class:`~coblax.util.errors.CoblaxError`:
+config, budget, data, results, ``.cbx`` files...) — exit with status 2 and one
+message naming the file or key. Any other exception is a bug: its traceback is
+printed and the status is 1. ``--debug`` prints the traceback in both cases.
+A run stopped by SIGINT/SIGTERM exits with 130/143 after saving what is finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from coblax.lowrank.allocation import BudgetError
-    from coblax.app.config import ConfigError
-    from coblax.nn.data import DataError
-    from coblax.lowrank.registry import UnknownMethodError
+def _say(message: str) -> None:
+    print(f"coblax: {message}", file=sys.stderr, flush=True)
 
-    errors: list[type[BaseException]] = [ConfigError, BudgetError, DataError, UnknownMethodError, ValueError]
-    return tuple(errors)
+
+def _default_out(config: str) -> Path:
+    return Path("runs") / Path(config).stem
+
+
+def _describe(plan) -> str:
+    cfg = plan.cfg
+    shape = (f"{len(cfg.models)} model(s) x {len(cfg.decompose.schemes)} scheme(s) x "
+             f"{len(cfg.budgets.pairs())} budget(s) x {len(cfg.methods)} method(s)")
+    if plan.complete:
+        state = f"complete ({plan.finished} records in {plan.out_dir / 'results.json'})"
+    elif plan.previous is not None:
+        state = f"resumes after {plan.finished} finished record(s)"
+    elif plan.force:
+        state = "starts over (--force)"
+    else:
+        state = "new"
+    return f"{plan.total} records ({shape}); output {plan.out_dir}: {state}"
+
+
+def _failed_exit(records: list[dict]) -> int:
+    failed = [r for r in records if r.get("status") == "failed"]
+    if not failed:
+        return 0
+    _say(f"error: {len(failed)} of {len(records)} records failed (marked in the table):")
+    for r in failed:
+        print(f"  {r['model']}, {r['scheme']}, {r['budget_mac']:g}/{r['budget_param']:g}, "
+              f"{r['method']}: {r.get('error', '')}", file=sys.stderr)
+    return 2
 
 
 def _cmd_run(args) -> int:
-    from coblax.app.config import load_run_config
-    from coblax.app.experiment import run_experiment
+    from coblax.app.experiment import plan_run, run_experiment
     from coblax.app.report import format_table
 
-    cfg = load_run_config(args.config)
-    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    if (out / "results.json").exists() and not args.force:
-        raise ValueError(f"{out / 'results.json'} exists; pass --force to overwrite or choose another --out")
-    payload = run_experiment(cfg, out, config_text=Path(args.config).read_text(), progress=not args.quiet)
+    out = Path(args.out) if args.out else _default_out(args.config)
+    plan = plan_run(args.config, out, force=args.force)
+    payload = run_experiment(plan.cfg, out, plan=plan, progress=not args.quiet)
     print(format_table(payload["records"], "md"))
-    print(f"\nwrote {out / 'results.json'}")
+    if not plan.complete:
+        print(f"\nwrote {out / 'results.json'}")
+    return _failed_exit(payload["records"])
+
+
+def _cmd_check(args) -> int:
+    from coblax.app.experiment import plan_run
+
+    out = Path(args.out) if args.out else _default_out(args.config)
+    plan = plan_run(args.config, out, force=args.force)
+    print(f"{args.config}: ok; {_describe(plan)}")
     return 0
 
 
@@ -46,15 +82,70 @@ def _cmd_table(args) -> int:
     return 0
 
 
+def _check_out_folder(out: Path) -> None:
+    from coblax.app.config import ConfigError
+    from coblax.app.experiment import writable_problem
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    reason = writable_problem(out)
+    if reason:
+        raise ConfigError(f"--out {out}: {reason}")
+
+
 def _cmd_compress(args) -> int:
     from coblax.app.compress import run_compress
+    from coblax.app.config import read_config_text
     from coblax.compress.pipeline import format_compression_table
 
-    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    read_config_text(args.config)  # a missing, unreadable or non-UTF-8 file fails here
+    out = Path(args.out) if args.out else _default_out(args.config)
+    _check_out_folder(out)
     report = run_compress(args.config, out)
     print(format_compression_table(report))
     print(f"\nwrote {out}")
     return 0
+
+
+def _check_cbx_for_evaluation(path: Path) -> None:
+    """The file is a valid .cbx whose metadata rebuilds a model with the file's shapes."""
+    import jax
+    import jax.numpy as jnp
+
+    from coblax.app.config import check_model_options
+    from coblax.compress.cbx import CbxError, read_cbx_layout
+    from coblax.nn.models import build_model
+
+    if not path.exists():
+        raise CbxError(f"{path}: no such file")
+    if path.is_dir():
+        raise CbxError(f"{path} is a folder; expected a .cbx file (e.g. {path / 'model.cbx'})")
+    meta, shapes = read_cbx_layout(path)
+    missing = [k for k in ("model", "num_classes", "input_shape", "dataset") if k not in meta]
+    if missing:
+        raise CbxError(
+            f"{path}: metadata lacks {', '.join(map(repr, missing))}; this .cbx file was not written "
+            "by coblax compress"
+        )
+    name, options = meta["model"]["name"], dict(meta["model"].get("options", {}))
+    problems = check_model_options(name, options, "model")
+    if problems:
+        raise CbxError(f"{path}: metadata describes a model coblax cannot build: {'; '.join(problems)}")
+    model = build_model(name, num_classes=meta["num_classes"], **options)
+    x = jax.ShapeDtypeStruct((1, *meta["input_shape"]), jnp.float32)  # nothing allocated
+    try:
+        expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+    except Exception as err:  # noqa: BLE001 - options that break the model are the file's fault
+        raise CbxError(f"{path}: metadata describes a model coblax cannot build: {err}") from None
+    want = {"/".join(str(getattr(part, "key", part)) for part in key): tuple(leaf.shape)
+            for key, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    if want != shapes:
+        diff = sorted(set(want) ^ set(shapes)) or [k for k in want if want[k] != shapes[k]]
+        k = diff[0]
+        raise CbxError(
+            f"{path}: its parameters do not fit the model its metadata names ({name}): "
+            f"{k} is {shapes.get(k, 'missing')} in the file, {want.get(k, 'not in the model')} in the model"
+        )
 
 
 def _cmd_evaluate(args) -> int:
@@ -62,6 +153,7 @@ def _cmd_evaluate(args) -> int:
 
     from coblax.app.compress import evaluate_file
 
+    _check_cbx_for_evaluation(Path(args.file))
     result = evaluate_file(args.file, data_dir=args.data_dir)
     print(json.dumps(result, indent=1))
     return 0
@@ -75,41 +167,69 @@ def _cmd_methods(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="coblax", description="Budget-constrained network compression.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="print the traceback of every error")
+    parser = argparse.ArgumentParser(prog="coblax", description="Budget-constrained network compression.",
+                                     parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="run an experiment config (train/load, allocate, fine-tune, table)")
+    p = sub.add_parser("run", parents=[common],
+                       help="run an experiment config (train/load, allocate, fine-tune, table); "
+                            "resumes an unfinished run in the same --out")
     p.add_argument("config")
     p.add_argument("--out", help="output directory (default runs/CONFIG_NAME)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing results.json")
+    p.add_argument("--force", action="store_true",
+                   help="start over: discard the results of an earlier run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_run)
-    p = sub.add_parser("table", help="comparison table of results directories")
+    p = sub.add_parser("check", parents=[common],
+                       help="validate a config and everything a run needs, without running")
+    p.add_argument("config")
+    p.add_argument("--out", help="output directory to check (default runs/CONFIG_NAME)")
+    p.add_argument("--force", action="store_true", help="as for run: ignore earlier results in --out")
+    p.set_defaults(fn=_cmd_check)
+    p = sub.add_parser("table", parents=[common], help="comparison table of results directories")
     p.add_argument("results", nargs="+", help="directories holding results.json (or the files)")
     p.add_argument("--format", choices=("md", "csv", "tex"), default="md")
     p.set_defaults(fn=_cmd_table)
-    p = sub.add_parser("compress", help="run a compression pipeline config (prune/quantize/encode)")
+    p = sub.add_parser("compress", parents=[common],
+                       help="run a compression pipeline config (prune/quantize/encode)")
     p.add_argument("config")
     p.add_argument("--out")
     p.set_defaults(fn=_cmd_compress)
-    p = sub.add_parser("evaluate", help="decode a .cbx file and evaluate it")
+    p = sub.add_parser("evaluate", parents=[common], help="decode a .cbx file and evaluate it")
     p.add_argument("file")
     p.add_argument("--data-dir")
     p.set_defaults(fn=_cmd_evaluate)
-    p = sub.add_parser("methods", help="list the allocation methods")
+    p = sub.add_parser("methods", parents=[common], help="list the allocation methods")
     p.set_defaults(fn=_cmd_methods)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from coblax.util.errors import CoblaxError, RunInterrupted
+
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
     try:
         return args.fn(args)
-    except _user_errors() as err:
-        print(f"coblax: error: {err}", file=sys.stderr)
-        return 2
+    except RunInterrupted as err:
+        where = f" in {err.partial}" if err.partial is not None else ""
+        _say(f"interrupted by {err}; {err.saved} finished record(s) are saved{where}; "
+             "run the same command again to resume")
+        return 128 + err.signum
     except KeyboardInterrupt:
-        print("coblax: interrupted", file=sys.stderr)
+        _say("interrupted")
         return 130
+    except CoblaxError as err:
+        if debug:
+            traceback.print_exc()
+        _say(f"error: {err}")
+        return 2
+    except Exception:  # noqa: BLE001 - a bug: keep its traceback, exit 1
+        traceback.print_exc()
+        _say("internal error: the traceback above is a bug in coblax, not a problem with your input")
+        return 1
 
 
 if __name__ == "__main__":

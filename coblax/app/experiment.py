@@ -1,20 +1,39 @@
 """``coblax run``: base model -> every method at every budget -> results.json.
 
 Intentionally thin: each step calls a library module (data, models, train,
-decompose, costs, objective, allocators, finetune). Budgets are checked for every
-model and scheme before any training so that a bad budget fails fast with
-nothing written.
+decompose, costs, objective, allocators, finetune). :func:`plan_run` checks
+everything before any work — every config value, the model and method options,
+every budget against every model and scheme, the output, cache and data folders —
+and reports all problems together. :func:`run_experiment` then never loses
+finished work:
+
+* every finished record is saved at once (``results.partial.json``, atomically);
+* a rerun with the same config and output folder skips the finished records and
+  says so; results of a different config are refused unless ``force``;
+* SIGINT / SIGTERM stop the run with every finished record saved
+  (:class:`RunInterrupted`); leftover temporary files are removed on the next run;
+* a record whose training, fine-tuning or COBLA objective produces a non-finite
+  or diverging loss, or whose allocator cannot meet the budget, is saved as a
+  ``"failed"`` record naming the stage and step, and the run goes on.
+
+A run is deterministic given its config and data, so a resumed run's records equal
+an uninterrupted run's (except the timings and ``base_cached``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import platform
+import signal
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +42,45 @@ import jax.numpy as jnp
 import numpy as np
 
 from coblax.nn import train as T
-from coblax.lowrank.allocation import Allocation, is_feasible
-from coblax.app.config import ModelConfig, RunConfig
+from coblax.lowrank.allocation import Allocation, BudgetError, is_feasible
+from coblax.app.config import (
+    INT_MAX,
+    ConfigError,
+    ModelConfig,
+    Problems,
+    RunConfig,
+    load_run_config,
+    read_config_text,
+)
+from coblax.app.report import ResultsError, read_results
 from coblax.lowrank.costs import NetworkCost, make_problem, network_cost
-from coblax.nn.data import Dataset, load_dataset
+from coblax.nn.data import Dataset, DataError, load_dataset
 from coblax.lowrank.decompose import Factors, apply_fn_for, factorize, get_kernel, trace_layers, truncate
 from coblax.nn.models import build_model
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.registry import get_allocator
 from coblax.util import jsonable, write_json_atomic
+from coblax.util.errors import NumericalError, RunInterrupted
 
-__all__ = ["run_experiment", "BaseModel", "train_base_model", "decomposable_layers", "factored_variables", "versions"]
+__all__ = [
+    "run_experiment",
+    "plan_run",
+    "plan_from_config",
+    "RunPlan",
+    "RunInterrupted",
+    "writable_problem",
+    "record_key",
+    "BaseModel",
+    "train_base_model",
+    "decomposable_layers",
+    "factored_variables",
+    "versions",
+]
+
+RESULTS = "results.json"
+PARTIAL = "results.partial.json"
+#: Record fields that legitimately differ between two runs of the same config.
+VOLATILE_KEYS = ("solve_seconds", "finetune_seconds", "base_cached")
 
 
 def versions() -> dict[str, str]:
@@ -56,6 +103,10 @@ def versions() -> dict[str, str]:
     }
 
 
+def _stderr(message: str) -> None:
+    print(f"coblax: {message}", file=sys.stderr, flush=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class BaseModel:
     model: Any
@@ -68,29 +119,55 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("COBLAX_CACHE", Path.home() / ".cache" / "coblax"))
 
 
-def train_base_model(cfg: RunConfig, mc: ModelConfig, data: Dataset, cache_dir: Path | None, progress: bool = True) -> BaseModel:
-    """Train the base model, or load it from the cache when settings match."""
-    model = build_model(mc.name, num_classes=data.num_classes, input_shape=data.input_shape, **dict(mc.options))
-    params = model.init(jax.random.PRNGKey(cfg.seed), jnp.asarray(data.x_train[:1]))
-    settings = {
+def cache_settings(cfg: RunConfig, mc: ModelConfig, data: Dataset, digest: str | None = None) -> dict:
+    """What determines a trained base model: model, options, training, seed and the data itself."""
+    return {
         "model": mc.name,
         "options": mc.options,
-        "data": dataclasses.asdict(cfg.data) | {"dir": None},
         "train": dataclasses.asdict(cfg.train),
         "seed": cfg.seed,
-        "n_train": int(len(data.x_train)),
+        "data": {
+            "name": data.name,
+            "n_train": int(len(data.x_train)),
+            "digest": digest or T.data_digest(data.x_train, data.y_train),
+        },
     }
+
+
+def train_base_model(
+    cfg: RunConfig,
+    mc: ModelConfig,
+    data: Dataset,
+    cache_dir: Path | None,
+    progress: bool = True,
+    *,
+    log: Callable[[str], None] | None = None,
+    digest: str | None = None,
+) -> BaseModel:
+    """Train the base model, or load it from the cache when settings and data match.
+
+    A cache entry that is unreadable, was written for other settings or data, has
+    other shapes or holds non-finite weights is reported through ``log`` and
+    replaced by a freshly trained model. A model whose training loss is not finite
+    raises :class:`NumericalError` and is never cached; a cache that cannot be
+    written is reported and the trained model used anyway.
+    """
+    log = log or _stderr
+    model = build_model(mc.name, num_classes=data.num_classes, input_shape=data.input_shape,
+                        **dict(mc.options))
+    params = model.init(jax.random.PRNGKey(cfg.seed), jnp.asarray(data.x_train[:1]))
+    settings = jsonable(cache_settings(cfg, mc, data, digest))
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / "models" / f"{mc.name}-{T.cache_key(settings)}.npz"
-        if path.is_file():
+        if path.exists():
             try:
-                loaded = T.load_params(path)
-                if jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(params):
-                    acc = T.evaluate(model.apply, loaded, data.x_test, data.y_test)
-                    return BaseModel(model, loaded, acc, True)
-            except (OSError, ValueError, KeyError):
-                pass  # unreadable cache entry: retrain and overwrite it
+                loaded = T.load_checkpoint(path, params, meta=settings)
+            except T.CheckpointError as err:
+                log(f"cache: {err}; retraining {mc.label}")
+            else:
+                acc = T.evaluate(model.apply, loaded, data.x_test, data.y_test)
+                return BaseModel(model, loaded, acc, True)
     params = T.fit(
         model.apply, params, data.x_train, data.y_train,
         epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
@@ -99,7 +176,10 @@ def train_base_model(cfg: RunConfig, mc: ModelConfig, data: Dataset, cache_dir: 
     )
     acc = T.evaluate(model.apply, params, data.x_test, data.y_test)
     if path is not None:
-        T.save_params(path, params, meta=settings | {"test_accuracy": acc})
+        try:
+            T.save_params(path, params, meta=settings | {"test_accuracy": acc})
+        except OSError as err:
+            log(f"cache: cannot write {path} ({err.strerror or err}); {mc.label} is used but not cached")
     return BaseModel(model, params, acc, False)
 
 
@@ -107,9 +187,12 @@ def decomposable_layers(traced, cfg: RunConfig) -> list:
     """Traced layers selected for decomposition by ``decompose.layers/exclude``."""
     chosen = []
     names = {l.name for l in traced}
-    for wanted in cfg.decompose.layers + cfg.decompose.exclude:
-        if wanted not in names:
-            raise ValueError(f"decompose: no layer named {wanted!r}; layers: {', '.join(sorted(names))}")
+    for key, wanted_list in (("layers", cfg.decompose.layers), ("exclude", cfg.decompose.exclude)):
+        for wanted in wanted_list:
+            if wanted not in names:
+                raise ConfigError(
+                    f"decompose.{key}: no layer named {wanted!r}; layers: {', '.join(sorted(names))}"
+                )
     for layer in traced:
         if not layer.decomposable:
             continue
@@ -121,21 +204,48 @@ def decomposable_layers(traced, cfg: RunConfig) -> list:
     return chosen
 
 
-def preflight(cfg: RunConfig, data_shape: tuple, num_classes: int) -> None:
-    """Check every budget against every model/scheme before anything runs."""
-    for mc in cfg.models:
-        model = build_model(mc.name, num_classes=num_classes, input_shape=data_shape, **dict(mc.options))
+def preflight(cfg: RunConfig, data_shape: tuple, num_classes: int, problems: Problems | None = None) -> None:
+    """Check every model and every budget against every scheme before anything runs.
+
+    Each model is built abstractly (``jax.eval_shape``, nothing computed) on the
+    data's input shape with its options, its decomposed layers are selected and
+    every budget pair is checked against what the layers that are not decomposed
+    already cost. Problems go to ``problems`` (raised together if None).
+    """
+    own = Problems() if problems is None else problems
+    for i, mc in enumerate(cfg.models):
+        where = f"models[{i}]"
         x = jnp.zeros((1,) + tuple(data_shape), jnp.float32)
-        params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+        try:
+            model = build_model(mc.name, num_classes=num_classes, input_shape=data_shape, **dict(mc.options))
+            params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+        except Exception as err:  # noqa: BLE001 - whatever the options break, report it as theirs
+            own.add("models", f"{where} ({mc.label}) cannot be built for inputs {tuple(data_shape)}: "
+                              f"{type(err).__name__}: {err}")
+            continue
+        n_params = sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
+        if n_params > INT_MAX:
+            own.add("models", f"{where} ({mc.label}) has {n_params:,} parameters, more than {INT_MAX:,}")
+            continue
         traced = trace_layers(model, params, x)
-        chosen = decomposable_layers(traced, cfg)
+        try:
+            chosen = decomposable_layers(traced, cfg)
+        except ConfigError as err:
+            own.add("decompose", f"{err} (model {mc.label})")
+            continue
         if not chosen:
-            raise ValueError(f"model {mc.label}: no decomposable layer selected")
+            own.add("decompose", f"model {mc.label}: no decomposable layer selected")
+            continue
         for scheme in cfg.decompose.schemes:
             sig = {l.name: np.ones(_full_rank(l, scheme)) for l in chosen}
             net = network_cost(traced, params, sig, scheme)
             for mac, par in cfg.budgets.pairs():
-                make_problem(net, mac, par, cfg.budgets.basis, min_rank=cfg.budgets.min_rank)
+                try:
+                    make_problem(net, mac, par, cfg.budgets.basis, min_rank=cfg.budgets.min_rank)
+                except BudgetError as err:
+                    own.add("budgets", f"budgets ({mc.label}, {scheme}): {err}")
+    if problems is None and own:
+        raise own.error()
 
 
 def _full_rank(layer, scheme: str) -> int:
@@ -190,8 +300,8 @@ def run_method(
         defaults = {k: getattr(cfg.cobla, k) for k in ("max_iter", "ftol", "roundings", "warm_start", "saturation_rounds")}
         options = defaults | {"progress": progress} | options
     allocator = get_allocator(method, **options)
-    problem = make_problem(net, budget[0], budget[1], cfg.budgets.basis,
-                           min_rank=cfg.budgets.min_rank, loss=loss, seed=cfg.seed)
+    problem = make_problem(net, budget[0], budget[1], cfg.budgets.basis, min_rank=cfg.budgets.min_rank,
+                           loss=None if loss is None else _FiniteLoss(loss), seed=cfg.seed)
     start = time.perf_counter()
     allocation: Allocation = allocator(problem)
     solve_seconds = time.perf_counter() - start
@@ -254,6 +364,274 @@ def run_method(
     }
 
 
+class _FiniteLoss:
+    """A loss oracle that stops the solve when the objective or its gradient is not finite.
+
+    ``step`` in the error is the number of the objective evaluation (1-based).
+    """
+
+    stage = "cobla objective"
+
+    def __init__(self, loss: Any) -> None:
+        self._loss, self.calls = loss, 0
+
+    def _checked(self, value: float, grad: np.ndarray | None = None) -> None:
+        self.calls += 1
+        if not math.isfinite(value):
+            raise NumericalError(self.stage, self.calls, value, "the network's loss is not finite")
+        if grad is not None and not np.all(np.isfinite(grad)):
+            raise NumericalError(self.stage, self.calls, float("nan"), "its gradient is not finite")
+
+    def value_and_grad(self, m: np.ndarray) -> tuple[float, np.ndarray]:
+        value, grad = self._loss.value_and_grad(m)
+        self._checked(value, grad)
+        return value, grad
+
+    def value(self, m: np.ndarray) -> float:
+        value = self._loss.value(m)
+        self._checked(value)
+        return value
+
+    def validation_loss(self, m: np.ndarray) -> float:
+        value = self._loss.validation_loss(m)
+        self._checked(value)
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loss, name)
+
+
+# ------------------------------------------------------------------ planning a run
+
+
+def record_key(record: dict) -> tuple:
+    """What identifies a record within a run: (model, scheme, mac, param, method)."""
+    return (str(record["model"]), str(record["scheme"]), float(record["budget_mac"]),
+            float(record["budget_param"]), str(record["method"]))
+
+
+def _sweep(cfg: RunConfig, mc: ModelConfig, scheme: str | None = None) -> list[tuple]:
+    schemes = cfg.decompose.schemes if scheme is None else (scheme,)
+    return [(mc.label, s, float(mac), float(par), method)
+            for s in schemes for mac, par in cfg.budgets.pairs() for method in cfg.methods]
+
+
+def _fingerprint(config: dict, digest: str | None) -> dict:
+    """The part of a config (as JSON) and data that determines the records."""
+    conf = json.loads(json.dumps(jsonable(config)))
+    if not isinstance(conf, dict):
+        return {"config": conf, "data_digest": digest}
+    for key in ("name", "cache_dir"):
+        conf.pop(key, None)
+    if isinstance(conf.get("data"), dict):
+        conf["data"].pop("dir", None)
+    return {"config": conf, "data_digest": digest}
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if a == b else [prefix or "(all)"]
+
+
+def writable_problem(folder: Path) -> str | None:
+    """Why files cannot be created in ``folder`` (created on demand), or None."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        return f"cannot write in {probe} ({err.strerror or err})"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """A validated run: config, data, folders and the records already finished.
+
+    Attributes:
+      previous: the payload of an earlier run of the same config in ``out_dir``
+        (its finished records are kept), or None.
+      complete: ``results.json`` of the same config already holds every record.
+      total: number of records of the sweep.
+    """
+
+    cfg: RunConfig
+    config_text: str
+    data: Dataset
+    digest: str
+    out_dir: Path
+    cache_dir: Path
+    force: bool
+    previous: dict | None
+    complete: bool
+    total: int
+
+    @property
+    def finished(self) -> int:
+        return 0 if self.previous is None else len(self.previous["records"])
+
+
+def _check_out_dir(out: Path, fingerprint: dict | None, force: bool, problems: Problems):
+    """(previous payload or None, complete) for ``out``; problems added."""
+    if out.exists() and not out.is_dir():
+        problems.add("--out", f"output folder {out} is a file, not a folder")
+        return None, False
+    reason = writable_problem(out)
+    if reason:
+        problems.add("--out", f"output folder {out}: {reason}")
+        return None, False
+    for name, complete in ((RESULTS, True), (PARTIAL, False)):
+        path = out / name
+        if not path.exists() or force:
+            continue
+        try:
+            payload = read_results(path)
+        except ResultsError as err:
+            problems.add("--out", f"{err}; move it away or pass --force to start over")
+            return None, False
+        if fingerprint is None:  # the config has problems: nothing to compare yet
+            return None, False
+        stored = payload.get("fingerprint")
+        if not isinstance(stored, dict):  # written before fingerprints: compare the config
+            stored = _fingerprint(payload.get("config"), None)
+        diff = _differences(fingerprint["config"], stored.get("config"))
+        if stored.get("data_digest") and stored.get("data_digest") != fingerprint["data_digest"]:
+            diff.append("the training data")
+        if diff:
+            more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
+            problems.add(
+                "--out",
+                f"{path} holds results of a different config (differs in {', '.join(diff[:6])}{more}); "
+                "pass --force to start over or choose another --out",
+            )
+            return None, False
+        return payload, complete
+    return None, False
+
+
+def plan_from_config(
+    cfg: RunConfig,
+    out_dir: str | os.PathLike,
+    config_text: str = "",
+    *,
+    force: bool = False,
+    problems: Problems | None = None,
+    source: str | None = None,
+) -> RunPlan:
+    """Check data, folders, models and budgets of a parsed config; raise every problem together."""
+    problems = Problems() if problems is None else problems
+    config_ok = not problems
+    out = Path(out_dir)
+    data = digest = None
+    if "data" not in problems.keys:
+        try:
+            data = load_dataset(cfg.data.name, cfg.data.dir, seed=cfg.seed,
+                                limit_train=cfg.data.limit_train, limit_test=cfg.data.limit_test)
+        except DataError as err:
+            problems.add("data", f"data: {err}")
+        else:
+            digest = T.data_digest(data.x_train, data.y_train)
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    reason = writable_problem(cache_dir / "models")
+    if reason:
+        key = "cache_dir" if cfg.cache_dir else "cache folder ($COBLAX_CACHE or ~/.cache/coblax)"
+        problems.add("cache_dir", f"{key} {cache_dir}: {reason}")
+    fingerprint = _fingerprint(dataclasses.asdict(cfg), digest) if config_ok and data is not None else None
+    previous, complete = _check_out_dir(out, fingerprint, force, problems)
+    if data is not None and not problems.keys & {"models", "decompose", "budgets"}:
+        preflight(cfg, data.input_shape, data.num_classes, problems)
+    if problems:
+        raise problems.error(source)
+    total = sum(len(_sweep(cfg, mc)) for mc in cfg.models)
+    return RunPlan(cfg, config_text, data, digest, out, cache_dir, force, previous, complete, total)
+
+
+def plan_run(config_path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+             force: bool = False) -> RunPlan:
+    """Read and check a config file and everything a run of it needs, before any work.
+
+    ``out_dir`` defaults to ``runs/<config name>``. Raises one :class:`ConfigError`
+    listing every problem (config values, model and method options, budgets,
+    output, cache and data folders).
+    """
+    text = read_config_text(config_path)
+    problems = Problems()
+    cfg = load_run_config(config_path, problems)
+    out = Path(out_dir) if out_dir else Path("runs") / Path(config_path).stem
+    return plan_from_config(cfg, out, text, force=force, problems=problems, source=str(config_path))
+
+
+# ------------------------------------------------------------------------- running
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Turn SIGINT/SIGTERM into :class:`RunInterrupted` (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise RunInterrupted(signum)
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+
+def _remove_temp_files(folder: Path, pattern: str, min_age_s: float = 0.0) -> int:
+    """Delete leftover ``write_bytes_atomic`` temporaries (``.NAME.*.tmp``) in ``folder``."""
+    removed = 0
+    if not folder.is_dir():
+        return 0
+    now = time.time()
+    for tmp in folder.glob(pattern):
+        try:
+            if now - tmp.stat().st_mtime >= min_age_s:
+                tmp.unlink()
+                removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _failed_record(key: tuple, cfg: RunConfig, err: Exception, base: BaseModel | None) -> dict:
+    label, scheme, mac, par, method = key
+    return {
+        "model": label,
+        "scheme": scheme,
+        "base_cached": None if base is None else base.cached,
+        "method": method,
+        "status": "failed",
+        "error": str(err),
+        "failed_stage": getattr(err, "stage", f"allocate {method}"),
+        "failed_step": getattr(err, "step", None),
+        "budget_mac": mac,
+        "budget_param": par,
+        "basis": cfg.budgets.basis,
+        "ranks": None,
+        "mac_ratio": None,
+        "param_ratio": None,
+        "acc_before_finetune": None,
+        "acc_after_finetune": None,
+        "base_acc": None if base is None else base.accuracy,
+    }
+
+
 def run_experiment(
     cfg: RunConfig,
     out_dir: str | Path,
@@ -261,49 +639,124 @@ def run_experiment(
     config_text: str = "",
     progress: bool = True,
     on_record: Callable[[dict], None] | None = None,
+    plan: RunPlan | None = None,
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Run every model x scheme x budget x method; write ``out_dir/results.json``.
 
-    Partial results are kept in ``results.partial.json`` while running (so a
-    crash loses nothing finished) and replaced by ``results.json`` at the end.
+    Finished records are saved in ``results.partial.json`` as they come (so a crash
+    or a signal loses nothing finished) and the file is replaced by
+    ``results.json`` at the end. Records already finished by an earlier run of the
+    same config in ``out_dir`` are kept and skipped; ``force`` starts over.
+
+    Args:
+      plan: a plan from :func:`plan_run` (else one is made from ``cfg``).
+      log: where notes go (resumed records, cache repairs); default stderr.
+    Raises:
+      ConfigError: anything :func:`plan_from_config` finds.
+      RunInterrupted: SIGINT / SIGTERM (after saving every finished record).
     """
-    data = load_dataset(cfg.data.name, cfg.data.dir, seed=cfg.seed,
-                        limit_train=cfg.data.limit_train, limit_test=cfg.data.limit_test)
-    preflight(cfg, data.input_shape, data.num_classes)
-    out_dir = Path(out_dir)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    log = log or _stderr
+    if plan is None:
+        plan = plan_from_config(cfg, out_dir, config_text, force=force)
+    cfg, data, out = plan.cfg, plan.data, plan.out_dir
+    if plan.complete:
+        log(f"all {len(plan.previous['records'])} records of this config are already in {out / RESULTS}; "
+            "nothing to run (pass --force to redo them)")
+        return plan.previous
+    partial = out / PARTIAL
+    if plan.force:
+        for name in (RESULTS, PARTIAL):
+            (out / name).unlink(missing_ok=True)
+    removed = _remove_temp_files(out, ".results*.json.*.tmp")
+    removed += _remove_temp_files(plan.cache_dir / "models", ".*.tmp", min_age_s=600.0)
+    if removed:
+        log(f"removed {removed} leftover temporary file(s) of an interrupted run")
+    previous = plan.previous or {}
+    done = {record_key(r): r for r in previous.get("records", [])}
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
     payload: dict = {
         "config": dataclasses.asdict(cfg),
-        "config_text": config_text,
+        "config_text": plan.config_text or config_text,
+        "fingerprint": _fingerprint(dataclasses.asdict(cfg), plan.digest),
         "seed": cfg.seed,
         "versions": versions(),
         "dataset": {"name": data.name, "train": len(data.x_train), "test": len(data.x_test)},
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "started": previous.get("started", now),
         "records": [],
     }
-    partial = out_dir / "results.partial.json"
+    if done:
+        payload["resumed"] = list(previous.get("resumed", [])) + [now]
+        log(f"resuming {out}: {len(done)} of {plan.total} records already finished with this config; "
+            "skipping them")
+
+    def add(record: dict, new: bool) -> None:
+        payload["records"].append(record)
+        if new:
+            write_json_atomic(partial, payload)
+            if on_record is not None:
+                on_record(record)
+
+    try:
+        with _stop_on_signals():
+            _sweep_records(plan, cfg, data, progress, done, add, log)
+    except RunInterrupted as err:
+        try:  # what is on disk, whichever instant the signal came
+            err.saved = len(read_results(partial)["records"])
+        except ResultsError:
+            err.saved = 0
+        err.partial = partial
+        raise
+    payload["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    write_json_atomic(out / RESULTS, payload)
+    partial.unlink(missing_ok=True)
+    return jsonable(payload)
+
+
+def _sweep_records(plan: RunPlan, cfg: RunConfig, data: Dataset, progress: bool, done: dict,
+                   add: Callable[[dict, bool], None], log: Callable[[str], None]) -> None:
     objective_data, validation_data = _split(data, cfg)
     for mc in cfg.models:
-        base = train_base_model(cfg, mc, data, cache_dir, progress)
+        keys = _sweep(cfg, mc)
+        if all(k in done for k in keys):
+            for k in keys:
+                add(done[k], False)
+            continue
+        try:
+            base = train_base_model(cfg, mc, data, plan.cache_dir, progress, log=log, digest=plan.digest)
+        except NumericalError as err:
+            log(f"{mc.label}: {err}; its records are marked failed")
+            for k in keys:
+                if k in done:
+                    add(done[k], False)
+                else:
+                    add(_failed_record(k, cfg, err, None), True)
+            continue
         x1 = jnp.asarray(data.x_train[:1])
         traced = trace_layers(base.model, base.params, x1)
         chosen = decomposable_layers(traced, cfg)
         for scheme in cfg.decompose.schemes:
+            keys = _sweep(cfg, mc, scheme)
+            if all(k in done for k in keys):
+                for k in keys:
+                    add(done[k], False)
+                continue
             full = {l.name: factorize(get_kernel(base.params, l.name), l, scheme) for l in chosen}
             net = network_cost(traced, base.params, {n: np.asarray(f.sigma) for n, f in full.items()}, scheme)
             loss = None
             if "cobla" in cfg.methods:
                 loss = NetworkLoss(base.model, base.params, full, objective_data, validation_data,
                                    batch_size=cfg.cobla.batch_size)
-            for budget in cfg.budgets.pairs():
-                for method in cfg.methods:
+            for key in keys:
+                if key in done:
+                    add(done[key], False)
+                    continue
+                method, budget = key[4], (key[2], key[3])
+                try:
                     record = run_method(method, cfg, base, data, traced, net, full, loss, budget, progress)
-                    record = {"model": mc.label, "scheme": scheme, "base_cached": base.cached} | record
-                    payload["records"].append(record)
-                    write_json_atomic(partial, payload)
-                    if on_record is not None:
-                        on_record(record)
-    payload["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    write_json_atomic(out_dir / "results.json", payload)
-    partial.unlink(missing_ok=True)
-    return payload
+                except (NumericalError, BudgetError) as err:
+                    log(f"{mc.label}, {scheme}, {budget[0]:g}/{budget[1]:g}, {method}: failed: {err}")
+                    add(_failed_record(key, cfg, err, base), True)
+                    continue
+                add({"model": mc.label, "scheme": scheme, "base_cached": base.cached} | record, True)

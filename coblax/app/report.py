@@ -17,7 +17,17 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["REQUIRED_KEYS", "FORMATS", "load_records", "format_table"]
+from coblax.util.errors import CoblaxError
+
+__all__ = [
+    "REQUIRED_KEYS",
+    "FORMATS",
+    "ResultsError",
+    "ResultsNotFoundError",
+    "read_results",
+    "load_records",
+    "format_table",
+]
 
 REQUIRED_KEYS = (
     "model",
@@ -31,32 +41,91 @@ REQUIRED_KEYS = (
     "acc_after_finetune",
     "base_acc",
 )
+_TEXT_KEYS = ("model", "method", "scheme")
+_NUMBER_KEYS = ("budget_mac", "budget_param")
+_OPTIONAL_NUMBER_KEYS = ("mac_ratio", "param_ratio", "acc_before_finetune", "acc_after_finetune", "base_acc")
 FORMATS = ("md", "csv", "tex")
 _SUBCOLUMNS = ("acc before FT", "acc after FT", "MAC ratio", "param ratio")
 _MISSING = "-"
+_FAILED = "failed"
+
+
+class ResultsError(CoblaxError, ValueError):
+    """A results file or folder that cannot be read; the message names it and why."""
+
+
+class ResultsNotFoundError(ResultsError, FileNotFoundError):
+    """A results path that does not exist, or a folder without results.json."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_results(file: str | os.PathLike) -> dict[str, Any]:
+    """The payload of one results file, its records checked (types and required keys).
+
+    Raises:
+      ResultsNotFoundError: no such file.
+      ResultsError: unreadable, not JSON, no ``records`` list, or a bad record.
+    """
+    file = os.fspath(file)
+    try:
+        with open(file, "rb") as f:
+            blob = f.read()
+    except FileNotFoundError:
+        raise ResultsNotFoundError(f"{file}: no such file") from None
+    except OSError as err:
+        raise ResultsError(f"{file}: cannot read ({err.strerror or err})") from None
+    try:
+        data = json.loads(blob.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ResultsError(f"{file}: not a valid results file ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+        raise ResultsError(f"{file}: expected a JSON object with a 'records' list")
+    for i, rec in enumerate(data["records"]):
+        if not isinstance(rec, dict):
+            raise ResultsError(f"{file}: record {i} is not a JSON object")
+        missing = [k for k in REQUIRED_KEYS if k not in rec]
+        if missing:
+            raise ResultsError(f"{file}: record {i} lacks the keys {', '.join(missing)}")
+        bad = [k for k in _TEXT_KEYS if not isinstance(rec[k], str)]
+        bad += [k for k in _NUMBER_KEYS if not _is_number(rec[k])]
+        bad += [k for k in _OPTIONAL_NUMBER_KEYS if rec[k] is not None and not _is_number(rec[k])]
+        if bad:
+            raise ResultsError(f"{file}: record {i} has values of the wrong type for {', '.join(bad)}")
+    return data
 
 
 def load_records(paths: Sequence[str]) -> list[dict[str, Any]]:
     """Read the records of ``DIR/results.json`` for each path (a directory or the file).
 
+    A folder that holds only ``results.partial.json`` (an unfinished run) is an
+    error that says how to finish it; the partial file itself may be given.
+
     Raises:
-      FileNotFoundError: a path without a results.json.
-      ValueError: a file without a ``records`` list, or a record missing a required key.
+      ResultsNotFoundError: a path that does not exist or a folder without results.
+      ResultsError: an unreadable file, one without a ``records`` list, or a bad record.
     """
     if isinstance(paths, str):
         raise ValueError("paths must be a list of paths, not a single string")
     records: list[dict[str, Any]] = []
     for path in paths:
-        file = os.path.join(path, "results.json") if os.path.isdir(path) else path
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
-        if not isinstance(data, dict) or not isinstance(data.get("records"), list):
-            raise ValueError(f"{file}: expected a JSON object with a 'records' list")
-        for i, rec in enumerate(data["records"]):
-            missing = [k for k in REQUIRED_KEYS if k not in rec]
-            if missing:
-                raise ValueError(f"{file}: record {i} lacks the keys {', '.join(missing)}")
-            records.append(dict(rec))
+        if not os.path.exists(path):
+            raise ResultsNotFoundError(f"{path}: no such file or folder")
+        file = path
+        if os.path.isdir(path):
+            file = os.path.join(path, "results.json")
+            partial = os.path.join(path, "results.partial.json")
+            if not os.path.exists(file) and os.path.exists(partial):
+                raise ResultsNotFoundError(
+                    f"{path} holds no results.json, only results.partial.json (an unfinished run): "
+                    f"run the same `coblax run` again to finish it, or give {partial} to tabulate "
+                    "what is finished"
+                )
+            if not os.path.exists(file):
+                raise ResultsNotFoundError(f"{path}: no results.json in this folder")
+        records.extend(dict(rec) for rec in read_results(file)["records"])
     return records
 
 
@@ -86,8 +155,10 @@ def format_table(
     ``mac/param`` (e.g. ``0.5/0.5``). Accuracies are multiplied by ``acc_scale``
     (records hold fractions; 100 prints percent). The best displayed accuracy of each
     accuracy column is marked — ``**x**`` (md), ``\\textbf{x}`` (tex), ``x*`` (csv) —
-    ties all marked. A missing run or a None/NaN value prints ``-``. If several
-    records share (model, scheme, method, budget), the last one wins.
+    ties all marked. A missing run or a None/NaN value prints ``-``. A record whose
+    ``status`` is ``"failed"`` prints ``failed`` in its four cells, and its error is
+    listed below the table (Markdown, LaTeX comment). If several records share
+    (model, scheme, method, budget), the last one wins.
 
     Args:
       records: as returned by :func:`load_records`.
@@ -113,14 +184,21 @@ def format_table(
         cell: dict[tuple[str, str], dict[str, Any]] = {}
         for r in recs:
             cell[(str(r["method"]), _budget_label(r))] = r
-        base = _num(recs[-1]["base_acc"])
+        known = [r["base_acc"] for r in recs if r.get("base_acc") is not None]
+        base = _num(known[-1]) if known else None
         # Displayed strings first, so "best" is judged on what the reader sees.
         grid: dict[str, list[str]] = {}
         values: dict[str, list[float | None]] = {}
+        failures: list[tuple[str, str, str]] = []
         for method in methods:
             row, vals = [], []
             for label in labels:
                 r = cell.get((method, label))
+                if r is not None and r.get("status") == _FAILED:
+                    row += [_FAILED] * 4
+                    vals += [None] * 4
+                    failures.append((method, label, str(r.get("error", ""))))
+                    continue
                 for k, key in enumerate(
                     ("acc_before_finetune", "acc_after_finetune", "mac_ratio", "param_ratio")
                 ):
@@ -142,8 +220,18 @@ def format_table(
                 if values[m][col] == best:
                     grid[m][col] = _mark(grid[m][col], fmt)
         base_txt = _MISSING if base is None else f"{base * acc_scale:.{acc_digits}f}"
-        tables.append(_render(fmt, model, scheme, base_txt, labels, methods, grid))
+        tables.append(_render(fmt, model, scheme, base_txt, labels, methods, grid)
+                      + _failure_notes(fmt, failures))
     return "\n\n".join(tables) + ("\n" if tables else "")
+
+
+def _failure_notes(fmt: str, failures: list[tuple[str, str, str]]) -> str:
+    """Below a table: why each failed record failed (CSV stays a plain table)."""
+    if not failures or fmt == "csv":
+        return ""
+    lead = "% " if fmt == "tex" else ""
+    lines = [f"{lead}failed: {method} at {label}: {error}" for method, label, error in failures]
+    return "\n\n" + "\n".join(lines) if fmt == "md" else "\n" + "\n".join(lines)
 
 
 def _mark(text: str, fmt: str) -> str:

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from coblax.util import flatten_tree, unflatten_tree, write_bytes_atomic
+from coblax.util.errors import CoblaxError
 from coblax.compress.encode import (
     BitReader,
     BitstreamError,
@@ -68,6 +69,8 @@ __all__ = [
     "decode_cbx",
     "write_cbx",
     "read_cbx",
+    "read_cbx_layout",
+    "MAX_ELEMENTS",
 ]
 
 MAGIC = b"\x89CBX\r\n\x1a\n"  # PNG-style: catches 7-bit and newline-mangling transfers
@@ -87,12 +90,16 @@ _KIND_RAW, _KIND_CODED = 0, 1
 _RAW_WIDTH = 32  # weight_width of a coded leaf without codebook: float32 bit patterns
 _MAX_INDEX_BITS = 16
 _MAX_CODEBOOK = 1 << 16
+#: Most elements a reader decodes from one file (all leaves together): 2^28 float32
+#: values = 1 GiB. Sparse coded leaves store no trailing zeros, so their declared
+#: shapes are not bounded by the file size; this limit is what bounds them.
+MAX_ELEMENTS = 1 << 28
 
 _DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-class CbxError(ValueError):
+class CbxError(CoblaxError, ValueError):
     """A ``.cbx`` file that cannot be read (truncated, corrupt, wrong magic or version)."""
 
 
@@ -479,6 +486,26 @@ def _decode_leaf(name: str, shape, fields, axes, cb_cur: _Cursor, st_cur: _Curso
     if (b == 0 and n_entries != numel) or n_entries > numel + numel:
         raise CbxError(f"corrupt .cbx: leaf {name!r} has {n_entries} entries for {numel} elements")
     huff_w, huff_i = bool(flags & _LEAF_HUFFMAN_WEIGHTS), bool(flags & _LEAF_HUFFMAN_INDEX)
+    if huff_i and not b:
+        raise CbxError(f"corrupt .cbx: leaf {name!r} has a Huffman index but no index bits")
+    # Every entry costs at least one bit in each stream it is stored in (exactly
+    # `width` or `b` bits when not Huffman coded): the declared entry count is
+    # checked against the declared stream lengths (themselves checked against the
+    # file) before anything is allocated for it.
+    if (huff_w and n_entries > wbits) or (not huff_w and n_entries * width != wbits):
+        raise CbxError(
+            f"corrupt .cbx: leaf {name!r} declares {n_entries} entries but a {wbits}-bit weight stream"
+        )
+    if b and ((huff_i and n_entries > ibits) or (not huff_i and n_entries * b != ibits)):
+        raise CbxError(
+            f"corrupt .cbx: leaf {name!r} declares {n_entries} entries but a {ibits}-bit index stream"
+        )
+    if not b and ibits:
+        raise CbxError(f"corrupt .cbx: leaf {name!r} has no index but a {ibits}-bit index stream")
+    if nnz > min(numel, n_entries):
+        raise CbxError(
+            f"corrupt .cbx: leaf {name!r} declares {nnz} nonzeros for {n_entries} entries"
+        )
     codebook = np.frombuffer(cb_cur.take(4 * k), dtype="<f4")
     if k == 0 and (width != _RAW_WIDTH or huff_w):
         raise CbxError(f"corrupt .cbx: leaf {name!r} has no codebook but weight width {width}")
@@ -521,14 +548,8 @@ def _decode_leaf(name: str, shape, fields, axes, cb_cur: _Cursor, st_cur: _Curso
     return np.transpose(flat.reshape([shape[a] for a in axes]), np.argsort(axes))
 
 
-def decode_cbx(data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Parse ``.cbx`` bytes into (params tree of numpy arrays, metadata dict).
-
-    Checks, in order: length, magic, version, declared section lengths against the
-    file length, CRC32, then every field while decoding. Any failure raises
-    :class:`CbxError`; no value from a damaged file is returned.
-    """
-    data = bytes(data)
+def _check_frame(data: bytes) -> tuple:
+    """The header fields, after checking length, magic, version, section sizes, CRC and flags."""
     if len(data) < HEADER_BYTES + CRC_BYTES:
         raise CbxError(
             f"truncated .cbx: {len(data)} bytes, the header and CRC alone take "
@@ -555,6 +576,28 @@ def decode_cbx(data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CbxError("corrupt .cbx: CRC32 mismatch (the file was modified or damaged)")
     if flags & ~_KNOWN_FLAGS:
         raise CbxError(f"unsupported .cbx flags {flags:#x}")
+    if bool(flags & FLAG_META) != bool(meta_len):
+        raise CbxError("corrupt .cbx: the metadata flag does not match the metadata length")
+    # The smallest table entry takes 5 bytes (name length, kind, dtype, ndim, empty name).
+    if n_coded > n_leaves or 5 * n_leaves > table_len:
+        raise CbxError(
+            f"corrupt .cbx: {n_leaves} leaves ({n_coded} coded) cannot fit a {table_len}-byte table"
+        )
+    return header
+
+
+def decode_cbx(data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parse ``.cbx`` bytes into (params tree of numpy arrays, metadata dict).
+
+    Checks, in order: length, magic, version, declared section lengths against the
+    file length, CRC32, the metadata's types, the layer table (leaf count against
+    its length, all elements against :data:`MAX_ELEMENTS`), all sections against
+    the payload, and before anything is allocated for a coded leaf its entry and
+    nonzero counts against its stream lengths; then every field while decoding.
+    Any failure raises :class:`CbxError`; no value from a damaged file is returned.
+    """
+    data = bytes(data)
+    _, _, _, n_leaves, n_coded, meta_len, table_len, payload_len = _check_frame(data)
     try:
         return _decode_body(data, n_leaves, n_coded, meta_len, table_len, payload_len)
     except CbxError:
@@ -563,15 +606,55 @@ def decode_cbx(data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CbxError(f"corrupt .cbx: {err}") from None
 
 
-def _decode_body(data, n_leaves, n_coded, meta_len, table_len, payload_len):
-    pos = HEADER_BYTES
-    meta = json.loads(data[pos : pos + meta_len].decode("utf-8")) if meta_len else {}
+def _is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+# key -> (check, what it must be) for the metadata keys coblax writes and reads back.
+_META_TYPES: dict[str, tuple[Any, str]] = {
+    "format": (lambda v: isinstance(v, str), "a string"),
+    "name": (lambda v: isinstance(v, str), "a string"),
+    "model": (
+        lambda v: isinstance(v, dict) and isinstance(v.get("name"), str)
+        and isinstance(v.get("options", {}), dict),
+        "an object with a string 'name' and an 'options' object",
+    ),
+    "input_shape": (
+        lambda v: isinstance(v, list) and 1 <= len(v) <= 8 and all(_is_int(d, 1) for d in v),
+        "a list of 1 to 8 positive integers",
+    ),
+    "num_classes": (lambda v: _is_int(v, 1), "a positive integer"),
+    "dataset": (
+        lambda v: isinstance(v, dict) and isinstance(v.get("name"), str)
+        and _is_int(v.get("seed", 0)) and (v.get("limit_test") is None or _is_int(v["limit_test"], 1)),
+        "an object with a string 'name', an integer 'seed' >= 0 and 'limit_test' null or >= 1",
+    ),
+    "stages": (
+        lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"
+    ),
+}
+
+
+def _parse_meta(raw: bytes) -> dict[str, Any]:
+    """The metadata block as a dict, the types of coblax's own keys checked."""
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CbxError(f"corrupt .cbx: metadata is not UTF-8 JSON ({err})") from None
     if not isinstance(meta, dict):
         raise CbxError("corrupt .cbx: metadata is not a JSON object")
-    pos += meta_len
-    table = _Cursor(data[pos : pos + table_len], "layer table")
-    pos += table_len
+    for key, (ok, what) in _META_TYPES.items():
+        if key in meta and not ok(meta[key]):
+            raise CbxError(f"corrupt .cbx: metadata {key!r} must be {what}, got {meta[key]!r:.80}")
+    return meta
+
+
+def _parse_table(table: _Cursor, n_leaves: int, n_coded: int) -> list[tuple]:
+    """(name, dtype, shape, coded fields or None, axes or None) of every table entry."""
     entries = []
+    total_elements = 0
     for _ in range(n_leaves):
         (name_len,) = table.unpack("<H")
         name = table.take(name_len).decode("utf-8")
@@ -579,15 +662,30 @@ def _decode_body(data, n_leaves, n_coded, meta_len, table_len, payload_len):
         shape = table.unpack(f"<{ndim}I")
         if dtype not in _DTYPE_NAMES or kind not in (_KIND_RAW, _KIND_CODED):
             raise CbxError(f"corrupt .cbx: leaf {name!r} has unknown kind {kind} or dtype {dtype}")
+        total_elements += math.prod(shape)
+        if total_elements > MAX_ELEMENTS:
+            raise CbxError(
+                f"corrupt .cbx: leaf {name!r} of shape {tuple(shape)} takes the file beyond "
+                f"{MAX_ELEMENTS:,} elements (the reader's limit)"
+            )
         fields = axes = None
         if kind == _KIND_CODED:
             fields = table.unpack(_CODED_FIELDS.format)
             axes = list(table.take(ndim))
         entries.append((name, dtype, tuple(shape), fields, axes))
-    if table.pos != table_len or sum(e[3] is not None for e in entries) != n_coded:
+    if table.pos != len(table.data) or sum(e[3] is not None for e in entries) != n_coded:
         raise CbxError(
             "corrupt .cbx: layer table length or coded-leaf count does not match the header"
         )
+    return entries
+
+
+def _decode_body(data, n_leaves, n_coded, meta_len, table_len, payload_len):
+    pos = HEADER_BYTES
+    meta = _parse_meta(data[pos : pos + meta_len])
+    pos += meta_len
+    entries = _parse_table(_Cursor(data[pos : pos + table_len], "layer table"), n_leaves, n_coded)
+    pos += table_len
     coded = [e for e in entries if e[3] is not None]
     cb_len = sum(
         4 * f[3]
@@ -618,10 +716,41 @@ def _decode_body(data, n_leaves, n_coded, meta_len, table_len, payload_len):
     return unflatten_tree(flat), meta
 
 
+def _read_file(path: str | os.PathLike) -> bytes:
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such .cbx file: {path}") from None
+    except IsADirectoryError:
+        raise CbxError(f"{path} is a folder, not a .cbx file") from None
+    except OSError as err:
+        raise CbxError(f"cannot read {path}: {err.strerror or err}") from None
+
+
 def read_cbx(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read a ``.cbx`` file: (params tree of numpy arrays, metadata). Raises CbxError."""
     try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such .cbx file: {path}") from None
-    return decode_cbx(data)
+        return decode_cbx(_read_file(path))
+    except CbxError as err:
+        raise CbxError(f"{path}: {err}") from None
+
+
+def read_cbx_layout(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """(metadata, leaf path -> declared shape) of a ``.cbx`` file, without decoding the payload.
+
+    The frame, CRC, metadata types and layer table are checked as by
+    :func:`read_cbx`; raises CbxError (FileNotFoundError for a missing file).
+    """
+    try:
+        data = _read_file(path)
+        _, _, _, n_leaves, n_coded, meta_len, table_len, _ = _check_frame(data)
+        meta = _parse_meta(data[HEADER_BYTES : HEADER_BYTES + meta_len])
+        start = HEADER_BYTES + meta_len
+        table = _Cursor(data[start : start + table_len], "layer table")
+        entries = _parse_table(table, n_leaves, n_coded)
+    except CbxError as err:
+        raise CbxError(f"{path}: {err}") from None
+    except (struct.error, UnicodeDecodeError) as err:
+        raise CbxError(f"{path}: corrupt .cbx: {err}") from None
+    return meta, {e[0]: e[2] for e in entries}

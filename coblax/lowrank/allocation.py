@@ -25,6 +25,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from coblax.util.errors import CoblaxError
+
 __all__ = [
     "LayerCost",
     "AllocationProblem",
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 
-class BudgetError(ValueError):
+class BudgetError(CoblaxError, ValueError):
     """A budget that an allocator cannot meet; the message names the closest ratio."""
 
 

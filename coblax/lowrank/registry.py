@@ -20,6 +20,7 @@ from importlib import metadata
 from typing import Any
 
 from coblax.lowrank.allocation import Allocator
+from coblax.util.errors import CoblaxError
 
 __all__ = ["register_allocator", "get_allocator", "allocator_factory", "allocator_names", "UnknownMethodError"]
 
@@ -40,7 +41,7 @@ BUILTIN_ALLOCATORS: dict[str, str] = {
 _USER: dict[str, AllocatorFactory] = {}
 
 
-class UnknownMethodError(ValueError):
+class UnknownMethodError(CoblaxError, ValueError):
     """A method name that is not registered; the message lists the valid ones."""
 
 

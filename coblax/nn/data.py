@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from coblax.util.errors import CoblaxError
+
 __all__ = [
     "Dataset",
     "DataError",
@@ -48,7 +50,7 @@ ENV_VAR = "COBLAX_DATA"
 _NUM_CLASSES = 10
 
 
-class DataError(ValueError):
+class DataError(CoblaxError, ValueError):
     """A dataset that cannot be found or read; the message names the file and why."""
 
 

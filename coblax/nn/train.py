@@ -2,8 +2,16 @@
 
 Checkpoints are ``.npz`` files of the flattened parameter tree read with
 ``allow_pickle=False`` plus a JSON side file, so loading one never executes code.
-A base model is cached under a key hashed from the model, data and training
-settings and the seed: a later run with the same settings loads it.
+A base model is cached under a key hashed from the model, its options, the
+training settings, the seed and a digest of the training data
+(:func:`data_digest`): a later run with the same settings and data loads it, and
+:func:`load_checkpoint` refuses an entry that is unreadable, was written for other
+settings, has other shapes or holds non-finite weights.
+
+Training watches its loss: a non-finite loss, or one that grows beyond
+``DIVERGENCE_FACTOR`` times its start, stops :func:`fit` with a
+:class:`~coblax.util.errors.NumericalError` naming the stage and the step, so that
+garbage weights are never returned, evaluated or cached.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import optax
 from tqdm.auto import tqdm
 
 from coblax.util import flatten_tree, to_numpy_tree, unflatten_tree, write_bytes_atomic, write_json_atomic
+from coblax.util.errors import CoblaxError, NumericalError
 
 __all__ = [
     "cross_entropy",
@@ -35,6 +44,8 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("adam", "sgd", "momentum")
+#: A loss above this multiple of max(first loss, 1) means training diverged.
+DIVERGENCE_FACTOR = 1e4
 
 
 def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
@@ -83,6 +94,10 @@ def fit(
         ``transform_grads(grads, params, aux)`` and ``project(params, aux)`` receive
         it. Large index tables belong here: captured in a closure they would be
         baked into the compiled step as constants (slow to compile).
+
+    Raises:
+      NumericalError: a non-finite or diverging loss (checked once per epoch, the
+        error names ``desc`` and the step), or non-finite weights at the end.
     """
     if epochs <= 0:
         return params
@@ -108,15 +123,55 @@ def fit(
     steps_per_epoch = max(1, n // batch_size)
     rng = np.random.default_rng(seed)
     bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False)
+    watch = _LossWatch(desc, bar)
     for _ in range(epochs):
         order = rng.permutation(n)
+        losses = []
         for i in range(steps_per_epoch):
             idx = order[i * batch_size:(i + 1) * batch_size]
             params, opt_state, loss = step(params, opt_state, x[idx], y[idx], extra)
+            losses.append(loss)
             bar.update(1)
+        watch.epoch(losses)  # one transfer per epoch; raises NumericalError
         bar.set_postfix(loss=f"{float(loss):.4f}")
     bar.close()
+    if not tree_all_finite(params):
+        raise NumericalError(desc, watch.steps, float("nan"), "the weights are not finite at the end")
     return params
+
+
+class _LossWatch:
+    """Checks each epoch's losses: the first non-finite or diverged one stops training.
+
+    Step k's loss is that of the weights before update k; a loss above
+    ``DIVERGENCE_FACTOR * max(|first loss|, 1)`` counts as diverged.
+    """
+
+    def __init__(self, stage: str, bar: Any = None) -> None:
+        self.stage, self.bar, self.steps, self.first = stage, bar, 0, None
+
+    def epoch(self, losses: list) -> None:
+        values = np.asarray(jax.device_get(losses), dtype=np.float64).reshape(-1)
+        if self.first is None and values.size:
+            self.first = float(values[0]) if np.isfinite(values[0]) else 1.0
+        limit = DIVERGENCE_FACTOR * max(abs(self.first or 1.0), 1.0)
+        bad = np.flatnonzero(~np.isfinite(values) | (values > limit))
+        if bad.size:
+            if self.bar is not None:
+                self.bar.close()
+            k = int(bad[0])
+            raise NumericalError(self.stage, self.steps + k + 1, float(values[k]),
+                                 "lower the learning rate (or check the data)")
+        self.steps += int(values.size)
+
+
+def tree_all_finite(tree: Any) -> bool:
+    """Whether every floating-point leaf of ``tree`` is finite."""
+    leaves = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(jax.device_get(tree))]
+    return all(np.all(np.isfinite(a)) for a in leaves if np.issubdtype(a.dtype, np.inexact))
+
+
+__all__ += ["tree_all_finite", "DIVERGENCE_FACTOR"]
 
 
 def _batched(fn, x, batch_size):
@@ -176,4 +231,60 @@ def cache_key(settings: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-__all__ += ["cache_key"]
+def data_digest(*arrays: np.ndarray) -> str:
+    """SHA-256 of arrays' dtypes, shapes and bytes: identifies the training data itself."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+class CheckpointError(CoblaxError):
+    """A checkpoint that cannot be used: unreadable, for other settings, other shapes, or not finite."""
+
+
+def load_checkpoint(path: str | os.PathLike, like: Any, meta: dict | None = None) -> Any:
+    """Load ``path`` and check it against ``like`` (the params it must replace).
+
+    Args:
+      path: an ``.npz`` written by :func:`save_params`.
+      like: a params tree (arrays or ``jax.ShapeDtypeStruct``) giving the expected
+        structure, shapes and dtypes.
+      meta: if given, the side file ``path.json`` must hold these items.
+    Returns:
+      The params (jax arrays).
+    Raises:
+      CheckpointError: with the reason; never anything else for a damaged file.
+    """
+    path = Path(path)
+    try:
+        loaded = load_params(path)
+    except Exception as err:  # noqa: BLE001 - a damaged zip fails in many ways; all mean "unreadable"
+        raise CheckpointError(f"{path} is unreadable ({type(err).__name__}: {err})") from None
+    if meta is not None:
+        side = path.with_suffix(".json")
+        try:
+            stored = json.loads(side.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{side} is missing or unreadable ({type(err).__name__})") from None
+        expected = json.loads(json.dumps(meta, sort_keys=True, default=str))
+        if not isinstance(stored, dict) or any(stored.get(k) != v for k, v in expected.items()):
+            raise CheckpointError(f"{path} was written for other settings or data")
+    want = jax.tree_util.tree_flatten_with_path(like)
+    got = jax.tree_util.tree_flatten_with_path(loaded)
+    if want[1] != got[1]:
+        raise CheckpointError(f"{path} holds other parameters than the model has")
+    for (key, a), (_, b) in zip(want[0], got[0]):
+        if tuple(np.shape(a)) != tuple(np.shape(b)) or np.dtype(a.dtype) != np.dtype(b.dtype):
+            raise CheckpointError(
+                f"{path}: {jax.tree_util.keystr(key)} is {np.dtype(b.dtype).name}{tuple(np.shape(b))}, "
+                f"the model needs {np.dtype(a.dtype).name}{tuple(np.shape(a))}"
+            )
+    if not tree_all_finite(loaded):
+        raise CheckpointError(f"{path} holds non-finite weights")
+    return loaded
+
+
+__all__ += ["cache_key", "data_digest", "CheckpointError", "load_checkpoint"]
