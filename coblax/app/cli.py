@@ -73,6 +73,19 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _cmd_study(args) -> int:
+    from coblax.app.studies import format_study, load_study_config, run_study
+
+    cfg = load_study_config(args.config)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    if (out / "results.json").exists() and not args.force:
+        raise ValueError(f"{out / 'results.json'} exists; pass --force to overwrite or choose another --out")
+    payload = run_study(cfg, out, config_text=Path(args.config).read_text(), progress=not args.quiet)
+    print(format_study(payload))
+    print(f"\nwrote {out / 'results.json'} ({payload['wall_seconds']:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coblax", description="Budget-constrained network compression.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_evaluate)
     p = sub.add_parser("methods", help="list the allocation methods")
     p.set_defaults(fn=_cmd_methods)
+    p = sub.add_parser("study", help="run a study config (kd, small_arch, svd_fc, prune_quant)")
+    p.add_argument("config")
+    p.add_argument("--out", help="output directory (default runs/CONFIG_NAME)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing results.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=_cmd_study)
     return parser
 
 

@@ -1,0 +1,175 @@
+"""Figures of ``coblax study`` results: KD, small architectures, SVD of FC layers, pruning, bits.
+
+Each function takes the loaded payloads and an output folder, and raises
+:class:`MissingRecords` naming the study and what is missing when there is nothing to draw.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from paper_figs._common import MissingRecords, mean_std, plt, save, study_records, style
+
+__all__ = ["kd_temperature", "small_arch", "svd_fc", "pruning", "bits_accuracy"]
+
+
+def _need(payloads, study: str, what: str, keep=lambda r: True) -> list[dict]:
+    recs = [r for r in study_records(payloads, study) if keep(r)]
+    if not recs:
+        raise MissingRecords(f"{study}: no `coblax study` results with {what}")
+    return recs
+
+
+def _series(recs, x_key: str, y_key: str = "acc", scale: float = 100.0):
+    """(x, mean, std) arrays over seeds, sorted by x."""
+    groups = defaultdict(list)
+    for r in recs:
+        groups[r[x_key]].append(scale * r[y_key])
+    xs = sorted(groups)
+    stats = [mean_std(groups[x]) for x in xs]
+    return np.array(xs, float), np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
+
+
+def kd_temperature(payloads, out_dir) -> list[Path]:
+    """Distilled student's accuracy vs. temperature, beside the student alone and the teacher."""
+    recs = _need(payloads, "kd", "role = student_kd records (temperature, acc)")
+    kd = [r for r in recs if r["role"] == "student_kd"]
+    if not kd:
+        raise MissingRecords("kd: no student_kd records (distilled students over temperatures)")
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    x, y, e = _series(kd, "temperature")
+    n = max(mean_std([r["acc"] for r in kd if r["temperature"] == t])[2] for t in x)
+    ax.errorbar(x, y, yerr=e if n > 1 else None, capsize=3, label=f"student distilled (α = {kd[0]['alpha']:g})",
+                **style(0))
+    for i, (role, label) in enumerate((("student_alone", "student alone"), ("teacher", "teacher")), start=1):
+        m, s, k = mean_std([100 * r["acc"] for r in recs if r["role"] == role])
+        if k:
+            st = style(i)
+            ax.axhline(m, color=st["color"], linestyle=st["linestyle"], label=f"{label} ({m:.1f} %)")
+            if k > 1:
+                ax.axhspan(m - s, m + s, color=st["color"], alpha=0.12)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("softmax temperature T (dimensionless, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Knowledge distillation: {kd[0].get('student', 'student')}"
+                 + (f" (mean ± std, {n} seeds)" if n > 1 else ""), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save(fig, out_dir, "kd_accuracy_vs_temperature")
+
+
+def small_arch(payloads, out_dir) -> list[Path]:
+    """Accuracy vs. parameters and vs. MACs for every small-architecture variant."""
+    recs = _need(payloads, "small_arch", "records of Fire / block variants (params, macs, acc)")
+    families = sorted({r["family"] for r in recs})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, cost, unit in ((axes[0], "params", "parameters (count, log scale)"),
+                           (axes[1], "macs", "MACs per example (count, log scale)")):
+        for i, fam in enumerate(families):
+            mine = [r for r in recs if r["family"] == fam]
+            pts = []
+            for variant in dict.fromkeys(r["variant"] for r in mine):
+                grp = [r for r in mine if r["variant"] == variant]
+                m, s, _ = mean_std([100 * r["acc"] for r in grp])
+                pts.append((grp[0][cost], m, s, variant))
+            pts.sort()
+            st = style(i)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=3,
+                        label=fam, **st)
+            for p in pts:
+                ax.annotate(p[3], (p[0], p[1]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(unit)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("Small architectures: accuracy vs. parameters", fontsize=9)
+    axes[1].set_title("Small architectures: accuracy vs. MACs", fontsize=9)
+    return save(fig, out_dir, "small_arch_params_vs_accuracy")
+
+
+def svd_fc(payloads, out_dir) -> list[Path]:
+    """Accuracy change vs. weight reduction of each dense layer truncated alone (Denton et al.)."""
+    recs = _need(payloads, "svd_fc", "per-layer rank records (layer, weight_reduction, acc_change)")
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for i, layer in enumerate(dict.fromkeys(r["layer"] for r in recs)):
+        x, y, e = _series([r for r in recs if r["layer"] == layer], "weight_reduction", "acc_change")
+        ax.errorbar(x, y, yerr=e if e.any() else None, capsize=3, label=layer, **style(i))
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("weight reduction in·out / (K·(in + out)) (×, log scale)")
+    ax.set_ylabel("accuracy change (percentage points)")
+    ax.set_title("SVD of fully connected layers, no fine-tuning", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save(fig, out_dir, "svd_fc_reduction_vs_accuracy")
+
+
+def pruning(payloads, out_dir) -> list[Path]:
+    """Accuracy vs. parameters kept (whole network, with/without retraining) and per layer."""
+    recs = _need(payloads, "prune_quant", "kind = prune or layer_prune records",
+                 lambda r: r.get("kind") in ("prune", "layer_prune"))
+    whole = [r for r in recs if r["kind"] == "prune"]
+    layer = [r for r in recs if r["kind"] == "layer_prune"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
+    ax = axes[0][0]
+    for i, retrain in enumerate((False, True)):
+        mine = [dict(r, kept_pct=100 * r["kept_fraction"]) for r in whole if bool(r.get("retrain")) == retrain]
+        if mine:
+            x, y, e = _series(mine, "kept_pct")
+            ax.errorbar(x, y, yerr=e if e.any() else None, capsize=3,
+                        label="magnitude + retraining" if retrain else "magnitude, no retraining", **style(i))
+    ax.set_xscale("log")
+    ax.set_xlabel("weights kept (% of all kernel weights, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Whole-network pruning" if whole else "Whole-network pruning: no records", fontsize=9)
+    ax.grid(alpha=0.3)
+    if whole:
+        ax.legend(fontsize=7)
+    ax = axes[0][1]
+    for i, name in enumerate(dict.fromkeys(r["layer"] for r in layer)):
+        mine = [dict(r, sp=100 * r["sparsity"]) for r in layer if r["layer"] == name]
+        x, y, e = _series(mine, "sp")
+        ax.errorbar(x, y, yerr=e if e.any() else None, capsize=3, label=name, **style(i))
+    ax.set_xlabel("weights pruned in the layer (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Per-layer sensitivity (one layer pruned, no retraining)" if layer
+                 else "Per-layer sensitivity: no records", fontsize=9)
+    ax.grid(alpha=0.3)
+    if layer:
+        ax.legend(fontsize=7)
+    return save(fig, out_dir, "pruning_accuracy_vs_kept")
+
+
+def bits_accuracy(payloads, out_dir) -> list[Path]:
+    """Fixed-point word length vs. accuracy, and codebook (k-means/PQ/RQ) size vs. accuracy."""
+    recs = _need(payloads, "prune_quant", "kind = fixed_point, kmeans, pq or rq records",
+                 lambda r: r.get("kind") in ("fixed_point", "kmeans", "pq", "rq"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax = axes[0]
+    fixed = [r for r in recs if r["kind"] == "fixed_point"]
+    for i, rounding in enumerate(dict.fromkeys(r["rounding"] for r in fixed)):
+        x, y, e = _series([r for r in fixed if r["rounding"] == rounding], "word_length")
+        ax.errorbar(x, y, yerr=e if e.any() else None, capsize=3, label=f"fixed point, {rounding}", **style(i))
+    ax.set_xlabel("word length IL + FL (bits per weight)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Fixed point (post-training)" if fixed else "Fixed point: no records", fontsize=9)
+    ax.grid(alpha=0.3)
+    if fixed:
+        ax.legend(fontsize=7)
+    ax = axes[1]
+    labels = {"kmeans": "k-means (scalar)", "pq": "product quantization", "rq": "residual quantization"}
+    for i, kind in enumerate(k for k in labels if any(r["kind"] == k for r in recs)):
+        mine = [dict(r, kb=r["kernel_bits"] / 8 / 1024) for r in recs if r["kind"] == kind]
+        x, y, e = _series(mine, "kb")
+        ax.errorbar(x, y, yerr=e if e.any() else None, capsize=3, label=labels[kind], **style(i))
+    ax.set_xscale("log")
+    ax.set_xlabel("size of the kernels (KiB, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Codebook quantization: size vs. accuracy", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save(fig, out_dir, "bits_vs_accuracy")
