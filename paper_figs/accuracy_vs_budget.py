@@ -15,6 +15,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from paper_figs._common import HATCHES, MissingRecords, mean_std, plt, run_records, save, slug, style  # noqa: E402
 
@@ -107,7 +108,7 @@ def rank_bars(payloads, out_dir) -> list[Path]:
 def sqp_convergence(payloads, out_dir) -> list[Path]:
     """COBLA's SQP: objective E(m) per iteration (and constraint slacks when recorded)."""
     recs = [r for r in _runs(payloads, "objective_trace") if r.get("objective_trace")]
-    has_slack = any(r.get("slack_trace") for r in recs)
+    has_slack = any(_slacks(r) for r in recs)
     panels = _panels(recs)
     fig, axes = plt.subplots(len(panels), 2 if has_slack else 1, figsize=(9.5 if has_slack else 5.5,
                                                                           3.3 * len(panels)), squeeze=False)
@@ -119,14 +120,15 @@ def sqp_convergence(payloads, out_dir) -> list[Path]:
             tr = r["objective_trace"]
             label = f"budget {float(r['budget_mac']):g}" + (f", seed {r['seed']}" if "seed" in r else "")
             ax.plot(np.arange(len(tr)), tr, label=label, markevery=max(1, len(tr) // 10), **style(i))
-            if has_slack and r.get("slack_trace"):
-                sl = np.asarray(r["slack_trace"], dtype=float)
+            if has_slack and _slacks(r):
+                sl = np.asarray(_slacks(r), dtype=float)
                 for j, name in enumerate(("MAC", "param")[: sl.shape[1]]):
                     st = style(i)
                     axes[row][1].plot(np.arange(len(sl)), sl[:, j], label=f"{label}, {name}", marker=st["marker"],
                                       linestyle=_LINESTYLE[j], color=st["color"], markevery=max(1, len(sl) // 10))
         ax.set_title(f"{model} — {scheme}: COBLA SQP objective", fontsize=9)
         ax.set_xlabel("SLSQP iteration (count)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("objective E(m) (mean cross-entropy, nats)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -134,7 +136,8 @@ def sqp_convergence(payloads, out_dir) -> list[Path]:
             a2 = axes[row][1]
             a2.set_title(f"{model} — {scheme}: constraint slack", fontsize=9)
             a2.set_xlabel("SLSQP iteration (count)")
-            a2.set_ylabel("budget − cost (fraction of original)")
+            a2.xaxis.set_major_locator(MaxNLocator(integer=True))
+            a2.set_ylabel("slack b − A·m (constraint units; < 0 violated)")
             a2.axhline(0.0, color="black", linewidth=0.8)
             a2.grid(alpha=0.3)
             a2.legend(fontsize=6)
@@ -142,6 +145,16 @@ def sqp_convergence(payloads, out_dir) -> list[Path]:
 
 
 _LINESTYLE = ("-", "--")
+
+
+def _slacks(record) -> list | None:
+    """Per-iteration (MAC, param) slacks: ``slack_trace``, or the ``slack`` of each ``trace`` entry."""
+    if record.get("slack_trace"):
+        return record["slack_trace"]
+    trace = record.get("trace") or (record.get("diagnostics") or {}).get("trace")
+    if trace and all(isinstance(t, dict) and "slack" in t for t in trace):
+        return [t["slack"] for t in trace]
+    return None
 
 
 def main(argv=None) -> int:
