@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from coblax.app.report import REQUIRED_KEYS  # noqa: E402
 
 __all__ = ["MissingRecords", "load_results", "run_records", "study_records", "save", "style", "mean_std", "slug",
-           "plt"]
+           "label_axes", "plt"]
 
 # Grayscale-readable: each series differs by marker and line style, colours are shades of gray.
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
@@ -90,6 +90,18 @@ def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     if not vals:
         return math.nan, math.nan, 0
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)
+
+
+def label_axes(ax, xlabel: str, ylabel: str, title: str, *, xlog: bool = False, legend: bool = True) -> None:
+    """Axis labels (with units), a small title, a light grid, optional log x and legend."""
+    if xlog:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def slug(*parts: Any) -> str:

@@ -17,7 +17,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from paper_figs._common import HATCHES, MissingRecords, mean_std, plt, run_records, save, slug, style  # noqa: E402
+from paper_figs._common import (  # noqa: E402
+    HATCHES, MissingRecords, label_axes, mean_std, plt, run_records, save, slug, style)
 
 __all__ = ["accuracy_vs_budget", "rank_bars", "sqp_convergence"]
 
@@ -62,12 +63,9 @@ def accuracy_vs_budget(payloads, out_dir) -> list[Path]:
                              for (m, b), grp in groups.items() if m == method)
                 x, y, e = (np.array(v) for v in zip(*pts))
                 ax.errorbar(x, y, yerr=e if n_seeds > 1 else None, capsize=3, label=method, **style(i))
-            ax.set_title(f"{model} — {scheme}, {when} fine-tuning"
-                         + (f" (mean ± std, {n_seeds} seeds)" if n_seeds > 1 else ""), fontsize=9)
-            ax.set_xlabel("budget N_C,max = N_M,max (fraction of original)")
-            ax.set_ylabel(f"test accuracy {when} fine-tuning (%)")
-            ax.grid(alpha=0.3)
-        axes[row][1].legend(fontsize=7)
+            label_axes(ax, "budget N_C,max = N_M,max (fraction of original)", f"test accuracy {when} fine-tuning (%)",
+                       f"{model} — {scheme}, {when} fine-tuning"
+                       + (f" (mean ± std, {n_seeds} seeds)" if n_seeds > 1 else ""), legend=col == 1)
     return save(fig, out_dir, "accuracy_vs_budget")
 
 
@@ -126,21 +124,15 @@ def sqp_convergence(payloads, out_dir) -> list[Path]:
                     st = style(i)
                     axes[row][1].plot(np.arange(len(sl)), sl[:, j], label=f"{label}, {name}", marker=st["marker"],
                                       linestyle=_LINESTYLE[j], color=st["color"], markevery=max(1, len(sl) // 10))
-        ax.set_title(f"{model} — {scheme}: COBLA SQP objective", fontsize=9)
-        ax.set_xlabel("SLSQP iteration (count)")
+        label_axes(ax, "SLSQP iteration (count)", "objective E(m) (mean cross-entropy, nats)",
+                   f"{model} — {scheme}: COBLA SQP objective")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("objective E(m) (mean cross-entropy, nats)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
         if has_slack:
             a2 = axes[row][1]
-            a2.set_title(f"{model} — {scheme}: constraint slack", fontsize=9)
-            a2.set_xlabel("SLSQP iteration (count)")
-            a2.xaxis.set_major_locator(MaxNLocator(integer=True))
-            a2.set_ylabel("slack b − A·m (constraint units; < 0 violated)")
             a2.axhline(0.0, color="black", linewidth=0.8)
-            a2.grid(alpha=0.3)
-            a2.legend(fontsize=6)
+            label_axes(a2, "SLSQP iteration (count)", "slack b − A·m (constraint units; < 0 violated)",
+                       f"{model} — {scheme}: constraint slack")
+            a2.xaxis.set_major_locator(MaxNLocator(integer=True))
     return save(fig, out_dir, "sqp_convergence")
 
 

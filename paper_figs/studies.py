@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from paper_figs._common import MissingRecords, mean_std, plt, save, study_records, style
+from paper_figs._common import MissingRecords, label_axes, mean_std, plt, save, study_records, style
 
 __all__ = ["kd_temperature", "small_arch", "svd_fc", "pruning", "bits_accuracy"]
 
@@ -33,6 +33,12 @@ def _series(recs, x_key: str, y_key: str = "acc", scale: float = 100.0):
     return np.array(xs, float), np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
 
 
+def _line(ax, recs, x_key: str, label: str, i: int, y_key: str = "acc") -> None:
+    """One series: mean over seeds with ± std error bars when there are several seeds."""
+    x, y, e = _series(recs, x_key, y_key)
+    ax.errorbar(x, y, yerr=e if e.any() else None, capsize=3, label=label, **style(i))
+
+
 def kd_temperature(payloads, out_dir) -> list[Path]:
     """Distilled student's accuracy vs. temperature, beside the student alone and the teacher."""
     recs = _need(payloads, "kd", "role = student_kd records (temperature, acc)")
@@ -52,12 +58,9 @@ def kd_temperature(payloads, out_dir) -> list[Path]:
             if k > 1:
                 ax.axhspan(m - s, m + s, color=st["color"], alpha=0.12)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("softmax temperature T (dimensionless, log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Knowledge distillation: {kd[0].get('student', 'student')}"
-                 + (f" (mean ± std, {n} seeds)" if n > 1 else ""), fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    label_axes(ax, "softmax temperature T (dimensionless, log scale)", "test accuracy (%)",
+               f"Knowledge distillation: {kd[0].get('student', 'student')}"
+               + (f" (mean ± std, {n} seeds)" if n > 1 else ""))
     return save(fig, out_dir, "kd_accuracy_vs_temperature")
 
 
@@ -66,8 +69,8 @@ def small_arch(payloads, out_dir) -> list[Path]:
     recs = _need(payloads, "small_arch", "records of Fire / block variants (params, macs, acc)")
     families = sorted({r["family"] for r in recs})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, cost, unit in ((axes[0], "params", "parameters (count, log scale)"),
-                           (axes[1], "macs", "MACs per example (count, log scale)")):
+    for ax, cost, unit, title in ((axes[0], "params", "parameters (count, log scale)", "parameters"),
+                                  (axes[1], "macs", "MACs per example (count, log scale)", "MACs")):
         for i, fam in enumerate(families):
             mine = [r for r in recs if r["family"] == fam]
             pts = []
@@ -81,13 +84,8 @@ def small_arch(payloads, out_dir) -> list[Path]:
                         label=fam, **st)
             for p in pts:
                 ax.annotate(p[3], (p[0], p[1]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel(unit)
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    axes[0].set_title("Small architectures: accuracy vs. parameters", fontsize=9)
-    axes[1].set_title("Small architectures: accuracy vs. MACs", fontsize=9)
+        label_axes(ax, unit, "test accuracy (%)", f"Small architectures: accuracy vs. {title}", xlog=True,
+                   legend=cost == "params")
     return save(fig, out_dir, "small_arch_params_vs_accuracy")
 
 
@@ -96,15 +94,10 @@ def svd_fc(payloads, out_dir) -> list[Path]:
     recs = _need(payloads, "svd_fc", "per-layer rank records (layer, weight_reduction, acc_change)")
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for i, layer in enumerate(dict.fromkeys(r["layer"] for r in recs)):
-        x, y, e = _series([r for r in recs if r["layer"] == layer], "weight_reduction", "acc_change")
-        ax.errorbar(x, y, yerr=e if e.any() else None, capsize=3, label=layer, **style(i))
+        _line(ax, [r for r in recs if r["layer"] == layer], "weight_reduction", layer, i, "acc_change")
     ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("weight reduction in·out / (K·(in + out)) (×, log scale)")
-    ax.set_ylabel("accuracy change (percentage points)")
-    ax.set_title("SVD of fully connected layers, no fine-tuning", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    label_axes(ax, "weight reduction in·out / (K·(in + out)) (×, log scale)", "accuracy change (percentage points)",
+               "SVD of fully connected layers, no fine-tuning", xlog=True)
     return save(fig, out_dir, "svd_fc_reduction_vs_accuracy")
 
 
@@ -119,28 +112,15 @@ def pruning(payloads, out_dir) -> list[Path]:
     for i, retrain in enumerate((False, True)):
         mine = [dict(r, kept_pct=100 * r["kept_fraction"]) for r in whole if bool(r.get("retrain")) == retrain]
         if mine:
-            x, y, e = _series(mine, "kept_pct")
-            ax.errorbar(x, y, yerr=e if e.any() else None, capsize=3,
-                        label="magnitude + retraining" if retrain else "magnitude, no retraining", **style(i))
-    ax.set_xscale("log")
-    ax.set_xlabel("weights kept (% of all kernel weights, log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Whole-network pruning" if whole else "Whole-network pruning: no records", fontsize=9)
-    ax.grid(alpha=0.3)
-    if whole:
-        ax.legend(fontsize=7)
+            _line(ax, mine, "kept_pct", "magnitude + retraining" if retrain else "magnitude, no retraining", i)
+    label_axes(ax, "weights kept (% of all kernel weights, log scale)", "test accuracy (%)",
+               "Whole-network pruning" if whole else "Whole-network pruning: no records", xlog=True)
     ax = axes[0][1]
     for i, name in enumerate(dict.fromkeys(r["layer"] for r in layer)):
-        mine = [dict(r, sp=100 * r["sparsity"]) for r in layer if r["layer"] == name]
-        x, y, e = _series(mine, "sp")
-        ax.errorbar(x, y, yerr=e if e.any() else None, capsize=3, label=name, **style(i))
-    ax.set_xlabel("weights pruned in the layer (%)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Per-layer sensitivity (one layer pruned, no retraining)" if layer
-                 else "Per-layer sensitivity: no records", fontsize=9)
-    ax.grid(alpha=0.3)
-    if layer:
-        ax.legend(fontsize=7)
+        _line(ax, [dict(r, sp=100 * r["sparsity"]) for r in layer if r["layer"] == name], "sp", name, i)
+    label_axes(ax, "weights pruned in the layer (%)", "test accuracy (%)",
+               "Per-layer sensitivity (one layer pruned, no retraining)" if layer
+               else "Per-layer sensitivity: no records")
     return save(fig, out_dir, "pruning_accuracy_vs_kept")
 
 
@@ -152,24 +132,13 @@ def bits_accuracy(payloads, out_dir) -> list[Path]:
     ax = axes[0]
     fixed = [r for r in recs if r["kind"] == "fixed_point"]
     for i, rounding in enumerate(dict.fromkeys(r["rounding"] for r in fixed)):
-        x, y, e = _series([r for r in fixed if r["rounding"] == rounding], "word_length")
-        ax.errorbar(x, y, yerr=e if e.any() else None, capsize=3, label=f"fixed point, {rounding}", **style(i))
-    ax.set_xlabel("word length IL + FL (bits per weight)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Fixed point (post-training)" if fixed else "Fixed point: no records", fontsize=9)
-    ax.grid(alpha=0.3)
-    if fixed:
-        ax.legend(fontsize=7)
+        _line(ax, [r for r in fixed if r["rounding"] == rounding], "word_length", f"fixed point, {rounding}", i)
+    label_axes(ax, "word length IL + FL (bits per weight)", "test accuracy (%)",
+               "Fixed point (post-training)" if fixed else "Fixed point: no records")
     ax = axes[1]
     labels = {"kmeans": "k-means (scalar)", "pq": "product quantization", "rq": "residual quantization"}
     for i, kind in enumerate(k for k in labels if any(r["kind"] == k for r in recs)):
-        mine = [dict(r, kb=r["kernel_bits"] / 8 / 1024) for r in recs if r["kind"] == kind]
-        x, y, e = _series(mine, "kb")
-        ax.errorbar(x, y, yerr=e if e.any() else None, capsize=3, label=labels[kind], **style(i))
-    ax.set_xscale("log")
-    ax.set_xlabel("size of the kernels (KiB, log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Codebook quantization: size vs. accuracy", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        _line(ax, [dict(r, kb=r["kernel_bits"] / 8 / 1024) for r in recs if r["kind"] == kind], "kb", labels[kind], i)
+    label_axes(ax, "size of the kernels (KiB, log scale)", "test accuracy (%)",
+               "Codebook quantization: size vs. accuracy", xlog=True)
     return save(fig, out_dir, "bits_vs_accuracy")

@@ -97,25 +97,18 @@ def test_fire_dims():
         fire_dims(64, 1.0, 0.5)
 
 
-@pytest.mark.parametrize("shape", [(8, 8, 1), (28, 28, 1)])
-@pytest.mark.parametrize("sr,pct", [(0.125, 0.5), (0.5, 0.25), (0.75, 0.875)])
-def test_fire_net_cost_matches_tracer(shape, sr, pct):
-    net = FireNet(expand=16, stem=8, squeeze_ratio=sr, pct3x3=pct)
-    x = jnp.zeros((1, *shape))
-    v = net.init(jax.random.key(0), x)
-    cost = fire_net_cost(net, shape)
-    assert _traced_macs(net, v, x) == cost.macs
-    assert _n_params(v) == cost.params
-    assert net.apply(v, x).shape == (1, 10)
+NETS = [
+    *(FireNet(expand=16, stem=8, squeeze_ratio=sr, pct3x3=pct) for sr, pct in ((0.125, 0.5), (0.5, 0.25), (0.75, 0.875))),
+    *(BlockNet(block=b, stem=8, channels=(16, 32)) for b in ("standard", "depthwise", "flattened")),
+]
 
 
 @pytest.mark.parametrize("shape", [(8, 8, 1), (28, 28, 1)])
-@pytest.mark.parametrize("block", ["standard", "depthwise", "flattened"])
-def test_block_net_cost_matches_tracer(shape, block):
-    net = BlockNet(block=block, stem=8, channels=(16, 32))
+@pytest.mark.parametrize("net", NETS, ids=lambda n: n.block if isinstance(n, BlockNet) else f"fire-{n.squeeze_ratio}")
+def test_net_cost_matches_tracer_and_tree(shape, net):
     x = jnp.zeros((1, *shape))
     v = net.init(jax.random.key(0), x)
-    cost = block_net_cost(net, shape)
+    cost = (fire_net_cost if isinstance(net, FireNet) else block_net_cost)(net, shape)
     assert _traced_macs(net, v, x) == cost.macs
     assert _n_params(v) == cost.params
     assert net.apply(v, x).shape == (1, 10)

@@ -74,15 +74,11 @@ def _cmd_methods(args) -> int:
 
 
 def _cmd_study(args) -> int:
-    from coblax.app.studies import format_study, load_study_config, run_study
+    from coblax.app.studies import format_study, run_study_file
 
-    cfg = load_study_config(args.config)
-    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    if (out / "results.json").exists() and not args.force:
-        raise ValueError(f"{out / 'results.json'} exists; pass --force to overwrite or choose another --out")
-    payload = run_study(cfg, out, config_text=Path(args.config).read_text(), progress=not args.quiet)
+    payload = run_study_file(args.config, args.out, force=args.force, progress=not args.quiet)
     print(format_study(payload))
-    print(f"\nwrote {out / 'results.json'} ({payload['wall_seconds']:.0f} s)")
+    print(f"\nwrote {payload['results_file']} ({payload['wall_seconds']:.0f} s)")
     return 0
 
 

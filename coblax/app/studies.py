@@ -60,6 +60,7 @@ __all__ = [
     "StudyConfig",
     "load_study_config",
     "run_study",
+    "run_study_file",
     "format_study",
 ]
 
@@ -461,6 +462,21 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, config_text: str = "", p
     payload["wall_seconds"] = time.perf_counter() - start
     write_json_atomic(Path(out_dir) / "results.json", payload)
     return payload
+
+
+def run_study_file(config: str | Path, out: str | Path | None = None, *, force: bool = False,
+                   progress: bool = True) -> dict:
+    """``coblax study CONFIG [--out DIR] [--force]``: load, refuse to overwrite unless forced, run.
+
+    The output folder defaults to ``runs/<config file stem>``; the returned payload
+    also names the ``results_file`` written.
+    """
+    cfg = load_study_config(config)
+    target = Path(out or Path("runs") / Path(config).stem) / "results.json"
+    if target.exists() and not force:
+        raise ValueError(f"{target} exists; pass --force to overwrite or choose another --out")
+    payload = run_study(cfg, target.parent, config_text=Path(config).read_text(), progress=progress)
+    return payload | {"results_file": str(target)}
 
 
 # ------------------------------------------------------------------------------ tables
