@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from coblax.app.report import REQUIRED_KEYS  # noqa: E402
 
@@ -96,6 +97,8 @@ def label_axes(ax, xlabel: str, ylabel: str, title: str, *, xlog: bool = False, 
     """Axis labels (with units), a small title, a light grid, optional log x and legend."""
     if xlog:
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)

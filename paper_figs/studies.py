@@ -39,6 +39,13 @@ def _line(ax, recs, x_key: str, label: str, i: int, y_key: str = "acc") -> None:
     ax.errorbar(x, y, yerr=e if e.any() else None, capsize=3, label=label, **style(i))
 
 
+def _base_line(axes, payloads) -> None:
+    """The unpruned, unquantized model's accuracy as a thin horizontal line on every panel."""
+    m, _, n = mean_std([100 * r["acc"] for r in study_records(payloads, "prune_quant") if r.get("kind") == "base"])
+    for ax in axes if n else ():
+        ax.axhline(m, color="0.5", linewidth=0.8, linestyle=(0, (1, 2)), label=f"float32 model ({m:.1f} %)")
+
+
 def kd_temperature(payloads, out_dir) -> list[Path]:
     """Distilled student's accuracy vs. temperature, beside the student alone and the teacher."""
     recs = _need(payloads, "kd", "role = student_kd records (temperature, acc)")
@@ -79,7 +86,7 @@ def small_arch(payloads, out_dir) -> list[Path]:
                 m, s, _ = mean_std([100 * r["acc"] for r in grp])
                 pts.append((grp[0][cost], m, s, variant))
             pts.sort()
-            st = style(i)
+            st = style(i) | ({"linestyle": "none"} if fam == "blocks" else {})  # blocks: no order to join
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=3,
                         label=fam, **st)
             for p in pts:
@@ -108,6 +115,7 @@ def pruning(payloads, out_dir) -> list[Path]:
     whole = [r for r in recs if r["kind"] == "prune"]
     layer = [r for r in recs if r["kind"] == "layer_prune"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
+    _base_line(axes[0], payloads)
     ax = axes[0][0]
     for i, retrain in enumerate((False, True)):
         mine = [dict(r, kept_pct=100 * r["kept_fraction"]) for r in whole if bool(r.get("retrain")) == retrain]
@@ -129,6 +137,7 @@ def bits_accuracy(payloads, out_dir) -> list[Path]:
     recs = _need(payloads, "prune_quant", "kind = fixed_point, kmeans, pq or rq records",
                  lambda r: r.get("kind") in ("fixed_point", "kmeans", "pq", "rq"))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    _base_line(axes, payloads)
     ax = axes[0]
     fixed = [r for r in recs if r["kind"] == "fixed_point"]
     for i, rounding in enumerate(dict.fromkeys(r["rounding"] for r in fixed)):

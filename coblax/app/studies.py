@@ -291,9 +291,12 @@ def _study_small_arch(cfg: StudyConfig, data: Dataset, seed: int, progress: bool
         net = BlockNet(data.num_classes, block, sa.block_stem, sa.channels, sa.kernel)
         variants.append(("blocks", block, net, block_net_cost(net, shape)))
     records = []
+    trained: dict[str, tuple] = {}  # the two Fire sweeps share their centre point: train it once
     for family, label, net, cost in variants:
         start = time.perf_counter()
-        params, acc = _train_module(net, data, cfg.train, seed, progress, f"{family} {label}")
+        if repr(net) not in trained:
+            trained[repr(net)] = _train_module(net, data, cfg.train, seed, progress, f"{family} {label}")
+        params, acc = trained[repr(net)]
         rec = {"family": family, "variant": label, "params": cost.params, "macs": cost.macs,
                "traced_macs": _traced_macs(net, params, data), "counted_params": _n_params(params),
                "acc": acc, "train_seconds": time.perf_counter() - start}
