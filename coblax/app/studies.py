@@ -222,8 +222,9 @@ def load_study_config(path: str | Path) -> StudyConfig:
 # --------------------------------------------------------------------------- helpers
 
 
-def _run_config(cfg: StudyConfig, seed: int, train: TrainConfig | None = None) -> RunConfig:
-    return RunConfig(seed=seed, data=cfg.data, train=train or cfg.train, cache_dir=cfg.cache_dir)
+def _run_config(cfg: StudyConfig, seed: int) -> RunConfig:
+    """The ``coblax run`` settings that key a cached base model (seed, data, training)."""
+    return RunConfig(seed=seed, data=cfg.data, train=cfg.train, cache_dir=cfg.cache_dir)
 
 
 def _cache(cfg: StudyConfig) -> Path:
@@ -259,13 +260,11 @@ def _study_kd(cfg: StudyConfig, data: Dataset, seed: int, progress: bool) -> lis
     common = {"teacher": teacher_mc.label, "student": student_mc.label}
     records = [common | {"role": "teacher", "temperature": None, "alpha": None, "acc": teacher.accuracy,
                          "params": _n_params(teacher.params)}]
-    init = student.init(jax.random.key(seed + 1), jnp.asarray(data.x_train[:1]))
-    alone = T.fit(student.apply, init, data.x_train, data.y_train, epochs=tc.epochs, batch_size=tc.batch_size,
-                  learning_rate=tc.learning_rate, optimizer=tc.optimizer, seed=seed + 1,
-                  desc="student alone", progress=progress)
-    records.append(common | {"role": "student_alone", "temperature": None, "alpha": 0.0,
-                             "acc": T.evaluate(student.apply, alone, data.x_test, data.y_test),
+    # The same initial student (key seed + 1) and batches for "alone" and every distilled run.
+    alone, acc_alone = _train_module(student, data, tc, seed + 1, progress, "student alone")
+    records.append(common | {"role": "student_alone", "temperature": None, "alpha": 0.0, "acc": acc_alone,
                              "params": _n_params(alone)})
+    init = student.init(jax.random.key(seed + 1), jnp.asarray(data.x_train[:1]))
     for t in kd.temperatures:
         p = distill(student.apply, init, data.x_train, data.y_train, teacher_apply=teacher.model.apply,
                     teacher_params=teacher.params, temperature=t, alpha=kd.alpha, epochs=tc.epochs,
