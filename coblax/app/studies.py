@@ -417,9 +417,13 @@ def _study_prune_quant(cfg: StudyConfig, data: Dataset, seed: int, progress: boo
                          "kernel_bits": bits, "compression_ratio": 32.0 * total / bits,
                          "unquantized_layers": skipped + [n for n in kern if n not in dense]}
 
+    def product(w: np.ndarray, k: int) -> Q.ProductQuantization:
+        if w.shape[1] % pq.pq_width:
+            raise ValueError(f"pq_width={pq.pq_width} does not divide the {w.shape[1]} columns")
+        return Q.product_quantize(w, w.shape[1] // pq.pq_width, k, seed=seed)
+
     for k in pq.pq_k:
-        records.append(codebook_record("pq", {"k": k, "block_width": pq.pq_width}, lambda w, k=k: Q.product_quantize(
-            w, w.shape[1] // pq.pq_width if w.shape[1] % pq.pq_width == 0 else -1, k, seed=seed)))
+        records.append(codebook_record("pq", {"k": k, "block_width": pq.pq_width}, lambda w, k=k: product(w, k)))
     for t in pq.rq_stages:
         records.append(codebook_record("rq", {"k": pq.rq_k, "stages": t},
                                        lambda w, t=t: Q.residual_quantize(w, t, pq.rq_k, seed=seed)))
