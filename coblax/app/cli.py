@@ -166,6 +166,15 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _cmd_study(args) -> int:
+    from coblax.app.studies import format_study, run_study_file
+
+    payload = run_study_file(args.config, args.out, force=args.force, progress=not args.quiet)
+    print(format_study(payload))
+    print(f"\nwrote {payload['results_file']} ({payload['wall_seconds']:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -203,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_evaluate)
     p = sub.add_parser("methods", parents=[common], help="list the allocation methods")
     p.set_defaults(fn=_cmd_methods)
+    p = sub.add_parser("study", help="run a study config (kd, small_arch, svd_fc, prune_quant)")
+    p.add_argument("config")
+    p.add_argument("--out", help="output directory (default runs/CONFIG_NAME)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing results.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=_cmd_study)
     return parser
 
 

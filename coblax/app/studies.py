@@ -1,0 +1,568 @@
+"""``coblax study``: the seed's smaller studies, each from one TOML config.
+
+A study config names its kind (``study = "kd" | "small_arch" | "svd_fc" |
+"prune_quant"``), the data, the training settings, the seeds and the study's own
+table. :func:`run_study` trains what it needs (base models through
+:func:`coblax.app.experiment.train_base_model`, so they are cached like ``coblax
+run``'s), calls the library functions (distillation, small architectures,
+decomposition, pruning, quantization), and writes ``results.json``: the config,
+its text, the seeds, the package versions, the dataset sizes, the wall time and one
+record per measured point. :func:`format_study` prints the Markdown tables.
+
+Studies (seed: the lecture; numbers to compare with: ``seed_tables.md``):
+
+* ``kd`` — Hinton et al. 2015: a teacher; the student trained alone; the same
+  student distilled at each temperature (loss in :mod:`coblax.nn.distill`).
+* ``small_arch`` — Iandola et al. 2016 (Fire squeeze ratio and 3×3 fraction sweep),
+  depthwise-separable and flattened (Jin et al. 2014) vs. standard convolutions:
+  parameters, MACs (by formula and by coblax's tracer) and accuracy.
+* ``svd_fc`` — Denton et al. 2014: each dense layer alone truncated to rank K
+  (others intact): weight reduction in·out / (K·(in + out)) and accuracy change,
+  no fine-tuning.
+* ``prune_quant`` — Han et al. 2015 per-layer pruning sensitivity; whole-network
+  magnitude pruning without and with retraining (parameters and MACs kept);
+  fixed-point word length (Gupta et al. 2015, nearest and stochastic rounding);
+  k-means, product and residual quantization (Gong et al. 2014) size vs. accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coblax.app.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, load_toml, parse_dataclass
+from coblax.app.experiment import default_cache_dir, train_base_model, versions
+from coblax.compress import prune as P
+from coblax.compress import quantize as Q
+from coblax.lowrank.decompose import factored_apply, factorize, get_kernel, trace_layers, truncate
+from coblax.nn import train as T
+from coblax.nn.data import Dataset, load_dataset
+from coblax.nn.distill import distill
+from coblax.nn.models import MODEL_NAMES, build_model
+from coblax.nn.small import BLOCKS, BlockNet, FireNet, block_net_cost, fire_net_cost
+from coblax.util import write_json_atomic
+
+__all__ = [
+    "STUDIES",
+    "KDConfig",
+    "SmallArchConfig",
+    "SVDConfig",
+    "PruneQuantConfig",
+    "StudyConfig",
+    "load_study_config",
+    "run_study",
+    "run_study_file",
+    "format_study",
+]
+
+STUDIES = ("kd", "small_arch", "svd_fc", "prune_quant")
+
+
+def _model(value: Any, where: str) -> ModelConfig:
+    """A model table ``{ name = "mlp", hidden = [...] }`` (or a bare name) as a ModelConfig."""
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or "name" not in value:
+        raise ConfigError(f"{where}: expected a model name or a table with a name, got {value!r}")
+    if value["name"] not in MODEL_NAMES:
+        raise ConfigError(f"{where}.name = {value['name']!r} is not allowed; valid models: {', '.join(MODEL_NAMES)}")
+    return ModelConfig(value["name"], {k: v for k, v in value.items() if k != "name"})
+
+
+def _fractions(values: Sequence[float], where: str, lo_open: bool = True, hi: float = 1.0) -> None:
+    for v in values:
+        if not ((0.0 < v if lo_open else 0.0 <= v) and v < hi):
+            raise ConfigError(f"{where} = {v!r} is outside {'(' if lo_open else '['}0, {hi:g})")
+
+
+@dataclasses.dataclass(frozen=True)
+class KDConfig:
+    """Teacher, student, temperatures T and the soft-term weight α."""
+
+    teacher: dict = dataclasses.field(default_factory=lambda: {"name": "mlp", "hidden": [300, 100]})
+    student: dict = dataclasses.field(default_factory=lambda: {"name": "mlp", "hidden": [16]})
+    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    alpha: float = 0.9
+    student_epochs: int | None = None  # default: train.epochs
+
+    def validate(self, where: str) -> None:
+        _model(self.teacher, f"{where}.teacher")
+        _model(self.student, f"{where}.student")
+        if not self.temperatures or any(t <= 0 for t in self.temperatures):
+            raise ConfigError(f"{where}.temperatures must be a non-empty list of numbers > 0")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"{where}.alpha = {self.alpha!r} is outside [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class SmallArchConfig:
+    """Fire design-space sweep and block comparison (see :mod:`coblax.nn.small`)."""
+
+    stem: int = 32
+    expand: int = 32
+    squeeze_ratios: tuple[float, ...] = (0.125, 0.25, 0.5, 0.75)
+    pct3x3: tuple[float, ...] = (0.125, 0.25, 0.5, 0.75, 0.875)
+    squeeze_ratio_fixed: float = 0.125  # for the 3×3 sweep (the paper's choice)
+    pct3x3_fixed: float = 0.5  # for the squeeze sweep
+    blocks: tuple[str, ...] = BLOCKS
+    block_stem: int = 16
+    channels: tuple[int, ...] = (32, 64)
+    kernel: int = 3
+
+    def validate(self, where: str) -> None:
+        _fractions(self.squeeze_ratios + (self.squeeze_ratio_fixed,), f"{where}.squeeze_ratios")
+        _fractions(self.pct3x3 + (self.pct3x3_fixed,), f"{where}.pct3x3", lo_open=False, hi=1.0001)
+        for b in self.blocks:
+            if b not in BLOCKS:
+                raise ConfigError(f"{where}.blocks: {b!r} is not allowed; valid: {', '.join(BLOCKS)}")
+        if self.expand < 2 or self.stem < 1 or self.block_stem < 1 or self.kernel < 1:
+            raise ConfigError(f"{where}: expand must be >= 2, stem, block_stem and kernel >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class SVDConfig:
+    """Rank K per dense layer: fractions of the full rank (K = max(1, round(f·R)))."""
+
+    model: dict = dataclasses.field(default_factory=lambda: {"name": "mlp", "hidden": [300, 100]})
+    rank_fractions: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.5)
+    layers: tuple[str, ...] = ()  # default: every dense layer
+
+    def validate(self, where: str) -> None:
+        _model(self.model, f"{where}.model")
+        _fractions(self.rank_fractions, f"{where}.rank_fractions", hi=1.0001)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneQuantConfig:
+    """Pruning sparsities and quantization settings."""
+
+    model: dict = dataclasses.field(default_factory=lambda: {"name": "mlp", "hidden": [300, 100]})
+    layer_sparsities: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.98)
+    sparsities: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95)
+    scope: str = "layer"
+    steps: int = 3
+    retrain_epochs: int = 2
+    retrain_learning_rate: float = 3e-4
+    word_lengths: tuple[int, ...] = (2, 3, 4, 6, 8, 12, 16)
+    roundings: tuple[str, ...] = ("nearest", "stochastic")
+    kmeans_bits: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+    pq_k: tuple[int, ...] = (4, 16, 64)
+    pq_width: int = 2  # columns per product-quantization block
+    rq_k: int = 16
+    rq_stages: tuple[int, ...] = (1, 2, 4)
+
+    def validate(self, where: str) -> None:
+        _model(self.model, f"{where}.model")
+        _fractions(self.layer_sparsities, f"{where}.layer_sparsities", lo_open=False)
+        _fractions(self.sparsities, f"{where}.sparsities", lo_open=False)
+        if self.scope not in P.SCOPES:
+            raise ConfigError(f"{where}.scope = {self.scope!r}; valid: {', '.join(P.SCOPES)}")
+        if self.steps < 1 or self.retrain_epochs < 0:
+            raise ConfigError(f"{where}: steps must be >= 1 and retrain_epochs >= 0")
+        for r in self.roundings:
+            if r not in Q.ROUNDINGS:
+                raise ConfigError(f"{where}.roundings: {r!r}; valid: {', '.join(Q.ROUNDINGS)}")
+        if any(not 1 <= w <= 32 for w in self.word_lengths):
+            raise ConfigError(f"{where}.word_lengths must be in [1, 32]")
+        if any(not 1 <= b <= 16 for b in self.kmeans_bits):
+            raise ConfigError(f"{where}.kmeans_bits must be in [1, 16]")
+        if any(k < 2 for k in (*self.pq_k, self.rq_k)) or self.pq_width < 1:
+            raise ConfigError(f"{where}: pq_k and rq_k must be >= 2, pq_width >= 1")
+        if any(t < 1 for t in self.rq_stages):
+            raise ConfigError(f"{where}.rq_stages must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """One study: its kind, data, training, seeds and the study's own settings."""
+
+    study: str
+    name: str = ""
+    seeds: tuple[int, ...] = (0,)
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    cache_dir: str | None = None
+    kd: KDConfig = KDConfig()
+    small_arch: SmallArchConfig = SmallArchConfig()
+    svd_fc: SVDConfig = SVDConfig()
+    prune_quant: PruneQuantConfig = PruneQuantConfig()
+
+    def validate(self, where: str) -> None:
+        if self.study not in STUDIES:
+            raise ConfigError(f"study = {self.study!r} is not allowed; valid studies: {', '.join(STUDIES)}")
+        if not self.seeds:
+            raise ConfigError("seeds must list at least one seed")
+
+    def settings(self) -> Any:
+        """The table of this config's own study."""
+        return getattr(self, self.study)
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    """Read and validate a study config (unknown keys and bad values raise ConfigError)."""
+    raw = load_toml(path)
+    if "seed" in raw:  # a single seed is a one-element list
+        if "seeds" in raw:
+            raise ConfigError("give either seed or seeds, not both")
+        raw = dict(raw, seeds=[raw.pop("seed")])
+    if "study" not in raw:
+        raise ConfigError(f"{path}: missing key study; valid studies: {', '.join(STUDIES)}")
+    return parse_dataclass(StudyConfig, raw)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _run_config(cfg: StudyConfig, seed: int) -> RunConfig:
+    """The ``coblax run`` settings that key a cached base model (seed, data, training)."""
+    return RunConfig(seed=seed, data=cfg.data, train=cfg.train, cache_dir=cfg.cache_dir)
+
+
+def _cache(cfg: StudyConfig) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+
+
+def _train_module(module, data: Dataset, tc: TrainConfig, seed: int, progress: bool, desc: str):
+    """Initialise and train a Flax module (no cache); returns (params, test accuracy)."""
+    params = module.init(jax.random.key(seed), jnp.asarray(data.x_train[:1]))
+    params = T.fit(module.apply, params, data.x_train, data.y_train, epochs=tc.epochs,
+                   batch_size=tc.batch_size, learning_rate=tc.learning_rate, optimizer=tc.optimizer,
+                   seed=seed, desc=desc, progress=progress)
+    return params, T.evaluate(module.apply, params, data.x_test, data.y_test)
+
+
+def _n_params(tree: Any) -> int:
+    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(tree)))
+
+
+def _traced_macs(module, params, data: Dataset) -> int:
+    return int(sum(layer.macs for layer in trace_layers(module, params, jnp.asarray(data.x_train[:1]))))
+
+
+# ------------------------------------------------------------------------------ studies
+
+
+def _study_kd(cfg: StudyConfig, data: Dataset, seed: int, progress: bool) -> list[dict]:
+    kd: KDConfig = cfg.kd
+    teacher_mc, student_mc = _model(kd.teacher, "kd.teacher"), _model(kd.student, "kd.student")
+    teacher = train_base_model(_run_config(cfg, seed), teacher_mc, data, _cache(cfg), progress)
+    student = build_model(student_mc.name, num_classes=data.num_classes, **dict(student_mc.options))
+    tc = cfg.train if kd.student_epochs is None else dataclasses.replace(cfg.train, epochs=kd.student_epochs)
+    common = {"teacher": teacher_mc.label, "student": student_mc.label}
+    records = [common | {"role": "teacher", "temperature": None, "alpha": None, "acc": teacher.accuracy,
+                         "params": _n_params(teacher.params)}]
+    # The same initial student (key seed + 1) and batches for "alone" and every distilled run.
+    alone, acc_alone = _train_module(student, data, tc, seed + 1, progress, "student alone")
+    records.append(common | {"role": "student_alone", "temperature": None, "alpha": 0.0, "acc": acc_alone,
+                             "params": _n_params(alone)})
+    init = student.init(jax.random.key(seed + 1), jnp.asarray(data.x_train[:1]))
+    for t in kd.temperatures:
+        p = distill(student.apply, init, data.x_train, data.y_train, teacher_apply=teacher.model.apply,
+                    teacher_params=teacher.params, temperature=t, alpha=kd.alpha, epochs=tc.epochs,
+                    batch_size=tc.batch_size, learning_rate=tc.learning_rate, optimizer=tc.optimizer,
+                    seed=seed + 1, progress=progress)
+        records.append(common | {"role": "student_kd", "temperature": t, "alpha": kd.alpha,
+                                 "acc": T.evaluate(student.apply, p, data.x_test, data.y_test),
+                                 "params": _n_params(p)})
+    return records
+
+
+def _study_small_arch(cfg: StudyConfig, data: Dataset, seed: int, progress: bool) -> list[dict]:
+    sa: SmallArchConfig = cfg.small_arch
+    shape = data.input_shape
+    variants: list[tuple[str, str, Any, Any]] = []
+    for sr in sa.squeeze_ratios:
+        net = FireNet(data.num_classes, sa.stem, sa.expand, sr, sa.pct3x3_fixed)
+        variants.append(("fire_squeeze_ratio", f"SR={sr:g}", net, fire_net_cost(net, shape)))
+    for pct in sa.pct3x3:
+        net = FireNet(data.num_classes, sa.stem, sa.expand, sa.squeeze_ratio_fixed, pct)
+        variants.append(("fire_pct3x3", f"pct3x3={pct:g}", net, fire_net_cost(net, shape)))
+    for block in sa.blocks:
+        net = BlockNet(data.num_classes, block, sa.block_stem, sa.channels, sa.kernel)
+        variants.append(("blocks", block, net, block_net_cost(net, shape)))
+    records = []
+    trained: dict[str, tuple] = {}  # the two Fire sweeps share their centre point: train it once
+    for family, label, net, cost in variants:
+        start = time.perf_counter()
+        if repr(net) not in trained:
+            trained[repr(net)] = _train_module(net, data, cfg.train, seed, progress, f"{family} {label}")
+        params, acc = trained[repr(net)]
+        rec = {"family": family, "variant": label, "params": cost.params, "macs": cost.macs,
+               "traced_macs": _traced_macs(net, params, data), "counted_params": _n_params(params),
+               "acc": acc, "train_seconds": time.perf_counter() - start}
+        if isinstance(net, FireNet):
+            rec |= {"squeeze_ratio": net.squeeze_ratio, "pct3x3": net.pct3x3}
+        else:
+            rec |= {"block": net.block}
+        records.append(rec)
+    return records
+
+
+def _study_svd_fc(cfg: StudyConfig, data: Dataset, seed: int, progress: bool) -> list[dict]:
+    sv: SVDConfig = cfg.svd_fc
+    mc = _model(sv.model, "svd_fc.model")
+    base = train_base_model(_run_config(cfg, seed), mc, data, _cache(cfg), progress)
+    traced = [l for l in trace_layers(base.model, base.params, jnp.asarray(data.x_train[:1])) if l.kind == "dense"]
+    names = [l.name for l in traced]
+    unknown = sorted(set(sv.layers) - set(names))
+    if unknown:
+        raise ConfigError(f"svd_fc.layers names unknown dense layers {unknown}; dense layers: {', '.join(names)}")
+    records = []
+    for layer in traced:
+        if sv.layers and layer.name not in sv.layers:
+            continue
+        n_in, n_out = layer.kernel_shape
+        full = factorize(get_kernel(base.params, layer.name), layer, "tai")
+        R = min(n_in, n_out)
+        for r in sorted({max(1, round(f * R)) for f in sv.rank_fractions}):
+            mask = np.zeros(R)
+            mask[:r] = 1.0
+            fs = {layer.name: truncate(full, mask)}
+            acc = T.evaluate(lambda p, x, fs=fs: factored_apply(base.model, p, fs, x), base.params,
+                             data.x_test, data.y_test)
+            records.append({
+                "model": mc.label, "layer": layer.name, "shape": [n_in, n_out], "rank": r, "full_rank": R,
+                "weights": n_in * n_out, "factored_weights": r * (n_in + n_out),
+                "weight_reduction": n_in * n_out / (r * (n_in + n_out)),
+                "acc": acc, "base_acc": base.accuracy, "acc_change": acc - base.accuracy,
+            })
+    return records
+
+
+def _kernel_bits(sizes: dict[str, int], ratios: dict[str, float]) -> float:
+    """Bits of all kernels: 32·n / ratio for the quantized ones, 32·n for the others."""
+    return float(sum(32.0 * n / ratios.get(name, 1.0) for name, n in sizes.items()))
+
+
+def _study_prune_quant(cfg: StudyConfig, data: Dataset, seed: int, progress: bool) -> list[dict]:
+    pq: PruneQuantConfig = cfg.prune_quant
+    mc = _model(pq.model, "prune_quant.model")
+    base = train_base_model(_run_config(cfg, seed), mc, data, _cache(cfg), progress)
+    model, params = base.model, base.params
+    ev = lambda p: T.evaluate(model.apply, p, data.x_test, data.y_test)  # noqa: E731
+    kern = P.kernels(params)
+    sizes = {n: int(np.size(w)) for n, w in kern.items()}
+    total = sum(sizes.values())
+    macs = {l.name: l.macs for l in trace_layers(model, params, jnp.asarray(data.x_train[:1]))}
+    total_macs = sum(macs.values())
+    common = {"model": mc.label, "base_acc": base.accuracy}
+    records: list[dict] = [common | {"kind": "base", "acc": base.accuracy, "weights": total, "macs": total_macs,
+                                     "kernel_bits": 32.0 * total}]
+
+    def pruned(report: P.PruneReport) -> dict:
+        kept = {n: s.kept_fraction for n, s in report.layers.items()}
+        kept_macs = sum(macs.get(n, 0) * f for n, f in kept.items())
+        return {"kept_fraction": report.kept_fraction, "compression": report.compression,
+                "layer_kept_fraction": kept, "mac_kept_fraction": kept_macs / total_macs if total_macs else 1.0}
+
+    # Per-layer sensitivity (Han et al. 2015, Fig. 5): one layer pruned, the others intact.
+    for name in kern:
+        for s in pq.layer_sparsities:
+            masks = P.magnitude_masks(params, {name: s})
+            records.append(common | {"kind": "layer_prune", "layer": name, "sparsity": s,
+                                     "acc": ev(P.apply_masks(params, masks))} | pruned(P.mask_report(masks)))
+    # Whole network, one-shot without retraining and iterative with retraining.
+    for s in pq.sparsities:
+        p1, rep = P.magnitude_prune(params, P.MagnitudeSpec(s, pq.scope))
+        records.append(common | {"kind": "prune", "retrain": False, "sparsity": s, "acc": ev(p1)} | pruned(rep))
+        if pq.retrain_epochs > 0:
+            p2, _, rep2 = P.iterative_magnitude_prune(
+                model.apply, params, data.x_train, data.y_train, sparsity=s, steps=pq.steps,
+                retrain_epochs=pq.retrain_epochs, scope=pq.scope,
+                train_kwargs={"learning_rate": pq.retrain_learning_rate, "batch_size": cfg.train.batch_size,
+                              "seed": seed, "progress": progress})
+            records.append(common | {"kind": "prune", "retrain": True, "sparsity": s, "steps": pq.steps,
+                                     "retrain_epochs": pq.retrain_epochs, "acc": ev(p2)} | pruned(rep2))
+    # Fixed point ⟨IL, FL⟩ (post-training): IL covers the largest |w| (sign bit included).
+    wmax = max(float(np.max(np.abs(np.asarray(w)))) for w in kern.values())
+    il_needed = 1 + max(0, math.ceil(math.log2(wmax))) if wmax > 0 else 1
+    for wl in pq.word_lengths:
+        il = min(il_needed, wl)
+        for rounding in pq.roundings:
+            qp, rep = Q.fixed_point_quantize(params, Q.FixedPointSpec(il, wl - il, rounding, seed))
+            records.append(common | {"kind": "fixed_point", "word_length": wl, "il": il, "fl": wl - il,
+                                     "rounding": rounding, "acc": ev(qp),
+                                     "kernel_bits": float(wl * total), "compression_ratio": 32.0 / wl})
+    # k-means weight sharing: every kernel, 2^bits shared values (codebook neglected, as Gong et al.).
+    for b in pq.kmeans_bits:
+        qp, _, _, rep = Q.kmeans_share(params, b, seed=seed)
+        ratios = {n: Q.kmeans_compression_ratio(max(c.k, 2)) for n, c in rep.layers.items()}
+        bits = _kernel_bits(sizes, ratios)
+        records.append(common | {"kind": "kmeans", "bits": b, "acc": ev(qp), "kernel_bits": bits,
+                                 "compression_ratio": 32.0 * total / bits})
+    # Product / residual quantization of the dense kernels (m = in rows, n = out columns).
+    dense = {n: np.asarray(w) for n, w in kern.items() if np.ndim(w) == 2}
+
+    def codebook_record(kind: str, setting: dict, quantize: Callable[[np.ndarray], Any]) -> dict:
+        new, ratios, skipped = {}, {}, []
+        for n, w in dense.items():
+            try:
+                res = quantize(w)
+            except ValueError:  # k > m rows or blocks not dividing n: layer kept in float
+                skipped.append(n)
+                continue
+            new[n] = jnp.asarray(res.reconstruction, w.dtype)
+            ratios[n] = getattr(res, "storage_ratio", res.compression_ratio)
+        bits = _kernel_bits(sizes, ratios)
+        return common | {"kind": kind, **setting, "acc": ev(P.replace_kernels(params, new)),
+                         "kernel_bits": bits, "compression_ratio": 32.0 * total / bits,
+                         "unquantized_layers": skipped + [n for n in kern if n not in dense]}
+
+    def product(w: np.ndarray, k: int) -> Q.ProductQuantization:
+        if w.shape[1] % pq.pq_width:
+            raise ValueError(f"pq_width={pq.pq_width} does not divide the {w.shape[1]} columns")
+        return Q.product_quantize(w, w.shape[1] // pq.pq_width, k, seed=seed)
+
+    for k in pq.pq_k:
+        records.append(codebook_record("pq", {"k": k, "block_width": pq.pq_width}, lambda w, k=k: product(w, k)))
+    for t in pq.rq_stages:
+        records.append(codebook_record("rq", {"k": pq.rq_k, "stages": t},
+                                       lambda w, t=t: Q.residual_quantize(w, t, pq.rq_k, seed=seed)))
+    return records
+
+
+_RUNNERS: dict[str, Callable[[StudyConfig, Dataset, int, bool], list[dict]]] = {
+    "kd": _study_kd,
+    "small_arch": _study_small_arch,
+    "svd_fc": _study_svd_fc,
+    "prune_quant": _study_prune_quant,
+}
+
+
+def run_study(cfg: StudyConfig, out_dir: str | Path, *, config_text: str = "", progress: bool = True) -> dict:
+    """Run every seed of the study; write ``out_dir/results.json`` atomically and return it.
+
+    Each record carries ``study`` and ``seed``; the payload carries the config (and its
+    text), the seeds, the package versions, the dataset sizes and the wall time.
+    A config for data that is absent fails before anything is trained or written,
+    with a message naming the folder and the files expected.
+    """
+    start = time.perf_counter()
+    datasets = {s: load_dataset(cfg.data.name, cfg.data.dir, seed=s, limit_train=cfg.data.limit_train,
+                                limit_test=cfg.data.limit_test) for s in cfg.seeds}
+    payload: dict = {
+        "study": cfg.study,
+        "name": cfg.name,
+        "config": dataclasses.asdict(cfg),
+        "config_text": config_text,
+        "seeds": list(cfg.seeds),
+        "versions": versions(),
+        "dataset": {"name": cfg.data.name, "train": len(datasets[cfg.seeds[0]].x_train),
+                    "test": len(datasets[cfg.seeds[0]].x_test)},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "records": [],
+    }
+    for seed in cfg.seeds:
+        for rec in _RUNNERS[cfg.study](cfg, datasets[seed], seed, progress):
+            payload["records"].append({"study": cfg.study, "seed": seed} | rec)
+    payload["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    payload["wall_seconds"] = time.perf_counter() - start
+    write_json_atomic(Path(out_dir) / "results.json", payload)
+    return payload
+
+
+def run_study_file(config: str | Path, out: str | Path | None = None, *, force: bool = False,
+                   progress: bool = True) -> dict:
+    """``coblax study CONFIG [--out DIR] [--force]``: load, refuse to overwrite unless forced, run.
+
+    The output folder defaults to ``runs/<config file stem>``; the returned payload
+    also names the ``results_file`` written.
+    """
+    cfg = load_study_config(config)
+    target = Path(out or Path("runs") / Path(config).stem) / "results.json"
+    if target.exists() and not force:
+        raise ValueError(f"{target} exists; pass --force to overwrite or choose another --out")
+    payload = run_study(cfg, target.parent, config_text=Path(config).read_text(), progress=progress)
+    return payload | {"results_file": str(target)}
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def _mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    m = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f} (n={len(values)})"
+
+
+def _grouped(records: list[dict], keys: Sequence[str]) -> list[tuple[tuple, list[dict]]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault(tuple(_hashable(r.get(k)) for k in keys), []).append(r)
+    return list(groups.items())
+
+
+def _hashable(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _md(headers: Sequence[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _table(records: list[dict], keys: Sequence[str], extra: Sequence[str] = (),
+           metrics: Sequence[str] = ("acc",)) -> str:
+    """One row per distinct ``keys``; ``extra`` columns from the first record; metrics (×100) mean ± std."""
+    rows = []
+    for key, group in _grouped(records, keys):
+        rows.append([_fmt(v) for v in key] + [_fmt(group[0].get(e)) for e in extra]
+                    + [_mean_std([g.get(m) for g in group]) for m in metrics])
+    units = {"acc": "acc (%)", "acc_change": "acc change (pt)"}
+    return _md([*keys, *extra, *(units.get(m, m) for m in metrics)], rows)
+
+
+def format_study(payload: dict) -> str:
+    """Markdown tables of a study's records (accuracies in %, mean ± std over seeds)."""
+    recs = payload["records"]
+    study = payload.get("study")
+    title = f"### {payload.get('name') or study} ({payload.get('dataset', {}).get('name', '?')}," \
+            f" seeds {', '.join(str(s) for s in payload.get('seeds', []))})"
+    parts = [title]
+    if study == "kd":
+        parts.append(_table(recs, ["role", "temperature"], ["teacher", "student", "alpha", "params"]))
+    elif study == "small_arch":
+        parts.append(_table(recs, ["family", "variant"], ["params", "macs", "traced_macs"]))
+    elif study == "svd_fc":
+        parts.append(_table(recs, ["layer", "rank"], ["full_rank", "weight_reduction"], ["acc", "acc_change"]))
+    elif study == "prune_quant":
+        by = lambda k: [r for r in recs if r["kind"] == k]  # noqa: E731
+        parts += ["Base model", _table(by("base"), ["model"], ["weights", "macs"]),
+                  "Per-layer pruning (one layer pruned, no retraining)",
+                  _table(by("layer_prune"), ["layer", "sparsity"], ["kept_fraction"]),
+                  "Whole-network magnitude pruning",
+                  _table(by("prune"), ["sparsity", "retrain"], ["kept_fraction", "mac_kept_fraction"]),
+                  "Fixed point (post-training)",
+                  _table(by("fixed_point"), ["word_length", "rounding"], ["il", "fl"]),
+                  "k-means weight sharing / product / residual quantization (kernels only)",
+                  _table(by("kmeans") + by("pq") + by("rq"), ["kind", "bits", "k", "stages"],
+                         ["compression_ratio"])]
+    else:
+        raise ValueError(f"unknown study {study!r}; valid studies: {', '.join(STUDIES)}")
+    return "\n\n".join(parts)

@@ -1,0 +1,42 @@
+"""``python -m paper_figs RESULTS_DIR... --out FIG_DIR [--only NAME...]``.
+
+Draws every figure the results have records for (PNG and PDF); for each figure it
+cannot draw it prints the study and what is missing, and goes on. Exit status 0 when
+at least one figure was written, 1 when none was, 2 on unreadable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from paper_figs import FIGURES, MissingRecords, load_results
+
+
+def main(argv: Sequence[str] | None = None, only: Sequence[str] = ()) -> int:
+    ap = argparse.ArgumentParser(prog="python -m paper_figs", description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="+", help="results.json files, run directories or folders of runs")
+    ap.add_argument("--out", default="figures", help="output folder (default: figures)")
+    ap.add_argument("--only", nargs="*", choices=sorted(FIGURES), help="draw only these figures")
+    args = ap.parse_args(argv)
+    try:
+        payloads = load_results(args.results)
+    except (OSError, ValueError) as err:
+        print(f"paper_figs: error: {err}", file=sys.stderr)
+        return 2
+    names = args.only or list(only) or list(FIGURES)
+    written = 0
+    for name in names:
+        try:
+            paths = FIGURES[name](payloads, args.out)
+        except MissingRecords as err:
+            print(f"skipped {name}: {err}")
+            continue
+        written += len(paths)
+        print(f"{name}: " + ", ".join(str(p) for p in paths))
+    return 0 if written else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
