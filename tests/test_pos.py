@@ -43,13 +43,14 @@ def test_greedy_hand_trace_per_cost():
 
 def test_greedy_hand_trace_unnormalized():
     # Smallest relative loss first: a (1/7 < 0.2) -> (2, 3), cost 8; then a would lose
-    # 2/6 > 0.2, so b -> (2, 2), cost 6.
+    # 2/6 > 0.2, so b -> (2, 2), cost 6. The refill then spends the unit left:
+    # a -> 3 (cost 7).
     alloc = POSGreedyUnnormalized()(two_layer_problem(7.0))
-    assert alloc.ranks == {"a": 2, "b": 2}
-    assert alloc.stats["objective"] == pytest.approx(2 * math.log(6.0))
+    assert alloc.ranks == {"a": 3, "b": 2}
+    assert alloc.stats["objective"] == pytest.approx(math.log(7.0) + math.log(6.0))
 
 
-def test_exact_beats_unnormalized_on_hand_example():
+def test_exact_on_hand_example():
     alloc = POSExact()(two_layer_problem(7.0))
     assert alloc.ranks == {"a": 3, "b": 2}
     assert alloc.stats["milp_objective"] == pytest.approx(math.log(7.0) + math.log(6.0))
