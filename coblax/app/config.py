@@ -184,8 +184,12 @@ class DecomposeConfig:
     schemes: tuple[str, ...] = ("tai",)
     layers: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    spectrum: str = "weight"
+    whiten_eps: float = 1e-6
 
     def validate(self, where: str) -> None:
+        _choice(self.spectrum, ("weight", "whitened"), f"{where}.spectrum")
+        _positive(self.whiten_eps, f"{where}.whiten_eps")
         if not self.schemes:
             raise ConfigError(f"{where}.schemes must name at least one scheme: tai, zhang")
         for s in self.schemes:
@@ -230,14 +234,27 @@ class CoblaConfig:
     max_iter: int = 100
     ftol: float = 1e-6
     roundings: int = 10
-    warm_start: str = "uniform"
+    warm_start: str = "pos_greedy"
     saturation_rounds: int = 5
+    monotone: bool = False
+    continuation: tuple[float, ...] = ()
+    local_search: int = 0
+    select: str = "accuracy"
+    mask_values: str = "relaxed"
 
     def validate(self, where: str) -> None:
         for key in ("objective_size", "validation_size", "batch_size", "max_iter", "roundings"):
             _positive(getattr(self, key), f"{where}.{key}")
         _positive(self.ftol, f"{where}.ftol")
         _positive(self.saturation_rounds, f"{where}.saturation_rounds", allow_zero=True)
+        _positive(self.local_search, f"{where}.local_search", allow_zero=True)
+        for mu in self.continuation:
+            _positive(mu, f"{where}.continuation", allow_zero=True)
+        _choice(self.select, ("accuracy", "loss"), f"{where}.select")
+        _choice(self.mask_values, ("relaxed", "ones"), f"{where}.mask_values")
+        if self.warm_start == "cobla":
+            raise ConfigError(f"{where}.warm_start = 'cobla' would start COBLA from itself; use pos_greedy "
+                              "(the authors' choice), pos_exact, uniform, another allocator or constant")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,16 @@ from coblax.lowrank.allocation import Allocation, is_feasible
 from coblax.app.config import ModelConfig, RunConfig
 from coblax.lowrank.costs import NetworkCost, make_problem, network_cost
 from coblax.nn.data import Dataset, load_dataset
-from coblax.lowrank.decompose import Factors, apply_fn_for, factorize, get_kernel, trace_layers, truncate
+from coblax.lowrank.decompose import (
+    Factors,
+    apply_fn_for,
+    factorize,
+    factorize_whitened,
+    get_kernel,
+    input_grams,
+    trace_layers,
+    truncate,
+)
 from coblax.nn.models import build_model
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.registry import get_allocator
@@ -172,6 +181,21 @@ def _split(data: Dataset, cfg: RunConfig):
     return (data.x_train[obj], data.y_train[obj]), (data.x_train[val], data.y_train[val]) if n_val else None
 
 
+COBLA_KEYS = ("max_iter", "ftol", "roundings", "warm_start", "saturation_rounds", "monotone",
+              "continuation", "local_search", "select", "mask_values")
+
+
+def decompose_layers(cfg: RunConfig, base: BaseModel, chosen, scheme: str, objective_x) -> dict[str, Factors]:
+    """Full factors of every chosen layer, in the spectrum ``decompose.spectrum`` names."""
+    if cfg.decompose.spectrum == "weight":
+        return {l.name: factorize(get_kernel(base.params, l.name), l, scheme) for l in chosen}
+    grams = input_grams(base.model, base.params, chosen, objective_x, scheme, batch_size=cfg.cobla.batch_size)
+    return {
+        l.name: factorize_whitened(get_kernel(base.params, l.name), l, scheme, grams[l.name], cfg.decompose.whiten_eps)
+        for l in chosen
+    }
+
+
 def run_method(
     method: str,
     cfg: RunConfig,
@@ -187,7 +211,7 @@ def run_method(
     """One (model, scheme, budget, method) record."""
     options = dict(cfg.method_options.get(method, {}))
     if method == "cobla":
-        defaults = {k: getattr(cfg.cobla, k) for k in ("max_iter", "ftol", "roundings", "warm_start", "saturation_rounds")}
+        defaults = {k: getattr(cfg.cobla, k) for k in COBLA_KEYS}
         options = defaults | {"progress": progress} | options
     allocator = get_allocator(method, **options)
     problem = make_problem(net, budget[0], budget[1], cfg.budgets.basis,
@@ -289,7 +313,7 @@ def run_experiment(
         traced = trace_layers(base.model, base.params, x1)
         chosen = decomposable_layers(traced, cfg)
         for scheme in cfg.decompose.schemes:
-            full = {l.name: factorize(get_kernel(base.params, l.name), l, scheme) for l in chosen}
+            full = decompose_layers(cfg, base, chosen, scheme, objective_data[0])
             net = network_cost(traced, base.params, {n: np.asarray(f.sigma) for n, f in full.items()}, scheme)
             loss = None
             if "cobla" in cfg.methods:
@@ -298,7 +322,8 @@ def run_experiment(
             for budget in cfg.budgets.pairs():
                 for method in cfg.methods:
                     record = run_method(method, cfg, base, data, traced, net, full, loss, budget, progress)
-                    record = {"model": mc.label, "scheme": scheme, "base_cached": base.cached} | record
+                    record = {"model": mc.label, "scheme": scheme, "spectrum": cfg.decompose.spectrum,
+                              "base_cached": base.cached} | record
                     payload["records"].append(record)
                     write_json_atomic(partial, payload)
                     if on_record is not None:
