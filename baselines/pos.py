@@ -143,6 +143,22 @@ def _log_energy(layer: LayerCost, rank: int, cum: np.ndarray) -> float:
     return math.log(_energy(layer, rank, cum) + EPS * float(cum[-1]))
 
 
+def _energy_steps(problem: AllocationProblem):
+    """(loss, gain) step scores: relative energy lost, log-energy gained."""
+    cum = {layer.name: _cumulative(layer) for layer in problem.layers}
+
+    def loss(layer: LayerCost, r: int, new_r: int) -> float:
+        e_now = _energy(layer, r, cum[layer.name])
+        return (e_now - _energy(layer, new_r, cum[layer.name])) / e_now if e_now > 0.0 else 0.0
+
+    def gain(layer: LayerCost, r: int, new_r: int, current=None) -> float:
+        if cum[layer.name][-1] <= 0.0:
+            return 0.0
+        return _log_energy(layer, new_r, cum[layer.name]) - _log_energy(layer, r, cum[layer.name])
+
+    return loss, gain
+
+
 def pos_greedy_ranks(problem: AllocationProblem, *, per_cost: bool = True) -> dict[str, int]:
     """Greedy POS ranks (see the module docstring for the rule).
 
@@ -160,17 +176,7 @@ def pos_greedy_ranks(problem: AllocationProblem, *, per_cost: bool = True) -> di
     """
     method = "pos_greedy" if per_cost else "pos_greedy_unnormalized"
     check_floor(problem, method)
-    cum = {layer.name: _cumulative(layer) for layer in problem.layers}
-
-    def loss(layer: LayerCost, r: int, new_r: int) -> float:
-        e_now = _energy(layer, r, cum[layer.name])
-        return (e_now - _energy(layer, new_r, cum[layer.name])) / e_now if e_now > 0.0 else 0.0
-
-    def gain(layer: LayerCost, r: int, new_r: int, current=None) -> float:
-        if cum[layer.name][-1] <= 0.0:
-            return 0.0
-        return _log_energy(layer, new_r, cum[layer.name]) - _log_energy(layer, r, cum[layer.name])
-
+    loss, gain = _energy_steps(problem)
     ranks = descend(problem, problem.full_ranks(), loss, per_cost=per_cost, method=method)
     return refill(problem, ranks, gain)
 
@@ -287,6 +293,9 @@ def pos_milp(
             ranks[layer.name] = int(ranks_i[int(idx[0])]) if len(idx) else problem.min_rank
         ranks = clip_ranks(problem, ranks)
         if is_feasible(problem, ranks):
+            # Ranks whose energy gain is 0 (σ = 0) tie in the MILP: take them too, so
+            # no layer is left with room for one more rank.
+            ranks = refill(problem, ranks, _energy_steps(problem)[1])
             return ranks, pos_objective(problem, ranks)
     raise RuntimeError(f"pos_exact: the MILP solver {solver} returned no feasible solution")
 

@@ -251,7 +251,7 @@ class CoblaConfig:
         for mu in self.continuation:
             _positive(mu, f"{where}.continuation", allow_zero=True)
         _choice(self.select, ("accuracy", "loss"), f"{where}.select")
-        _choice(self.mask_values, ("relaxed", "ones"), f"{where}.mask_values")
+        _choice(self.mask_values, ("relaxed", "ones", "plain"), f"{where}.mask_values")
         if self.warm_start == "cobla":
             raise ConfigError(f"{where}.warm_start = 'cobla' would start COBLA from itself; use pos_greedy "
                               "(the authors' choice), pos_exact, uniform, another allocator or constant")

@@ -22,8 +22,10 @@ Where the paper is silent we follow the authors' public code (chongli-uw/cobla):
 
 Closing the rounding gap (options, measured in ``experiments/README.md``):
 * ``monotone`` — the authors' constraint m_ij >= m_i,j+1 within a layer;
-* ``continuation`` — warm-started re-solves of E(m) + μ_k·E₀·mean(4 m(1−m)) for the
-  penalty weights μ_k, pushing m towards 0/1 (E₀ the relaxed optimum's value);
+* ``continuation`` — warm-started re-solves of E(m) + μ_k·E₀·Σ 4m(1−m) / Σ m̂ for
+  the penalty weights μ_k, pushing m towards 0/1 (E₀ and m̂ the relaxed optimum's
+  value and point: at μ = 1, spreading the relaxed ranks over twice as many
+  triplets at m = ½ costs about 2·E₀);
 * ``local_search`` — an integer local search over rank moves between layers;
 * ``select`` — rounding candidates scored by validation accuracy (then loss) or loss;
 * the warm start's own allocation is always among the rounding candidates.
@@ -123,7 +125,8 @@ class COBLA:
       continuation: penalty weights μ_k of the integrality continuation (empty: off).
       local_search: evaluation budget of the integer local search (0: off).
       select: score rounding candidates by validation ``"accuracy"`` (then loss) or ``"loss"``.
-      mask_values: kept triplets scaled by m̂ (``"relaxed"``, the authors') or 1 (``"ones"``).
+      mask_values: the draws keep the top triplets by σ·m̂ scaled by m̂ (``"relaxed"``,
+        the authors'), or by 1 (``"ones"``), or the top by σ at 1 (``"plain"``).
       progress: show a progress bar over SQP iterations.
     """
 
@@ -215,8 +218,8 @@ class COBLA:
             value, grad = problem.loss.value_and_grad(full)
             grad = grad[idx]
             if penalty:
-                value = value + penalty * float(np.sum(4.0 * x * (1.0 - x))) / x.size
-                grad = grad + penalty * 4.0 * (1.0 - 2.0 * x) / x.size
+                value = value + penalty * float(np.sum(4.0 * x * (1.0 - x)))
+                grad = grad + penalty * 4.0 * (1.0 - 2.0 * x)
             return value, grad
 
         res = self._solve(fun_and_grad, x0, A, b, tick)
@@ -280,8 +283,11 @@ class COBLA:
         if self.continuation:
             e0 = abs(problem.loss.value_and_grad(state.m)[0]) or 1.0
             active = [i for i, l in enumerate(layers) if l.name not in saturated]
+            idx = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in active]) if active else []
+            mass = max(float(np.sum(state.m[idx])), 1.0)  # Σ m over the free layers: the relaxed ranks
             for mu in self.continuation:
-                new = self._run_solve(problem, state.m, active, saturated, mu * e0, state, tick, f"continuation {mu:g}")
+                new = self._run_solve(problem, state.m, active, saturated, mu * e0 / mass, state, tick,
+                                      f"continuation {mu:g}")
                 if new is None:
                     break
                 state.m = new

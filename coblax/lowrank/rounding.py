@@ -42,7 +42,7 @@ __all__ = [
     "triplet_importance",
 ]
 
-MASK_VALUES = ("relaxed", "ones")
+MASK_VALUES = ("relaxed", "ones", "plain")
 
 Score = Callable[[np.ndarray], tuple[float, ...]]
 """Score of a flat multiplier vector; lower (lexicographically) is better."""
@@ -57,11 +57,13 @@ def triplet_importance(problem: AllocationProblem, m_hat: Mapping[str, np.ndarra
                        values: str = "relaxed") -> dict[str, np.ndarray]:
     """Per layer, the energy each kept triplet adds, in the order triplets are kept.
 
-    (σ·m̂)² sorted descending for ``values="relaxed"``; σ² in σ·m̂ order for ``"ones"``.
+    (σ·m̂)² sorted descending for ``values="relaxed"``; σ² in σ·m̂ order for
+    ``"ones"``; σ² for ``"plain"`` (or without m̂).
     """
     out = {}
     for layer in problem.layers:
-        mh = np.ones(layer.full_rank) if m_hat is None else np.asarray(m_hat[layer.name], np.float64)
+        plain = m_hat is None or values == "plain"
+        mh = np.ones(layer.full_rank) if plain else np.asarray(m_hat[layer.name], np.float64)
         order = _importance_order(layer, mh)
         w = layer.sigma if values == "ones" else layer.sigma * mh
         out[layer.name] = np.asarray(w[order], np.float64) ** 2
@@ -78,15 +80,17 @@ def masks_for_ranks(
 
     A layer at or above its saturation rank is the original layer (all ones).
     Otherwise the top-r triplets by σ·m̂ keep multiplier m̂ (``values="relaxed"``,
-    the authors' choice) or 1 (``"ones"``; always 1 without m̂). The returned ranks
-    count the kept triplets (full rank for an original layer).
+    the authors' choice) or 1 (``"ones"``), or the top-r by σ keep 1 (``"plain"``,
+    plain SVD truncation, what every baseline does; also the rule without m̂). The
+    returned ranks count the kept triplets (full rank for an original layer).
     """
     if values not in MASK_VALUES:
         raise ValueError(f"mask values {values!r}; valid: {', '.join(MASK_VALUES)}")
     out_ranks, out_masks = {}, {}
     for layer in problem.layers:
         r = int(ranks[layer.name])
-        mh = np.ones(layer.full_rank) if m_hat is None else np.asarray(m_hat[layer.name], np.float64)
+        plain = m_hat is None or values == "plain"
+        mh = np.ones(layer.full_rank) if plain else np.asarray(m_hat[layer.name], np.float64)
         if layer.is_original(r):
             out_ranks[layer.name] = layer.full_rank
             out_masks[layer.name] = np.ones(layer.full_rank)
@@ -95,7 +99,7 @@ def masks_for_ranks(
         mask = np.zeros(layer.full_rank)
         # A kept triplet whose m̂ is 0 contributes nothing; keep it at a tiny
         # multiplier so "nonzero = kept" still matches the rank that is paid for.
-        mask[keep] = 1.0 if values == "ones" else np.maximum(mh[keep], 1e-6)
+        mask[keep] = 1.0 if values != "relaxed" or plain else np.maximum(mh[keep], 1e-6)
         out_ranks[layer.name] = r
         out_masks[layer.name] = mask
     return out_ranks, out_masks
@@ -208,65 +212,73 @@ def round_masks(
       score: of a flat mask vector on the validation split, lower wins (a float or a
         tuple compared lexicographically, e.g. (-accuracy, loss)); None keeps the
         first candidate.
-      values: ``"relaxed"`` (kept multipliers m̂) or ``"ones"``.
-      extra: (label, ranks) candidates added to the pool (e.g. the warm start).
+      values: masks of the draws: ``"relaxed"`` (kept multipliers m̂), ``"ones"``
+        or ``"plain"`` (see :func:`masks_for_ranks`).
+      extra: (label, ranks) candidates added to the pool (e.g. the warm start),
+        evaluated as plain truncations, the way their allocator's ranks are used.
       local_search_evals: evaluation budget of :func:`local_search` (0 = off).
     Returns:
       (ranks, masks, info) with info ``draws``, ``feasible_draws`` (draws feasible
       before repair), ``candidates`` (label, ranks, score), ``chosen`` (its label),
-      ``repaired`` (the chosen candidate needed the descent), ``local_search``.
+      ``values`` (its mask values), ``repaired`` (the chosen candidate needed the
+      descent), ``local_search``.
     """
     rng = np.random.default_rng(seed)
-    importance = triplet_importance(problem, m_hat, values)
-    pool: list[tuple[str, dict[str, int], bool]] = []
+    importance = {v: triplet_importance(problem, m_hat, v) for v in MASK_VALUES}
+    # (label, ranks, mask values, repaired)
+    pool: list[tuple[str, dict[str, int], str, bool]] = []
     feasible_draws = 0
     for k in range(draws):
         raw = stochastic_ranks(problem, m_hat, rng)
         ok = is_feasible(problem, raw)
         feasible_draws += ok
-        pool.append((f"draw{k}", _maximal(problem, raw, importance), not ok))
+        pool.append((f"draw{k}", _maximal(problem, raw, importance[values]), values, not ok))
     floor = {l.name: int(np.floor(np.sum(m_hat[l.name]) + 1e-9)) for l in problem.layers}
     floor = clip_ranks(problem, floor)
-    pool.append(("floor", _maximal(problem, floor, importance), not is_feasible(problem, floor)))
-    for label, ranks in extra:
+    pool.append(("floor", _maximal(problem, floor, importance[values]), values, not is_feasible(problem, floor)))
+    for label, ranks in extra:  # an allocator's ranks: plain truncation, as that allocator uses them
         ranks = clip_ranks(problem, ranks)
-        pool.append((label, _maximal(problem, ranks, importance), not is_feasible(problem, ranks)))
+        pool.append((label, _maximal(problem, ranks, importance["plain"]), "plain", not is_feasible(problem, ranks)))
 
-    cache: dict[tuple[int, ...], tuple[float, ...]] = {}
+    cache: dict[tuple, tuple[float, ...]] = {}
 
-    def evaluate(ranks: Mapping[str, int]) -> tuple[float, ...]:
-        key = _key(problem, ranks)
-        if key not in cache:
-            if score is None:
-                cache[key] = (0.0,)
-            else:
-                _, masks = masks_for_ranks(problem, ranks, m_hat, values)
-                value = score(flat_mask(problem, masks))
-                cache[key] = tuple(value) if isinstance(value, tuple) else (float(value),)
-        return cache[key]
+    def evaluator(mode: str):
+        def evaluate(ranks: Mapping[str, int]) -> tuple[float, ...]:
+            key = (mode, _key(problem, ranks))
+            if key not in cache:
+                if score is None:
+                    cache[key] = (0.0,)
+                else:
+                    _, masks = masks_for_ranks(problem, ranks, m_hat, mode)
+                    value = score(flat_mask(problem, masks))
+                    cache[key] = tuple(value) if isinstance(value, tuple) else (float(value),)
+            return cache[key]
+
+        return evaluate
 
     scored = []
-    for label, ranks, repaired in pool:
-        scored.append((evaluate(ranks), label, ranks, repaired))
-    best_score, label, best, repaired = min(scored, key=lambda t: t[0])  # first of equals
+    for label, ranks, mode, repaired in pool:
+        scored.append((evaluator(mode)(ranks), label, ranks, mode, repaired))
+    best_score, label, best, mode, repaired = min(scored, key=lambda t: t[0])  # first of equals
     info: dict = {
         "draws": draws,
         "feasible_draws": feasible_draws,
         "candidates": [
-            {"label": lab, "ranks": dict(r), "score": list(s)} for s, lab, r, _ in scored
+            {"label": lab, "ranks": dict(r), "values": md, "score": list(sc)} for sc, lab, r, md, _ in scored
         ],
         "chosen": label,
+        "values": mode,
         "repaired": bool(repaired),
     }
     if local_search_evals > 0:
         before = best_score
         best, best_score, evals = local_search(
-            problem, best, evaluate, importance, max_evals=local_search_evals, start_score=best_score
+            problem, best, evaluator(mode), importance[mode], max_evals=local_search_evals, start_score=best_score
         )
         info["local_search"] = {"evaluations": evals, "score_before": list(before),
                                 "score_after": list(best_score), "improved": best_score < before}
         if best_score < before:
             info["chosen"] = f"{label}+local_search"
-    ranks, masks = masks_for_ranks(problem, best, m_hat, values)
+    ranks, masks = masks_for_ranks(problem, best, m_hat, mode)
     info["score"] = [float(v) if math.isfinite(v) else None for v in best_score]
     return ranks, masks, info
