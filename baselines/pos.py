@@ -64,7 +64,6 @@ from baselines._budget import check_floor, clip_ranks, cost_ratios
 from coblax.lowrank.allocation import (
     Allocation,
     AllocationProblem,
-    BudgetError,
     LayerCost,
     descend,
     is_feasible,

@@ -67,20 +67,8 @@ class NetworkLoss:
         self._val = _batch_stack(*validation_data, batch_size) if validation_data else None
         splits = np.cumsum(self.sizes)[:-1].tolist()
 
-        def loss(m, params, factors, xs, ys, ws):
-            blocks = jnp.split(m.astype(self.dtype), splits)
-            scales = {n: b * factors[n].sigma for n, b in zip(self.names, blocks)}
-
-            def body(total, batch):
-                xb, yb, wb = batch
-                logits = factored_apply(model, params, factors, xb, scales)
-                ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-                return total + jnp.sum(ce * wb), None
-
-            total, _ = lax.scan(body, jnp.zeros((), self.dtype), (xs, ys, ws))
-            return total / jnp.sum(ws)
-
         def metrics(m, params, factors, xs, ys, ws):
+            """(mean cross-entropy, accuracy) of the masked network on the stacked batches."""
             blocks = jnp.split(m.astype(self.dtype), splits)
             scales = {n: b * factors[n].sigma for n, b in zip(self.names, blocks)}
 
@@ -94,6 +82,9 @@ class NetworkLoss:
             zero = jnp.zeros((), self.dtype)
             (total, hits), _ = lax.scan(body, (zero, zero), (xs, ys, ws))
             return total / jnp.sum(ws), hits / jnp.sum(ws)
+
+        def loss(m, params, factors, xs, ys, ws):
+            return metrics(m, params, factors, xs, ys, ws)[0]
 
         self._value_and_grad = jax.jit(jax.value_and_grad(loss))
         self._value = jax.jit(loss)
