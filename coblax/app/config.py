@@ -234,11 +234,11 @@ class CoblaConfig:
     max_iter: int = 100
     ftol: float = 1e-6
     roundings: int = 10
-    warm_start: str = "pos_greedy"
+    warm_start: str = "pos_exact"
     saturation_rounds: int = 5
     monotone: bool = False
     continuation: tuple[float, ...] = ()
-    local_search: int = 0
+    local_search: int = 60
     select: str = "accuracy"
     mask_values: str = "relaxed"
 
