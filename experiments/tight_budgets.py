@@ -39,6 +39,7 @@ def run(config: str, seeds: list[int], spectra: list[str], out: Path) -> None:
 
 def table(out: Path) -> str:
     acc = defaultdict(dict)  # (model, scheme, spectrum, budget, method) -> seed -> (before, after)
+    cobla = []
     budgets = defaultdict(set)
     methods: list[str] = []
     for path in sorted(out.glob("*/results.json")):
@@ -50,6 +51,9 @@ def table(out: Path) -> str:
                 methods.append(r["method"])
             acc[key + (r["budget_mac"], r["method"])][payload["seed"]] = (
                 100 * r["acc_before_finetune"], 100 * r["acc_after_finetune"])
+            d = r.get("diagnostics", {})
+            if r["method"] == "cobla" and "relaxed_val_accuracy" in d:
+                cobla.append((key, r["budget_mac"], payload["seed"], d, r["ranks"], 100 * r["acc_before_finetune"]))
     lines = []
     for key in sorted(budgets):
         bs = sorted(budgets[key], reverse=True)
@@ -68,6 +72,17 @@ def table(out: Path) -> str:
                     mean = sum(vals) / len(vals)
                     cells.append(" / ".join(f"{v:.1f}" for v in vals) + (f" ({mean:.1f})" if len(vals) > 1 else ""))
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if cobla:
+        lines.append("\n#### COBLA: relaxed vs rounded (validation split of the training data; test accuracy of the rounded network)\n")
+        lines.append("| model | scheme | spectrum | budget | seed | relaxed E | rounded E | relaxed val loss / acc % "
+                     "| rounded val loss / acc % | chosen candidate | ranks | test acc % |")
+        lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|")
+        for key, b, seed, d, ranks, test in sorted(cobla, key=lambda t: (t[0], -t[1], t[2])):
+            lines.append(
+                f"| {key[0]} | {key[1]} | {key[2]} | {b:g} | {seed} | {d['relaxed_objective']:.3f} | "
+                f"{d['rounded_objective']:.3f} | {d['relaxed_val_loss']:.3f} / {100 * d['relaxed_val_accuracy']:.1f} | "
+                f"{d['rounded_val_loss']:.3f} / {100 * d['rounded_val_accuracy']:.1f} | {d['rounding']['chosen']} | "
+                f"{' '.join(str(v) for v in ranks.values())} | {test:.1f} |")
     return "\n".join(lines)
 
 
