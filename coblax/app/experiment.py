@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coblax.nn import train as T
-from coblax.lowrank.allocation import Allocation, is_feasible
+from coblax.lowrank.allocation import Allocation, has_room, is_feasible
 from coblax.app.config import ModelConfig, RunConfig
 from coblax.lowrank.costs import NetworkCost, make_problem, network_cost
 from coblax.nn.data import Dataset, load_dataset
@@ -261,6 +261,7 @@ def run_method(
         "ranks": ranks,
         "full_ranks": {l.name: l.full_rank for l in net.layers},
         "original_layers": sorted(l.name for l in net.layers if l.is_original(ranks[l.name])),
+        "room_for_one_more_rank": has_room(problem, allocation.ranks),
         "macs": macs,
         "params": params,
         "mac_ratio": mac_ratio,
