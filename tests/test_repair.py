@@ -10,6 +10,7 @@ from baselines.pos import pos_greedy_ranks, pos_milp
 from coblax.lowrank.allocation import (
     AllocationProblem,
     LayerCost,
+    down_targets,
     greedy_repair,
     has_room,
     is_feasible,
@@ -64,3 +65,14 @@ def test_repair_without_fill_only_lowers():
     assert all(low[k] <= start[k] for k in start)
     full = greedy_repair(problem, start)
     assert all(full[k] >= low[k] for k in start) and has_room(problem, full) == []
+
+
+def test_down_targets_stay_at_or_above_min_rank():
+    # sat = 1: no factored rank is cheaper than the original, so no step down at all
+    lay = LayerCost("d", "dense", (2, 2), np.array([2.0, 1.0]), 4.0, 4.0, 4.0, 4.0)
+    assert lay.saturation_rank == 1 and down_targets(lay, 2, 1) == []
+    lay = LayerCost("d", "dense", (8, 8), np.ones(8), 16.0, 16.0, 64.0, 64.0)  # sat 4
+    assert down_targets(lay, 8, 1) == [1, 2, 3]
+    assert down_targets(lay, 8, 1, every=False) == [3]
+    assert down_targets(lay, 8, 4) == []  # min_rank 4 is already the original form
+    assert down_targets(lay, 3, 1) == [2]

@@ -274,9 +274,10 @@ def down_targets(layer: LayerCost, rank: int, min_rank: int, *, every: bool = Tr
         return []
     if not layer.is_original(rank):
         return [rank - 1]
-    top = min(layer.saturation_rank, layer.full_rank)
-    lo = min(min_rank, top - 1)
-    return list(range(lo, top)) if every else [max(lo, top - 1)]
+    top = min(layer.saturation_rank, layer.full_rank)  # factored ranks are min_rank..top-1
+    if top - 1 < min_rank:
+        return []
+    return list(range(min_rank, top)) if every else [top - 1]
 
 
 def up_target(layer: LayerCost, rank: int) -> int | None:
