@@ -57,7 +57,8 @@ def warm_start_ranks(problem: AllocationProblem, how: str) -> dict[str, int] | N
                          "such as pos_greedy (the authors' choice), pos_exact or uniform, or 'constant'")
     if how == "constant":
         return None
-    return dict(get_allocator(how)(problem).ranks)
+    options = {"bound": False, "compare_greedy": False} if how == "pos_exact" else {}  # only its ranks
+    return dict(get_allocator(how, **options)(problem).ranks)
 
 
 def warm_start_point(problem: AllocationProblem, how: str, ranks: dict[str, int] | None = None) -> np.ndarray:
