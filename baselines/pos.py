@@ -32,8 +32,12 @@ Three allocators:
   optimality gap. This is the "modern numerical ... with provable optimality" remark
   of the lecture's POS slide.
 
-From an original-form layer the next step down is to rank saturation_rank - 1 (a big
-cost drop), never through the ranks in between, which all cost the original.
+From an original-form layer a step down may go to any factored rank (the ranks from
+saturation_rank up all cost the original); the greedy scores every such target, so it
+is not trapped into cutting other layers because the only step out of original form
+would save a single rank and lose the whole tail. Both greedies end with a refill that
+spends what the descent left over (largest log-energy gain per unit of budget), so no
+layer that is not full can take one more rank.
 
 References:
   X. Zhang, J. Zou, K. He, J. Sun, "Accelerating very deep convolutional networks for
@@ -60,10 +64,10 @@ from baselines._budget import check_floor, clip_ranks, cost_ratios
 from coblax.lowrank.allocation import (
     Allocation,
     AllocationProblem,
-    BudgetError,
     LayerCost,
+    descend,
     is_feasible,
-    ranks_cost,
+    refill,
 )
 
 __all__ = [
@@ -134,15 +138,34 @@ def pos_objective(problem: AllocationProblem, ranks: Mapping[str, int]) -> float
     return total
 
 
-def _step_down(layer: LayerCost, rank: int, min_rank: int) -> int:
-    """The next lower rank that changes the layer's cost."""
-    if layer.is_original(rank):
-        return max(min_rank, min(layer.saturation_rank, layer.full_rank) - 1)
-    return rank - 1
+def _log_energy(layer: LayerCost, rank: int, cum: np.ndarray) -> float:
+    return math.log(_energy(layer, rank, cum) + EPS * float(cum[-1]))
+
+
+def _energy_steps(problem: AllocationProblem):
+    """(loss, gain) step scores: relative energy lost, log-energy gained."""
+    cum = {layer.name: _cumulative(layer) for layer in problem.layers}
+
+    def loss(layer: LayerCost, r: int, new_r: int) -> float:
+        e_now = _energy(layer, r, cum[layer.name])
+        return (e_now - _energy(layer, new_r, cum[layer.name])) / e_now if e_now > 0.0 else 0.0
+
+    def gain(layer: LayerCost, r: int, new_r: int, current=None) -> float:
+        if cum[layer.name][-1] <= 0.0:
+            return 0.0
+        return _log_energy(layer, new_r, cum[layer.name]) - _log_energy(layer, r, cum[layer.name])
+
+    return loss, gain
 
 
 def pos_greedy_ranks(problem: AllocationProblem, *, per_cost: bool = True) -> dict[str, int]:
     """Greedy POS ranks (see the module docstring for the rule).
+
+    Lowering is :func:`coblax.lowrank.allocation.descend` (the same loop as the
+    repair) with the step loss ΔE_i / E_i; from an original-form layer every factored
+    rank is scored as a target. Then :func:`coblax.lowrank.allocation.refill` spends
+    what is left, largest log-energy gain per unit of budget first, so no layer that
+    is not full can take one more rank.
 
     Args:
       per_cost: divide the relative loss by the weighted normalized cost saved (Zhang
@@ -152,40 +175,9 @@ def pos_greedy_ranks(problem: AllocationProblem, *, per_cost: bool = True) -> di
     """
     method = "pos_greedy" if per_cost else "pos_greedy_unnormalized"
     check_floor(problem, method)
-    o_mac, o_par = problem.original_cost()
-    current = clip_ranks(problem, problem.full_ranks())
-    cum = {layer.name: _cumulative(layer) for layer in problem.layers}
-    while not is_feasible(problem, current):
-        macs, params = ranks_cost(problem.layers, current)
-        w_c = _excess(macs, problem.mac_max)
-        w_m = _excess(params, problem.param_max)
-        best_name, best_score, best_rank = None, math.inf, 0
-        for layer in problem.layers:
-            r = current[layer.name]
-            if r <= problem.min_rank:
-                continue
-            new_r = _step_down(layer, r, problem.min_rank)
-            d_mac = layer.macs(r) - layer.macs(new_r)
-            d_par = layer.params(r) - layer.params(new_r)
-            saved = w_c * d_mac / o_mac + w_m * d_par / o_par
-            if saved <= 0.0:  # the move helps no exceeded budget
-                continue
-            e_now = _energy(layer, r, cum[layer.name])
-            e_new = _energy(layer, new_r, cum[layer.name])
-            loss = (e_now - e_new) / e_now if e_now > 0.0 else 0.0
-            score = loss / saved if per_cost else loss
-            if score < best_score:
-                best_name, best_score, best_rank = layer.name, score, new_r
-        if best_name is None:  # pragma: no cover - the floor was checked feasible
-            raise BudgetError(f"method {method} could not make progress")
-        current[best_name] = best_rank
-    return current
-
-
-def _excess(cost: float, budget: float) -> float:
-    if budget <= 0.0:
-        return 1.0 if cost > budget else 0.0
-    return max(0.0, cost / budget - 1.0)
+    loss, gain = _energy_steps(problem)
+    ranks = descend(problem, problem.full_ranks(), loss, per_cost=per_cost, method=method)
+    return refill(problem, ranks, gain)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +292,9 @@ def pos_milp(
             ranks[layer.name] = int(ranks_i[int(idx[0])]) if len(idx) else problem.min_rank
         ranks = clip_ranks(problem, ranks)
         if is_feasible(problem, ranks):
+            # Ranks whose energy gain is 0 (σ = 0) tie in the MILP: take them too, so
+            # no layer is left with room for one more rank.
+            ranks = refill(problem, ranks, _energy_steps(problem)[1])
             return ranks, pos_objective(problem, ranks)
     raise RuntimeError(f"pos_exact: the MILP solver {solver} returned no feasible solution")
 
@@ -383,9 +378,20 @@ class POSExact:
         mac_r, par_r = cost_ratios(problem, ranks)
         stats: dict[str, float] = {"milp_objective": milp, "mac_ratio": mac_r, "param_ratio": par_r}
         if self.bound:
-            bound = pos_relaxation_bound(problem, solver=self.relaxation_solver)
-            stats["relaxation_bound"] = bound
-            stats["bound_gap"] = bound - milp
+            # The bound is a diagnostic: a conic solver that fails on it (CLARABEL does on
+            # LeNet-5's 0.1 budget) is retried with the other one, then reported, never fatal.
+            errors = []
+            for solver in dict.fromkeys((self.relaxation_solver, "SCS", "CLARABEL")):
+                try:
+                    bound = pos_relaxation_bound(problem, solver=solver)
+                except Exception as err:  # cvxpy.error.SolverError and the RuntimeError above
+                    errors.append(f"{solver}: {err}")
+                    continue
+                stats["relaxation_bound"] = bound
+                stats["bound_gap"] = bound - milp
+                break
+            if errors:
+                stats["bound_errors"] = errors
         if self.compare_greedy:
             greedy = pos_objective(problem, pos_greedy_ranks(problem, per_cost=True))
             stats["greedy_objective"] = greedy

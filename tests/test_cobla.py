@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coblax.lowrank.allocation import AllocationProblem, LayerCost, is_feasible
+from coblax.lowrank.allocation import AllocationProblem, LayerCost, has_room, is_feasible
 from coblax.lowrank.cobla import COBLA, warm_start_point
+from coblax.lowrank.sqp import SQPResult
 from coblax.lowrank.registry import get_allocator
 
 
@@ -68,3 +69,180 @@ def test_needs_a_loss_oracle():
     layers = (_dense("a", 10, 10, 0.1),)
     with pytest.raises(ValueError, match="loss"):
         get_allocator("cobla")(AllocationProblem(layers, 50.0, 50.0))
+
+
+# -- issue 8: saturation, refill, warm starts, layout, gap-closing options ------------
+
+
+def _mixed(name, R, mac_per, par_per, o_mac, o_par, decay=0.05):
+    s = np.exp(-decay * np.arange(R))
+    return LayerCost(name, "conv", (R, R), s, mac_per, par_per, o_mac, o_par)
+
+
+def test_saturation_only_when_the_rest_stays_feasible():
+    # "a" saturates in MACs at rank 5 (5 x 100 = its original 500 MACs) but its
+    # original form holds 1000 parameters, more than the whole parameter budget: the
+    # old rule fixed it anyway, the remaining budget went negative and rounding had
+    # to repair far below the budget. Now it stays factored, every solve is feasible
+    # and the final allocation uses the budget (no layer can take one more rank).
+    a = _mixed("a", 20, 100.0, 1.0, 500.0, 1000.0, decay=0.0)
+    b = _dense("b", 40, 30, 0.05)
+    loss = QuadraticLoss((a, b), [np.full(20, 50.0), np.ones(30)])
+    problem = AllocationProblem((a, b), 0.5 * (500.0 + b.original_macs), 300.0, loss=loss, seed=0)
+    alloc = COBLA(max_iter=200, warm_start="uniform")(problem)
+    assert alloc.stats["relaxed_ranks"]["a"] >= a.saturation_rank - 1e-6  # the trap is set
+    assert alloc.stats["saturated_layers"] == []
+    assert all(s["feasible"] for s in alloc.stats["solves"])
+    assert is_feasible(problem, alloc.ranks)
+    assert not has_room(problem, alloc.ranks)
+    assert not a.is_original(alloc.ranks["a"])
+
+
+def test_saturation_rounds_zero_saturates_nothing():
+    layers = (_dense("big", 200, 150, 0.02), _dense("tiny", 12, 10, 0.0))
+    loss = QuadraticLoss(layers, [np.ones(150), np.full(10, 1e4)])
+    o = sum(l.original_macs for l in layers)
+    problem = AllocationProblem(layers, 0.3 * o, 0.3 * o, loss=loss, seed=0)
+    alloc = COBLA(max_iter=200, saturation_rounds=0)(problem)
+    assert alloc.stats["saturated_layers"] == []
+    assert [s["stage"] for s in alloc.stats["solves"]] == ["relaxed"]
+    assert is_feasible(problem, alloc.ranks) and not has_room(problem, alloc.ranks)
+    # with saturation allowed, the saturation is followed by its own re-solve
+    alloc = COBLA(max_iter=200)(problem)
+    assert alloc.stats["saturated_layers"] == ["tiny"]
+    assert [s["stage"] for s in alloc.stats["solves"]] == ["relaxed", "saturate tiny"]
+
+
+def test_a_solve_that_breaks_a_constraint_is_rolled_back(monkeypatch):
+    layers = (_dense("a", 60, 40, 0.05), _dense("b", 80, 30, 0.3))
+    loss = QuadraticLoss(layers, [np.ones(l.full_rank) for l in layers])
+    o = sum(l.original_macs for l in layers)
+    problem = AllocationProblem(layers, 0.4 * o, 0.4 * o, loss=loss, seed=0)
+
+    def broken(self, fun_and_grad, x0, A, b, tick):
+        x = np.ones_like(x0)  # every triplet kept: far over budget
+        return SQPResult(x, fun_and_grad(x)[0], False, 8, "positive directional derivative", 3, 3, 3, 0.0, [])
+
+    monkeypatch.setattr(COBLA, "_solve", broken)
+    alloc = COBLA(warm_start="uniform")(problem)
+    assert alloc.stats["solves"][0]["rolled_back"]
+    assert alloc.stats["solves"][0]["status"] == 8
+    m0 = warm_start_point(problem, "uniform")
+    np.testing.assert_allclose(np.concatenate([alloc.relaxed[n] for n in problem.names]), m0)
+    assert is_feasible(problem, alloc.ranks)
+
+
+def test_layer_order_mismatch_raises():
+    layers = (_dense("a", 20, 10, 0.1), _dense("b", 30, 10, 0.1))
+    loss = QuadraticLoss(layers, [np.ones(10), np.ones(10)])
+    loss.names = ["b", "a"]
+    problem = AllocationProblem(layers, 300.0, 300.0, loss=loss)
+    with pytest.raises(ValueError, match="layer order"):
+        COBLA()(problem)
+    loss.names, loss.sizes = ["a", "b"], [10, 9]
+    with pytest.raises(ValueError, match="block sizes"):
+        COBLA()(problem)
+
+
+def test_warm_start_cobla_is_refused():
+    with pytest.raises(ValueError, match="itself"):
+        COBLA(warm_start="cobla")
+
+
+@pytest.mark.parametrize("how", ["pos_greedy", "pos_exact"])
+def test_warm_starts_from_pos(how):
+    layers = (_dense("a", 60, 40, 0.05), _dense("b", 80, 30, 0.3), _dense("c", 30, 30, 0.01))
+    loss = QuadraticLoss(layers, [np.ones(l.full_rank) for l in layers])
+    o = sum(l.original_macs for l in layers)
+    problem = AllocationProblem(layers, 0.3 * o, 0.3 * o, loss=loss, seed=0)
+    alloc = COBLA(max_iter=200, warm_start=how)(problem)
+    assert alloc.stats["warm_start_ranks"] == get_allocator(how)(problem).ranks
+    assert is_feasible(problem, alloc.ranks) and not has_room(problem, alloc.ranks)
+    labels = [c["label"] for c in alloc.stats["rounding"]["candidates"]]
+    assert "warm_start" in labels
+
+
+class Scored(QuadraticLoss):
+    """QuadraticLoss plus validation metrics from a function of the kept ranks."""
+
+    def __init__(self, layers, weights, metrics):
+        super().__init__(layers, weights)
+        self.layers, self._metrics = layers, metrics
+
+    def validation_metrics(self, m):
+        sizes = np.cumsum([0] + [l.full_rank for l in self.layers])
+        ranks = {l.name: int(np.count_nonzero(m[sizes[i]:sizes[i + 1]])) for i, l in enumerate(self.layers)}
+        return self._metrics(ranks)
+
+
+def _flat_problem(metrics=None, budget=7.0, weights=(1.0, 1.0)):
+    # Two layers of 10 equal singular values, one unit of cost per rank: the relaxed
+    # optimum of the quadratic loss spreads the budget evenly (m = 0.35 each): fractional.
+    layers = tuple(LayerCost(n, "dense", (10, 10), np.ones(10), 1.0, 1.0, 100.0, 100.0) for n in "ab")
+    w = [np.full(10, weights[0]), np.full(10, weights[1])]
+    loss = QuadraticLoss(layers, w) if metrics is None else Scored(layers, w, metrics)
+    return AllocationProblem(layers, budget, budget, loss=loss, seed=0)
+
+
+def test_relaxed_optimum_is_fractional():
+    problem = _flat_problem()
+    alloc = COBLA(max_iter=200, warm_start="uniform", saturation_rounds=0)(problem)
+    np.testing.assert_allclose(np.concatenate(list(alloc.relaxed.values())), 0.35, atol=1e-3)
+
+
+def test_monotone_constraint():
+    # Later triplets weigh more in the loss: unconstrained, m increases with j; the
+    # authors' constraint m_j >= m_j+1 pools them into one value per layer.
+    layers = (LayerCost("a", "dense", (10, 10), np.ones(10), 1.0, 1.0, 100.0, 100.0),)
+    w = [np.linspace(1.0, 3.0, 10)]
+    problem = AllocationProblem(layers, 4.0, 4.0, loss=QuadraticLoss(layers, w), seed=0)
+    free = COBLA(max_iter=200, warm_start="uniform", saturation_rounds=0)(problem).relaxed["a"]
+    mono = COBLA(max_iter=200, warm_start="uniform", saturation_rounds=0, monotone=True)(problem).relaxed["a"]
+    assert np.any(np.diff(free) > 1e-3)
+    assert np.all(np.diff(mono) <= 1e-6)
+    np.testing.assert_allclose(mono, 0.4, atol=1e-3)  # the pooled optimum
+
+
+def test_integrality_continuation():
+    # Distinct singular values: the relaxed optimum m_j = 1 - λ / (2 w σ_j²) is
+    # fractional and has no symmetry that would hold the continuation at m = const.
+    layers = tuple(LayerCost(n, "dense", (10, 10), np.linspace(1.2, 0.8, 10), 1.0, 1.0, 100.0, 100.0) for n in "ab")
+    loss = QuadraticLoss(layers, [np.ones(10), np.full(10, 1.5)])
+    problem = AllocationProblem(layers, 7.0, 7.0, loss=loss, seed=0)
+    base = COBLA(max_iter=200, warm_start="uniform", saturation_rounds=0)(problem)
+    cont = COBLA(max_iter=200, warm_start="uniform", saturation_rounds=0, continuation=(0.3, 1.0, 3.0, 10.0))(problem)
+
+    def frac(alloc):
+        m = np.concatenate(list(alloc.relaxed.values()))
+        return float(np.mean(4 * m * (1 - m)))
+
+    assert frac(base) > 0.5
+    assert frac(cont) < 0.1  # pushed to 0/1
+    assert [s["stage"] for s in cont.stats["solves"]][-1] == "continuation 10"
+    assert is_feasible(problem, cont.ranks) and not has_room(problem, cont.ranks)
+    assert cont.stats["relaxed_objective"] == pytest.approx(base.stats["relaxed_objective"], rel=1e-3)
+
+
+def test_selection_by_accuracy_or_loss():
+    # Accuracy is best with all rank in "a", the loss prefers an even split.
+    def metrics(r):
+        return (abs(r["a"] - r["b"]) * 0.1, r["a"] / 7.0)
+
+    problem = _flat_problem(metrics)
+    by_acc = COBLA(max_iter=50, warm_start="uniform", roundings=5, local_search=60)(problem)
+    by_loss = COBLA(max_iter=50, warm_start="uniform", roundings=5, select="loss")(problem)
+    assert by_acc.ranks == {"a": 6, "b": 1}  # min_rank 1 in b
+    assert abs(by_loss.ranks["a"] - by_loss.ranks["b"]) <= 1
+    assert by_acc.stats["rounding"]["local_search"]["improved"]
+
+
+def test_warm_start_allocation_is_a_candidate():
+    target = {"a": 1, "b": 6}
+    problem = _flat_problem(lambda r: (0.0, 1.0 - abs(r["a"] - 1) / 10))
+    ws = get_allocator("pos_greedy")(problem).ranks
+    alloc = COBLA(max_iter=50, warm_start="pos_greedy", roundings=3)(problem)
+    if ws == target:
+        assert alloc.stats["rounding"]["chosen"] == "warm_start"
+    # local search reaches it from any start
+    alloc = COBLA(max_iter=50, warm_start="uniform", roundings=3, local_search=100)(problem)
+    assert alloc.ranks == target

@@ -54,3 +54,13 @@ def test_callbacks_compile_once():
     for _ in range(4):
         oracle.value_and_grad(rng.uniform(size=oracle.size))
     assert oracle.compiled_count() == 1
+
+
+def test_validation_metrics_match_the_original_network():
+    oracle, model, params, x, y = _oracle(np.float32)
+    logits = np.asarray(model.apply(params, jnp.asarray(x[:10])))
+    ref_loss = float(np.mean(-np.asarray(jax.nn.log_softmax(logits))[np.arange(10), y[:10]]))
+    loss, acc = oracle.validation_metrics(np.ones(oracle.size))
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert acc == pytest.approx(float(np.mean(np.argmax(logits, -1) == y[:10])))
+    assert loss == pytest.approx(oracle.validation_loss(np.ones(oracle.size)), rel=1e-6)

@@ -18,7 +18,7 @@ from baselines.pos import (
     pos_objective,
     pos_relaxation_bound,
 )
-from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, is_feasible
+from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, has_room, is_feasible
 
 
 def layer(name, sigma2, per_rank, original):
@@ -43,13 +43,14 @@ def test_greedy_hand_trace_per_cost():
 
 def test_greedy_hand_trace_unnormalized():
     # Smallest relative loss first: a (1/7 < 0.2) -> (2, 3), cost 8; then a would lose
-    # 2/6 > 0.2, so b -> (2, 2), cost 6.
+    # 2/6 > 0.2, so b -> (2, 2), cost 6. The refill then spends the unit left:
+    # a -> 3 (cost 7).
     alloc = POSGreedyUnnormalized()(two_layer_problem(7.0))
-    assert alloc.ranks == {"a": 2, "b": 2}
-    assert alloc.stats["objective"] == pytest.approx(2 * math.log(6.0))
+    assert alloc.ranks == {"a": 3, "b": 2}
+    assert alloc.stats["objective"] == pytest.approx(math.log(7.0) + math.log(6.0))
 
 
-def test_exact_beats_unnormalized_on_hand_example():
+def test_exact_on_hand_example():
     alloc = POSExact()(two_layer_problem(7.0))
     assert alloc.ranks == {"a": 3, "b": 2}
     assert alloc.stats["milp_objective"] == pytest.approx(math.log(7.0) + math.log(6.0))
@@ -156,3 +157,62 @@ def test_names_and_bad_options():
     assert POSGreedyUnnormalized().name == "pos_greedy_unnormalized"
     with pytest.raises(ValueError, match="relaxation_solver"):
         POSExact(relaxation_solver="ECOS")
+
+
+def _random_problem(seed):
+    rng = np.random.default_rng(seed)
+    layers = []
+    for i in range(int(rng.integers(2, 6))):
+        if rng.random() < 0.6:  # conv: saturation rank well below full rank
+            X, C, N = 3, int(rng.integers(1, 16)), int(rng.integers(2, 40))
+            HW = int(rng.integers(2, 12)) ** 2
+            s = np.sort(rng.uniform(0.01, 1.0, min(C * X, X * N)) ** rng.uniform(1, 4))[::-1]
+            layers.append(LayerCost(f"c{i}", "conv", (C * X, X * N), s, HW * (X * C + X * N), X * C + X * N,
+                                    HW * X * X * C * N, X * X * C * N))
+        else:
+            k, l = int(rng.integers(2, 80)), int(rng.integers(2, 80))
+            s = np.sort(rng.uniform(0.01, 1.0, min(k, l)) ** rng.uniform(1, 4))[::-1]
+            layers.append(LayerCost(f"d{i}", "dense", (k, l), s, k + l, k + l, k * l, k * l))
+    o_mac = sum(x.original_macs for x in layers)
+    o_par = sum(x.original_params for x in layers)
+    return AllocationProblem(tuple(layers), rng.uniform(0.05, 0.9) * o_mac, rng.uniform(0.05, 0.9) * o_par)
+
+
+def test_greedy_stays_close_to_the_milp_and_uses_the_budget():
+    """Stated bound: on these random problems (2-5 layers, convs that saturate, budgets
+    0.05-0.9) the greedy's log objective is within 0.3 of the MILP's (the product of
+    kept energies within a factor e^-0.3 ≈ 0.74), 0.03 on average; measured over 144
+    problems: max 0.24, mean 0.0096 (the greedy before issue 8: max 1.75, mean 0.087)."""
+    gaps = []
+    for seed in range(60):
+        problem = _random_problem(seed)
+        if not _floor_feasible(problem):
+            continue
+        greedy = pos_greedy_ranks(problem)
+        _, milp = pos_milp(problem)
+        gaps.append(milp - pos_objective(problem, greedy))
+        assert gaps[-1] >= -1e-9
+        assert gaps[-1] <= 0.3
+        assert has_room(problem, greedy) == []
+    assert np.mean(gaps) <= 0.03
+
+
+@pytest.mark.parametrize("seed, old_gap", [(7, 0.785), (17, 0.62), (33, 0.622)])
+def test_greedy_is_not_trapped_by_saturation(seed, old_gap):
+    # Problems where the greedy before issue 8 (whose only step out of original form
+    # was to saturation rank - 1) fell old_gap below the MILP in log objective.
+    problem = _random_problem(seed)
+    _, milp = pos_milp(problem)
+    assert milp - pos_objective(problem, pos_greedy_ranks(problem)) <= 0.02 < old_gap
+
+
+def test_a_failing_bound_solver_is_reported_not_fatal(monkeypatch):
+    import baselines.pos as pos
+
+    def fail(problem, solver):
+        raise RuntimeError(f"{solver} failed")
+
+    monkeypatch.setattr(pos, "pos_relaxation_bound", fail)
+    alloc = POSExact()(two_layer_problem(7.0))
+    assert alloc.ranks == {"a": 3, "b": 2}
+    assert "relaxation_bound" not in alloc.stats and len(alloc.stats["bound_errors"]) == 2

@@ -542,6 +542,8 @@ class DecomposeConfig:
     schemes: tuple[str, ...] = setting(("tai",), choices=("tai", "zhang"), nonempty=True, unique=True)
     layers: tuple[str, ...] = setting((), unique=True)
     exclude: tuple[str, ...] = setting((), unique=True)
+    spectrum: str = setting("weight", choices=("weight", "whitened"))
+    whiten_eps: float = setting(1e-6, gt=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -579,8 +581,13 @@ class CoblaConfig:
     max_iter: int = setting(100, ge=1)
     ftol: float = setting(1e-6, gt=0)
     roundings: int = setting(10, ge=1)
-    warm_start: str = setting("uniform", choices=_warm_starts)
+    warm_start: str = setting("pos_exact", choices=_warm_starts)
     saturation_rounds: int = setting(5, ge=0)
+    monotone: bool = False
+    continuation: tuple[float, ...] = setting((), ge=0)
+    local_search: int = setting(60, ge=0)
+    select: str = setting("accuracy", choices=("accuracy", "loss"))
+    mask_values: str = setting("relaxed", choices=("relaxed", "ones", "plain"))
 
 
 @dataclasses.dataclass(frozen=True)

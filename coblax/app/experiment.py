@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coblax.nn import train as T
-from coblax.lowrank.allocation import Allocation, BudgetError, is_feasible
+from coblax.lowrank.allocation import Allocation, BudgetError, has_room, is_feasible
 from coblax.app.config import (
     INT_MAX,
     ConfigError,
@@ -55,7 +55,16 @@ from coblax.app.config import (
 from coblax.app.report import ResultsError, read_results
 from coblax.lowrank.costs import NetworkCost, make_problem, network_cost
 from coblax.nn.data import Dataset, DataError, load_dataset
-from coblax.lowrank.decompose import Factors, apply_fn_for, factorize, get_kernel, trace_layers, truncate
+from coblax.lowrank.decompose import (
+    Factors,
+    apply_fn_for,
+    factorize,
+    factorize_whitened,
+    get_kernel,
+    input_grams,
+    trace_layers,
+    truncate,
+)
 from coblax.nn.models import build_model
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.registry import get_allocator
@@ -282,6 +291,21 @@ def _split(data: Dataset, cfg: RunConfig):
     return (data.x_train[obj], data.y_train[obj]), (data.x_train[val], data.y_train[val]) if n_val else None
 
 
+COBLA_KEYS = ("max_iter", "ftol", "roundings", "warm_start", "saturation_rounds", "monotone",
+              "continuation", "local_search", "select", "mask_values")
+
+
+def decompose_layers(cfg: RunConfig, base: BaseModel, chosen, scheme: str, objective_x) -> dict[str, Factors]:
+    """Full factors of every chosen layer, in the spectrum ``decompose.spectrum`` names."""
+    if cfg.decompose.spectrum == "weight":
+        return {l.name: factorize(get_kernel(base.params, l.name), l, scheme) for l in chosen}
+    grams = input_grams(base.model, base.params, chosen, objective_x, scheme, batch_size=cfg.cobla.batch_size)
+    return {
+        l.name: factorize_whitened(get_kernel(base.params, l.name), l, scheme, grams[l.name], cfg.decompose.whiten_eps)
+        for l in chosen
+    }
+
+
 def run_method(
     method: str,
     cfg: RunConfig,
@@ -297,7 +321,7 @@ def run_method(
     """One (model, scheme, budget, method) record."""
     options = dict(cfg.method_options.get(method, {}))
     if method == "cobla":
-        defaults = {k: getattr(cfg.cobla, k) for k in ("max_iter", "ftol", "roundings", "warm_start", "saturation_rounds")}
+        defaults = {k: getattr(cfg.cobla, k) for k in COBLA_KEYS}
         options = defaults | {"progress": progress} | options
     allocator = get_allocator(method, **options)
     problem = make_problem(net, budget[0], budget[1], cfg.budgets.basis, min_rank=cfg.budgets.min_rank,
@@ -347,6 +371,7 @@ def run_method(
         "ranks": ranks,
         "full_ranks": {l.name: l.full_rank for l in net.layers},
         "original_layers": sorted(l.name for l in net.layers if l.is_original(ranks[l.name])),
+        "room_for_one_more_rank": has_room(problem, allocation.ranks),
         "macs": macs,
         "params": params,
         "mac_ratio": mac_ratio,
@@ -742,7 +767,7 @@ def _sweep_records(plan: RunPlan, cfg: RunConfig, data: Dataset, progress: bool,
                 for k in keys:
                     add(done[k], False)
                 continue
-            full = {l.name: factorize(get_kernel(base.params, l.name), l, scheme) for l in chosen}
+            full = decompose_layers(cfg, base, chosen, scheme, objective_data[0])
             net = network_cost(traced, base.params, {n: np.asarray(f.sigma) for n, f in full.items()}, scheme)
             loss = None
             if "cobla" in cfg.methods:
@@ -759,4 +784,5 @@ def _sweep_records(plan: RunPlan, cfg: RunConfig, data: Dataset, progress: bool,
                     log(f"{mc.label}, {scheme}, {budget[0]:g}/{budget[1]:g}, {method}: failed: {err}")
                     add(_failed_record(key, cfg, err, base), True)
                     continue
-                add({"model": mc.label, "scheme": scheme, "base_cached": base.cached} | record, True)
+                add({"model": mc.label, "scheme": scheme, "spectrum": cfg.decompose.spectrum,
+                     "base_cached": base.cached} | record, True)

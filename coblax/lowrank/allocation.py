@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -40,6 +40,13 @@ __all__ = [
     "is_feasible",
     "largest_feasible",
     "greedy_repair",
+    "descend",
+    "refill",
+    "has_room",
+    "down_targets",
+    "up_target",
+    "importance_loss",
+    "importance_gain",
 ]
 
 
@@ -252,54 +259,175 @@ def largest_feasible(
     return best_t, best
 
 
+StepScore = Callable[[LayerCost, int, int], float]
+"""``score(layer, rank, new_rank) -> float``: the relative loss of lowering a layer
+from ``rank`` to ``new_rank`` (:func:`descend`) or the gain of raising it (:func:`refill`)."""
+
+
+def down_targets(layer: LayerCost, rank: int, min_rank: int, *, every: bool = True) -> list[int]:
+    """Lower ranks a step may move a layer to, each cheaper than ``rank``.
+
+    From a factored rank the only step is ``rank - 1``. From the original form every
+    factored rank min_rank..saturation_rank-1 is a target (``every``), so a greedy can
+    score a jump out of original form to the rank that is worth it, not only to
+    saturation_rank - 1 (which saves almost nothing and loses the whole tail).
+    """
+    if rank <= min_rank:
+        return []
+    if not layer.is_original(rank):
+        return [rank - 1]
+    top = min(layer.saturation_rank, layer.full_rank)  # factored ranks are min_rank..top-1
+    if top - 1 < min_rank:
+        return []
+    return list(range(min_rank, top)) if every else [top - 1]
+
+
+def up_target(layer: LayerCost, rank: int) -> int | None:
+    """The next rank that adds a triplet (the original form past saturation), or None if full."""
+    if layer.is_original(rank) or rank >= layer.full_rank:
+        return None
+    new = rank + 1
+    return layer.full_rank if layer.is_original(new) else new
+
+
+def _excess(cost: float, budget: float) -> float:
+    if budget <= 0.0:
+        return 1.0 if cost > budget else 0.0
+    return max(0.0, cost / budget - 1.0)
+
+
+def descend(
+    problem: AllocationProblem,
+    ranks: Mapping[str, int],
+    loss: StepScore,
+    *,
+    per_cost: bool = True,
+    every_target: bool = True,
+    method: str = "repair",
+) -> dict[str, int]:
+    """The excess-weighted greedy: lower ranks until both budgets hold.
+
+    Each step takes, over layers above ``min_rank`` and their :func:`down_targets`,
+    the move with the smallest ``loss(layer, r, new_r) / saved`` (``loss`` alone when
+    not ``per_cost``), where saved = w_C ΔN_C / N_C,orig + w_M ΔN_M / N_M,orig and
+    w_b = max(0, N_b / N_b,max - 1) weighs each budget by how far it is exceeded
+    (Zhang et al. 2016, Sec. 3.4, with two budgets). Both :func:`greedy_repair` and
+    the POS greedy (``baselines.pos``) are this loop with their own ``loss``.
+
+    Raises:
+      BudgetError: if even ``min_rank`` everywhere is infeasible.
+    """
+    floor = clip_ranks(problem, {layer.name: problem.min_rank for layer in problem.layers})
+    if not is_feasible(problem, floor):
+        raise budget_error(problem, floor, method)
+    o_mac, o_par = problem.original_cost()
+    current = clip_ranks(problem, ranks)
+    while not is_feasible(problem, current):
+        macs, params = ranks_cost(problem.layers, current)
+        w_c, w_m = _excess(macs, problem.mac_max), _excess(params, problem.param_max)
+        best: tuple[float, str, int] | None = None
+        for layer in problem.layers:
+            r = current[layer.name]
+            for new_r in down_targets(layer, r, problem.min_rank, every=every_target):
+                saved = w_c * (layer.macs(r) - layer.macs(new_r)) / o_mac + w_m * (
+                    layer.params(r) - layer.params(new_r)
+                ) / o_par
+                if saved <= 0.0:  # helps no exceeded budget
+                    continue
+                lost = max(0.0, float(loss(layer, r, new_r)))
+                score = lost / saved if per_cost else lost
+                if best is None or score < best[0]:
+                    best = (score, layer.name, new_r)
+        if best is None:  # pragma: no cover - the floor was checked feasible
+            raise BudgetError(f"method {method} could not make progress")
+        current[best[1]] = best[2]
+    return current
+
+
+RefillGain = Callable[[LayerCost, int, int, Mapping[str, int]], float]
+"""``gain(layer, rank, new_rank, current) -> float``: the value of raising one layer
+from ``rank`` to ``new_rank`` when the allocation is ``current``."""
+
+
+def refill(
+    problem: AllocationProblem,
+    ranks: Mapping[str, int],
+    gain: RefillGain,
+    *,
+    exclude: Collection[str] = (),
+) -> dict[str, int]:
+    """Raise ranks while both budgets hold, best gain per unit of budget first.
+
+    Each step raises, among the layers (not in ``exclude``) whose :func:`up_target`
+    fits both budgets, the one with the largest
+    ``gain(layer, r, new_r, current) / (ΔN_C / N_C,max + ΔN_M / N_M,max)``.
+    Costs are monotone in rank, so at the end no layer that is not full (nor
+    excluded) can take one more rank without breaking a budget (:func:`has_room`).
+    Start from a feasible point.
+    """
+    current = clip_ranks(problem, ranks)
+    if not is_feasible(problem, current):
+        raise ValueError("refill needs a feasible allocation to start from")
+    s_mac = problem.mac_max if problem.mac_max > 0 else 1.0
+    s_par = problem.param_max if problem.param_max > 0 else 1.0
+    while True:
+        best: tuple[float, float, str, int] | None = None
+        for layer in problem.layers:
+            r = current[layer.name]
+            new_r = None if layer.name in exclude else up_target(layer, r)
+            if new_r is None or not is_feasible(problem, {**current, layer.name: new_r}):
+                continue
+            used = (layer.macs(new_r) - layer.macs(r)) / s_mac + (layer.params(new_r) - layer.params(r)) / s_par
+            value = float(gain(layer, r, new_r, current))
+            score = math.inf if used <= 0 else value / used
+            key = (score, -used)  # ties: the cheaper step
+            if best is None or key > best[:2]:
+                best = (score, -used, layer.name, new_r)
+        if best is None:
+            return current
+        current[best[2]] = best[3]
+
+
+def has_room(problem: AllocationProblem, ranks: Mapping[str, int]) -> list[str]:
+    """Layers that are not full and could take one more rank within both budgets."""
+    out = []
+    for layer in problem.layers:
+        new_r = up_target(layer, int(ranks[layer.name]))
+        if new_r is not None and is_feasible(problem, {**ranks, layer.name: new_r}):
+            out.append(layer.name)
+    return out
+
+
+def importance_loss(importance: Mapping[str, np.ndarray] | None = None) -> StepScore:
+    """Step loss = share of a layer's importance (default σ²) in the triplets dropped."""
+
+    def loss(layer: LayerCost, r: int, new_r: int) -> float:
+        imp = layer.sigma**2 if importance is None else np.asarray(importance[layer.name])
+        return float(np.sum(imp[new_r:r])) / max(float(np.sum(imp)), 1e-30)
+
+    return loss
+
+
+def importance_gain(importance: Mapping[str, np.ndarray] | None = None) -> RefillGain:
+    """Step gain = share of a layer's importance (default σ²) in the triplets added."""
+    loss = importance_loss(importance)
+    return lambda layer, r, new_r, current=None: loss(layer, new_r, r)
+
+
 def greedy_repair(
     problem: AllocationProblem,
     ranks: Mapping[str, int],
     importance: Mapping[str, np.ndarray] | None = None,
+    *,
+    fill: bool = True,
 ) -> dict[str, int]:
-    """Lower ranks until both budgets hold, deterministically.
+    """Lower ranks until both budgets hold, then (``fill``) raise them while they fit.
 
-    Repeatedly drops, among layers above ``min_rank``, the last kept triplet whose
-    importance (default: sigma^2) per unit of normalized cost saved is smallest.
-    Dropping a triplet from a layer kept in original form moves it to its largest
-    factored rank. Raises :class:`BudgetError` if even ``min_rank`` everywhere is
-    infeasible.
+    Lowering is :func:`descend` with the step loss = the share of the layer's
+    importance (default σ², each layer's entries in the order its triplets are kept)
+    in the triplets dropped, per unit of weighted cost saved; raising is
+    :func:`refill` with the share gained. Raises :class:`BudgetError` if even
+    ``min_rank`` everywhere is infeasible.
     """
-    o_mac, o_par = problem.original_cost()
-    current = clip_ranks(problem, ranks)
-    floor = {layer.name: problem.min_rank for layer in problem.layers}
-    if not is_feasible(problem, floor):
-        macs, params = ranks_cost(problem.layers, floor)
-        raise BudgetError(
-            f"no allocation meets the budget: rank {problem.min_rank} in every layer "
-            f"already costs {macs / o_mac:.4f} of the decomposable MACs and "
-            f"{params / o_par:.4f} of the parameters"
-        )
-    by_name = {layer.name: layer for layer in problem.layers}
-    while not is_feasible(problem, current):
-        macs, params = ranks_cost(problem.layers, current)
-        # Weight each budget by how much it is exceeded, so the step saves where it counts.
-        w_c = max(0.0, macs / problem.mac_max - 1.0) if problem.mac_max > 0 else 1.0
-        w_m = max(0.0, params / problem.param_max - 1.0) if problem.param_max > 0 else 1.0
-        best_name, best_score, best_rank = None, math.inf, 0
-        for name, r in current.items():
-            if r <= problem.min_rank:
-                continue
-            layer = by_name[name]
-            new_r = r - 1
-            if layer.is_original(r):
-                new_r = max(problem.min_rank, min(layer.saturation_rank, layer.full_rank) - 1)
-            saved = w_c * (layer.macs(r) - layer.macs(new_r)) / o_mac + w_m * (
-                layer.params(r) - layer.params(new_r)
-            ) / o_par
-            if saved <= 0:
-                continue
-            imp = layer.sigma**2 if importance is None else np.asarray(importance[name])
-            lost = float(np.sum(imp[new_r:r])) / max(float(np.sum(imp)), 1e-30)
-            score = lost / saved
-            if score < best_score:
-                best_name, best_score, best_rank = name, score, new_r
-        if best_name is None:  # pragma: no cover - floor feasibility checked above
-            raise BudgetError("repair could not make progress")
-        current[best_name] = best_rank
-    return current
+    current = descend(problem, ranks, importance_loss(importance), method="repair")
+    return refill(problem, current, importance_gain(importance)) if fill else current

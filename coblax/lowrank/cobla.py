@@ -10,36 +10,66 @@ Where the paper is silent we follow the authors' public code (chongli-uw/cobla):
 * cost saturation — after a solve, a layer whose relaxed rank Σ_j m_ij reaches
   the rank at which its factored form costs as much as the original is fixed in
   its original form (m_i = 1, original cost), its variables leave the problem,
-  and the rest is re-solved with the budgets reduced accordingly;
-* warm start from a feasible point: the ``uniform`` allocation (or any other
-  registered allocator's) as a 0/1 mask, or ``constant`` m = α·1;
+  and the rest is re-solved, warm-started, with the budgets reduced accordingly.
+  Here one layer is saturated per round, only when the remaining problem stays
+  feasible (its layers at ``min_rank`` fit what is left of both budgets); every
+  solve's status and the feasibility of its point are checked, and a solve whose
+  point breaks a constraint is rolled back. ``saturation_rounds = 0`` saturates
+  nothing;
+* warm start from a feasible point: an allocator's allocation as a 0/1 mask (the
+  authors use POS greedy; ``cobla`` itself is refused), or ``constant`` m = α·1;
 * rounding as described in :mod:`coblax.lowrank.rounding`.
+
+Closing the rounding gap (options, measured in ``experiments/README.md``):
+* ``monotone`` — the authors' constraint m_ij >= m_i,j+1 within a layer;
+* ``continuation`` — warm-started re-solves of E(m) + μ_k·E₀·Σ 4m(1−m) / Σ m̂ for
+  the penalty weights μ_k, pushing m towards 0/1 (E₀ and m̂ the relaxed optimum's
+  value and point: at μ = 1, spreading the relaxed ranks over twice as many
+  triplets at m = ½ costs about 2·E₀);
+* ``local_search`` — an integer local search over rank moves between layers;
+* ``select`` — rounding candidates scored by validation accuracy (then loss) or loss;
+* the warm start's own allocation is always among the rounding candidates.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from coblax.lowrank.allocation import Allocation, AllocationProblem, is_feasible
 from coblax.lowrank.registry import get_allocator
-from coblax.lowrank.rounding import round_masks
-from coblax.lowrank.sqp import solve_slsqp
+from coblax.lowrank.rounding import MASK_VALUES, flat_mask, round_masks
+from coblax.lowrank.sqp import SQPResult, solve_slsqp
 
-__all__ = ["COBLA", "warm_start_point"]
+__all__ = ["COBLA", "warm_start_point", "warm_start_ranks", "SELECT", "check_oracle_layout"]
+
+SELECT = ("accuracy", "loss")
+_FEAS_TOL = 1e-6
 
 
-def warm_start_point(problem: AllocationProblem, how: str) -> np.ndarray:
+def warm_start_ranks(problem: AllocationProblem, how: str) -> dict[str, int] | None:
+    """The warm start's own integer allocation (None for ``constant``)."""
+    if how == "cobla":
+        raise ValueError("cobla.warm_start = 'cobla' would start COBLA from itself; use an allocator "
+                         "such as pos_greedy (the authors' choice), pos_exact or uniform, or 'constant'")
+    if how == "constant":
+        return None
+    options = {"bound": False, "compare_greedy": False} if how == "pos_exact" else {}  # only its ranks
+    return dict(get_allocator(how, **options)(problem).ranks)
+
+
+def warm_start_point(problem: AllocationProblem, how: str, ranks: dict[str, int] | None = None) -> np.ndarray:
     """A feasible starting m (flat), from an allocator's ranks or a constant."""
-    blocks = []
     if how == "constant":
         c_full = sum(l.mac_per_rank * l.full_rank for l in problem.layers)
         m_full = sum(l.param_per_rank * l.full_rank for l in problem.layers)
         alpha = min(1.0, problem.mac_max / c_full, problem.param_max / m_full)
         return np.concatenate([np.full(l.full_rank, alpha) for l in problem.layers])
-    ranks = get_allocator(how)(problem).ranks
+    ranks = warm_start_ranks(problem, how) if ranks is None else ranks
+    blocks = []
     for layer in problem.layers:
         # An original-form layer starts at its largest factored rank: in the affine
         # (unsaturated) cost model that is no dearer than the original.
@@ -50,6 +80,37 @@ def warm_start_point(problem: AllocationProblem, how: str) -> np.ndarray:
     return np.concatenate(blocks)
 
 
+def check_oracle_layout(problem: AllocationProblem) -> None:
+    """Raise ValueError if the loss oracle splits m in another layer order or size.
+
+    Oracles that declare ``names`` (and ``sizes``) are checked against the problem's
+    layers; the flat m vector is meaningless if the two disagree.
+    """
+    names = getattr(problem.loss, "names", None)
+    if names is None:
+        return
+    if tuple(names) != problem.names:
+        raise ValueError(
+            f"the loss oracle's layer order {list(names)} differs from the problem's {list(problem.names)}"
+        )
+    sizes = getattr(problem.loss, "sizes", None)
+    if sizes is not None and [int(s) for s in sizes] != [l.full_rank for l in problem.layers]:
+        raise ValueError(
+            f"the loss oracle's block sizes {list(sizes)} differ from the problem's full ranks "
+            f"{[l.full_rank for l in problem.layers]}"
+        )
+
+
+@dataclasses.dataclass
+class _Relaxed:
+    m: np.ndarray
+    saturated: list[str]
+    trace: list[dict]
+    solves: list[dict]
+    iterations: int = 0
+    seconds: float = 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class COBLA:
     """The COBLA allocator; needs ``problem.loss`` (a :class:`~coblax.lowrank.allocation.LossOracle`).
@@ -57,97 +118,246 @@ class COBLA:
     Attributes:
       max_iter, ftol: SLSQP's limits per solve.
       roundings: K, the number of stochastic roundings drawn.
-      warm_start: ``"uniform"``, another allocator's name, or ``"constant"``.
-      saturation_rounds: how many times layers may be moved to original form and
-        the problem re-solved.
+      warm_start: an allocator's name (``pos_greedy``, ``pos_exact``, ``uniform``...)
+        or ``"constant"``; ``"cobla"`` is refused.
+      saturation_rounds: how many layers may be moved to original form, one per
+        warm-started re-solve (0: none).
+      monotone: add m_ij >= m_i,j+1 within each layer.
+      continuation: penalty weights μ_k of the integrality continuation (empty: off).
+      local_search: evaluation budget of the integer local search (0: off).
+      select: score rounding candidates by validation ``"accuracy"`` (then loss) or ``"loss"``.
+      mask_values: the draws keep the top triplets by σ·m̂ scaled by m̂ (``"relaxed"``,
+        the authors'), or by 1 (``"ones"``), or the top by σ at 1 (``"plain"``).
       progress: show a progress bar over SQP iterations.
     """
 
     max_iter: int = 100
     ftol: float = 1e-6
     roundings: int = 10
-    warm_start: str = "uniform"
+    warm_start: str = "pos_exact"
     saturation_rounds: int = 5
+    monotone: bool = False
+    continuation: tuple[float, ...] = ()
+    local_search: int = 60
+    select: str = "accuracy"
+    mask_values: str = "relaxed"
     progress: bool = False
     name: str = "cobla"
+
+    def __post_init__(self) -> None:
+        if self.warm_start == "cobla":
+            warm_start_ranks(None, "cobla")  # raises the explanatory ValueError
+        if self.select not in SELECT:
+            raise ValueError(f"cobla select = {self.select!r}; valid: {', '.join(SELECT)}")
+        if self.mask_values not in MASK_VALUES:
+            raise ValueError(f"cobla mask_values = {self.mask_values!r}; valid: {', '.join(MASK_VALUES)}")
+        if self.saturation_rounds < 0 or self.local_search < 0:
+            raise ValueError("cobla saturation_rounds and local_search must be >= 0")
+        if any(mu < 0 for mu in self.continuation):
+            raise ValueError("cobla continuation weights must be >= 0")
+
+    # -- the relaxed solve -------------------------------------------------------------
+
+    def _solve(self, fun_and_grad, x0, A, b, tick) -> SQPResult:
+        """The one call into the SQP solver."""
+        return solve_slsqp(fun_and_grad, x0, A, b, max_iter=self.max_iter, ftol=self.ftol, progress=tick)
+
+    def _system(self, problem: AllocationProblem, active: list[int], saturated: set[str]):
+        layers = problem.layers
+        offsets = problem.offsets()
+        idx = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in active]) if active else np.zeros(0, int)
+        rows = [np.zeros(idx.size), np.zeros(idx.size)]
+        pos = 0
+        mono = []
+        for i in active:
+            R = layers[i].full_rank
+            rows[0][pos:pos + R] = layers[i].mac_per_rank
+            rows[1][pos:pos + R] = layers[i].param_per_rank
+            if self.monotone:
+                for j in range(R - 1):  # m_{j+1} - m_j <= 0
+                    row = np.zeros(idx.size)
+                    row[pos + j], row[pos + j + 1] = -1.0, 1.0
+                    mono.append(row)
+            pos += R
+        fixed_mac = sum(l.original_macs for l in layers if l.name in saturated)
+        fixed_par = sum(l.original_params for l in layers if l.name in saturated)
+        A = np.stack(rows + mono)
+        b = np.concatenate([[problem.mac_max - fixed_mac, problem.param_max - fixed_par], np.zeros(len(mono))])
+        return idx, A, b
+
+    @staticmethod
+    def _feasible_point(x: np.ndarray, A: np.ndarray, b: np.ndarray) -> bool:
+        if np.any(x < -_FEAS_TOL) or np.any(x > 1 + _FEAS_TOL):
+            return False
+        scale = np.maximum(np.abs(b), 1.0)
+        return bool(np.all((A @ x - b) / scale <= _FEAS_TOL))
+
+    @staticmethod
+    def _shrink_into(x: np.ndarray, A: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Scale x down (towards 0, keeping its order) until the two budget rows hold."""
+        alpha = 1.0
+        for row, bound in zip(A[:2], b[:2]):
+            used = float(row @ x)
+            if used > bound > 0:
+                alpha = min(alpha, bound / used)
+            elif bound <= 0 < used:
+                alpha = 0.0
+        return x * alpha
+
+    def _run_solve(self, problem, m, active, saturated, penalty, state: _Relaxed, tick, label):
+        """Solve over ``active`` layers from ``m``; returns the new flat m or None (rolled back)."""
+        idx, A, b = self._system(problem, active, saturated)
+        if idx.size == 0:
+            return m
+        x0 = m[idx]
+        if not self._feasible_point(x0, A, b):
+            x0 = self._shrink_into(x0, A, b)
+
+        def fun_and_grad(x, idx=idx):
+            full = m.copy()
+            full[idx] = x
+            value, grad = problem.loss.value_and_grad(full)
+            grad = grad[idx]
+            if penalty:
+                value = value + penalty * float(np.sum(4.0 * x * (1.0 - x)))
+                grad = grad + penalty * 4.0 * (1.0 - 2.0 * x)
+            return value, grad
+
+        res = self._solve(fun_and_grad, x0, A, b, tick)
+        ok = self._feasible_point(res.x, A, b)
+        base = len(state.trace)
+        for t in res.trace:
+            state.trace.append(dict(t, iteration=base + t["iteration"], saturated=sorted(saturated), stage=label))
+        state.iterations += res.iterations
+        state.seconds += res.seconds
+        state.solves.append({"stage": label, "status": res.status, "success": res.success,
+                             "message": res.message, "iterations": res.iterations, "value": res.value,
+                             "feasible": ok, "rolled_back": not ok})
+        if not ok:
+            return None
+        out = m.copy()
+        out[idx] = res.x
+        return out
+
+    def _relaxed(self, problem: AllocationProblem, m0: np.ndarray, tick) -> tuple[_Relaxed, np.ndarray]:
+        """Relaxed solve with saturation, then the continuation; (state, m before continuation)."""
+        layers = problem.layers
+        offsets = problem.offsets()
+        state = _Relaxed(m=m0.copy(), saturated=[], trace=[], solves=[])
+        saturated: set[str] = set()
+        all_idx = list(range(len(layers)))
+        new = self._run_solve(problem, state.m, all_idx, saturated, 0.0, state, tick, "relaxed")
+        if new is not None:
+            state.m = new
+        for _ in range(self.saturation_rounds):
+            cands = []
+            for i, layer in enumerate(layers):
+                if layer.name in saturated or layer.saturation_rank > layer.full_rank:
+                    continue
+                r = float(np.sum(state.m[offsets[i]:offsets[i + 1]]))
+                if r >= layer.saturation_rank - 1e-6:
+                    cands.append((r / layer.saturation_rank, i))
+            chosen = None
+            for _, i in sorted(cands, reverse=True):
+                trial = saturated | {layers[i].name}
+                rest = [l for l in layers if l.name not in trial]
+                mac_left = problem.mac_max - sum(l.original_macs for l in layers if l.name in trial)
+                par_left = problem.param_max - sum(l.original_params for l in layers if l.name in trial)
+                floor_mac = sum(min(problem.min_rank, l.full_rank) * l.mac_per_rank for l in rest)
+                floor_par = sum(min(problem.min_rank, l.full_rank) * l.param_per_rank for l in rest)
+                if floor_mac <= mac_left * (1 + 1e-9) and floor_par <= par_left * (1 + 1e-9):
+                    chosen = i
+                    break
+            if chosen is None:
+                break
+            trial = saturated | {layers[chosen].name}
+            m_try = state.m.copy()
+            m_try[offsets[chosen]:offsets[chosen + 1]] = 1.0
+            active = [i for i, l in enumerate(layers) if l.name not in trial]
+            new = self._run_solve(problem, m_try, active, trial, 0.0, state, tick, f"saturate {layers[chosen].name}")
+            if new is None:  # the re-solve broke a constraint: keep the previous point
+                break
+            saturated = trial
+            state.m = new
+            state.saturated.append(layers[chosen].name)
+        m_relaxed = state.m.copy()
+        if self.continuation:
+            e0 = abs(problem.loss.value_and_grad(state.m)[0]) or 1.0
+            active = [i for i, l in enumerate(layers) if l.name not in saturated]
+            idx = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in active]) if active else []
+            mass = max(float(np.sum(state.m[idx])), 1.0)  # Σ m over the free layers: the relaxed ranks
+            for mu in self.continuation:
+                new = self._run_solve(problem, state.m, active, saturated, mu * e0 / mass, state, tick,
+                                      f"continuation {mu:g}")
+                if new is None:
+                    break
+                state.m = new
+        return state, m_relaxed
+
+    # -- the allocator -----------------------------------------------------------------
 
     def __call__(self, problem: AllocationProblem) -> Allocation:
         if problem.loss is None:
             raise ValueError("cobla needs the network's loss: build the problem with a loss oracle")
+        check_oracle_layout(problem)
         layers = problem.layers
         offsets = problem.offsets()
-        n = int(offsets[-1])
-        m = warm_start_point(problem, self.warm_start)
-        saturated: set[str] = set()
-        trace: list[dict] = []
-        iterations = 0
-        seconds = 0.0
-        status, message = 0, ""
+        warm_ranks = warm_start_ranks(problem, self.warm_start)
+        m0 = warm_start_point(problem, self.warm_start, warm_ranks)
         bar = tqdm(desc="cobla SQP", unit="it", disable=not self.progress, leave=False)
 
         def tick(iteration: int, value: float) -> None:
             bar.update(1)
-            bar.set_postfix(E=f"{value:.4f}", saturated=len(saturated))
+            bar.set_postfix(E=f"{value:.4f}")
 
-        for _ in range(self.saturation_rounds + 1):
-            active = [i for i, l in enumerate(layers) if l.name not in saturated]
-            idx = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in active]) if active else np.zeros(0, int)
-            if idx.size == 0:
-                break
-            fixed_mac = sum(l.original_macs for l in layers if l.name in saturated)
-            fixed_par = sum(l.original_params for l in layers if l.name in saturated)
-            A = np.zeros((2, idx.size))
-            pos = 0
-            for i in active:
-                R = layers[i].full_rank
-                A[0, pos:pos + R] = layers[i].mac_per_rank
-                A[1, pos:pos + R] = layers[i].param_per_rank
-                pos += R
-            b = np.array([problem.mac_max - fixed_mac, problem.param_max - fixed_par])
-
-            def fun_and_grad(x, idx=idx):
-                full = m.copy()
-                full[idx] = x
-                value, grad = problem.loss.value_and_grad(full)
-                return value, grad[idx]
-
-            res = solve_slsqp(fun_and_grad, m[idx], A, b, max_iter=self.max_iter, ftol=self.ftol,
-                              progress=tick)
-            m[idx] = res.x
-            base = len(trace)
-            for t in res.trace:
-                trace.append(dict(t, iteration=base + t["iteration"], saturated=sorted(saturated)))
-            iterations += res.iterations
-            seconds += res.seconds
-            status, message = res.status, res.message
-            newly = self._saturating(problem, m, offsets, saturated)
-            if not newly:
-                break
-            for i in newly:
-                m[offsets[i]:offsets[i + 1]] = 1.0
-                saturated.add(layers[i].name)
+        state, m_relaxed = self._relaxed(problem, m0, tick)
         bar.close()
-        m_hat = {l.name: m[offsets[i]:offsets[i + 1]].copy() for i, l in enumerate(layers)}
-        for name in saturated:
-            m_hat[name] = np.ones_like(m_hat[name])
-        relaxed_value = problem.loss.value(m) if hasattr(problem.loss, "value") else None
+
+        def blocks(m: np.ndarray) -> dict[str, np.ndarray]:
+            out = {l.name: m[offsets[i]:offsets[i + 1]].copy() for i, l in enumerate(layers)}
+            for name in state.saturated:
+                out[name] = np.ones_like(out[name])
+            return out
+
+        m_hat = blocks(state.m)
+        metrics = _metrics_fn(problem.loss)
+        if self.select == "accuracy":
+            score = lambda m: (-metrics(m)[1], metrics(m)[0])  # noqa: E731 - cached below
+        else:
+            score = lambda m: (metrics(m)[0],)  # noqa: E731
+        extra = [("warm_start", warm_ranks)] if warm_ranks is not None else []
         ranks, masks, info = round_masks(
-            problem, m_hat, draws=self.roundings, seed=problem.seed, score=problem.loss.validation_loss
+            problem, m_hat, draws=self.roundings, seed=problem.seed, score=score,
+            values=self.mask_values, extra=extra, local_search_evals=self.local_search,
         )
         if not is_feasible(problem, ranks):  # pragma: no cover - rounding guarantees it
             raise AssertionError("COBLA rounding produced an infeasible allocation")
+        value = getattr(problem.loss, "value", None)
+        m_rounded = flat_mask(problem, masks)
+        m_rel_flat = flat_mask(problem, blocks(m_relaxed))
+        rel_val_loss, rel_val_acc = metrics(m_rel_flat)
+        rnd_val_loss, rnd_val_acc = metrics(m_rounded)
+        last = state.solves[-1] if state.solves else {}
         stats = {
-            "objective_trace": [t["objective"] for t in trace],
-            "trace": trace,
-            "solver_iterations": iterations,
-            "solve_seconds": seconds,
-            "solver_status": status,
-            "solver_message": message,
-            "relaxed_objective": relaxed_value,
-            "saturated_layers": sorted(saturated),
-            "relaxed_ranks": {k: float(np.sum(v)) for k, v in m_hat.items()},
+            "objective_trace": [t["objective"] for t in state.trace],
+            "trace": state.trace,
+            "solver_iterations": state.iterations,
+            "solve_seconds": state.seconds,
+            "solver_status": last.get("status"),
+            "solver_message": last.get("message"),
+            "solves": state.solves,
+            "relaxed_objective": value(m_rel_flat) if value else None,
+            "rounded_objective": value(m_rounded) if value else None,
+            "relaxed_val_loss": rel_val_loss,
+            "relaxed_val_accuracy": rel_val_acc,
+            "rounded_val_loss": rnd_val_loss,
+            "rounded_val_accuracy": rnd_val_acc,
+            "continued_objective": value(flat_mask(problem, m_hat)) if value and self.continuation else None,
+            "saturated_layers": sorted(state.saturated),
+            "relaxed_ranks": {k: float(np.sum(v)) for k, v in blocks(m_relaxed).items()},
+            "warm_start_ranks": warm_ranks,
             "rounding": info,
-            "variables": n,
+            "variables": int(offsets[-1]),
         }
         return Allocation(
             ranks=ranks,
@@ -157,13 +367,25 @@ class COBLA:
             stats=stats,
         )
 
-    @staticmethod
-    def _saturating(problem, m, offsets, saturated) -> list[int]:
-        out = []
-        for i, layer in enumerate(problem.layers):
-            if layer.name in saturated or layer.saturation_rank > layer.full_rank:
-                continue
-            if float(np.sum(m[offsets[i]:offsets[i + 1]])) >= layer.saturation_rank - 1e-6:
-                out.append(i)
-        return out
 
+def _metrics_fn(oracle) -> Callable[[np.ndarray], tuple[float, float]]:
+    """(validation loss, validation accuracy) of a flat mask, cached per mask.
+
+    Oracles without ``validation_metrics`` (or with a NaN accuracy) report accuracy
+    0, so candidates tie on accuracy and the loss decides.
+    """
+    cache: dict[bytes, tuple[float, float]] = {}
+    has = hasattr(oracle, "validation_metrics")
+
+    def metrics(m: np.ndarray) -> tuple[float, float]:
+        key = np.asarray(m, np.float64).tobytes()
+        if key not in cache:
+            if has:
+                loss, acc = oracle.validation_metrics(m)
+            else:
+                loss, acc = oracle.validation_loss(m), float("nan")
+            acc = float(acc)
+            cache[key] = (float(loss), 0.0 if acc != acc else acc)  # NaN: ties on accuracy
+        return cache[key]
+
+    return metrics

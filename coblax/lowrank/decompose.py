@@ -30,6 +30,9 @@ from jax import lax
 
 __all__ = [
     "SCHEMES",
+    "SPECTRA",
+    "input_grams",
+    "factorize_whitened",
     "TracedLayer",
     "trace_layers",
     "Factors",
@@ -41,6 +44,7 @@ __all__ = [
 ]
 
 SCHEMES = ("tai", "zhang")
+SPECTRA = ("weight", "whitened")
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
@@ -194,22 +198,24 @@ def factorize(kernel: np.ndarray, layer: TracedLayer, scheme: str) -> Factors:
     """SVD of the matricized kernel, arranged as two kernels (singular values apart)."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
-    k = np.asarray(kernel, dtype=np.float64)
-    mat = _matricize(k, layer.kind, scheme)
+    mat = _matricize(np.asarray(kernel, dtype=np.float64), layer.kind, scheme)
     u, s, vt = np.linalg.svd(mat, full_matrices=False)
-    v = vt.T  # (cols, R)
+    return _arrange(u, s, vt, layer, scheme, np.asarray(kernel).dtype)
+
+
+def _arrange(u: np.ndarray, s: np.ndarray, vt: np.ndarray, layer: TracedLayer, scheme: str, dt) -> Factors:
+    """Matrix factors U (rows x R), s, V^T (R x cols) as the layer's two kernels."""
     R = s.shape[0]
-    dt = np.asarray(kernel).dtype
     if layer.kind == "dense":
         first, second = u, vt
     else:
-        X, Y, C, N = k.shape
+        X, Y, C, N = layer.kernel_shape
         if scheme == "zhang":
             first = u.reshape(X, Y, C, R)
             second = vt.reshape(1, 1, R, N)
         else:
             first = u.reshape(C, X, R).transpose(1, 0, 2)[:, None, :, :]  # (X, 1, C, R)
-            second = v.reshape(Y, N, R).transpose(0, 2, 1)[None]  # (1, Y, R, N)
+            second = vt.T.reshape(Y, N, R).transpose(0, 2, 1)[None]  # (1, Y, R, N)
     return Factors(layer.kind, scheme, jnp.asarray(first, dt), jnp.asarray(second, dt),
                    jnp.asarray(s, dt), layer.strides, layer.pads)
 
@@ -320,3 +326,94 @@ def apply_fn_for(model: nn.Module, factors: Mapping[str, Factors]) -> Callable:
 
 
 __all__.append("apply_fn_for")
+
+
+# -- data-aware ("whitened") spectrum ---------------------------------------------------
+
+
+def _first_inputs(layer: TracedLayer, scheme: str, x: jnp.ndarray) -> jnp.ndarray:
+    """The rows the first factor multiplies: (positions, rows of the matricized kernel).
+
+    dense: the input vectors; conv ``zhang``: the X x Y x C patches at every output
+    position; conv ``tai``: the vertical X x 1 x C patches at every output row and
+    every input column. Patches are taken by the first factor's own convolution with
+    an identity "U", so their coordinates are ordered exactly as the kernel's rows.
+    """
+    if layer.kind == "dense":
+        return x.reshape(-1, x.shape[-1])
+    X, Y, C, N = layer.kernel_shape
+    rows = X * Y * C if scheme == "zhang" else C * X
+    eye = np.eye(rows)
+    ident = _arrange(eye, np.ones(rows), np.zeros((rows, Y * N if scheme == "tai" else N)), layer, scheme,
+                     np.asarray(x).dtype)
+    (sh, sw), ((ph0, ph1), (pw0, pw1)) = layer.strides, layer.pads
+    if scheme == "zhang":
+        patches = _conv(x, ident.first, (sh, sw), ((ph0, ph1), (pw0, pw1)))
+    else:
+        patches = _conv(x, ident.first, (sh, 1), ((ph0, ph1), (0, 0)))
+    return patches.reshape(-1, rows)
+
+
+def input_grams(
+    model: nn.Module,
+    params: Any,
+    layers: Iterable[TracedLayer],
+    x: np.ndarray,
+    scheme: str,
+    batch_size: int = 250,
+) -> dict[str, np.ndarray]:
+    """Per layer, G = PᵀP over the rows P its first factor sees on the data ``x``.
+
+    The original network is run on ``x`` in batches; each selected layer's input is
+    turned into its first factor's input rows (:func:`_first_inputs`) and their Gram
+    matrix accumulated in float64.
+    """
+    wanted = {l.name: l for l in layers}
+    grams: dict[str, np.ndarray] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        mod = context.module
+        if context.method_name == "__call__" and isinstance(mod, (nn.Dense, nn.Conv)):
+            name = layer_key(mod.path)
+            if name in wanted:
+                rows = np.asarray(_first_inputs(wanted[name], scheme, jnp.asarray(args[0])), np.float64)
+                g = rows.T @ rows
+                grams[name] = grams[name] + g if name in grams else g
+        return next_fun(*args, **kwargs)
+
+    for start in range(0, len(x), batch_size):
+        with nn.intercept_methods(interceptor):
+            model.apply(params, jnp.asarray(x[start:start + batch_size]))
+    missing = set(wanted) - set(grams)
+    if missing:
+        raise ValueError(f"layers {sorted(missing)} were not called on the data")
+    return grams
+
+
+def factorize_whitened(
+    kernel: np.ndarray, layer: TracedLayer, scheme: str, gram: np.ndarray, eps: float = 1e-6
+) -> Factors:
+    """SVD of the kernel in the metric of its inputs (data-aware spectrum).
+
+    With G = PᵀP + ε·mean(diag G)·I = L Lᵀ (Cholesky) over the rows P the first
+    factor sees, ‖P(W − W')‖_F = ‖Lᵀ(W − W')‖_F, so the truncation that is best for
+    the layer's response on the data is the SVD of Lᵀ W = U S Vᵀ (Zhang et al.,
+    TPAMI 2016; activation-aware SVD). The factors are first = L⁻ᵀ U, σ = S,
+    second = Vᵀ: W = L⁻ᵀ U S Vᵀ exactly at m = 1, the same shapes (hence costs) as
+    :func:`factorize`, and σ ranks triplets by their effect on the response.
+
+    Args:
+      gram: PᵀP from :func:`input_grams` (rows of the matricized kernel square).
+      eps: relative ridge that keeps G positive definite (dead inputs).
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
+    mat = _matricize(np.asarray(kernel, dtype=np.float64), layer.kind, scheme)
+    g = np.asarray(gram, np.float64)
+    if g.shape != (mat.shape[0], mat.shape[0]):
+        raise ValueError(f"layer {layer.name}: Gram matrix {g.shape} does not match the kernel's rows {mat.shape[0]}")
+    ridge = eps * max(float(np.mean(np.diag(g))), 1e-12)
+    chol = np.linalg.cholesky(g + ridge * np.eye(g.shape[0]))
+    u, s, vt = np.linalg.svd(chol.T @ mat, full_matrices=False)
+    first = np.linalg.solve(chol.T, u)
+    return _arrange(first, s, vt, layer, scheme, np.asarray(kernel).dtype)

@@ -67,21 +67,28 @@ class NetworkLoss:
         self._val = _batch_stack(*validation_data, batch_size) if validation_data else None
         splits = np.cumsum(self.sizes)[:-1].tolist()
 
-        def loss(m, params, factors, xs, ys, ws):
+        def metrics(m, params, factors, xs, ys, ws):
+            """(mean cross-entropy, accuracy) of the masked network on the stacked batches."""
             blocks = jnp.split(m.astype(self.dtype), splits)
             scales = {n: b * factors[n].sigma for n, b in zip(self.names, blocks)}
 
-            def body(total, batch):
+            def body(carry, batch):
                 xb, yb, wb = batch
                 logits = factored_apply(model, params, factors, xb, scales)
                 ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-                return total + jnp.sum(ce * wb), None
+                hit = (jnp.argmax(logits, -1) == yb).astype(self.dtype)
+                return (carry[0] + jnp.sum(ce * wb), carry[1] + jnp.sum(hit * wb)), None
 
-            total, _ = lax.scan(body, jnp.zeros((), self.dtype), (xs, ys, ws))
-            return total / jnp.sum(ws)
+            zero = jnp.zeros((), self.dtype)
+            (total, hits), _ = lax.scan(body, (zero, zero), (xs, ys, ws))
+            return total / jnp.sum(ws), hits / jnp.sum(ws)
+
+        def loss(m, params, factors, xs, ys, ws):
+            return metrics(m, params, factors, xs, ys, ws)[0]
 
         self._value_and_grad = jax.jit(jax.value_and_grad(loss))
         self._value = jax.jit(loss)
+        self._metrics = jax.jit(metrics)
 
     @property
     def size(self) -> int:
@@ -99,6 +106,12 @@ class NetworkLoss:
         """E(m) on the validation split (falls back to the objective subset)."""
         data = self._val if self._val is not None else self._obj
         return float(self._value(jnp.asarray(m, self.dtype), self._params, self._factors, *data))
+
+    def validation_metrics(self, m: np.ndarray) -> tuple[float, float]:
+        """(cross-entropy, accuracy) on the validation split (falls back to the objective subset)."""
+        data = self._val if self._val is not None else self._obj
+        loss, acc = self._metrics(jnp.asarray(m, self.dtype), self._params, self._factors, *data)
+        return float(loss), float(acc)
 
     def compiled_count(self) -> int:
         """Number of compiled variants of the value-and-grad callback (should stay 1)."""

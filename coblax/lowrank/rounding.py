@@ -1,21 +1,51 @@
-"""Rounding relaxed masks m̂ to integer ranks that meet both budgets.
+"""Rounding relaxed masks m̂ to integer ranks that meet both budgets and use them.
 
 Following the COBLA authors: r_i = Σ_j m̂_ij is rounded stochastically (up with
 probability frac(r_i)); layer i keeps its top-r_i triplets ranked by σ_ij·m̂_ij,
-with singular values σ_ij·m̂_ij. K draws are made; those that break a budget are
-discarded and the one with the lowest validation loss is kept. If none is
-feasible, a deterministic greedy repair lowers ranks until both budgets hold.
+with singular values σ_ij·m̂_ij (``values="relaxed"``) or σ_ij (``values="ones"``).
+Every candidate is then made feasible and maximal: a draw that breaks a budget is
+repaired by the excess-weighted descent, and every candidate is refilled (ranks
+raised while both budgets hold), so none leaves room for one more rank. The
+candidates are K draws, the deterministic floor of Σ m̂, and any extra allocations
+the caller passes (e.g. the warm start's). The best by the caller's ``score``
+(validation accuracy, then loss) is kept; an optional integer local search then
+moves rank between layers while the score improves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from coblax.lowrank.allocation import AllocationProblem, LayerCost, clip_ranks, greedy_repair, is_feasible
+from coblax.lowrank.allocation import (
+    AllocationProblem,
+    LayerCost,
+    clip_ranks,
+    descend,
+    down_targets,
+    importance_gain,
+    importance_loss,
+    is_feasible,
+    refill,
+    up_target,
+)
 
-__all__ = ["masks_for_ranks", "stochastic_ranks", "round_masks", "flat_mask"]
+__all__ = [
+    "MASK_VALUES",
+    "masks_for_ranks",
+    "stochastic_ranks",
+    "round_masks",
+    "flat_mask",
+    "local_search",
+    "triplet_importance",
+]
+
+MASK_VALUES = ("relaxed", "ones", "plain")
+
+Score = Callable[[np.ndarray], tuple[float, ...]]
+"""Score of a flat multiplier vector; lower (lexicographically) is better."""
 
 
 def _importance_order(layer: LayerCost, m_hat: np.ndarray) -> np.ndarray:
@@ -23,19 +53,44 @@ def _importance_order(layer: LayerCost, m_hat: np.ndarray) -> np.ndarray:
     return np.argsort(-(layer.sigma * m_hat), kind="stable")
 
 
+def triplet_importance(problem: AllocationProblem, m_hat: Mapping[str, np.ndarray] | None,
+                       values: str = "relaxed") -> dict[str, np.ndarray]:
+    """Per layer, the energy each kept triplet adds, in the order triplets are kept.
+
+    (σ·m̂)² sorted descending for ``values="relaxed"``; σ² in σ·m̂ order for
+    ``"ones"``; σ² for ``"plain"`` (or without m̂).
+    """
+    out = {}
+    for layer in problem.layers:
+        plain = m_hat is None or values == "plain"
+        mh = np.ones(layer.full_rank) if plain else np.asarray(m_hat[layer.name], np.float64)
+        order = _importance_order(layer, mh)
+        w = layer.sigma if values == "ones" else layer.sigma * mh
+        out[layer.name] = np.asarray(w[order], np.float64) ** 2
+    return out
+
+
 def masks_for_ranks(
-    problem: AllocationProblem, ranks: Mapping[str, int], m_hat: Mapping[str, np.ndarray] | None
+    problem: AllocationProblem,
+    ranks: Mapping[str, int],
+    m_hat: Mapping[str, np.ndarray] | None,
+    values: str = "relaxed",
 ) -> tuple[dict[str, int], dict[str, np.ndarray]]:
     """Final multiplier vectors for integer ranks.
 
     A layer at or above its saturation rank is the original layer (all ones).
-    Otherwise the top-r triplets by σ·m̂ keep multiplier m̂ (1 without m̂). The
+    Otherwise the top-r triplets by σ·m̂ keep multiplier m̂ (``values="relaxed"``,
+    the authors' choice) or 1 (``"ones"``), or the top-r by σ keep 1 (``"plain"``,
+    plain SVD truncation, what every baseline does; also the rule without m̂). The
     returned ranks count the kept triplets (full rank for an original layer).
     """
+    if values not in MASK_VALUES:
+        raise ValueError(f"mask values {values!r}; valid: {', '.join(MASK_VALUES)}")
     out_ranks, out_masks = {}, {}
     for layer in problem.layers:
         r = int(ranks[layer.name])
-        mh = np.ones(layer.full_rank) if m_hat is None else np.asarray(m_hat[layer.name], np.float64)
+        plain = m_hat is None or values == "plain"
+        mh = np.ones(layer.full_rank) if plain else np.asarray(m_hat[layer.name], np.float64)
         if layer.is_original(r):
             out_ranks[layer.name] = layer.full_rank
             out_masks[layer.name] = np.ones(layer.full_rank)
@@ -44,7 +99,7 @@ def masks_for_ranks(
         mask = np.zeros(layer.full_rank)
         # A kept triplet whose m̂ is 0 contributes nothing; keep it at a tiny
         # multiplier so "nonzero = kept" still matches the rank that is paid for.
-        mask[keep] = np.maximum(mh[keep], 1e-6)
+        mask[keep] = 1.0 if values != "relaxed" or plain else np.maximum(mh[keep], 1e-6)
         out_ranks[layer.name] = r
         out_masks[layer.name] = mask
     return out_ranks, out_masks
@@ -66,49 +121,164 @@ def flat_mask(problem: AllocationProblem, masks: Mapping[str, np.ndarray]) -> np
     return np.concatenate([np.asarray(masks[layer.name], np.float64) for layer in problem.layers])
 
 
+def _key(problem: AllocationProblem, ranks: Mapping[str, int]) -> tuple[int, ...]:
+    # Every rank from saturation up is the same (original) layer.
+    return tuple(
+        layer.full_rank if layer.is_original(int(ranks[layer.name])) else int(ranks[layer.name])
+        for layer in problem.layers
+    )
+
+
+def _maximal(problem: AllocationProblem, ranks: Mapping[str, int], importance, exclude=()) -> dict[str, int]:
+    """Repair (if needed), then refill: a feasible allocation with no room left."""
+    current = clip_ranks(problem, ranks)
+    if not is_feasible(problem, current):
+        current = descend(problem, current, importance_loss(importance), method="rounding")
+    return refill(problem, current, importance_gain(importance), exclude=exclude)
+
+
+def local_search(
+    problem: AllocationProblem,
+    ranks: Mapping[str, int],
+    evaluate: Callable[[Mapping[str, int]], tuple[float, ...]],
+    importance: Mapping[str, np.ndarray],
+    *,
+    max_evals: int,
+    start_score: tuple[float, ...] | None = None,
+) -> tuple[dict[str, int], tuple[float, ...], int]:
+    """Integer local search: move rank from one layer to another while the score improves.
+
+    A move (i -> j) raises layer j one step, lowers layer i step by step until both
+    budgets hold again, and refills every other layer; it is kept when ``evaluate``
+    (lower is better) improves. Sweeps over all ordered pairs until a sweep finds no
+    improvement or ``max_evals`` evaluations are spent. Every visited allocation is
+    feasible.
+
+    Returns:
+      (ranks, score, evaluations).
+    """
+    best = clip_ranks(problem, ranks)
+    best_score = evaluate(best) if start_score is None else start_score
+    evals = 0 if start_score is not None else 1
+    seen = {_key(problem, best)}
+    improved = True
+    while improved and evals < max_evals:
+        improved = False
+        for j in problem.layers:
+            up = up_target(j, best[j.name])
+            if up is None:
+                continue
+            for i in problem.layers:
+                if i.name == j.name or evals >= max_evals:
+                    continue
+                trial = {**best, j.name: up}
+                while not is_feasible(problem, trial):
+                    down = down_targets(i, trial[i.name], problem.min_rank, every=True)
+                    if not down:
+                        break
+                    trial[i.name] = down[-1]
+                if not is_feasible(problem, trial):
+                    continue
+                trial = refill(problem, trial, importance_gain(importance), exclude=(i.name,))
+                k = _key(problem, trial)
+                if k in seen:
+                    continue
+                seen.add(k)
+                score = evaluate(trial)
+                evals += 1
+                if score < best_score:
+                    best, best_score, improved = trial, score, True
+                    break
+            if improved:
+                break
+    return best, best_score, evals
+
+
 def round_masks(
     problem: AllocationProblem,
     m_hat: Mapping[str, np.ndarray],
     *,
     draws: int,
     seed: int,
-    score: Callable[[np.ndarray], float] | None,
+    score: Callable[[np.ndarray], float | tuple[float, ...]] | None,
+    values: str = "relaxed",
+    extra: Sequence[tuple[str, Mapping[str, int]]] = (),
+    local_search_evals: int = 0,
 ) -> tuple[dict[str, int], dict[str, np.ndarray], dict]:
-    """Pick the best of ``draws`` feasible stochastic roundings, else repair.
+    """Best of the feasible, maximal rounding candidates; optional local search.
 
     Args:
-      score: loss of a flat mask vector on the validation split (lower wins);
-        None picks the first feasible draw.
+      draws: K stochastic roundings.
+      score: of a flat mask vector on the validation split, lower wins (a float or a
+        tuple compared lexicographically, e.g. (-accuracy, loss)); None keeps the
+        first candidate.
+      values: masks of the draws: ``"relaxed"`` (kept multipliers m̂), ``"ones"``
+        or ``"plain"`` (see :func:`masks_for_ranks`).
+      extra: (label, ranks) candidates added to the pool (e.g. the warm start),
+        evaluated as plain truncations, the way their allocator's ranks are used.
+      local_search_evals: evaluation budget of :func:`local_search` (0 = off).
     Returns:
-      (ranks, masks, info) with info ``draws``, ``feasible_draws``,
-      ``draw_losses``, ``repaired``.
+      (ranks, masks, info) with info ``draws``, ``feasible_draws`` (draws feasible
+      before repair), ``candidates`` (label, ranks, score), ``chosen`` (its label),
+      ``values`` (its mask values), ``repaired`` (the chosen candidate needed the
+      descent), ``local_search``.
     """
     rng = np.random.default_rng(seed)
-    seen: set[tuple] = set()
-    candidates = []
-    for _ in range(draws):
-        ranks = stochastic_ranks(problem, m_hat, rng)
-        ranks, masks = masks_for_ranks(problem, ranks, m_hat)
-        key = tuple(ranks[n] for n in problem.names)
-        if key in seen or not is_feasible(problem, ranks):
-            continue
-        seen.add(key)
-        candidates.append((ranks, masks))
-    info: dict = {"draws": draws, "feasible_draws": len(candidates), "repaired": False}
-    if candidates:
-        losses = [score(flat_mask(problem, m)) if score else 0.0 for _, m in candidates]
-        info["draw_losses"] = [float(v) for v in losses]
-        best = int(np.argmin(losses))
-        return candidates[best][0], candidates[best][1], info
-    start = {
-        layer.name: int(np.clip(np.rint(np.sum(m_hat[layer.name])), problem.min_rank, layer.full_rank))
-        for layer in problem.layers
+    importance = {v: triplet_importance(problem, m_hat, v) for v in MASK_VALUES}
+    # (label, ranks, mask values, repaired)
+    pool: list[tuple[str, dict[str, int], str, bool]] = []
+    feasible_draws = 0
+    for k in range(draws):
+        raw = stochastic_ranks(problem, m_hat, rng)
+        ok = is_feasible(problem, raw)
+        feasible_draws += ok
+        pool.append((f"draw{k}", _maximal(problem, raw, importance[values]), values, not ok))
+    floor = {l.name: int(np.floor(np.sum(m_hat[l.name]) + 1e-9)) for l in problem.layers}
+    floor = clip_ranks(problem, floor)
+    pool.append(("floor", _maximal(problem, floor, importance[values]), values, not is_feasible(problem, floor)))
+    for label, ranks in extra:  # an allocator's ranks: plain truncation, as that allocator uses them
+        ranks = clip_ranks(problem, ranks)
+        pool.append((label, _maximal(problem, ranks, importance["plain"]), "plain", not is_feasible(problem, ranks)))
+
+    cache: dict[tuple, tuple[float, ...]] = {}
+
+    def evaluator(mode: str):
+        def evaluate(ranks: Mapping[str, int]) -> tuple[float, ...]:
+            key = (mode, _key(problem, ranks))
+            if key not in cache:
+                if score is None:
+                    cache[key] = (0.0,)
+                else:
+                    _, masks = masks_for_ranks(problem, ranks, m_hat, mode)
+                    value = score(flat_mask(problem, masks))
+                    cache[key] = tuple(value) if isinstance(value, tuple) else (float(value),)
+            return cache[key]
+
+        return evaluate
+
+    scored = []
+    for label, ranks, mode, repaired in pool:
+        scored.append((evaluator(mode)(ranks), label, ranks, mode, repaired))
+    best_score, label, best, mode, repaired = min(scored, key=lambda t: t[0])  # first of equals
+    info: dict = {
+        "draws": draws,
+        "feasible_draws": feasible_draws,
+        "candidates": [
+            {"label": lab, "ranks": dict(r), "values": md, "score": list(sc)} for sc, lab, r, md, _ in scored
+        ],
+        "chosen": label,
+        "values": mode,
+        "repaired": bool(repaired),
     }
-    importance = {}
-    for layer in problem.layers:
-        mh = np.asarray(m_hat[layer.name], np.float64)
-        importance[layer.name] = np.sort((layer.sigma * mh) ** 2)[::-1]
-    ranks = greedy_repair(problem, start, importance)
-    ranks, masks = masks_for_ranks(problem, ranks, m_hat)
-    info["repaired"] = True
+    if local_search_evals > 0:
+        before = best_score
+        best, best_score, evals = local_search(
+            problem, best, evaluator(mode), importance[mode], max_evals=local_search_evals, start_score=best_score
+        )
+        info["local_search"] = {"evaluations": evals, "score_before": list(before),
+                                "score_after": list(best_score), "improved": best_score < before}
+        if best_score < before:
+            info["chosen"] = f"{label}+local_search"
+    ranks, masks = masks_for_ranks(problem, best, m_hat, mode)
+    info["score"] = [float(v) if math.isfinite(v) else None for v in best_score]
     return ranks, masks, info
