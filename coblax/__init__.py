@@ -21,6 +21,7 @@ from coblax.lowrank.allocation import (  # noqa: E402
     ranks_cost,
 )
 from coblax.lowrank.registry import allocator_names, get_allocator, register_allocator  # noqa: E402
+from coblax.util.errors import CoblaxError, NumericalError  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -28,6 +29,8 @@ __all__ = [
     "AllocationProblem",
     "Allocator",
     "BudgetError",
+    "CoblaxError",
+    "NumericalError",
     "LayerCost",
     "LossOracle",
     "greedy_repair",

@@ -24,6 +24,12 @@ from coblax.compress.cbx import HEADER_BYTES, MAX_ELEMENTS, CbxError, LeafCoding
 from coblax.util.errors import CoblaxError
 from helpers import tiny_run_config
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    # Some tests check that nothing was trained: they need a cache of their own.
+    monkeypatch.setenv("COBLAX_CACHE", str(tmp_path / "cache"))
+
+
 def _config(tmp_path: Path, name: str = "cfg.toml", **values: str) -> Path:
     return tiny_run_config(tmp_path, name, **values)
 
