@@ -1,7 +1,7 @@
 """coblax: budget-constrained compression of deep networks in JAX.
 
 Public surface: the allocation protocol and registry, the decomposition and cost
-model, COBLA and the uniform allocator, data, models and training. Everything
+model, COBLA and the uniform allocator, the constrained solver (``solve``), data, models and training. Everything
 else is an implementation detail.
 """
 
@@ -20,6 +20,7 @@ from coblax.lowrank.allocation import (  # noqa: E402
     ranks_cost,
 )
 from coblax.lowrank.registry import allocator_names, get_allocator, register_allocator  # noqa: E402
+from coblax.lowrank.solve import NonFiniteError, SolveResult, solve  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -36,4 +37,7 @@ __all__ = [
     "allocator_names",
     "get_allocator",
     "register_allocator",
+    "solve",
+    "SolveResult",
+    "NonFiniteError",
 ]
