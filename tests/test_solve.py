@@ -226,3 +226,63 @@ def test_both_solvers_agree_on_a_real_cobla_objective():
     assert s.value < s.trace[0]["objective"]
     for res in results.values():
         _assert_budgets_met(res, A, b)
+
+
+def _cobla_problem():
+    from coblax.lowrank.allocation import AllocationProblem, LayerCost
+
+    class Loss:  # E(m) = Σ w σ² (1 − m)² + a smooth coupling: a stand-in network loss
+        def __init__(self, layers):
+            self.s2 = np.concatenate([l.sigma**2 for l in layers])
+
+        def value_and_grad(self, m):
+            r = 1 - m
+            return float(np.sum(self.s2 * r**2) + 0.1 * np.sum(r) ** 2), -2 * self.s2 * r - 0.2 * np.sum(r)
+
+        def value(self, m):
+            return self.value_and_grad(m)[0]
+
+        validation_loss = value
+
+    def dense(name, k, l, decay):
+        s = np.exp(-decay * np.arange(min(k, l)))
+        return LayerCost(name, "dense", (k, l), s, k + l, k + l, k * l, k * l)
+
+    layers = (dense("a", 60, 40, 0.05), dense("b", 80, 30, 0.3), dense("c", 50, 45, 0.02))
+    o = sum(l.original_macs for l in layers)
+    return AllocationProblem(layers, 0.35 * o, 0.3 * o, loss=Loss(layers), seed=0)
+
+
+def test_cobla_relaxed_objective_agrees_between_solvers():
+    from coblax.lowrank.allocation import is_feasible
+    from coblax.lowrank.cobla import COBLA
+
+    problem = _cobla_problem()
+    out = {s: COBLA(solver=s, max_iter=300, ftol=1e-9, saturation_rounds=0)(problem) for s in METHODS}
+    values = {s: a.stats["relaxed_objective"] for s, a in out.items()}
+    assert values["structured"] == pytest.approx(values["slsqp"], rel=1e-4)
+    for alloc in out.values():
+        assert is_feasible(problem, alloc.ranks)
+    assert out["structured"].stats["solver_status"] == "converged"
+
+
+def test_cobla_at_the_iteration_limit_is_not_converged_but_rounded_feasible():
+    from coblax.lowrank.allocation import is_feasible
+    from coblax.lowrank.cobla import COBLA
+
+    problem = _cobla_problem()
+    alloc = COBLA(max_iter=1, saturation_rounds=0, window=10)(problem)
+    assert alloc.stats["solver_status"] == "max_iter"
+    assert "not converged" in alloc.stats["solver_message"] and "KKT residual" in alloc.stats["solver_message"]
+    assert " of 115 variables free" in alloc.stats["solver_message"]
+    assert is_feasible(problem, alloc.ranks)
+
+
+def test_config_selects_the_solver():
+    from coblax.app.config import CoblaConfig, ConfigError, parse_dataclass
+
+    cfg = parse_dataclass(CoblaConfig, {"solver": "slsqp", "data_parallel": True, "window": 8}, "cobla")
+    assert (cfg.solver, cfg.data_parallel, cfg.window) == ("slsqp", True, 8)
+    assert CoblaConfig().solver in METHODS
+    with pytest.raises(ConfigError, match="cobla.solver = 'newton' is not allowed; valid values: slsqp, structured"):
+        parse_dataclass(CoblaConfig, {"solver": "newton"}, "cobla")

@@ -232,12 +232,18 @@ class CoblaConfig:
     roundings: int = 10
     warm_start: str = "uniform"
     saturation_rounds: int = 5
+    solver: str = "structured"
+    window: int | None = None
+    data_parallel: bool = False
 
     def validate(self, where: str) -> None:
         for key in ("objective_size", "validation_size", "batch_size", "max_iter", "roundings"):
             _positive(getattr(self, key), f"{where}.{key}")
         _positive(self.ftol, f"{where}.ftol")
         _positive(self.saturation_rounds, f"{where}.saturation_rounds", allow_zero=True)
+        _choice(self.solver, ("slsqp", "structured"), f"{where}.solver")
+        if self.window is not None:
+            _positive(self.window, f"{where}.window")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from coblax.lowrank.allocation import Allocation, AllocationProblem, is_feasible
 from coblax.lowrank.registry import get_allocator
 from coblax.lowrank.rounding import round_masks
-from coblax.lowrank.sqp import solve_slsqp
+from coblax.lowrank.solve import solve
 
 __all__ = ["COBLA", "warm_start_point"]
 
@@ -55,7 +55,12 @@ class COBLA:
     """The COBLA allocator; needs ``problem.loss`` (a :class:`~coblax.lowrank.allocation.LossOracle`).
 
     Attributes:
-      max_iter, ftol: SLSQP's limits per solve.
+      max_iter, ftol: the solver's limits per solve (``ftol``: SLSQP's ftol, or the
+        structured solver's KKT tolerance).
+      solver: ``"structured"`` (L-BFGS SQP, :func:`coblax.solve`) or ``"slsqp"``.
+      window: variable reduction: only ``window`` triplets either side of each
+        layer's warm-start rank are free (int, or a fraction of the layer's rank);
+        None keeps every variable free.
       roundings: K, the number of stochastic roundings drawn.
       warm_start: ``"uniform"``, another allocator's name, or ``"constant"``.
       saturation_rounds: how many times layers may be moved to original form and
@@ -68,6 +73,8 @@ class COBLA:
     roundings: int = 10
     warm_start: str = "uniform"
     saturation_rounds: int = 5
+    solver: str = "structured"
+    window: int | float | None = None
     progress: bool = False
     name: str = "cobla"
 
@@ -111,8 +118,8 @@ class COBLA:
                 value, grad = problem.loss.value_and_grad(full)
                 return value, grad[idx]
 
-            res = solve_slsqp(fun_and_grad, m[idx], A, b, max_iter=self.max_iter, ftol=self.ftol,
-                              progress=tick)
+            res = solve(fun_and_grad, m[idx], A, b, method=self.solver, max_iter=self.max_iter, tol=self.ftol,
+                        groups=[layers[i].full_rank for i in active], window=self.window, progress=tick)
             m[idx] = res.x
             base = len(trace)
             for t in res.trace:

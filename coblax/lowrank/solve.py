@@ -216,45 +216,71 @@ class _Feasible:
 
     def minimize(self, c: np.ndarray, D: np.ndarray, lam0: np.ndarray | None = None,
                  tol: float = 1e-11, max_iter: int = 100) -> tuple[np.ndarray, np.ndarray, bool]:
-        """Projected Newton ascent on the dual ψ(λ); returns (z, λ, converged)."""
+        """Projected Newton ascent on the dual ψ(λ); returns (z, λ, converged).
+
+        Each step: the Newton direction s = H_J⁺ ∇ψ_J on the working set J (rows
+        with λ_j > 0 or a violated constraint; the pseudo-inverse copes with
+        parallel rows, e.g. dense layers whose MAC and parameter costs per rank
+        coincide), steepest ascent where H_J⁺ gives none (every variable clipped),
+        then a line search on the derivative ψ'(t) = ∇ψ(λ + t s)·s alone, which is
+        monotone because ψ is concave and, unlike ψ's values, not drowned by
+        rounding near the solution: t = 1 if |ψ'(1)| ≤ ψ'(0)/10, else
+        doubling/bisection to that condition, capped where a λ_j reaches 0.
+        """
         A, b = self.A, self.b
         m = A.shape[0]
         lam = np.zeros(m) if lam0 is None else np.maximum(np.asarray(lam0, float), 0.0)
         if m == 0:
             z, _ = self._primal(c, D)
             return z, lam, True
-        h_scale = (A / D) @ A.T  # curvature if nothing were clipped: scales the regularizer
-        reg = 1e-10 * np.diag(np.diag(h_scale)) + 1e-300 * np.eye(m)
 
         def evaluate(lam):
             z, H = self._primal(c - (A.T @ lam) / D, D)
-            dz = z - c
-            psi = 0.5 * float(np.sum(D * dz * dz)) + float(lam @ (A @ z - b))
-            return z, H, A @ z - b, psi
+            return z, H, A @ z - b
 
-        z, H, grad, psi = evaluate(lam)
+        z, H, grad = evaluate(lam)
         for _ in range(max_iter):
             pg = np.where(lam > 0, grad, np.maximum(grad, 0.0))
             if np.max(np.abs(pg)) <= tol:
                 return z, lam, True
             J = (lam > 0) | (grad > 0)
-            step = np.zeros(m)
-            HJ = H[np.ix_(J, J)] + reg[np.ix_(J, J)] + 1e-8 * h_scale[np.ix_(J, J)] * (np.max(np.abs(H)) == 0)
-            step[J] = np.linalg.solve(HJ, grad[J])
-            # Accept on an Armijo increase of ψ or, where ψ's rounding noise hides the
-            # increase near the solution, on a halved projected gradient.
-            t, accepted, pg_norm = 1.0, False, float(np.max(np.abs(pg)))
-            for _ in range(60):
-                trial = np.maximum(lam + t * step, 0.0)
-                zt, Ht, gt, pt = evaluate(trial)
-                pg_t = np.where(trial > 0, gt, np.maximum(gt, 0.0))
-                if pt >= psi + 1e-4 * float(grad @ (trial - lam)) or np.max(np.abs(pg_t)) <= 0.5 * pg_norm:
-                    accepted = True
+            s = np.zeros(m)
+            for _ in range(m):  # drop rows at λ_j = 0 that the step would push negative
+                s[:] = 0.0
+                s[J] = np.linalg.pinv(H[np.ix_(J, J)], rcond=1e-10, hermitian=True) @ grad[J]
+                drop = J & (lam <= 0) & (s < 0)
+                if not np.any(drop):
                     break
-                t *= 0.5
-            if not accepted or np.array_equal(trial, lam):
+                J &= ~drop
+            d0 = float(grad @ s)
+            if not d0 > 1e-14 * float(np.linalg.norm(grad) * np.linalg.norm(s)):
+                s = pg.copy()  # no curvature information: steepest ascent
+                d0 = float(grad @ s)
+            neg = s < 0
+            t_cap = float(np.min(lam[neg] / -s[neg])) if np.any(neg) else np.inf
+
+            def slope(t):
+                out = evaluate(np.maximum(lam + t * s, 0.0))
+                return float(out[2] @ s), out
+
+            t = min(1.0, t_cap)
+            d, out = slope(t)
+            lo_t, hi_t = 0.0, None
+            for _ in range(200):
+                if abs(d) <= 0.1 * d0 or (d > 0 and t >= t_cap):
+                    break
+                if d > 0:
+                    lo_t = t
+                    t = min(2.0 * t, t_cap) if hi_t is None else 0.5 * (t + hi_t)
+                else:
+                    hi_t = t
+                    t = 0.5 * (lo_t + t)
+                d, out = slope(t)
+            new = np.maximum(lam + t * s, 0.0)
+            if np.array_equal(new, lam):
                 break
-            lam, z, H, grad, psi = trial, zt, Ht, gt, pt
+            lam = new
+            z, H, grad = out
         pg = np.where(lam > 0, grad, np.maximum(grad, 0.0))
         return z, lam, bool(np.max(np.abs(pg)) <= 1e3 * tol)
 
