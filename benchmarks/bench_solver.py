@@ -63,7 +63,7 @@ def main() -> None:
         head = f"| {n:,} | {s['per_it']:.4f} |"
         tail = f"| {s['status']}, {s['it']}, {s['wall']:.1f}, {s['value']:.8g} |"
         if n <= args.slsqp_max_n:
-            q_iters = args.iters if n <= 1000 else max(2, args.iters * 1000 // (4 * n))
+            q_iters = args.iters if n <= 1000 else max(1, args.iters * 1000 // (4 * n))
             q = run("slsqp", n, q_iters, 1e-12)
             print(f"{head} {q['per_it']:.3f} | {q['per_it'] / s['per_it']:.0f}x {tail} {q['it']}, {q['value']:.8g} |",
                   flush=True)

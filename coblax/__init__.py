@@ -1,8 +1,8 @@
 """coblax: budget-constrained compression of deep networks in JAX.
 
 Public surface: the allocation protocol and registry, the decomposition and cost
-model, COBLA and the uniform allocator, the constrained solver (``solve``), data, models and training. Everything
-else is an implementation detail.
+model, COBLA and the uniform allocator, the constrained solver (``solve``), data,
+models and training. Everything else is an implementation detail.
 """
 
 __version__ = "0.1.0"

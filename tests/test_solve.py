@@ -286,3 +286,8 @@ def test_config_selects_the_solver():
     assert CoblaConfig().solver in METHODS
     with pytest.raises(ConfigError, match="cobla.solver = 'newton' is not allowed; valid values: slsqp, structured"):
         parse_dataclass(CoblaConfig, {"solver": "newton"}, "cobla")
+
+
+def test_empty_problem_returns_at_once():
+    res = solve(lambda x: (0.0, x), np.zeros(0), np.zeros((2, 0)), np.ones(2))
+    assert res.success and res.n_free == 0 and res.iterations == 0

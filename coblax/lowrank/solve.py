@@ -621,6 +621,13 @@ def solve(
     omega = _Feasible(A_s, b_s, lo[idx], hi[idx], groups_red)
 
     start = time.perf_counter()
+    if idx.size == 0:  # the reduction fixed everything: nothing to solve
+        value = float(fun_and_grad(x_full)[0])
+        record(np.zeros(0), value, 0.0)
+        return SolveResult(x=x_full, value=value, success=True, status="converged",
+                           message=f"no free variable; 0 of {n} variables free", iterations=0, n_fun=1,
+                           seconds=time.perf_counter() - start, kkt_residual=0.0, trace=trace, n_free=0,
+                           multipliers=None, method=method)
     if method == "structured":
         out = _structured(fg, x_full[idx], omega, max_iter=max_iter, tol=tol, memory=memory,
                           subspace=subspace, record=record, trace=trace)
