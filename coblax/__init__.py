@@ -1,8 +1,8 @@
 """coblax: budget-constrained compression of deep networks in JAX.
 
 Public surface: the allocation protocol and registry, the decomposition and cost
-model, COBLA and the uniform allocator, data, models and training. Everything
-else is an implementation detail.
+model, COBLA and the uniform allocator, the constrained solver (``solve``), data,
+models and training. Everything else is an implementation detail.
 """
 
 __version__ = "0.1.0"
@@ -22,6 +22,7 @@ from coblax.lowrank.allocation import (  # noqa: E402
 )
 from coblax.lowrank.registry import allocator_names, get_allocator, register_allocator  # noqa: E402
 from coblax.util.errors import CoblaxError, NumericalError  # noqa: E402
+from coblax.lowrank.solve import NonFiniteError, SolveResult, solve  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -41,4 +42,7 @@ __all__ = [
     "allocator_names",
     "get_allocator",
     "register_allocator",
+    "solve",
+    "SolveResult",
+    "NonFiniteError",
 ]

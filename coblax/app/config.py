@@ -588,6 +588,9 @@ class CoblaConfig:
     local_search: int = setting(60, ge=0)
     select: str = setting("accuracy", choices=("accuracy", "loss"))
     mask_values: str = setting("relaxed", choices=("relaxed", "ones", "plain"))
+    solver: str = setting("structured", choices=("slsqp", "structured"))
+    window: int | None = setting(None, ge=1)
+    data_parallel: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -292,7 +292,7 @@ def _split(data: Dataset, cfg: RunConfig):
 
 
 COBLA_KEYS = ("max_iter", "ftol", "roundings", "warm_start", "saturation_rounds", "monotone",
-              "continuation", "local_search", "select", "mask_values")
+              "continuation", "local_search", "select", "mask_values", "solver", "window")
 
 
 def decompose_layers(cfg: RunConfig, base: BaseModel, chosen, scheme: str, objective_x) -> dict[str, Factors]:
@@ -772,7 +772,7 @@ def _sweep_records(plan: RunPlan, cfg: RunConfig, data: Dataset, progress: bool,
             loss = None
             if "cobla" in cfg.methods:
                 loss = NetworkLoss(base.model, base.params, full, objective_data, validation_data,
-                                   batch_size=cfg.cobla.batch_size)
+                                   batch_size=cfg.cobla.batch_size, data_parallel=cfg.cobla.data_parallel)
             for key in keys:
                 if key in done:
                     add(done[key], False)

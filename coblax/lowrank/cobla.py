@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from coblax.lowrank.allocation import Allocation, AllocationProblem, is_feasible
 from coblax.lowrank.registry import get_allocator
 from coblax.lowrank.rounding import MASK_VALUES, flat_mask, round_masks
-from coblax.lowrank.sqp import SQPResult, solve_slsqp
+from coblax.lowrank.solve import SolveResult, solve
 
 __all__ = ["COBLA", "warm_start_point", "warm_start_ranks", "SELECT", "check_oracle_layout"]
 
@@ -116,7 +116,12 @@ class COBLA:
     """The COBLA allocator; needs ``problem.loss`` (a :class:`~coblax.lowrank.allocation.LossOracle`).
 
     Attributes:
-      max_iter, ftol: SLSQP's limits per solve.
+      max_iter, ftol: the solver's limits per solve (``ftol``: SLSQP's ftol, or the
+        structured solver's KKT tolerance).
+      solver: ``"structured"`` (L-BFGS SQP, :func:`coblax.solve`) or ``"slsqp"``.
+      window: variable reduction: only ``window`` triplets either side of each
+        layer's warm-start rank are free (int, or a fraction of the layer's rank);
+        None keeps every variable free.
       roundings: K, the number of stochastic roundings drawn.
       warm_start: an allocator's name (``pos_greedy``, ``pos_exact``, ``uniform``...)
         or ``"constant"``; ``"cobla"`` is refused.
@@ -141,6 +146,8 @@ class COBLA:
     local_search: int = 60
     select: str = "accuracy"
     mask_values: str = "relaxed"
+    solver: str = "structured"
+    window: int | float | None = None
     progress: bool = False
     name: str = "cobla"
 
@@ -158,9 +165,11 @@ class COBLA:
 
     # -- the relaxed solve -------------------------------------------------------------
 
-    def _solve(self, fun_and_grad, x0, A, b, tick) -> SQPResult:
-        """The one call into the SQP solver."""
-        return solve_slsqp(fun_and_grad, x0, A, b, max_iter=self.max_iter, ftol=self.ftol, progress=tick)
+    def _solve(self, fun_and_grad, x0, A, b, tick, groups) -> SolveResult:
+        """The one call into the SQP solver (``solver``: SLSQP or the structured one)."""
+        return solve(fun_and_grad, x0, A, b, method=self.solver, max_iter=self.max_iter, tol=self.ftol,
+                     groups=groups, monotone=self.monotone and self.solver == "structured",
+                     window=self.window, progress=tick)
 
     def _system(self, problem: AllocationProblem, active: list[int], saturated: set[str]):
         layers = problem.layers
@@ -173,7 +182,7 @@ class COBLA:
             R = layers[i].full_rank
             rows[0][pos:pos + R] = layers[i].mac_per_rank
             rows[1][pos:pos + R] = layers[i].param_per_rank
-            if self.monotone:
+            if self.monotone and self.solver == "slsqp":  # the structured solver projects instead
                 for j in range(R - 1):  # m_{j+1} - m_j <= 0
                     row = np.zeros(idx.size)
                     row[pos + j], row[pos + j + 1] = -1.0, 1.0
@@ -223,7 +232,7 @@ class COBLA:
                 grad = grad + penalty * 4.0 * (1.0 - 2.0 * x)
             return value, grad
 
-        res = self._solve(fun_and_grad, x0, A, b, tick)
+        res = self._solve(fun_and_grad, x0, A, b, tick, [problem.layers[i].full_rank for i in active])
         ok = self._feasible_point(res.x, A, b)
         base = len(state.trace)
         for t in res.trace:

@@ -1,8 +1,16 @@
 """COBLA's objective E(m): the network's mean cross-entropy as a function of the masks.
 
 One ``jax.jit(jax.value_and_grad(E))`` is compiled per problem; the data subset is
-split into equal batches and scanned inside the jitted function, so SLSQP's every
-call is one dispatch with no recompilation (tested).
+split into equal batches and scanned inside the jitted function, so the solver's
+every call is one dispatch with no recompilation (tested).
+
+Data parallelism (``data_parallel=True``): the objective subset is sharded along
+the within-batch axis over a 1-D mesh of all devices (``jax.sharding.Mesh`` with
+axis ``"batch"``, ``NamedSharding(mesh, P(None, "batch"))``); m, the parameters and
+the factors are replicated. The jitted function is the same SPMD program: XLA
+partitions each scanned batch across the devices and inserts the all-reduce of
+the loss sum and of ∂E/∂m, so E and its gradient equal the one-device values up
+to summation order (tested under ``--xla_force_host_platform_device_count=2``).
 """
 
 from __future__ import annotations
@@ -16,26 +24,35 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from coblax.lowrank.decompose import Factors, factored_apply
 
 __all__ = ["NetworkLoss"]
 
 
-def _batch_stack(x: np.ndarray, y: np.ndarray, batch_size: int):
-    """(nb, bs, ...) stacks with zero-weight padding so every batch has one shape."""
+def _batch_stack(x: np.ndarray, y: np.ndarray, batch_size: int, mesh: Mesh | None = None):
+    """(nb, bs, ...) stacks with zero-weight padding so every batch has one shape.
+
+    With a ``mesh`` the batch size is rounded up to a multiple of its size and the
+    stacks are sharded along the batch axis (axis 1).
+    """
     n = len(x)
     bs = min(batch_size, n)
+    if mesh is not None:
+        k = mesh.devices.size
+        bs = -(-bs // k) * k
     nb = -(-n // bs)
     pad = nb * bs - n
     w = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
     xp = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
     yp = np.concatenate([y, np.zeros(pad, y.dtype)]) if pad else y
-    return (
-        jnp.asarray(xp.reshape((nb, bs) + x.shape[1:])),
-        jnp.asarray(yp.reshape(nb, bs)),
-        jnp.asarray(w.reshape(nb, bs)),
-    )
+    stacks = (xp.reshape((nb, bs) + x.shape[1:]), yp.reshape(nb, bs), w.reshape(nb, bs))
+    if mesh is None:
+        return tuple(jnp.asarray(a) for a in stacks)
+    sharding = NamedSharding(mesh, PartitionSpec(None, "batch"))
+    # from a callback so that a multi-process mesh (TPU slice, several hosts) works too
+    return tuple(jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx]) for a in stacks)
 
 
 class NetworkLoss:
@@ -47,6 +64,8 @@ class NetworkLoss:
       objective_data: (x, y) of the fixed objective subset of the training data.
       validation_data: (x, y) held out from the training data for picking roundings.
       batch_size: batch size inside the scan (memory vs. speed).
+      data_parallel: shard the objective (and validation) subset over all devices
+        (``jax.devices()``) along the batch axis; E and ∂E/∂m are unchanged.
     """
 
     def __init__(
@@ -57,14 +76,19 @@ class NetworkLoss:
         objective_data: tuple[np.ndarray, np.ndarray],
         validation_data: tuple[np.ndarray, np.ndarray] | None = None,
         batch_size: int = 250,
+        data_parallel: bool = False,
     ):
         self.names: Sequence[str] = list(factors)
         self.sizes = [int(factors[n].sigma.shape[0]) for n in self.names]
         self.dtype = jnp.asarray(next(iter(factors.values())).sigma).dtype
+        self.mesh = Mesh(np.array(jax.devices()), ("batch",)) if data_parallel else None
         self._params = params
         self._factors = dict(factors)
-        self._obj = _batch_stack(*objective_data, batch_size)
-        self._val = _batch_stack(*validation_data, batch_size) if validation_data else None
+        if self.mesh is not None:
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            self._params, self._factors = jax.device_put((params, self._factors), replicated)
+        self._obj = _batch_stack(*objective_data, batch_size, self.mesh)
+        self._val = _batch_stack(*validation_data, batch_size, self.mesh) if validation_data else None
         splits = np.cumsum(self.sizes)[:-1].tolist()
 
         def metrics(m, params, factors, xs, ys, ws):
@@ -95,9 +119,19 @@ class NetworkLoss:
         return int(sum(self.sizes))
 
     def value_and_grad(self, m: np.ndarray) -> tuple[float, np.ndarray]:
-        """E(m) and ∂E/∂m on the objective subset (float, float64 vector)."""
-        value, grad = self._value_and_grad(jnp.asarray(m, self.dtype), self._params, self._factors, *self._obj)
+        """E(m) and ∂E/∂m on the objective subset (float, float64 vector).
+
+        The float64 NumPy boundary the solvers see: one host-to-device copy of m,
+        one dispatch of the compiled function, one device-to-host copy of both
+        results (``benchmarks/bench_callbacks.py`` measures its overhead).
+        """
+        out = self._value_and_grad(jnp.asarray(m, self.dtype), self._params, self._factors, *self._obj)
+        value, grad = jax.device_get(out)
         return float(value), np.asarray(grad, dtype=np.float64)
+
+    def device_value_and_grad(self, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The bare jitted value-and-grad on device-resident m (no host transfers)."""
+        return self._value_and_grad(m, self._params, self._factors, *self._obj)
 
     def value(self, m: np.ndarray) -> float:
         return float(self._value(jnp.asarray(m, self.dtype), self._params, self._factors, *self._obj))

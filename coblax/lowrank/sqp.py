@@ -52,11 +52,13 @@ def solve_slsqp(
     max_iter: int = 100,
     ftol: float = 1e-6,
     progress: Callable[[int, float], None] | None = None,
+    trace: list[dict] | None = None,
 ) -> SQPResult:
     """Minimize ``fun_and_grad`` under ``A x <= b`` and box bounds with SLSQP.
 
     Rows of A and b are scaled to unit norm of b so that both budgets weigh alike
     in SLSQP's merit function (MACs and parameters differ by orders of magnitude).
+    Iterates are appended to ``trace`` when given (kept if the callback raises).
     """
     A = np.atleast_2d(np.asarray(A, dtype=np.float64))
     b = np.asarray(b, dtype=np.float64).reshape(-1)
@@ -84,7 +86,7 @@ def solve_slsqp(
             cache[key] = hit
         return hit
 
-    trace: list[dict] = []
+    trace = [] if trace is None else trace
 
     def record(x: np.ndarray) -> None:
         value, _ = evaluate(x)
