@@ -119,7 +119,7 @@ def test_a_solve_that_breaks_a_constraint_is_rolled_back(monkeypatch):
     o = sum(l.original_macs for l in layers)
     problem = AllocationProblem(layers, 0.4 * o, 0.4 * o, loss=loss, seed=0)
 
-    def broken(self, fun_and_grad, x0, A, b, tick):
+    def broken(self, fun_and_grad, x0, A, b, tick, groups=None):
         x = np.ones_like(x0)  # every triplet kept: far over budget
         return SQPResult(x, fun_and_grad(x)[0], False, 8, "positive directional derivative", 3, 3, 3, 0.0, [])
 
