@@ -454,6 +454,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, config_text: str = "", p
         "name": cfg.name,
         "config": dataclasses.asdict(cfg),
         "config_text": config_text,
+        "seed": cfg.seeds[0],  # as in ``coblax run`` results; every record names its own seed
         "seeds": list(cfg.seeds),
         "versions": versions(),
         "dataset": {"name": cfg.data.name, "train": len(datasets[cfg.seeds[0]].x_train),
