@@ -29,7 +29,8 @@ def _default_out(config: str) -> Path:
 def _describe(plan) -> str:
     cfg = plan.cfg
     shape = (f"{len(cfg.models)} model(s) x {len(cfg.decompose.schemes)} scheme(s) x "
-             f"{len(cfg.budgets.pairs())} budget(s) x {len(cfg.methods)} method(s)")
+             f"{len(cfg.budgets.pairs())} budget(s) x {len(cfg.methods)} method(s)"
+             + (f" x {len(cfg.seed_list)} seeds" if len(cfg.seed_list) > 1 else ""))
     if plan.complete:
         state = f"complete ({plan.finished} records in {plan.out_dir / 'results.json'})"
     elif plan.previous is not None:
@@ -47,8 +48,9 @@ def _failed_exit(records: list[dict]) -> int:
         return 0
     _say(f"error: {len(failed)} of {len(records)} records failed (marked in the table):")
     for r in failed:
+        seed = f", seed {r['seed']}" if len({x.get("seed") for x in records}) > 1 else ""
         print(f"  {r['model']}, {r['scheme']}, {r['budget_mac']:g}/{r['budget_param']:g}, "
-              f"{r['method']}: {r.get('error', '')}", file=sys.stderr)
+              f"{r['method']}{seed}: {r.get('error', '')}", file=sys.stderr)
     return 2
 
 

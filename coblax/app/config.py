@@ -605,9 +605,15 @@ class FinetuneConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """A whole ``coblax run`` experiment."""
+    """A whole ``coblax run`` experiment.
+
+    ``seeds`` repeats every record once per seed (base model, data subsets and
+    objective/validation split, rounding, fine-tuning); absent, the run has the one
+    seed ``seed``. :attr:`seed_list` is the seeds a run repeats over.
+    """
 
     seed: int = setting(0, ge=0)
+    seeds: tuple[int, ...] | None = setting(None, ge=0, nonempty=True, unique=True)
     methods: tuple[str, ...] = setting(("cobla", "uniform"), choices=_method_names, allowed="methods",
                                        nonempty=True, unique=True)
     models: tuple[ModelConfig, ...] = setting((ModelConfig("mlp"),), nonempty=True)
@@ -620,6 +626,11 @@ class RunConfig:
     method_options: dict = setting(factory=dict)
     cache_dir: str | None = None
     name: str = ""
+
+    @property
+    def seed_list(self) -> tuple[int, ...]:
+        """The seeds every record is repeated for: ``seeds``, else ``(seed,)``."""
+        return (self.seed,) if self.seeds is None else tuple(self.seeds)
 
 
 def _models_from(value, where: str, problems: Problems) -> list:
@@ -646,6 +657,9 @@ def parse_run_config(raw: dict, problems: Problems) -> RunConfig:
     only meant for further checks when ``problems`` is not empty).
     """
     raw = dict(raw)
+    if "seed" in raw and "seeds" in raw:
+        problems.add("seeds", "give either seed or seeds, not both (seeds = [...] lists every seed)")
+        raw.pop("seed")
     if "models" in raw:
         raw["models"] = _models_from(raw["models"], "models", problems)
     dec = raw.get("decompose")

@@ -430,14 +430,16 @@ class _FiniteLoss:
 
 
 def record_key(record: dict) -> tuple:
-    """What identifies a record within a run: (model, scheme, mac, param, method)."""
+    """What identifies a record within a run: (model, scheme, mac, param, method, seed)."""
+    seed = record.get("seed")
     return (str(record["model"]), str(record["scheme"]), float(record["budget_mac"]),
-            float(record["budget_param"]), str(record["method"]))
+            float(record["budget_param"]), str(record["method"]), None if seed is None else int(seed))
 
 
 def _sweep(cfg: RunConfig, mc: ModelConfig, scheme: str | None = None) -> list[tuple]:
+    """The record keys of one model (and scheme) at ``cfg.seed``."""
     schemes = cfg.decompose.schemes if scheme is None else (scheme,)
-    return [(mc.label, s, float(mac), float(par), method)
+    return [(mc.label, s, float(mac), float(par), method, cfg.seed)
             for s in schemes for mac, par in cfg.budgets.pairs() for method in cfg.methods]
 
 
@@ -561,7 +563,7 @@ def plan_from_config(
     data = digest = None
     if "data" not in problems.keys:
         try:
-            data = load_dataset(cfg.data.name, cfg.data.dir, seed=cfg.seed,
+            data = load_dataset(cfg.data.name, cfg.data.dir, seed=cfg.seed_list[0],
                                 limit_train=cfg.data.limit_train, limit_test=cfg.data.limit_test)
         except DataError as err:
             problems.add("data", f"data: {err}")
@@ -578,7 +580,7 @@ def plan_from_config(
         preflight(cfg, data.input_shape, data.num_classes, problems)
     if problems:
         raise problems.error(source)
-    total = sum(len(_sweep(cfg, mc)) for mc in cfg.models)
+    total = sum(len(_sweep(cfg, mc)) for mc in cfg.models) * len(cfg.seed_list)
     return RunPlan(cfg, config_text, data, digest, out, cache_dir, force, previous, complete, total)
 
 
@@ -635,10 +637,11 @@ def _remove_temp_files(folder: Path, pattern: str, min_age_s: float = 0.0) -> in
 
 
 def _failed_record(key: tuple, cfg: RunConfig, err: Exception, base: BaseModel | None) -> dict:
-    label, scheme, mac, par, method = key
+    label, scheme, mac, par, method, seed = key
     return {
         "model": label,
         "scheme": scheme,
+        "seed": seed,
         "base_cached": None if base is None else base.cached,
         "method": method,
         "status": "failed",
@@ -699,13 +702,15 @@ def run_experiment(
     if removed:
         log(f"removed {removed} leftover temporary file(s) of an interrupted run")
     previous = plan.previous or {}
-    done = {record_key(r): r for r in previous.get("records", [])}
+    old_seed = previous.get("seed", cfg.seed_list[0])  # records written before they carried their seed
+    done = {record_key(r): r for r in ({"seed": old_seed} | r for r in previous.get("records", []))}
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
     payload: dict = {
         "config": dataclasses.asdict(cfg),
         "config_text": plan.config_text or config_text,
         "fingerprint": _fingerprint(dataclasses.asdict(cfg), plan.digest),
-        "seed": cfg.seed,
+        "seed": cfg.seed_list[0],
+        "seeds": list(cfg.seed_list),
         "versions": versions(),
         "dataset": {"name": data.name, "train": len(data.x_train), "test": len(data.x_test)},
         "started": previous.get("started", now),
@@ -741,6 +746,25 @@ def run_experiment(
 
 def _sweep_records(plan: RunPlan, cfg: RunConfig, data: Dataset, progress: bool, done: dict,
                    add: Callable[[dict, bool], None], log: Callable[[str], None]) -> None:
+    """Every seed's records, seed outermost (each seed's data subsets are loaded once)."""
+    for seed in cfg.seed_list:
+        seed_cfg = dataclasses.replace(cfg, seed=seed)
+        keys = [k for mc in cfg.models for k in _sweep(seed_cfg, mc)]
+        if all(k in done for k in keys):
+            for k in keys:
+                add(done[k], False)
+            continue
+        seed_data, digest = data, plan.digest
+        if seed != cfg.seed_list[0] and (cfg.data.limit_train or cfg.data.limit_test):
+            seed_data = load_dataset(cfg.data.name, cfg.data.dir, seed=seed,
+                                     limit_train=cfg.data.limit_train, limit_test=cfg.data.limit_test)
+            digest = None
+        _sweep_seed(plan, seed_cfg, seed_data, digest, progress, done, add, log)
+
+
+def _sweep_seed(plan: RunPlan, cfg: RunConfig, data: Dataset, digest: str | None, progress: bool,
+                done: dict, add: Callable[[dict, bool], None], log: Callable[[str], None]) -> None:
+    """The records of one seed (``cfg.seed``) on that seed's ``data``."""
     objective_data, validation_data = _split(data, cfg)
     for mc in cfg.models:
         keys = _sweep(cfg, mc)
@@ -749,7 +773,7 @@ def _sweep_records(plan: RunPlan, cfg: RunConfig, data: Dataset, progress: bool,
                 add(done[k], False)
             continue
         try:
-            base = train_base_model(cfg, mc, data, plan.cache_dir, progress, log=log, digest=plan.digest)
+            base = train_base_model(cfg, mc, data, plan.cache_dir, progress, log=log, digest=digest)
         except NumericalError as err:
             log(f"{mc.label}: {err}; its records are marked failed")
             for k in keys:
@@ -784,5 +808,5 @@ def _sweep_records(plan: RunPlan, cfg: RunConfig, data: Dataset, progress: bool,
                     log(f"{mc.label}, {scheme}, {budget[0]:g}/{budget[1]:g}, {method}: failed: {err}")
                     add(_failed_record(key, cfg, err, base), True)
                     continue
-                add({"model": mc.label, "scheme": scheme, "spectrum": cfg.decompose.spectrum,
-                     "base_cached": base.cached} | record, True)
+                add({"model": mc.label, "scheme": scheme, "seed": cfg.seed,
+                     "spectrum": cfg.decompose.spectrum, "base_cached": base.cached} | record, True)

@@ -6,7 +6,10 @@ a record describes one (model, method, scheme, budget) run with at least the key
 methods are rows, and each budget ``mac/param`` spans four columns — accuracy before
 fine-tuning, accuracy after fine-tuning, achieved MAC ratio, achieved parameter ratio.
 The best accuracy of every accuracy column is marked (ratios are constraints, not
-scores, so they are never marked). Tables are rebuilt from saved results only.
+scores, so they are never marked). Records of several seeds (their ``seed`` key)
+are shown as mean ± standard deviation with the number of seeds, and every method
+within one standard error of the best mean is marked. Tables are rebuilt from
+saved results only.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ _NUMBER_KEYS = ("budget_mac", "budget_param")
 _OPTIONAL_NUMBER_KEYS = ("mac_ratio", "param_ratio", "acc_before_finetune", "acc_after_finetune", "base_acc")
 FORMATS = ("md", "csv", "tex")
 _SUBCOLUMNS = ("acc before FT", "acc after FT", "MAC ratio", "param ratio")
+_CELL_KEYS = ("acc_before_finetune", "acc_after_finetune", "mac_ratio", "param_ratio")
 _MISSING = "-"
 _FAILED = "failed"
 
@@ -92,6 +96,8 @@ def read_results(file: str | os.PathLike) -> dict[str, Any]:
         bad = [k for k in _TEXT_KEYS if not isinstance(rec[k], str)]
         bad += [k for k in _NUMBER_KEYS if not _is_number(rec[k])]
         bad += [k for k in _OPTIONAL_NUMBER_KEYS if rec[k] is not None and not _is_number(rec[k])]
+        seed = rec.get("seed")
+        bad += ["seed"] if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)) else []
         if bad:
             raise ResultsError(f"{file}: record {i} has values of the wrong type for {', '.join(bad)}")
     return data
@@ -158,7 +164,17 @@ def format_table(
     ties all marked. A missing run or a None/NaN value prints ``-``. A record whose
     ``status`` is ``"failed"`` prints ``failed`` in its four cells, and its error is
     listed below the table (Markdown, LaTeX comment). If several records share
-    (model, scheme, method, budget), the last one wins.
+    (model, scheme, method, budget, seed), the last one wins.
+
+    **Several seeds.** When a table's records carry more than one ``seed``, each
+    accuracy cell is the mean ± sample standard deviation over the seeds, followed by
+    ``(n=k)`` when fewer seeds than the method's have a value there (failed seeds are
+    listed below the table); a ``seeds`` column after the method gives how many seeds
+    the method has records for, ratios are means and the base accuracy is the mean ±
+    std of the seeds' base models. Every method whose displayed mean is within one
+    standard error of the best displayed mean is marked: mean ≥ best − s/√n, with s
+    and n those of the best mean (the largest s/√n if several methods share it).
+    With one seed this rule marks the best (ties) exactly as above.
 
     Args:
       records: as returned by :func:`load_records`.
@@ -174,6 +190,7 @@ def format_table(
         if missing:
             raise ValueError(f"record {rec!r} lacks the keys {', '.join(missing)}")
         groups.setdefault((str(rec["model"]), str(rec["scheme"])), []).append(rec)
+    pm = "$\\pm$" if fmt == "tex" else "±"
     tables = []
     for (model, scheme), recs in groups.items():
         methods = list(dict.fromkeys(str(r["method"]) for r in recs))
@@ -181,33 +198,50 @@ def format_table(
             {(float(r["budget_mac"]), float(r["budget_param"])) for r in recs}, reverse=True
         )
         labels = [f"{m:g}/{p:g}" for m, p in budgets]
-        cell: dict[tuple[str, str], dict[str, Any]] = {}
+        seeds = list(dict.fromkeys(r.get("seed") for r in recs))
+        multi = len(seeds) > 1
+        cell: dict[tuple[str, str], dict[Any, dict[str, Any]]] = {}
+        bases: dict[Any, float | None] = {}
         for r in recs:
-            cell[(str(r["method"]), _budget_label(r))] = r
-        known = [r["base_acc"] for r in recs if r.get("base_acc") is not None]
-        base = _num(known[-1]) if known else None
-        # Displayed strings first, so "best" is judged on what the reader sees.
+            cell.setdefault((str(r["method"]), _budget_label(r)), {})[r.get("seed")] = r
+            if r.get("base_acc") is not None:
+                bases[r.get("seed")] = _num(r["base_acc"])
+        # Displayed strings first, so "best" is judged on what the reader sees;
+        # values[m][col] = (displayed mean, standard error) or None.
         grid: dict[str, list[str]] = {}
-        values: dict[str, list[float | None]] = {}
+        values: dict[str, list[tuple[float, float] | None]] = {}
+        n_seeds: dict[str, str] = {}
         failures: list[tuple[str, str, str]] = []
         for method in methods:
-            row, vals = [], []
+            row: list[str] = []
+            vals: list[tuple[float, float] | None] = []
+            own = {s for label in labels for s in cell.get((method, label), {})}
+            n_seeds[method] = str(len(own))
             for label in labels:
-                r = cell.get((method, label))
-                if r is not None and r.get("status") == _FAILED:
+                by_seed = cell.get((method, label), {})
+                ok = [r for r in by_seed.values() if r.get("status") != _FAILED]
+                for s, r in by_seed.items():
+                    if r.get("status") == _FAILED:
+                        where = f"{label}, seed {s}" if multi else label
+                        failures.append((method, where, str(r.get("error", ""))))
+                if by_seed and not ok:
                     row += [_FAILED] * 4
                     vals += [None] * 4
-                    failures.append((method, label, str(r.get("error", ""))))
                     continue
-                for k, key in enumerate(
-                    ("acc_before_finetune", "acc_after_finetune", "mac_ratio", "param_ratio")
-                ):
-                    v = _num(r[key]) if r is not None else None
-                    if v is not None and k < 2:
-                        v *= acc_scale
-                    digits = acc_digits if k < 2 else ratio_digits
-                    row.append(_MISSING if v is None else f"{v:.{digits}f}")
-                    vals.append(None if v is None else float(f"{v:.{digits}f}"))
+                for k, key in enumerate(_CELL_KEYS):
+                    scale, digits = (acc_scale, acc_digits) if k < 2 else (1.0, ratio_digits)
+                    present = [v * scale for v in (_num(r[key]) for r in ok) if v is not None]
+                    if not present:
+                        row.append(_MISSING)
+                        vals.append(None)
+                        continue
+                    mean, std, se = _spread(present)
+                    text = f"{mean:.{digits}f}"
+                    if multi and k < 2:
+                        text += f" {pm} {std:.{digits}f}" if len(present) > 1 else ""
+                        text += f" (n={len(present)})" if len(present) < len(own) else ""
+                    row.append(text)
+                    vals.append((float(f"{mean:.{digits}f}"), se))
             grid[method], values[method] = row, vals
         for col in range(len(labels) * 4):
             if col % 4 >= 2:
@@ -215,14 +249,34 @@ def format_table(
             present = [values[m][col] for m in methods if values[m][col] is not None]
             if not present:
                 continue
-            best = max(present)
+            best = max(mean for mean, _ in present)
+            reach = best - max(se for mean, se in present if mean == best) - 1e-9 * max(1.0, abs(best))
             for m in methods:
-                if values[m][col] == best:
+                if values[m][col] is not None and values[m][col][0] >= reach:
                     grid[m][col] = _mark(grid[m][col], fmt)
-        base_txt = _MISSING if base is None else f"{base * acc_scale:.{acc_digits}f}"
-        tables.append(_render(fmt, model, scheme, base_txt, labels, methods, grid)
+        base_txt = _base_text([b for b in bases.values() if b is not None], acc_scale, acc_digits, pm)
+        tables.append(_render(fmt, model, scheme, base_txt, labels, methods, grid,
+                              n_seeds if multi else None, len(seeds))
                       + _failure_notes(fmt, failures))
     return "\n\n".join(tables) + ("\n" if tables else "")
+
+
+def _spread(values: Sequence[float]) -> tuple[float, float, float]:
+    """(mean, sample standard deviation, standard error s/√n); s = 0 for one value."""
+    n = len(values)
+    mean = math.fsum(values) / n
+    if n < 2:
+        return mean, 0.0, 0.0
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, std, std / math.sqrt(n)
+
+
+def _base_text(bases: list[float], scale: float, digits: int, pm: str) -> str:
+    """The base accuracy: one value, or mean ± std over the seeds' base models."""
+    if not bases:
+        return _MISSING
+    mean, std, _ = _spread([b * scale for b in bases])
+    return f"{mean:.{digits}f}" + (f" {pm} {std:.{digits}f}" if len(bases) > 1 else "")
 
 
 def _failure_notes(fmt: str, failures: list[tuple[str, str, str]]) -> str:
@@ -263,36 +317,42 @@ def _render(
     labels: list[str],
     methods: list[str],
     grid: dict[str, list[str]],
+    n_seeds: dict[str, str] | None = None,
+    total_seeds: int = 1,
 ) -> str:
+    """One table; ``n_seeds`` (method -> seed count) adds the ``seeds`` column."""
+    seeds = [] if n_seeds is None else ["seeds"]
+    row = (lambda m: [m] + grid[m]) if n_seeds is None else (lambda m: [m, n_seeds[m]] + grid[m])
     if fmt == "md":
-        head = ["method"] + [f"{label} {sub}" for label in labels for sub in _SUBCOLUMNS]
+        spread = "" if n_seeds is None else f"; mean ± std over {total_seeds} seeds"
+        head = ["method"] + seeds + [f"{label} {sub}" for label in labels for sub in _SUBCOLUMNS]
         lines = [
-            f"### {model} — {scheme} (base accuracy {base})",
+            f"### {model} — {scheme} (base accuracy {base}{spread})",
             "",
             "| " + " | ".join(head) + " |",
             "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
         ]
-        lines += ["| " + " | ".join([m] + grid[m]) + " |" for m in methods]
+        lines += ["| " + " | ".join(row(m)) + " |" for m in methods]
         return "\n".join(lines)
     if fmt == "csv":
-        head = ["model", "scheme", "method"] + [
+        head = ["model", "scheme", "method"] + seeds + [
             f"{label} {sub}" for label in labels for sub in _SUBCOLUMNS
         ]
         lines = [",".join(_csv_cell(h) for h in head)]
-        lines += [
-            ",".join(_csv_cell(c) for c in [model, scheme, m] + grid[m]) for m in methods
-        ]
+        lines += [",".join(_csv_cell(c) for c in [model, scheme] + row(m)) for m in methods]
         return "\n".join(lines)
+    spread = "" if n_seeds is None else f"; mean $\\pm$ std over {total_seeds} seeds"
+    skip = len(seeds)
     lines = [
-        f"% {model} / {scheme}, base accuracy {base}",
-        "\\begin{tabular}{l" + "cccc" * len(labels) + "}",
+        f"% {model} / {scheme}, base accuracy {base}{spread}",
+        "\\begin{tabular}{l" + "c" * skip + "cccc" * len(labels) + "}",
         "\\toprule",
-        " & ".join(["Method"] + [f"\\multicolumn{{4}}{{c}}{{{label}}}" for label in labels])
-        + " \\\\",
-        " ".join(f"\\cmidrule(lr){{{2 + 4 * k}-{5 + 4 * k}}}" for k in range(len(labels))),
-        " & ".join([""] + list(_SUBCOLUMNS) * len(labels)) + " \\\\",
+        " & ".join(["Method"] + [""] * skip
+                   + [f"\\multicolumn{{4}}{{c}}{{{label}}}" for label in labels]) + " \\\\",
+        " ".join(f"\\cmidrule(lr){{{2 + skip + 4 * k}-{5 + skip + 4 * k}}}" for k in range(len(labels))),
+        " & ".join([""] + ["Seeds"] * skip + list(_SUBCOLUMNS) * len(labels)) + " \\\\",
         "\\midrule",
     ]
-    lines += [" & ".join([_tex_escape(m)] + grid[m]) + " \\\\" for m in methods]
+    lines += [" & ".join([_tex_escape(m)] + row(m)[1:]) + " \\\\" for m in methods]
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines)
