@@ -17,7 +17,9 @@ finished work:
   ``"failed"`` record naming the stage and step, and the run goes on.
 
 A run is deterministic given its config and data, so a resumed run's records equal
-an uninterrupted run's (except the timings and ``base_cached``).
+an uninterrupted run's (except the timings and ``base_cached``). With ``seeds`` every
+record is repeated per seed (seed outermost) and carries its ``seed``, which is part
+of the record key that resuming matches.
 """
 
 from __future__ import annotations
