@@ -85,7 +85,8 @@ def test_one_seed_prints_as_before_and_runs_of_single_seeds_combine(tmp_path):
     records = load_records([str(tmp_path / "s0"), str(tmp_path / "s1")]) + [rec("a", 1, 0.7, 0.9)]
     md = format_table(records, "md")
     assert "mean ± std over 2 seeds" in md
-    # a: before 50, 70 -> 60 ± 14.14, SE 10; after 90, 90 -> 90 ± 0; b: 60 ± 0, 70 ± 14.14 (SE 10).
+    # a: before 50, 70 -> 60 ± 14.14, SE 10; after 90, 90 -> 90 ± 0;
+    # b: before 60 ± 0; after 80, 60 -> 70 ± 14.14 (below 90 - 0).
     assert "| a | 2 | **60.00 ± 14.14** | **90.00 ± 0.00** |" in md
     assert "| b | 2 | **60.00 ± 0.00** | 70.00 ± 14.14 |" in md
 
@@ -151,7 +152,7 @@ def _stable(record: dict) -> dict:
 
 @pytest.mark.slow
 def test_two_seed_run_has_two_records_per_cell_and_resumes(tmp_path, capsys):
-    """A tiny 2-seed run: one record per cell and seed; a resumed run redoes only what is missing."""
+    """A tiny 2-seed run: one record per cell and seed; a resume redoes only what is missing."""
     path = tmp_path / "cfg.toml"
     path.write_text(TINY_RUN.replace("seed = 0\n", "seeds = [0, 1]\n"))
     out = tmp_path / "run"

@@ -658,7 +658,7 @@ def parse_run_config(raw: dict, problems: Problems) -> RunConfig:
     """
     raw = dict(raw)
     if "seed" in raw and "seeds" in raw:
-        problems.add("seeds", "give either seed or seeds, not both (seeds = [...] lists every seed)")
+        problems.add("seeds", "give either seed or seeds, not both (seeds lists every seed)")
         raw.pop("seed")
     if "models" in raw:
         raw["models"] = _models_from(raw["models"], "models", problems)

@@ -435,7 +435,8 @@ def record_key(record: dict) -> tuple:
     """What identifies a record within a run: (model, scheme, mac, param, method, seed)."""
     seed = record.get("seed")
     return (str(record["model"]), str(record["scheme"]), float(record["budget_mac"]),
-            float(record["budget_param"]), str(record["method"]), None if seed is None else int(seed))
+            float(record["budget_param"]), str(record["method"]),
+            None if seed is None else int(seed))
 
 
 def _sweep(cfg: RunConfig, mc: ModelConfig, scheme: str | None = None) -> list[tuple]:
@@ -704,7 +705,7 @@ def run_experiment(
     if removed:
         log(f"removed {removed} leftover temporary file(s) of an interrupted run")
     previous = plan.previous or {}
-    old_seed = previous.get("seed", cfg.seed_list[0])  # records written before they carried their seed
+    old_seed = previous.get("seed", cfg.seed_list[0])  # for records written without their seed
     done = {record_key(r): r for r in ({"seed": old_seed} | r for r in previous.get("records", []))}
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
     payload: dict = {
@@ -758,8 +759,8 @@ def _sweep_records(plan: RunPlan, cfg: RunConfig, data: Dataset, progress: bool,
             continue
         seed_data, digest = data, plan.digest
         if seed != cfg.seed_list[0] and (cfg.data.limit_train or cfg.data.limit_test):
-            seed_data = load_dataset(cfg.data.name, cfg.data.dir, seed=seed,
-                                     limit_train=cfg.data.limit_train, limit_test=cfg.data.limit_test)
+            limits = {"limit_train": cfg.data.limit_train, "limit_test": cfg.data.limit_test}
+            seed_data = load_dataset(cfg.data.name, cfg.data.dir, seed=seed, **limits)
             digest = None
         _sweep_seed(plan, seed_cfg, seed_data, digest, progress, done, add, log)
 

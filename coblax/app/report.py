@@ -97,7 +97,8 @@ def read_results(file: str | os.PathLike) -> dict[str, Any]:
         bad += [k for k in _NUMBER_KEYS if not _is_number(rec[k])]
         bad += [k for k in _OPTIONAL_NUMBER_KEYS if rec[k] is not None and not _is_number(rec[k])]
         seed = rec.get("seed")
-        bad += ["seed"] if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)) else []
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            bad.append("seed")
         if bad:
             raise ResultsError(f"{file}: record {i} has values of the wrong type for {', '.join(bad)}")
     return data
@@ -250,11 +251,13 @@ def format_table(
             if not present:
                 continue
             best = max(mean for mean, _ in present)
-            reach = best - max(se for mean, se in present if mean == best) - 1e-9 * max(1.0, abs(best))
+            se_best = max(se for mean, se in present if mean == best)  # the largest, if tied
+            reach = best - se_best - 1e-9 * max(1.0, abs(best))
             for m in methods:
                 if values[m][col] is not None and values[m][col][0] >= reach:
                     grid[m][col] = _mark(grid[m][col], fmt)
-        base_txt = _base_text([b for b in bases.values() if b is not None], acc_scale, acc_digits, pm)
+        known = [b for b in bases.values() if b is not None]
+        base_txt = _base_text(known, acc_scale, acc_digits, pm)
         tables.append(_render(fmt, model, scheme, base_txt, labels, methods, grid,
                               n_seeds if multi else None, len(seeds))
                       + _failure_notes(fmt, failures))
@@ -349,7 +352,8 @@ def _render(
         "\\toprule",
         " & ".join(["Method"] + [""] * skip
                    + [f"\\multicolumn{{4}}{{c}}{{{label}}}" for label in labels]) + " \\\\",
-        " ".join(f"\\cmidrule(lr){{{2 + skip + 4 * k}-{5 + skip + 4 * k}}}" for k in range(len(labels))),
+        " ".join(f"\\cmidrule(lr){{{2 + skip + 4 * k}-{5 + skip + 4 * k}}}"
+                 for k in range(len(labels))),
         " & ".join([""] + ["Seeds"] * skip + list(_SUBCOLUMNS) * len(labels)) + " \\\\",
         "\\midrule",
     ]
