@@ -35,7 +35,7 @@ def test_new_keys_parse_and_reach_the_allocator(tmp_path):
 @pytest.mark.parametrize(
     "cobla,decompose,message",
     [
-        ('warm_start = "cobla"', "", "would start COBLA from itself"),
+        ('warm_start = "cobla"', "", "warm_start = 'cobla' is not allowed"),
         ('select = "f1"', "", "valid values: accuracy, loss"),
         ('mask_values = "half"', "", "valid values: relaxed, ones, plain"),
         ("local_search = -1", "", "cobla.local_search"),
