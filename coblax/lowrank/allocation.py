@@ -14,6 +14,11 @@ r >= saturation_rank_i. This is the "cost saturation" rule of the COBLA authors'
 code; it keeps every layer's cost monotone in r and never above the original.
 Budgets in the problem are absolute and refer to the decomposable layers only: the
 caller has already subtracted the cost of the layers that are not decomposed.
+
+Two loops shared by every allocator that lowers or raises ranks greedily:
+:func:`descend` (the excess-weighted greedy of Zhang et al.: POS greedy and the
+repair of roundings) and :func:`refill` (raise ranks while both budgets hold), after
+which :func:`has_room` is empty: no layer that is not full can take one more rank.
 """
 
 from __future__ import annotations
@@ -118,6 +123,11 @@ class LossOracle(Protocol):
     the original layer exactly). ``value_and_grad(m)`` returns (E(m), dE/dm) as
     (float, float64 array) on the objective subset; ``validation_loss(m)`` is E on
     a held-out split of the training data (used to pick among roundings).
+
+    Optional, used by COBLA when present: ``names`` and ``sizes`` (the layer order and
+    block lengths the oracle splits m by; a mismatch with the problem raises),
+    ``value(m)`` (E without the gradient) and ``validation_metrics(m)`` ->
+    (loss, accuracy) on the validation split.
     """
 
     def value_and_grad(self, m: np.ndarray) -> tuple[float, np.ndarray]: ...
