@@ -47,6 +47,9 @@ class NetworkLoss:
       objective_data: (x, y) of the fixed objective subset of the training data.
       validation_data: (x, y) held out from the training data for picking roundings.
       batch_size: batch size inside the scan (memory vs. speed).
+      apply_kwargs: keyword arguments of ``model.apply`` that put the network in
+        eval mode (e.g. ``{"train": False}``): E(m) is measured with BatchNorm's
+        running statistics and without dropout; ``params`` holds every collection.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class NetworkLoss:
         objective_data: tuple[np.ndarray, np.ndarray],
         validation_data: tuple[np.ndarray, np.ndarray] | None = None,
         batch_size: int = 250,
+        apply_kwargs: Mapping[str, Any] | None = None,
     ):
         self.names: Sequence[str] = list(factors)
         self.sizes = [int(factors[n].sigma.shape[0]) for n in self.names]
@@ -66,6 +70,7 @@ class NetworkLoss:
         self._obj = _batch_stack(*objective_data, batch_size)
         self._val = _batch_stack(*validation_data, batch_size) if validation_data else None
         splits = np.cumsum(self.sizes)[:-1].tolist()
+        apply_kwargs = dict(apply_kwargs or {})
 
         def loss(m, params, factors, xs, ys, ws):
             blocks = jnp.split(m.astype(self.dtype), splits)
@@ -73,7 +78,7 @@ class NetworkLoss:
 
             def body(total, batch):
                 xb, yb, wb = batch
-                logits = factored_apply(model, params, factors, xb, scales)
+                logits = factored_apply(model, params, factors, xb, scales, **apply_kwargs)
                 ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
                 return total + jnp.sum(ce * wb), None
 
