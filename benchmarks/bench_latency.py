@@ -7,7 +7,8 @@ decomposed, ``tai`` scheme), ranks from the ``uniform`` allocator through
 the ranks, not on the weights' values, and ranks from another allocator change
 the numbers only through their shapes. Latency is the median of ``--repeats``
 warm calls (after two warm-up calls that compile) of one ``jax.jit``-ed eval-mode
-apply, at batch 1 and batch 64. Size is the bytes of the exported ``.npz``
+apply, at batch 1 and batch 64; the original and the factored networks of one
+model are timed round-robin, so load changes of a shared machine hit all alike. Size is the bytes of the exported ``.npz``
 (:func:`coblax.save_factored`, all collections) beside N_M(m) x 4 bytes (float32
 parameters, ``params`` collection only).
 
@@ -38,16 +39,22 @@ SHAPES = {"lenet5": (28, 28, 1)}
 SLOWER = 0.8  # flag when the measured speed-up is below this fraction of 1 / MAC ratio
 
 
-def median_ms(fn, variables, x, repeats: int) -> float:
-    """Median wall time (ms) of warm calls of a jitted ``fn(variables, x)``."""
-    for _ in range(2):
-        jax.block_until_ready(fn(variables, x))
-    times = []
+def median_ms(fns, variables, x, repeats: int) -> list[float]:
+    """Median wall time (ms) of warm calls of each jitted ``fns[i](variables[i], x)``.
+
+    The networks are timed round-robin (one call of each per repeat) so that a
+    change of the machine's load during the run hits all of them alike.
+    """
+    for fn, v in zip(fns, variables):
+        for _ in range(2):
+            jax.block_until_ready(fn(v, x))
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(variables, x))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for i, (fn, v) in enumerate(zip(fns, variables)):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(v, x))
+            times[i].append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def npz_bytes(variables) -> int:
@@ -64,32 +71,30 @@ def bench_model(name: str, budgets, repeats: int, repeats64: int, out: Path) -> 
     x64 = jnp.asarray(rng.normal(size=(64,) + shape), jnp.float32)
     variables = model.init(jax.random.PRNGKey(0), x1)
     kwargs = {"train": False} if "batch_stats" in variables else {}
-    original = jax.jit(lambda v, x: model.apply(v, x, **kwargs))
-    base = {"b1": median_ms(original, variables, x1, repeats), "b64": median_ms(original, variables, x64, repeats64)}
+    data = (np.asarray(x64[:16]), rng.integers(0, 10, size=16))
+    results = [allocate(model, variables, data, rules=[(".*", "tai")], mac=b, param=b, method="uniform",
+                        apply_kwargs=kwargs) for b in budgets]
+    fns = [jax.jit(lambda v, x: model.apply(v, x, **kwargs))] + [jax.jit(r.apply) for r in results]
+    trees = [variables] + [r.variables for r in results]
+    ms1 = median_ms(fns, trees, x1, repeats)
+    print(f"{name}: batch 1 " + ", ".join(f"{t:.2f}" for t in ms1) + " ms", flush=True)
+    ms64 = median_ms(fns, trees, x64, repeats64)
+    print(f"{name}: batch 64 " + ", ".join(f"{t:.1f}" for t in ms64) + " ms", flush=True)
     n_params = count_params(variables)
     rows = [{
         "model": name, "budget": 1.0, "mac_ratio": 1.0, "param_ratio": 1.0,
-        "ms_b1": base["b1"], "ms_b64": base["b64"], "speedup_b1": 1.0, "speedup_b64": 1.0,
+        "ms_b1": ms1[0], "ms_b64": ms64[0], "speedup_b1": 1.0, "speedup_b64": 1.0,
         "file_bytes": npz_bytes(variables), "params": n_params, "param_bytes": 4 * n_params,
     }]
-    print(f"{name}: original {base['b1']:.2f} ms (b1), {base['b64']:.1f} ms (b64)", flush=True)
-    data = (np.asarray(x64[:16]), rng.integers(0, 10, size=16))
-    for b in budgets:
-        result = allocate(model, variables, data, rules=[(".*", "tai")], mac=b, param=b, method="uniform",
-                          apply_kwargs=kwargs)
-        fn = jax.jit(result.apply)
-        ms1 = median_ms(fn, result.variables, x1, repeats)
-        ms64 = median_ms(fn, result.variables, x64, repeats64)
+    for i, (b, result) in enumerate(zip(budgets, results), start=1):
         size = save_factored(out / f"{name}-{b:g}.npz", result, meta={"budget": b, "ranks": result.ranks})
-        row = {
+        rows.append({
             "model": name, "budget": b, "mac_ratio": result.network_mac_ratio,
-            "param_ratio": result.network_param_ratio, "ms_b1": ms1, "ms_b64": ms64,
-            "speedup_b1": base["b1"] / ms1, "speedup_b64": base["b64"] / ms64,
+            "param_ratio": result.network_param_ratio, "ms_b1": ms1[i], "ms_b64": ms64[i],
+            "speedup_b1": ms1[0] / ms1[i], "speedup_b64": ms64[0] / ms64[i],
             "file_bytes": size, "params": result.params, "param_bytes": 4 * result.params,
             "ranks": result.ranks,
-        }
-        rows.append(row)
-        print(f"{name} @ {b:g}: MAC ratio {row['mac_ratio']:.3f}, {ms1:.2f} / {ms64:.1f} ms", flush=True)
+        })
     return rows
 
 
@@ -112,10 +117,10 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", nargs="+", default=["lenet5", "vgg16_bn", "resnet20"])
+    ap.add_argument("--models", nargs="+", default=["lenet5", "resnet20", "vgg16_bn"])
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.3])
     ap.add_argument("--repeats", type=int, default=20, help="timed calls at batch 1")
-    ap.add_argument("--repeats64", type=int, default=5, help="timed calls at batch 64")
+    ap.add_argument("--repeats64", type=int, default=3, help="timed calls at batch 64")
     ap.add_argument("--out", default=os.environ.get("BENCH_OUT", "runs/bench_latency"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -123,6 +128,7 @@ def main() -> None:
     rows = []
     for name in args.models:
         rows += bench_model(name, args.budgets, args.repeats, args.repeats64, out)
+        print(table(rows[-1 - len(args.budgets):]), flush=True)
     text = table(rows)
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}, jax {jax.__version__}\n")

@@ -4,6 +4,7 @@ every allocator, fine-tuning with BatchNorm/dropout/own state, safe export."""
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -172,3 +173,32 @@ def test_finetune_and_export_reproduce_accuracy(tmp_path):
 def test_public_surface():
     for name in ("allocate", "finetune", "Compressed", "save_factored", "load_factored"):
         assert name in coblax.__all__
+
+
+def test_runner_trains_batchnorm_zoo_model_in_training_mode(tmp_path):
+    """``coblax run`` on a BatchNorm zoo model: running statistics are learned, not left at init."""
+    import os
+
+    from coblax.app.cli import main
+
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text("""
+methods = ["uniform"]
+models = [{ name = "resnet20", blocks = 1, widths = [4, 8, 8] }]
+[data]
+name = "digits"
+limit_train = 300
+[train]
+epochs = 1
+[budgets]
+mac = [0.6]
+param = [0.6]
+[finetune]
+epochs = 1
+""")
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
+    (path,) = (Path(os.environ["COBLAX_CACHE"]) / "models").glob("resnet20-*.npz")
+    with np.load(path, allow_pickle=False) as f:
+        assert "batch_stats/bn1/mean" in f.files
+        assert np.any(f["batch_stats/bn1/mean"] != 0)
