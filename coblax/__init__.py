@@ -1,8 +1,9 @@
 """coblax: budget-constrained compression of deep networks in JAX.
 
-Public surface: the allocation protocol and registry, the decomposition and cost
-model, COBLA and the uniform allocator, the constrained solver (``solve``), data,
-models and training. Everything else is an implementation detail.
+Public surface: ``allocate`` (any Flax model, layer rules, budgets, any allocator)
+with ``finetune`` and ``save_factored`` / ``load_factored``; the constrained solver
+(``solve``); the allocation protocol and registry; the error types. Everything else
+is an implementation detail.
 """
 
 __version__ = "0.1.0"
@@ -20,6 +21,8 @@ from coblax.lowrank.allocation import (  # noqa: E402
     largest_feasible,
     ranks_cost,
 )
+from coblax.lowrank.api import Compressed, allocate, finetune  # noqa: E402
+from coblax.lowrank.export import load_factored, save_factored  # noqa: E402
 from coblax.lowrank.registry import allocator_names, get_allocator, register_allocator  # noqa: E402
 from coblax.util.errors import CoblaxError, NumericalError  # noqa: E402
 from coblax.lowrank.solve import NonFiniteError, SolveResult, solve  # noqa: E402
@@ -45,4 +48,9 @@ __all__ = [
     "solve",
     "SolveResult",
     "NonFiniteError",
+    "allocate",
+    "finetune",
+    "Compressed",
+    "save_factored",
+    "load_factored",
 ]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -65,9 +66,9 @@ from coblax.lowrank.decompose import (
     get_kernel,
     input_grams,
     trace_layers,
-    truncate,
 )
-from coblax.nn.models import build_model
+from coblax.lowrank.factored import factored_variables, truncate_allocation
+from coblax.nn.models import build_model, training_options
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.registry import get_allocator
 from coblax.util import jsonable, write_json_atomic
@@ -179,11 +180,12 @@ def train_base_model(
             else:
                 acc = T.evaluate(model.apply, loaded, data.x_test, data.y_test)
                 return BaseModel(model, loaded, acc, True)
+    train_kw, fit_kw = training_options(model, params)
     params = T.fit(
-        model.apply, params, data.x_train, data.y_train,
+        functools.partial(model.apply, **train_kw), params, data.x_train, data.y_train,
         epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
         learning_rate=cfg.train.learning_rate, optimizer=cfg.train.optimizer,
-        seed=cfg.seed, desc=f"train {mc.label}", progress=progress,
+        seed=cfg.seed, desc=f"train {mc.label}", progress=progress, **fit_kw,
     )
     acc = T.evaluate(model.apply, params, data.x_test, data.y_test)
     if path is not None:
@@ -266,24 +268,6 @@ def _full_rank(layer, scheme: str) -> int:
     return min(X * Y * C, N) if scheme == "zhang" else min(C * X, Y * N)
 
 
-def factored_variables(params: Any, factors: dict[str, Factors]) -> dict:
-    """{"params": params without the factored kernels, "factors": {name: {first, second}}}."""
-    def strip(node, prefix):
-        out = {}
-        for k, v in node.items():
-            path = f"{prefix}/{k}" if prefix else k
-            if isinstance(v, dict) or hasattr(v, "items"):
-                out[k] = strip(v, path)
-            elif not (k == "kernel" and prefix in factors):
-                out[k] = v
-        return out
-
-    return {
-        "params": strip(params["params"], ""),
-        "factors": {n: {"first": f.first, "second": f.second} for n, f in factors.items()},
-    }
-
-
 def _split(data: Dataset, cfg: RunConfig):
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(data.x_train))
@@ -333,29 +317,17 @@ def run_method(
     solve_seconds = time.perf_counter() - start
     if not is_feasible(problem, allocation.ranks):
         raise AssertionError(f"method {method} returned ranks that break the budget: {allocation.ranks}")
-    masks = allocation.masks or {}
-    kept: dict[str, Factors] = {}
-    ranks = {}
-    for layer in net.layers:
-        r = int(allocation.ranks[layer.name])
-        if layer.is_original(r):
-            ranks[layer.name] = layer.full_rank
-            continue
-        mask = masks.get(layer.name)
-        if mask is None:
-            mask = np.zeros(layer.full_rank)
-            mask[:r] = 1.0
-        kept[layer.name] = truncate(full[layer.name], mask)
-        ranks[layer.name] = int(np.count_nonzero(mask))
+    kept, ranks = truncate_allocation(net, full, allocation)
     variables = factored_variables(base.params, kept)
     apply = apply_fn_for(base.model, kept)
     acc_before = T.evaluate(apply, variables, data.x_test, data.y_test)
     ft_start = time.perf_counter()
+    train_kw, fit_kw = training_options(base.model, variables)
     variables = T.fit(
-        apply, variables, data.x_train, data.y_train,
+        functools.partial(apply, **train_kw), variables, data.x_train, data.y_train,
         epochs=cfg.finetune.epochs, batch_size=cfg.finetune.batch_size,
         learning_rate=cfg.finetune.learning_rate, optimizer=cfg.finetune.optimizer,
-        seed=cfg.seed + 1, desc=f"finetune {method}", progress=progress,
+        seed=cfg.seed + 1, desc=f"finetune {method}", progress=progress, **fit_kw,
     )
     finetune_seconds = time.perf_counter() - ft_start
     acc_after = T.evaluate(apply, variables, data.x_test, data.y_test)

@@ -14,7 +14,10 @@ The original layer costs P·in·out (dense) or Ho·Wo·X·Y·C·N / groups (conv
 and its kernel size in parameters. Biases, normalization parameters and every
 other leaf of the parameter tree are a fixed memory cost; the MACs of layers that
 are not decomposed are a fixed compute cost. Pooling, activations and additions
-are not counted (MACs are the convention of the seed). A layer whose factored form
+are not counted (MACs are the convention of the seed). Only the ``params``
+collection counts as parameters: BatchNorm running statistics and any other
+collection are state, not weights. A layer called several times (shared weights)
+costs its MACs once per call and its parameters once. A layer whose factored form
 would cost at least as much as the original keeps its original form (see
 :class:`coblax.lowrank.allocation.LayerCost`).
 """
@@ -22,7 +25,9 @@ would cost at least as much as the original keeps its original form (see
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -30,31 +35,36 @@ import numpy as np
 from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, ranks_cost
 from coblax.lowrank.decompose import TracedLayer
 
-__all__ = ["layer_cost", "NetworkCost", "network_cost", "make_problem", "BUDGET_BASES"]
+__all__ = ["layer_cost", "count_params", "NetworkCost", "network_cost", "make_problem", "BUDGET_BASES"]
 
 BUDGET_BASES = ("decomposed", "network")
 
 
 def layer_cost(layer: TracedLayer, sigma: np.ndarray, scheme: str) -> LayerCost:
-    """The affine cost vector of one decomposable layer under ``scheme``."""
+    """The affine cost vector of one decomposable layer under ``scheme``.
+
+    MACs per rank sum over the layer's calls (see :attr:`TracedLayer.call_shapes`).
+    """
+    per_mac = 0
     if layer.kind == "dense":
         n_in, n_out = layer.kernel_shape
-        positions = int(np.prod(layer.in_shape[:-1])) if len(layer.in_shape) > 1 else 1
         per_param = n_in + n_out
-        per_mac = positions * per_param
+        for in_shape, _ in layer.call_shapes:
+            positions = int(np.prod(in_shape[:-1])) if len(in_shape) > 1 else 1
+            per_mac += positions * per_param
         shape = (n_in, n_out)
     else:
         X, Y, C, N = layer.kernel_shape
-        Ho, Wo = layer.out_shape[:2]
-        W_in = layer.in_shape[1]
         if scheme == "zhang":
             per_param = X * Y * C + N
-            per_mac = Ho * Wo * per_param
             shape = (X * Y * C, N)
         else:
             per_param = X * C + Y * N
-            per_mac = Ho * W_in * X * C + Ho * Wo * Y * N
             shape = (C * X, Y * N)
+        for in_shape, out_shape in layer.call_shapes:
+            Ho, Wo = out_shape[:2]
+            W_in = in_shape[1]
+            per_mac += Ho * Wo * per_param if scheme == "zhang" else Ho * W_in * X * C + Ho * Wo * Y * N
     return LayerCost(
         name=layer.name,
         kind=layer.kind,
@@ -65,6 +75,15 @@ def layer_cost(layer: TracedLayer, sigma: np.ndarray, scheme: str) -> LayerCost:
         original_macs=float(layer.macs),
         original_params=float(np.prod(layer.kernel_shape)),
     )
+
+
+def count_params(variables: Any) -> int:
+    """Number of parameters: the leaves of the ``params`` collection only.
+
+    A bare parameter tree (no ``params`` key) counts whole.
+    """
+    tree = variables["params"] if isinstance(variables, Mapping) and "params" in variables else variables
+    return int(sum(math.prod(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(tree)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,12 +126,17 @@ class NetworkCost:
 
 
 def network_cost(
-    traced: list[TracedLayer], params, decomposed: Mapping[str, np.ndarray], scheme: str
+    traced: list[TracedLayer], params, decomposed: Mapping[str, np.ndarray], scheme: str | Mapping[str, str]
 ) -> NetworkCost:
-    """Costs of a network whose layers in ``decomposed`` (name -> σ) are factored."""
-    total_params = float(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params)))
+    """Costs of a network whose layers in ``decomposed`` (name -> σ) are factored.
+
+    ``params`` is the variables dict (only its ``params`` collection is counted);
+    ``scheme`` is one conv scheme for every layer or a layer name -> scheme map.
+    """
+    total_params = float(count_params(params))
     total_macs = float(sum(layer.macs for layer in traced))
-    layers = tuple(layer_cost(l, decomposed[l.name], scheme) for l in traced if l.name in decomposed)
+    schemes = scheme if isinstance(scheme, Mapping) else {name: scheme for name in decomposed}
+    layers = tuple(layer_cost(l, decomposed[l.name], schemes[l.name]) for l in traced if l.name in decomposed)
     fixed_macs = total_macs - sum(l.original_macs for l in layers)
     fixed_params = total_params - sum(l.original_params for l in layers)
     return NetworkCost(layers, fixed_macs, fixed_params, total_macs, total_params)

@@ -14,6 +14,11 @@ with U diag(m ⊙ σ) V^T. Three factorizations:
 The network is run through ``flax.linen.intercept_methods``: a decomposed layer's
 ``__call__`` is replaced by the factored computation (its bias is still read from
 the layer), so any linen model made of ``nn.Dense`` / ``nn.Conv`` works unchanged.
+Every variable collection passes through (``batch_stats`` of ``nn.BatchNorm``,
+anything a model ``sow``s or keeps in its own collection), as do ``apply``'s
+keyword arguments (``train=False``, ``mutable=``, ``rngs=``). A layer called more
+than once (shared weights) is decomposed once; its factors serve every call and
+its cost counts once per call.
 """
 
 from __future__ import annotations
@@ -70,6 +75,12 @@ class TracedLayer:
     pads: tuple[tuple[int, int], ...] = ()
     macs: int = 0
     reason: str = ""
+    calls: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()  # (in_shape, out_shape) per call
+
+    @property
+    def call_shapes(self) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
+        """(in_shape, out_shape) of every call; one entry for a layer called once."""
+        return self.calls or ((self.in_shape, self.out_shape),)
 
     @property
     def decomposable(self) -> bool:
@@ -98,12 +109,22 @@ def _as_tuple(v, n):
     return tuple(int(a) for a in v)
 
 
-def trace_layers(model: nn.Module, params: Any, example: jnp.ndarray) -> list[TracedLayer]:
+def trace_layers(
+    model: nn.Module,
+    variables: Any,
+    example: jnp.ndarray,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> list[TracedLayer]:
     """Run the model abstractly on one example and record every Dense/Conv call.
 
-    Uses ``jax.eval_shape`` so nothing is computed; the order is call order.
+    Uses ``jax.eval_shape`` so nothing is computed; the order is first-call order.
+    ``apply_kwargs`` go to ``model.apply`` (e.g. ``{"train": False}`` for a model
+    with BatchNorm or dropout; the trace is meant to see the network in eval mode).
+    A layer called several times is one entry whose ``macs`` sum over its calls and
+    whose ``calls`` list every call's shapes.
     """
     found: list[TracedLayer] = []
+    kwargs = dict(apply_kwargs or {})
 
     def interceptor(next_fun, args, kwargs, context):
         mod = context.module
@@ -142,14 +163,18 @@ def trace_layers(model: nn.Module, params: Any, example: jnp.ndarray) -> list[Tr
         return out
 
     with nn.intercept_methods(interceptor):
-        jax.eval_shape(model.apply, params, example[:1])
+        jax.eval_shape(lambda v, x: model.apply(v, x, **kwargs), variables, example[:1])
     seen: dict[str, TracedLayer] = {}
     for layer in found:
-        if layer.name in seen:  # a shared layer called twice: cost counts twice, no decomposition
+        shapes = ((layer.in_shape, layer.out_shape),)
+        if layer.name in seen:  # shared weights: one layer, cost per call
             prev = seen[layer.name]
-            seen[layer.name] = dataclasses.replace(prev, macs=prev.macs + layer.macs, reason="layer called more than once")
+            seen[layer.name] = dataclasses.replace(
+                prev, macs=prev.macs + layer.macs, calls=prev.call_shapes + shapes,
+                reason=prev.reason or layer.reason,
+            )
         else:
-            seen[layer.name] = layer
+            seen[layer.name] = dataclasses.replace(layer, calls=shapes)
     return list(seen.values())
 
 
@@ -260,23 +285,34 @@ def _apply_factors(f: Factors, x: jnp.ndarray, scale: jnp.ndarray | None) -> jnp
     return _conv(h, f.second, (1, sw), ((0, 0), (pw0, pw1)))
 
 
+def _call_pads(mod: nn.Conv, f: Factors, x: jnp.ndarray) -> tuple[tuple[int, int], ...]:
+    """The layer's explicit padding for this call's input (a shared layer may see several sizes)."""
+    kx = int(f.first.shape[0])
+    ky = int(f.first.shape[1]) if f.scheme == "zhang" else int(f.second.shape[1])
+    pads = _explicit_pads(mod, tuple(x.shape[1:3]), (kx, ky), tuple(f.strides))
+    return pads if pads is not None else f.pads
+
+
 def factored_apply(
     model: nn.Module,
-    params: Any,
+    variables: Any,
     factors: Mapping[str, Factors],
     x: jnp.ndarray,
     scales: Mapping[str, jnp.ndarray] | None = None,
-) -> jnp.ndarray:
+    **apply_kwargs: Any,
+) -> Any:
     """Run ``model`` with each layer in ``factors`` computed in factored form.
 
     Args:
-      model, params: the original Flax model and its variables (the decomposed
-        layers' kernels are not read; their biases are).
+      model, variables: the original Flax model and its variables, every
+        collection (the decomposed layers' kernels are not read; their biases are).
       factors: layer name -> :class:`Factors`.
       x: a batch of inputs.
       scales: layer name -> the R-vector m ⊙ σ multiplying the intermediate
         channels (the relaxed masked network). Omit for truncated factors whose
         singular values are already folded in.
+      **apply_kwargs: passed to ``model.apply`` (``train=False``, ``mutable=[...]``,
+        ``rngs={...}``); the return value is ``model.apply``'s (a pair when mutable).
     """
     scales = scales or {}
 
@@ -289,13 +325,15 @@ def factored_apply(
         if f is None:
             return next_fun(*args, **kwargs)
         x_in = jnp.asarray(args[0])
+        if f.kind == "conv":
+            f = dataclasses.replace(f, pads=_call_pads(mod, f, x_in))
         y = _apply_factors(f, x_in, scales.get(name))
         if mod.use_bias:
             y = y + mod.get_variable("params", "bias")
         return y
 
     with nn.intercept_methods(interceptor):
-        return model.apply(params, x)
+        return model.apply(variables, x, **apply_kwargs)
 
 
 def masked_scales(factors: Mapping[str, Factors], masks: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
@@ -306,21 +344,25 @@ def masked_scales(factors: Mapping[str, Factors], masks: Mapping[str, jnp.ndarra
 __all__.append("masked_scales")
 
 
-def apply_fn_for(model: nn.Module, factors: Mapping[str, Factors]) -> Callable:
-    """``apply_fn(variables, x)`` for a factored network whose factors live in the tree.
+def apply_fn_for(model: nn.Module, factors: Mapping[str, Factors], **bound_kwargs: Any) -> Callable:
+    """``apply_fn(variables, x, **kwargs)`` for a factored network whose factors live in the tree.
 
-    The variables are ``{"params": base params, "factors": {name: (first, second)}}``
-    so one optimizer trains factors and the rest together.
+    The variables are ``{"params": base params, "factors": {name: {first, second}},
+    <every other collection>}`` so one optimizer trains factors and the rest
+    together while ``batch_stats`` and other state collections ride along.
+    ``bound_kwargs`` (e.g. ``train=False``) and the call's own keyword arguments
+    go to ``model.apply``.
     """
     meta = {n: dataclasses.replace(f, first=None, second=None, sigma=None) for n, f in factors.items()}
 
-    def apply(variables, x):
+    def apply(variables, x, **kwargs):
         fs = {
             n: dataclasses.replace(meta[n], first=variables["factors"][n]["first"],
                                    second=variables["factors"][n]["second"])
             for n in meta
         }
-        return factored_apply(model, {"params": variables["params"]}, fs, x)
+        rest = {k: v for k, v in variables.items() if k != "factors"}
+        return factored_apply(model, rest, fs, x, **(bound_kwargs | kwargs))
 
     return apply
 

@@ -66,6 +66,9 @@ class NetworkLoss:
       batch_size: batch size inside the scan (memory vs. speed).
       data_parallel: shard the objective (and validation) subset over all devices
         (``jax.devices()``) along the batch axis; E and ∂E/∂m are unchanged.
+      apply_kwargs: keyword arguments of ``model.apply`` that put the network in
+        eval mode (e.g. ``{"train": False}``): E(m) is measured with BatchNorm's
+        running statistics and without dropout; ``params`` holds every collection.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class NetworkLoss:
         validation_data: tuple[np.ndarray, np.ndarray] | None = None,
         batch_size: int = 250,
         data_parallel: bool = False,
+        apply_kwargs: Mapping[str, Any] | None = None,
     ):
         self.names: Sequence[str] = list(factors)
         self.sizes = [int(factors[n].sigma.shape[0]) for n in self.names]
@@ -90,6 +94,7 @@ class NetworkLoss:
         self._obj = _batch_stack(*objective_data, batch_size, self.mesh)
         self._val = _batch_stack(*validation_data, batch_size, self.mesh) if validation_data else None
         splits = np.cumsum(self.sizes)[:-1].tolist()
+        apply_kwargs = dict(apply_kwargs or {})
 
         def metrics(m, params, factors, xs, ys, ws):
             """(mean cross-entropy, accuracy) of the masked network on the stacked batches."""
@@ -98,7 +103,7 @@ class NetworkLoss:
 
             def body(carry, batch):
                 xb, yb, wb = batch
-                logits = factored_apply(model, params, factors, xb, scales)
+                logits = factored_apply(model, params, factors, xb, scales, **apply_kwargs)
                 ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
                 hit = (jnp.argmax(logits, -1) == yb).astype(self.dtype)
                 return (carry[0] + jnp.sum(ce * wb), carry[1] + jnp.sum(hit * wb)), None

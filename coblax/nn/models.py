@@ -1,4 +1,9 @@
-"""Flax (linen) models: LeNet-300-100, LeNet-5, a small CNN, a small VGG, SqueezeNet.
+"""Flax (linen) models: LeNet-300-100, LeNet-5, a small CNN, a small VGG, SqueezeNet,
+and a BatchNorm zoo for 32x32 inputs: ResNet-20, a MobileNet-v1 and VGG-16-BN.
+
+The BatchNorm models take ``train`` (``model.apply(v, x, train=True,
+mutable=["batch_stats"], rngs={"dropout": key})`` while training; ``train=False``,
+the default, uses the running statistics and turns dropout off).
 
 Every layer that carries a weight matrix is an ``nn.Dense`` or ``nn.Conv`` with an
 explicit name, so the decomposition finds it by its path (``"conv1"``,
@@ -8,13 +13,17 @@ works with coblax as well; these are the bundled ones.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-__all__ = ["MLP", "LeNet5", "SmallCNN", "VGGSmall", "Fire", "SqueezeNet", "build_model", "MODEL_NAMES"]
+__all__ = [
+    "MLP", "LeNet5", "SmallCNN", "VGGSmall", "Fire", "SqueezeNet", "BasicBlock", "ResNet20",
+    "MobileNetV1", "VGG16BN", "build_model", "MODEL_NAMES",
+]
 
 
 def _flatten(x: jnp.ndarray) -> jnp.ndarray:
@@ -144,6 +153,145 @@ class SqueezeNet(nn.Module):
         return jnp.mean(x, axis=(1, 2))
 
 
+def _bn(train: bool, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, ReLU.
+
+    The shortcut is He et al.'s option A for CIFAR (parameter-free): identity, or
+    when the block halves the resolution, a stride-2 subsampling with the new
+    channels zero-padded.
+    """
+
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        h = nn.Conv(self.features, (3, 3), self.strides, padding=1, use_bias=False, name="conv1")(x)
+        h = nn.relu(_bn(train, "bn1")(h))
+        h = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, name="conv2")(h)
+        h = _bn(train, "bn2")(h)
+        short = x
+        if self.strides != 1 or x.shape[-1] != self.features:
+            short = x[:, :: self.strides, :: self.strides, :]
+            extra = self.features - x.shape[-1]
+            short = jnp.pad(short, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+        return nn.relu(h + short)
+
+
+class ResNet20(nn.Module):
+    """CIFAR ResNet-20 (He et al. 2016, §4.2): 3x3 conv 16, 3 stages x 3 basic blocks
+    (16, 32, 64 channels, stride 2 at stages 2 and 3), global average pool, dense.
+
+    ``depth = 6n + 2`` with ``blocks = n``; 0.27 M parameters, 40.55 M MACs at 32x32.
+    """
+
+    num_classes: int = 10
+    blocks: int = 3
+    widths: Sequence[int] = (16, 32, 64)
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        x = nn.Conv(self.widths[0], (3, 3), padding=1, use_bias=False, name="conv1")(x)
+        x = nn.relu(_bn(train, "bn1")(x))
+        for s, width in enumerate(self.widths):
+            for b in range(self.blocks):
+                strides = 2 if s > 0 and b == 0 else 1
+                x = BasicBlock(width, strides, name=f"stage{s + 1}_block{b + 1}")(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, name="fc")(x)
+
+
+#: MobileNet-v1 depthwise-separable blocks (pointwise width, depthwise stride) for 32x32 inputs.
+MOBILENET_V1_BLOCKS: tuple[tuple[int, int], ...] = (
+    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
+)
+
+
+class MobileNetV1(nn.Module):
+    """MobileNet-v1 (Howard et al. 2017) for 32x32 inputs: conv3x3 32 (stride 1),
+    13 depthwise-separable blocks (depthwise 3x3 - BN - ReLU - pointwise 1x1 - BN -
+    ReLU), global average pool, dense. ``width`` is the width multiplier α.
+
+    Only the first conv, the pointwise convs and the dense layer are decomposable;
+    the depthwise convs are grouped (a fixed cost).
+    """
+
+    num_classes: int = 10
+    width: float = 1.0
+    blocks: Sequence[tuple[int, int]] = MOBILENET_V1_BLOCKS
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        def w(c: int) -> int:
+            return max(8, int(c * self.width))
+
+        x = nn.Conv(w(32), (3, 3), padding=1, use_bias=False, name="conv1")(x)
+        x = nn.relu(_bn(train, "bn1")(x))
+        for i, (out, stride) in enumerate(self.blocks):
+            c = x.shape[-1]
+            x = nn.Conv(c, (3, 3), stride, padding=1, feature_group_count=c, use_bias=False,
+                        name=f"block{i + 1}_dw")(x)
+            x = nn.relu(_bn(train, f"block{i + 1}_dw_bn")(x))
+            x = nn.Conv(w(out), (1, 1), use_bias=False, name=f"block{i + 1}_pw")(x)
+            x = nn.relu(_bn(train, f"block{i + 1}_pw_bn")(x))
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, name="fc")(x)
+
+
+#: VGG-16 configuration: conv widths, "M" for a 2x2 max-pool.
+VGG16_CFG: tuple[int | str, ...] = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+)
+
+
+class VGG16BN(nn.Module):
+    """VGG-16 with BatchNorm for 32x32 inputs: 13 conv3x3-BN-ReLU (no conv bias: BN
+    has one), five max-pools (to 1x1x512), dense 512 - ReLU - dropout - dense.
+    ``width`` multiplies every conv's channels (1.0 is VGG-16).
+    """
+
+    num_classes: int = 10
+    dense: int = 512
+    dropout: float = 0.5
+    width: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        i = 0
+        for v in VGG16_CFG:
+            if v == "M":
+                x = _pool(x)
+                continue
+            i += 1
+            x = nn.Conv(max(1, int(int(v) * self.width)), (3, 3), padding=1, use_bias=False, name=f"conv{i}")(x)
+            x = nn.relu(_bn(train, f"bn{i}")(x))
+        x = _flatten(x)
+        x = nn.relu(nn.Dense(self.dense, name="fc1")(x))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, name="fc2")(x)
+
+
+def training_options(model: nn.Module, variables: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``model.apply`` kwargs, :func:`coblax.nn.train.fit` kwargs) to train ``model``.
+
+    A model whose ``__call__`` takes ``train`` is called with ``train=True``; every
+    collection other than ``params`` (and ``factors``) is mutable state and the
+    ``dropout`` stream gets keys. A model without ``train`` needs nothing.
+    """
+    if "train" not in inspect.signature(type(model).__call__).parameters:
+        return {}, {}
+    state = tuple(k for k in variables if k not in ("params", "factors"))
+    return {"train": True}, {"mutable": state, "rng_streams": ("dropout",)}
+
+
+__all__.append("training_options")
+
+
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "lenet_300_100": lambda **kw: MLP(hidden=(300, 100), **kw),
@@ -151,6 +299,9 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
     "vgg_small": VGGSmall,
     "squeezenet": SqueezeNet,
+    "resnet20": ResNet20,
+    "mobilenet_v1": MobileNetV1,
+    "vgg16_bn": VGG16BN,
 }
 MODEL_NAMES: tuple[str, ...] = tuple(sorted(_BUILDERS))
 

@@ -20,7 +20,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,8 @@ def fit(
     aux: Any = None,
     desc: str = "train",
     progress: bool = True,
+    mutable: Sequence[str] = (),
+    rng_streams: Sequence[str] = (),
 ) -> Any:
     """Minibatch training of ``params`` for ``epochs``; deterministic under ``seed``.
 
@@ -95,6 +97,21 @@ def fit(
         it. Large index tables belong here: captured in a closure they would be
         baked into the compiled step as constants (slow to compile).
 
+      mutable: variable collections of ``params`` that are state, not trained
+        (``"batch_stats"`` of ``nn.BatchNorm``, anything ``sow``n or kept in a
+        model's own collection). They are passed to ``apply_fn(variables, x,
+        mutable=[...])``, which must return ``(logits, updated)`` as
+        ``flax.linen.Module.apply`` does, and carried from step to step; the
+        optimizer, ``transform_grads`` and ``project`` see only the other
+        collections. ``apply_fn`` must then run the model in training mode
+        (e.g. ``functools.partial(model.apply, train=True)``).
+      rng_streams: names of the RNG streams the model draws from in training
+        (``"dropout"``); each step passes ``rngs={name: key}`` with keys folded
+        from ``seed`` and the step number, so runs are reproducible.
+
+    Returns:
+      The trained variables: ``params`` with every collection updated.
+
     Raises:
       NumericalError: a non-finite or diverging loss (checked once per epoch, the
         error names ``desc`` and the step), or non-finite weights at the end.
@@ -103,33 +120,59 @@ def fit(
         return params
     loss_fn = loss_fn or cross_entropy
     tx = make_optimizer(optimizer, learning_rate) if isinstance(optimizer, str) else optimizer
+    state_names = tuple(mutable)
+    streams = tuple(rng_streams)
+    if state_names:
+        missing = [k for k in state_names if k not in params]
+        if missing:
+            raise ValueError(f"fit: mutable collections {missing} are not in the variables "
+                             f"(collections: {', '.join(params)})")
+        state = {k: params[k] for k in state_names}
+        params = {k: v for k, v in params.items() if k not in state_names}
+    else:
+        state = {}
     opt_state = tx.init(params)
 
     extra = () if aux is None else (aux,)
 
+    def forward(p, state, xb, key):
+        kwargs: dict[str, Any] = {}
+        if streams:
+            kwargs["rngs"] = {name: jax.random.fold_in(key, i) for i, name in enumerate(streams)}
+        if not state_names:
+            return apply_fn(p, xb, **kwargs), state
+        logits, updated = apply_fn({**p, **state}, xb, mutable=list(state_names), **kwargs)
+        return logits, {k: updated.get(k, state[k]) for k in state_names}
+
     @jax.jit
-    def step(params, opt_state, xb, yb, aux):
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(apply_fn(p, xb), yb))(params)
+    def step(params, state, opt_state, xb, yb, key, aux):
+        def objective(p):
+            logits, new_state = forward(p, state, xb, key)
+            return loss_fn(logits, yb), new_state
+
+        (loss, state), grads = jax.value_and_grad(objective, has_aux=True)(params)
         if transform_grads is not None:
             grads = transform_grads(grads, params, *aux)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         if project is not None:
             params = project(params, *aux)
-        return params, opt_state, loss
+        return params, state, opt_state, loss
 
     n = len(x)
     batch_size = min(batch_size, n)
     steps_per_epoch = max(1, n // batch_size)
     rng = np.random.default_rng(seed)
+    base_key = jax.random.PRNGKey(seed)
     bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False)
     watch = _LossWatch(desc, bar)
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = rng.permutation(n)
         losses = []
         for i in range(steps_per_epoch):
             idx = order[i * batch_size:(i + 1) * batch_size]
-            params, opt_state, loss = step(params, opt_state, x[idx], y[idx], extra)
+            key = jax.random.fold_in(base_key, epoch * steps_per_epoch + i)
+            params, state, opt_state, loss = step(params, state, opt_state, x[idx], y[idx], key, extra)
             losses.append(loss)
             bar.update(1)
         watch.epoch(losses)  # one transfer per epoch; raises NumericalError
@@ -137,7 +180,7 @@ def fit(
     bar.close()
     if not tree_all_finite(params):
         raise NumericalError(desc, watch.steps, float("nan"), "the weights are not finite at the end")
-    return params
+    return {**params, **state} if state_names else params
 
 
 class _LossWatch:

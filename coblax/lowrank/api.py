@@ -1,0 +1,258 @@
+"""``allocate``: one call from a user's own Flax model to a factored network.
+
+    result = allocate(model, variables, (x, y), rules=[("conv.*", "tai"), ("fc.*", "dense")],
+                      mac=0.5, param=0.5, method="cobla", apply_kwargs={"train": False})
+    logits = result.apply(result.variables, x)          # eval mode
+    result = finetune(result, x_train, y_train, train_kwargs={"train": True}, epochs=2)
+
+The model's code is not edited: its ``nn.Dense`` / ``nn.Conv`` calls are found by
+tracing (:func:`~coblax.lowrank.decompose.trace_layers`) and replaced at apply time
+through ``flax.linen.intercept_methods``. Every variable collection is kept
+(``batch_stats`` of BatchNorm, the model's own collections); only ``params`` count
+as parameters. ``rules`` say which layers to decompose and how: an ordered list of
+(regular expression, scheme); a layer's module path (``"block1/conv2"``) is tested
+with ``re.fullmatch`` against each expression in turn, the first match wins, and
+layers no rule matches keep their original form. Schemes:
+
+* ``"dense"`` — an ``nn.Dense`` layer, W (in x out) factored directly;
+* ``"tai"`` / ``"zhang"`` — an ``nn.Conv`` layer (see :mod:`coblax.lowrank.decompose`);
+  an ``nn.Dense`` layer matched by them is factored as dense (it has one form);
+* ``"skip"`` — keep the layer (e.g. depthwise convs before a catch-all rule).
+
+Every registered allocator works through it (``method=``; ``coblax methods``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from coblax.lowrank.allocation import Allocation, is_feasible
+from coblax.lowrank.costs import NetworkCost, make_problem, network_cost
+from coblax.lowrank.decompose import SCHEMES, Factors, TracedLayer, apply_fn_for, factorize, get_kernel, trace_layers
+from coblax.lowrank.factored import factored_variables, truncate_allocation
+from coblax.lowrank.objective import NetworkLoss
+from coblax.lowrank.registry import get_allocator
+from coblax.nn.train import fit
+
+__all__ = ["RULE_SCHEMES", "Compressed", "select_layers", "allocate", "finetune"]
+
+RULE_SCHEMES = ("dense", "tai", "zhang", "skip")
+
+
+def select_layers(traced: Sequence[TracedLayer], rules: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """Layer name -> scheme for the layers the rules decompose (first match wins).
+
+    Raises:
+      ValueError: a rule with an unknown scheme or a regular expression that is
+        invalid or matches no layer; a rule asking to decompose a layer that
+        cannot be (grouped/depthwise, dilated...) or a conv under ``"dense"``.
+    """
+    compiled = []
+    for i, rule in enumerate(rules):
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+            raise ValueError(f"rule {i}: expected (regex, scheme), got {rule!r}")
+        pattern, scheme = rule
+        if scheme not in RULE_SCHEMES:
+            raise ValueError(f"rule {i} ({pattern!r}): unknown scheme {scheme!r}; valid: {', '.join(RULE_SCHEMES)}")
+        try:
+            compiled.append((re.compile(pattern), pattern, scheme))
+        except re.error as err:
+            raise ValueError(f"rule {i}: invalid regular expression {pattern!r}: {err}") from None
+    names = [layer.name for layer in traced]
+    for regex, pattern, _ in compiled:
+        if not any(regex.fullmatch(n) for n in names):
+            raise ValueError(f"rule {pattern!r} matches no layer; layers: {', '.join(names)}")
+    chosen: dict[str, str] = {}
+    for layer in traced:
+        hit = next(((p, s) for r, p, s in compiled if r.fullmatch(layer.name)), None)
+        if hit is None or hit[1] == "skip":
+            continue
+        pattern, scheme = hit
+        if not layer.decomposable:
+            raise ValueError(f"layer {layer.name!r} cannot be decomposed ({layer.reason}) but rule "
+                             f"{pattern!r} asks for {scheme!r}; add a ({layer.name!r}, 'skip') rule before it")
+        if layer.kind == "conv" and scheme == "dense":
+            raise ValueError(f"layer {layer.name!r} is a convolution but rule {pattern!r} asks for 'dense'; "
+                             f"use 'tai' or 'zhang'")
+        chosen[layer.name] = scheme
+    return chosen
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Compressed:
+    """A factored network and what it costs.
+
+    Attributes:
+      model: the user's (unchanged) Flax model.
+      variables: the factored network's variables: ``params`` (without the
+        factored kernels), ``factors`` ({layer: {first, second}}), and every other
+        collection of the original.
+      apply_fn: ``apply_fn(variables, x, **model_apply_kwargs)`` of the factored
+        network (pass ``train=True, mutable=[...], rngs=...`` to train it).
+      apply_kwargs: the keyword arguments that put the model in eval mode.
+      ranks: layer -> rank (full rank = original form kept); ``full_ranks`` alike.
+      schemes: layer -> scheme as the rules chose it.
+      factors: layer -> :class:`Factors` metadata (kind, scheme, strides) of the
+        layers in factored form (arrays are in ``variables["factors"]``).
+      macs, params: whole-network MACs per example and parameters (``params``
+        collection only).
+      mac_ratio, param_ratio: on the budget ``basis``; ``network_*`` always of
+        the whole network.
+      allocation: what the allocator returned (status, stats...).
+    """
+
+    model: Any
+    variables: dict
+    apply_fn: Callable
+    apply_kwargs: dict
+    ranks: dict[str, int]
+    full_ranks: dict[str, int]
+    schemes: dict[str, str]
+    factors: dict[str, Factors]
+    macs: float
+    params: float
+    mac_ratio: float
+    param_ratio: float
+    network_mac_ratio: float
+    network_param_ratio: float
+    basis: str
+    method: str
+    allocation: Allocation
+    cost: NetworkCost
+
+    def apply(self, variables: Any, x: jnp.ndarray) -> jnp.ndarray:
+        """Logits of the factored network in eval mode."""
+        return self.apply_fn(variables, x, **self.apply_kwargs)
+
+
+def allocate(
+    model: Any,
+    variables: Mapping[str, Any],
+    objective_data: tuple[np.ndarray, np.ndarray],
+    *,
+    rules: Sequence[tuple[str, str]],
+    mac: float,
+    param: float,
+    method: str = "cobla",
+    basis: str = "decomposed",
+    validation_data: tuple[np.ndarray, np.ndarray] | None = None,
+    apply_kwargs: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    min_rank: int = 1,
+    batch_size: int = 250,
+    **method_options: Any,
+) -> Compressed:
+    """Allocate per-layer ranks of ``model`` under MAC and parameter budgets.
+
+    Solves  max accuracy  s.t.  N_C(r) <= mac · N_C,O,  N_M(r) <= param · N_M,O
+    (seed Eq. 2 relaxed for COBLA; each baseline its own way), with N_C,O, N_M,O
+    the decomposed layers' original cost (``basis="decomposed"``, Li & Shi 2018)
+    or the whole network's (``basis="network"``).
+
+    Args:
+      model, variables: any Flax linen model and its variables (all collections).
+      objective_data: (x, y) training examples for COBLA's objective E(m); ``x[:1]``
+        traces the network.
+      rules: ordered (regex, scheme) pairs, see the module docstring.
+      mac, param: budget fractions in (0, 1].
+      method: a registered allocator (``coblax.allocator_names()``).
+      validation_data: (x, y) held out from the training data to pick COBLA's
+        rounding (default: the objective data).
+      apply_kwargs: ``model.apply`` keyword arguments for eval mode
+        (``{"train": False}``); used for E(m) and by ``result.apply``.
+      seed: seeds the allocator's randomness (COBLA's rounding).
+      min_rank: the smallest rank any decomposed layer may get.
+      batch_size: batch size inside COBLA's jitted objective.
+      **method_options: the allocator's own options (``max_iter=``, ``roundings=``...).
+
+    Returns:
+      A :class:`Compressed` network (not fine-tuned; see :func:`finetune`).
+
+    Raises:
+      ValueError: bad rules (see :func:`select_layers`) or budgets;
+        :class:`~coblax.lowrank.allocation.BudgetError` naming the smallest
+        feasible budget when the layers that are not decomposed already cost more.
+    """
+    for label, value in (("mac", mac), ("param", param)):
+        if not 0.0 < float(value) <= 1.0:
+            raise ValueError(f"budget {label}={value!r} must be in (0, 1]")
+    apply_kwargs = dict(apply_kwargs or {})
+    x_obj = np.asarray(objective_data[0])
+    traced = trace_layers(model, variables, jnp.asarray(x_obj[:1]), apply_kwargs)
+    schemes = select_layers(traced, rules)
+    if not schemes:
+        raise ValueError("the rules select no layer to decompose")
+    by_name = {layer.name: layer for layer in traced}
+    full = {
+        name: factorize(get_kernel(variables, name), by_name[name], scheme if scheme in SCHEMES else SCHEMES[0])
+        for name, scheme in schemes.items()
+    }
+    net = network_cost(traced, variables, {n: np.asarray(f.sigma) for n, f in full.items()},
+                       {n: f.scheme for n, f in full.items()})
+    problem = make_problem(net, float(mac), float(param), basis, min_rank=min_rank, seed=seed)
+    loss = NetworkLoss(model, variables, full, (x_obj, np.asarray(objective_data[1])),
+                       None if validation_data is None else tuple(np.asarray(a) for a in validation_data),
+                       batch_size=batch_size, apply_kwargs=apply_kwargs)
+    problem = dataclasses.replace(problem, loss=loss)
+    allocation = get_allocator(method, **method_options)(problem)
+    if not is_feasible(problem, allocation.ranks):
+        raise AssertionError(f"method {method} returned ranks that break the budget: {allocation.ranks}")
+    kept, ranks = truncate_allocation(net, full, allocation)
+    macs, params = net.cost(ranks)
+    mac_ratio, param_ratio = net.ratios(ranks, basis)
+    return Compressed(
+        model=model,
+        variables=factored_variables(variables, kept),
+        apply_fn=apply_fn_for(model, kept),
+        apply_kwargs=apply_kwargs,
+        ranks=ranks,
+        full_ranks={l.name: l.full_rank for l in net.layers},
+        schemes=schemes,
+        factors={n: dataclasses.replace(f, first=None, second=None, sigma=None) for n, f in kept.items()},
+        macs=macs,
+        params=params,
+        mac_ratio=mac_ratio,
+        param_ratio=param_ratio,
+        network_mac_ratio=macs / net.total_macs,
+        network_param_ratio=params / net.total_params,
+        basis=basis,
+        method=method,
+        allocation=allocation,
+        cost=net,
+    )
+
+
+def finetune(
+    result: Compressed,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    train_kwargs: Mapping[str, Any] | None = None,
+    epochs: int = 1,
+    batch_size: int = 64,
+    learning_rate: float = 1e-4,
+    optimizer: str = "adam",
+    rng_streams: Sequence[str] = ("dropout",),
+    seed: int = 0,
+    progress: bool = False,
+) -> Compressed:
+    """Fine-tune the factored network (factors and every other parameter) with optax.
+
+    ``train_kwargs`` put the model in training mode (``{"train": True}``); every
+    collection other than ``params`` and ``factors`` is state updated by the model
+    (BatchNorm's running statistics), and ``rng_streams`` get fresh keys each step.
+    Returns the same result with the fine-tuned variables.
+    """
+    state = tuple(k for k in result.variables if k not in ("params", "factors"))
+    apply = functools.partial(result.apply_fn, **dict(train_kwargs or {}))
+    variables = fit(apply, result.variables, x, y, epochs=epochs, batch_size=batch_size,
+                    learning_rate=learning_rate, optimizer=optimizer, seed=seed, mutable=state,
+                    rng_streams=rng_streams, desc=f"finetune {result.method}", progress=progress)
+    return dataclasses.replace(result, variables=variables)
