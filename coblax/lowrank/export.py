@@ -23,7 +23,6 @@ import dataclasses
 import io
 import json
 import os
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
