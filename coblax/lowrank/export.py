@@ -23,6 +23,7 @@ import dataclasses
 import io
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
