@@ -34,9 +34,13 @@ The structured solver, per iteration k at the feasible-for-the-box iterate x:
    bounded isotonic fit is exact for bounds constant within a group). The dual
    ψ(λ) is concave and piecewise quadratic in ≤ 3 variables with gradient
    A z(λ) − b and generalized Hessian −Σ_blocks a_B a_Bᵀ / D_B over unclipped
-   (pooled) blocks; a projected Newton iteration with backtracking on ψ finds its
-   maximizer exactly (up to roundoff) in a handful of O(n) steps. This is the
-   Euclidean projection in the D-metric: no dense QP ever.
+   (pooled) blocks; a projected Newton iteration (pseudo-inverse of that ≤ 3×3
+   Hessian, line search on ψ's directional derivative) finds its maximizer exactly
+   (up to roundoff) in a handful of O(n) steps. This is the Euclidean projection in
+   the D-metric: no dense QP ever. Why the diagonal is safe: D is positive
+   definite, so the QP step is a descent direction of the merit function whenever
+   ρ > ‖λ‖_∞ (Nocedal & Wright, Thm. 18.2), whatever D's quality; B's off-diagonal
+   curvature comes back in step 3.
 3. **Subspace refinement with the full L-BFGS matrix** (as L-BFGS-B does after its
    Cauchy point, Byrd et al. 1995 §5): on the variables the QP left strictly
    inside the box, keeping the QP's active linear rows as equalities, minimize the
