@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from coblax import allocate, finetune, load_factored, save_factored
-from coblax.lowrank.export import load_factored_cbx, save_factored_cbx
+from coblax.app.export_cbx import load_factored_cbx, save_factored_cbx
 from coblax.nn.data import DataError, load_dataset
 from coblax.nn.train import evaluate, fit
 
