@@ -364,6 +364,10 @@ class COBLA:
             "continued_objective": value(flat_mask(problem, m_hat)) if value and self.continuation else None,
             "saturated_layers": sorted(state.saturated),
             "relaxed_ranks": {k: float(np.sum(v)) for k, v in blocks(m_relaxed).items()},
+            # Per-triplet masks (σ order) so that figures can show the rounding gap without
+            # re-solving: the relaxed m̂ and the rounded network's mask values.
+            "relaxed_masks": {k: np.round(v, 5).tolist() for k, v in blocks(m_relaxed).items()},
+            "rounded_masks": {k: np.round(np.asarray(v, np.float64), 5).tolist() for k, v in masks.items()},
             "warm_start_ranks": warm_ranks,
             "rounding": info,
             "variables": int(offsets[-1]),
