@@ -17,9 +17,9 @@ import numpy as np
 from coblax.compress import prune as P
 from coblax.compress import quantize as Q
 from coblax.compress.cbx import CbxError, CbxSizeInfo, LeafCoding, read_cbx, write_cbx
-from coblax.compress.pipeline import _needs_zero_code, _walk_axes
+from coblax.compress.pipeline import needs_zero_code, walk_axes
 from coblax.compress.pipeline import kernel_path as pipeline_kernel_path
-from coblax.lowrank.export import _CARRIED, _FLOATS, CBX_FORMAT, Exported, _header, exported_variables
+from coblax.lowrank.export import CARRIED_DTYPES, FLOAT_DTYPES, CBX_FORMAT, Exported, export_header, exported_variables
 from coblax.util import flatten_tree, to_numpy_tree, unflatten_tree
 
 __all__ = ["prune_and_share", "save_factored_cbx", "load_factored_cbx"]
@@ -77,11 +77,11 @@ def prune_and_share(
         if not pruned and b is None:
             continue  # stored raw, bit for bit
         m = np.ones(w.shape, dtype=bool) if m is None else m
-        axes = _walk_axes(w.ndim, order)
+        axes = walk_axes(w.ndim, order)
         gap_bits = index_bits if pruned else 0
         codebook = None
         if b is not None and m.any():
-            k = min(2**b - (1 if _needs_zero_code(m, gap_bits or None, axes) else 0), int(m.sum()))
+            k = min(2**b - (1 if needs_zero_code(m, gap_bits or None, axes) else 0), int(m.sum()))
             codebook, idx, _ = Q.kmeans_codebook(w, max(k, 1), init=init, mask=m, iters=iters,
                                                  seed=seed + i)
             w = np.where(m, codebook[idx], np.float32(0)).astype(w.dtype)
@@ -101,11 +101,11 @@ def _to_float_carrier(flat: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray
     """Non-float leaves as float64 (exact, checked) and their dtypes."""
     dtypes = {}
     for path, arr in flat.items():
-        if arr.dtype.name in _FLOATS:
+        if arr.dtype.name in FLOAT_DTYPES:
             continue
-        if arr.dtype.name not in _CARRIED:
+        if arr.dtype.name not in CARRIED_DTYPES:
             raise ValueError(f"leaf {path!r} has dtype {arr.dtype.name}; a .cbx export stores "
-                             f"{', '.join(_FLOATS + _CARRIED)}")
+                             f"{', '.join(FLOAT_DTYPES + CARRIED_DTYPES)}")
         carried = arr.astype(np.float64)
         if not np.array_equal(carried.astype(arr.dtype), arr) or (
                 arr.size and np.abs(carried).max() >= 2.0**53):
@@ -142,7 +142,7 @@ def save_factored_cbx(
     stored, coding = prune_and_share(variables, prune=prune, bits=bits, index_bits=index_bits,
                                      huffman=huffman, seed=seed)
     flat, dtypes = _to_float_carrier(flatten_tree(stored))
-    header = _header(result, meta, CBX_FORMAT) | {"dtypes": dtypes}
+    header = export_header(result, meta, CBX_FORMAT) | {"dtypes": dtypes}
     return write_cbx(path, unflatten_tree(flat), coding, header)
 
 
@@ -157,9 +157,9 @@ def load_factored_cbx(path: str | os.PathLike, model: Any) -> Exported:
         raise ValueError(f"{path}: format {header.get('format')!r}, expected {CBX_FORMAT!r}")
     flat = flatten_tree(tree)
     for leaf, dtype in header.get("dtypes", {}).items():
-        if leaf not in flat or dtype not in _CARRIED:
+        if leaf not in flat or dtype not in CARRIED_DTYPES:
             raise CbxError(f"{path}: header restores leaf {leaf!r} to {dtype!r}; the file "
-                           f"has no such leaf or that is not one of {', '.join(_CARRIED)}")
+                           f"has no such leaf or that is not one of {', '.join(CARRIED_DTYPES)}")
         flat[leaf] = flat[leaf].astype(dtype)
     variables = unflatten_tree({k: jnp.asarray(v) for k, v in flat.items()})
     return Exported(model, variables, header["layers"], header["apply_kwargs"], header["meta"])

@@ -56,6 +56,8 @@ __all__ = [
     "bias_path",
     "compression_table",
     "format_compression_table",
+    "walk_axes",
+    "needs_zero_code",
 ]
 
 Params = Any
@@ -146,7 +148,7 @@ def _kept(masks: Mapping[str, np.ndarray] | None, layer: str, shape) -> np.ndarr
     return np.asarray(masks[layer], dtype=bool)
 
 
-def _walk_axes(ndim: int, order: str) -> tuple[int, ...] | None:
+def walk_axes(ndim: int, order: str) -> tuple[int, ...] | None:
     """Axis permutation of a kernel for an element ``order`` (see :class:`EncodeStage`)."""
     if order == "stored" or ndim < 2:
         return None
@@ -210,7 +212,7 @@ class PruneStage:
 # ------------------------------------------------------------------------------ quantize
 
 
-def _needs_zero_code(
+def needs_zero_code(
     mask: np.ndarray, index_bits: int | None, axes: tuple[int, ...] | None
 ) -> bool:
     """Whether the stored entries of a layer include zeros (fillers or dense zeros)."""
@@ -261,7 +263,7 @@ class QuantizeStage:
             if kept == 0:
                 continue
             bi = None if masks is None or self.index_bits is None else self.index_bits[n]
-            k = 2**b - (1 if _needs_zero_code(m, bi, _walk_axes(w.ndim, self.order)) else 0)
+            k = 2**b - (1 if needs_zero_code(m, bi, walk_axes(w.ndim, self.order)) else 0)
             if k > kept or k < 1:
                 raise ValueError(
                     f"quantize: layer {n!r} keeps {kept} weights, fewer than the k = {k} centroids "
@@ -368,7 +370,7 @@ class EncodeStage:
                 codebook=cb, index_bits=b,
                 huffman_weights=self.huffman_weights and cb is not None,
                 huffman_index=self.huffman_index and b > 0,
-                axes=_walk_axes(np.ndim(w), self.order),
+                axes=walk_axes(np.ndim(w), self.order),
             )
         for path, cb in state.codebooks.items():
             if path not in coding:

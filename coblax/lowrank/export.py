@@ -51,13 +51,16 @@ __all__ = [
     "save_factored",
     "load_factored",
     "exported_variables",
+    "export_header",
+    "FLOAT_DTYPES",
+    "CARRIED_DTYPES",
 ]
 
 FORMAT = "coblax-factored-1"
 CBX_FORMAT = "coblax-factored-cbx-1"
-_FLOATS = ("float32", "float16", "bfloat16", "float64")
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 # dtypes carried as float64 in a .cbx (exactly) and restored when loading
-_CARRIED = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+CARRIED_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 _HEADER = "__coblax__"
 
 
@@ -87,7 +90,7 @@ def save_factored(path: str | os.PathLike, result: Any, *, variables: Any = None
       The file's size in bytes.
     """
     variables = result.variables if variables is None else variables
-    header = _header(result, meta, FORMAT)
+    header = export_header(result, meta, FORMAT)
     arrays = flatten_tree(to_numpy_tree(exported_variables(variables)))
     arrays[_HEADER] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
     buf = io.BytesIO()
@@ -96,7 +99,7 @@ def save_factored(path: str | os.PathLike, result: Any, *, variables: Any = None
     return Path(path).stat().st_size
 
 
-def _header(result: Any, meta: dict | None, fmt: str) -> dict:
+def export_header(result: Any, meta: dict | None, fmt: str) -> dict:
     return {
         "format": fmt,
         "layers": {n: {"kind": f.kind, "scheme": f.scheme} for n, f in result.factors.items()},
