@@ -7,7 +7,8 @@ results hold nothing for it, and the command line then draws the others.
 
 from paper_figs._common import MissingRecords, load_results
 from paper_figs.accuracy_vs_budget import accuracy_vs_budget, rank_bars, sqp_convergence
-from paper_figs.studies import bits_accuracy, kd_temperature, pruning, small_arch, svd_fc
+from paper_figs.studies import (bits_accuracy, kd_temperature, obd_vs_magnitude, pruning, small_arch, svd_fc,
+                               weight_histogram)
 
 FIGURES = {
     "accuracy_vs_budget": accuracy_vs_budget,
@@ -18,6 +19,8 @@ FIGURES = {
     "svd_fc": svd_fc,
     "pruning": pruning,
     "bits_accuracy": bits_accuracy,
+    "obd_vs_magnitude": obd_vs_magnitude,
+    "weight_histogram": weight_histogram,
 }
 
 __all__ = ["FIGURES", "MissingRecords", "load_results", *FIGURES]

@@ -51,6 +51,17 @@ def _studies():
            for w in (2, 4, 8) for r in ("nearest", "stochastic")]
     pq += [{"kind": k, "acc": 0.9 + 0.01 * i, "kernel_bits": 1e4 * (i + 1)} for k in ("kmeans", "pq", "rq")
            for i in range(3)]
+    pq += [{"kind": "dns", "sparsity": s, "kept_fraction": 1.05 - s, "acc": 0.93, "magnitude_acc": 0.7,
+            "magnitude_retrained_acc": 0.92} for s in (0.5, 0.9)]
+    pq += [{"kind": "saliency", "method": m, "retrain": rt, "sparsity": s, "kept_fraction": 1 - s,
+            "acc": 0.95 - (0.3 + 0.1 * i) * s * (not rt), "obs_magnitude_layers": ["fc1"] if m == "obs" else None}
+           for i, m in enumerate(("magnitude", "obd", "obs")) for rt in (False, True) for s in (0.0, 0.5, 0.9)]
+    pq += [{"kind": k, "mode": m, "acc": 0.85, "kernel_bits": 5e3} for k, m in
+           (("binaryconnect", "det"), ("binaryconnect", "stoch"), ("bnn", "det"))]
+    pq += [{"kind": "kmeans_hist", "seed": 0, "layer": "fc2", "bits": 2, "k": 4, "finetune_epochs": 1, "acc": 0.9,
+            "acc_kmeans": 0.88, "acc_finetuned": 0.9, "hist_counts": [1, 5, 20, 40, 38, 22, 4, 2],
+            "hist_edges": [-0.4, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.4],
+            "centroids_kmeans": [-0.2, -0.05, 0.05, 0.2], "centroids_finetuned": [-0.21, -0.06, 0.05, 0.22]}]
     return [_study("kd", kd), _study("small_arch", small), _study("svd_fc", svd), _study("prune_quant", pq)]
 
 
@@ -85,6 +96,17 @@ def test_missing_records_named_and_others_drawn(results, tmp_path, capsys):
     assert "skipped pruning: prune_quant:" in text
     assert (out / "kd_accuracy_vs_temperature.png").stat().st_size > 0
     assert not (out / "accuracy_vs_budget.png").exists()
+
+
+def test_new_prune_quant_figures_name_what_is_missing(tmp_path):
+    # Results written before DNS / OBD / binary / histogram records existed: the new figures say what
+    # they lack instead of failing, the old ones still draw.
+    old = _study("prune_quant", [{"kind": "prune", "retrain": False, "sparsity": 0.5, "kept_fraction": 0.5,
+                                  "acc": 0.9}])
+    for name, missing in (("obd_vs_magnitude", "kind = saliency"), ("weight_histogram", "kind = kmeans_hist")):
+        with pytest.raises(paper_figs.MissingRecords, match=f"prune_quant: .*{missing}"):
+            paper_figs.FIGURES[name]([old], tmp_path)
+    assert paper_figs.FIGURES["pruning"]([old], tmp_path)[0].stat().st_size > 1000
 
 
 def test_folder_of_runs_draws_everything(results, tmp_path, capsys):

@@ -23,7 +23,10 @@ TINY = {
     "svd_fc": {"model": {"name": "mlp", "hidden": [16, 8]}, "rank_fractions": (0.2, 0.5)},
     "prune_quant": {"model": {"name": "mlp", "hidden": [16, 8]}, "layer_sparsities": (0.5,),
                     "sparsities": (0.8,), "steps": 1, "retrain_epochs": 1, "word_lengths": (4, 8),
-                    "kmeans_bits": (2,), "pq_k": (4,), "rq_stages": (1, 2), "rq_k": 4},
+                    "kmeans_bits": (2,), "pq_k": (4,), "rq_stages": (1, 2), "rq_k": 4, "dns_sparsities": (0.8,),
+                    "dns_epochs": 1, "saliency_sparsities": (0.5,), "saliency_examples": 64, "obd_probes": 16,
+                    "binary_modes": ("det",), "binary_epochs": 1, "bnn_hidden": (), "hist_bits": 2, "hist_bins": 8,
+                    "hist_finetune_epochs": 1},
 }
 
 
@@ -68,7 +71,8 @@ def test_quick_config_runs_at_tiny_size(study, tmp_path):
         assert roles.count("student_kd") == 2 * len(cfg.seeds) and "student_alone" in roles
     if study == "prune_quant":
         kinds = {r["kind"] for r in saved["records"]}
-        assert kinds == {"base", "layer_prune", "prune", "fixed_point", "kmeans", "pq", "rq"}
+        assert kinds == {"base", "layer_prune", "prune", "fixed_point", "kmeans", "pq", "rq", "dns", "saliency",
+                         "binaryconnect", "bnn", "kmeans_hist"}
 
 
 def _write(tmp_path, text):

@@ -22,7 +22,12 @@ Studies (seed: the lecture; numbers to compare with: ``seed_tables.md``):
 * ``prune_quant`` — Han et al. 2015 per-layer pruning sensitivity; whole-network
   magnitude pruning without and with retraining (parameters and MACs kept);
   fixed-point word length (Gupta et al. 2015, nearest and stochastic rounding);
-  k-means, product and residual quantization (Gong et al. 2014) size vs. accuracy.
+  k-means, product and residual quantization (Gong et al. 2014) size vs. accuracy;
+  dynamic network surgery (Guo et al. 2016) vs. magnitude pruning at the same kept
+  fractions; OBD (LeCun et al. 1989) and layer-wise OBS (Hassibi & Stork 1993) vs.
+  magnitude, with and without retraining; BinaryConnect (Courbariaux et al. 2015)
+  and a binarized net (Courbariaux et al. 2016); one layer's weight histogram with
+  its k-means centroids before / after centroid fine-tuning (Han et al. 2016).
 """
 
 from __future__ import annotations
@@ -35,15 +40,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from coblax.app.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, load_toml, parse_dataclass
 from coblax.app.experiment import default_cache_dir, train_base_model, versions
 from coblax.compress import prune as P
 from coblax.compress import quantize as Q
-from coblax.lowrank.decompose import factored_apply, factorize, get_kernel, trace_layers, truncate
+from coblax.compress.transforms import keep_pruned
+from coblax.lowrank.decompose import factored_apply, factorize, get_kernel, layer_key, trace_layers, truncate
 from coblax.nn import train as T
 from coblax.nn.data import Dataset, load_dataset
 from coblax.nn.distill import distill
@@ -65,6 +73,7 @@ __all__ = [
 ]
 
 STUDIES = ("kd", "small_arch", "svd_fc", "prune_quant")
+SALIENCY_METHODS = ("magnitude", "obd", "obs")
 
 
 def _model(value: Any, where: str) -> ModelConfig:
@@ -143,7 +152,7 @@ class SVDConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PruneQuantConfig:
-    """Pruning sparsities and quantization settings."""
+    """Pruning (magnitude, DNS, OBD, OBS) and quantization (fixed point, codebooks, binary) settings."""
 
     model: dict = dataclasses.field(default_factory=lambda: {"name": "mlp", "hidden": [300, 100]})
     layer_sparsities: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.98)
@@ -159,6 +168,41 @@ class PruneQuantConfig:
     pq_width: int = 2  # columns per product-quantization block
     rq_k: int = 16
     rq_stages: tuple[int, ...] = (1, 2, 4)
+    # Dynamic network surgery (Guo et al. 2016). For each target sparsity every layer's crate is
+    # chosen so that DNS's initial masks prune exactly that fraction (the final fraction drifts as
+    # weights are spliced back; records carry the measured one). ``dns_rates`` lists Guo's crates to
+    # run as they are, besides. Each DNS net is compared with magnitude pruning at its own per-layer
+    # kept fractions, without and with the same number of epochs of masked retraining.
+    dns_sparsities: tuple[float, ...] | None = None  # default: sparsities; [] runs none
+    dns_rates: tuple[float, ...] = ()
+    dns_epochs: int | None = None  # default: steps * retrain_epochs (the iterative pruning's budget)
+    dns_optimizer: str = "adam"  # learning rate: retrain_learning_rate
+    # OBD (LeCun et al. 1989) and layer-wise OBS (Hassibi & Stork 1993) vs. magnitude: one-shot at
+    # each sparsity, per layer (OBS is layer-wise, so every method prunes each layer by the same
+    # fraction), then the same masks retrained for retrain_epochs.
+    saliency_sparsities: tuple[float, ...] | None = None  # default: sparsities; [] runs none
+    saliency_methods: tuple[str, ...] = ("magnitude", "obd", "obs")
+    saliency_examples: int = 1024  # training examples for OBD's loss Hessian and OBS's layer inputs
+    obd_exact_max_size: int = 1024  # kernels up to this size get the exact Hessian diagonal
+    obd_probes: int = 512  # Hutchinson probes for larger kernels (few probes scramble the ranking)
+    # OBS costs O(d_in^2) per deleted weight (about 15 s for a 300x100 layer at 95 % on 2 cores) and
+    # d_in^2 floats per output column: layers with more inputs than this are pruned by magnitude in
+    # the "obs" records (named in obs_magnitude_layers), e.g. the 784-input fc1 of LeNet-300-100.
+    obs_max_inputs: int = 300
+    obs_damp: float = 1e-4  # relative damping of OBS's layer Hessian
+    # BinaryConnect (Courbariaux et al. 2015) on the study model and a binarized net (BNN,
+    # Courbariaux et al. 2016), trained from scratch with 1-bit kernels in the forward pass.
+    binary_modes: tuple[str, ...] = ("det", "stoch")  # BinaryConnect modes; [] runs none
+    bnn: bool = True
+    bnn_hidden: tuple[int, ...] = ()  # BNN hidden widths; default: the study MLP's
+    binary_epochs: int | None = None  # default: train.epochs
+    binary_learning_rate: float | None = None  # default: train.learning_rate
+    # Weight histogram of one layer with its k-means centroids before / after centroid fine-tuning
+    # (Han et al. 2016, Fig. 7 style); only that layer is shared.
+    hist_layer: str = ""  # default: the largest kernel
+    hist_bits: int = 4  # 2^bits centroids; 0 records no histogram
+    hist_bins: int = 64
+    hist_finetune_epochs: int | None = None  # default: retrain_epochs; learning rate: retrain_learning_rate
 
     def validate(self, where: str) -> None:
         _model(self.model, f"{where}.model")
@@ -179,6 +223,28 @@ class PruneQuantConfig:
             raise ConfigError(f"{where}: pq_k and rq_k must be >= 2, pq_width >= 1")
         if any(t < 1 for t in self.rq_stages):
             raise ConfigError(f"{where}.rq_stages must be >= 1")
+        for key in ("dns_sparsities", "saliency_sparsities"):
+            _fractions(getattr(self, key) or (), f"{where}.{key}", lo_open=False)
+        if self.dns_optimizer not in T.OPTIMIZERS:
+            raise ConfigError(f"{where}.dns_optimizer = {self.dns_optimizer!r}; valid: {', '.join(T.OPTIMIZERS)}")
+        for m in self.saliency_methods:
+            if m not in SALIENCY_METHODS:
+                raise ConfigError(f"{where}.saliency_methods: {m!r}; valid: {', '.join(SALIENCY_METHODS)}")
+        for m in self.binary_modes:
+            if m not in Q.BINARY_MODES:
+                raise ConfigError(f"{where}.binary_modes: {m!r}; valid: {', '.join(Q.BINARY_MODES)}")
+        if min(self.saliency_examples, self.obd_probes, self.obs_max_inputs, self.hist_bins) < 1:
+            raise ConfigError(f"{where}: saliency_examples, obd_probes, obs_max_inputs and hist_bins must be >= 1")
+        if any(h < 1 for h in self.bnn_hidden) or (self.binary_epochs is not None and self.binary_epochs < 1):
+            raise ConfigError(f"{where}: bnn_hidden widths and binary_epochs must be >= 1")
+        for key in ("dns_epochs", "hist_finetune_epochs"):
+            if (getattr(self, key) or 0) < 0:
+                raise ConfigError(f"{where}.{key} must be >= 0")
+        if self.obd_exact_max_size < 0 or self.obs_damp < 0 or (
+                self.binary_learning_rate is not None and self.binary_learning_rate <= 0):
+            raise ConfigError(f"{where}: obd_exact_max_size and obs_damp must be >= 0, binary_learning_rate > 0")
+        if not 0 <= self.hist_bits <= 16:
+            raise ConfigError(f"{where}.hist_bits must be in [0, 16] (0: no histogram)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,11 +424,9 @@ def _study_prune_quant(cfg: StudyConfig, data: Dataset, seed: int, progress: boo
     records: list[dict] = [common | {"kind": "base", "acc": base.accuracy, "weights": total, "macs": total_macs,
                                      "kernel_bits": 32.0 * total}]
 
-    def pruned(report: P.PruneReport) -> dict:
-        kept = {n: s.kept_fraction for n, s in report.layers.items()}
-        kept_macs = sum(macs.get(n, 0) * f for n, f in kept.items())
-        return {"kept_fraction": report.kept_fraction, "compression": report.compression,
-                "layer_kept_fraction": kept, "mac_kept_fraction": kept_macs / total_macs if total_macs else 1.0}
+    run = _PQRun(cfg, data, seed, progress, model, params, common, macs)
+    pruned = run.pruned
+    hist_layer = _hist_layer(pq, kern)  # a misnamed layer fails now, not after the pruning runs
 
     # Per-layer sensitivity (Han et al. 2015, Fig. 5): one layer pruned, the others intact.
     for name in kern:
@@ -427,7 +491,220 @@ def _study_prune_quant(cfg: StudyConfig, data: Dataset, seed: int, progress: boo
     for t in pq.rq_stages:
         records.append(codebook_record("rq", {"k": pq.rq_k, "stages": t},
                                        lambda w, t=t: Q.residual_quantize(w, t, pq.rq_k, seed=seed)))
+    return records + _pq_dns(run) + _pq_saliency(run) + _pq_binary(run) + _pq_kmeans_hist(run, hist_layer)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PQRun:
+    """What the parts of the prune_quant study share: the trained base model, its data and settings."""
+
+    cfg: StudyConfig
+    data: Dataset
+    seed: int
+    progress: bool
+    model: Any
+    params: Any
+    common: dict
+    macs: dict[str, int]
+
+    @property
+    def pq(self) -> PruneQuantConfig:
+        return self.cfg.prune_quant
+
+    def acc(self, params: Any, apply_fn: Callable | None = None) -> float:
+        return T.evaluate(apply_fn or self.model.apply, params, self.data.x_test, self.data.y_test)
+
+    def pruned(self, report: P.PruneReport) -> dict:
+        """Kept fractions (whole net, per layer, of the MACs) and compression of a pruned net."""
+        kept = {n: s.kept_fraction for n, s in report.layers.items()}
+        total_macs = sum(self.macs.values())
+        kept_macs = sum(self.macs.get(n, 0) * f for n, f in kept.items())
+        return {"kept_fraction": report.kept_fraction, "compression": report.compression,
+                "layer_kept_fraction": kept, "mac_kept_fraction": kept_macs / total_macs if total_macs else 1.0}
+
+    def retrain(self, params: Any, masks: Any, epochs: int, desc: str) -> Any:
+        """Masked retraining at retrain_learning_rate: keep_pruned after Adam holds pruned weights at 0."""
+        lr = self.pq.retrain_learning_rate
+        return T.fit(self.model.apply, params, self.data.x_train, self.data.y_train, epochs=epochs,
+                     batch_size=self.cfg.train.batch_size, learning_rate=lr,
+                     optimizer=optax.chain(T.make_optimizer("adam", lr), keep_pruned(masks)), seed=self.seed,
+                     desc=desc, progress=self.progress)
+
+
+def _dns_rate(abs_w: np.ndarray, sparsity: float) -> float:
+    """Guo et al.'s crate r with mean|W| + r·std|W| = the ``sparsity`` quantile of |W|.
+
+    DNS's first masks then prune that fraction of the layer (what Han et al.'s threshold does).
+    """
+    std = float(abs_w.std())
+    return (float(np.quantile(abs_w, sparsity)) - float(abs_w.mean())) / std if std > 0 else 0.0
+
+
+def _pq_dns(run: _PQRun) -> list[dict]:
+    """Dynamic network surgery vs. magnitude pruning at DNS's own per-layer kept fractions."""
+    pq = run.pq
+    epochs = pq.steps * pq.retrain_epochs if pq.dns_epochs is None else pq.dns_epochs
+    targets = pq.sparsities if pq.dns_sparsities is None else pq.dns_sparsities
+    abs_w = {n: np.abs(np.asarray(w, np.float64)) for n, w in P.kernels(run.params).items()}
+    settings: list[tuple[dict, Any]] = [({"sparsity": s, "rate": None}, {n: _dns_rate(a, s) for n, a in abs_w.items()})
+                                        for s in targets]
+    settings += [({"sparsity": None, "rate": r}, r) for r in pq.dns_rates]
+    records = []
+    for setting, rate in settings:
+        p, _, rep = P.dns(run.model.apply, run.params, run.data.x_train, run.data.y_train, rate=rate, epochs=epochs,
+                          learning_rate=pq.retrain_learning_rate, batch_size=run.cfg.train.batch_size,
+                          optimizer=pq.dns_optimizer, seed=run.seed)
+        # Magnitude masks pruning exactly as many weights per layer as DNS kept (at least one kept).
+        mag = P.magnitude_masks(run.params, {n: min(1.0 - s.kept_fraction, 1.0 - 1.0 / s.weights)
+                                             for n, s in rep.layers.items()})
+        mag_params = P.apply_masks(run.params, mag)
+        records.append(run.common | setting | {
+            "kind": "dns", "epochs": epochs, "acc": run.acc(p),
+            "spliced": int(sum(rep.extra["spliced"].values())), "mask_updates": rep.extra["mask_updates"],
+            "magnitude_acc": run.acc(mag_params),
+            "magnitude_retrained_acc": run.acc(run.retrain(mag_params, mag, epochs, "magnitude at DNS kept"))
+            if epochs else None} | run.pruned(rep))
     return records
+
+
+def _dense_inputs(model: nn.Module, params: Any, x: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The inputs (N, d_in) the named Dense layers see on ``x`` (OBS's layer-wise Hessians need them)."""
+    found: dict[str, np.ndarray] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        mod = context.module
+        if context.method_name == "__call__" and isinstance(mod, nn.Dense) and layer_key(mod.path) in names:
+            found[layer_key(mod.path)] = np.asarray(args[0], np.float64).reshape(-1, args[0].shape[-1])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        model.apply(params, jnp.asarray(x))
+    return found
+
+
+def _pq_saliency(run: _PQRun) -> list[dict]:
+    """OBD and layer-wise OBS vs. magnitude: one-shot per layer at each sparsity, then retrained."""
+    pq = run.pq
+    sparsities = pq.sparsities if pq.saliency_sparsities is None else pq.saliency_sparsities
+    if not sparsities or not pq.saliency_methods:
+        return []
+    x_tr, y_tr = run.data.x_train, run.data.y_train
+    pick = np.sort(np.random.default_rng(run.seed).choice(len(x_tr), min(pq.saliency_examples, len(x_tr)),
+                                                          replace=False))
+    x, y = x_tr[pick], y_tr[pick]
+    kern = P.kernels(run.params)
+    magnitude = {n: np.abs(np.asarray(w)) for n, w in kern.items()}
+
+    def by_scores(scores: dict) -> Callable[[float], tuple[Any, Any]]:
+        def prune(s: float) -> tuple[Any, Any]:
+            masks = P.masks_from_layers(run.params, P.score_masks(scores, s, scope="layer"))
+            return P.apply_masks(run.params, masks), masks
+        return prune
+
+    narrow = [n for n, w in kern.items() if np.ndim(w) == 2 and w.shape[0] <= pq.obs_max_inputs]
+    wide = [n for n in kern if n not in narrow]  # convolutions and wide dense layers: magnitude
+    inputs = _dense_inputs(run.model, run.params, x, narrow) if "obs" in pq.saliency_methods else {}
+
+    def obs(s: float) -> tuple[Any, Any]:
+        p, masks, _ = P.obs_prune(run.params, inputs, s, damp=pq.obs_damp)
+        keep = P.layer_masks(masks) | P.score_masks({n: magnitude[n] for n in wide}, s, scope="layer")
+        masks = P.masks_from_layers(run.params, keep)
+        return P.apply_masks(p, masks), masks
+
+    methods: dict[str, Callable[[float], tuple[Any, Any]]] = {}
+    for m in pq.saliency_methods:
+        if m == "magnitude":
+            methods[m] = by_scores(magnitude)
+        elif m == "obd":
+            loss = lambda p, xb, yb: T.cross_entropy(run.model.apply(p, xb), yb)  # noqa: E731
+            methods[m] = by_scores(P.obd_saliency(loss, run.params, data=(jnp.asarray(x), jnp.asarray(y)),
+                                                  exact_max_size=pq.obd_exact_max_size, n_samples=pq.obd_probes,
+                                                  seed=run.seed))
+        else:
+            methods[m] = obs
+    records = []
+    for s in sparsities:
+        for m, prune in methods.items():
+            p, masks = prune(s)
+            fields = run.common | {"kind": "saliency", "method": m, "sparsity": s} | run.pruned(P.mask_report(masks))
+            if m == "obs":
+                fields["obs_magnitude_layers"] = wide
+            records.append(fields | {"retrain": False, "acc": run.acc(p)})
+            if pq.retrain_epochs > 0:
+                p = run.retrain(p, masks, pq.retrain_epochs, f"{m} {s:g} retrain")
+                records.append(fields | {"retrain": True, "retrain_epochs": pq.retrain_epochs, "acc": run.acc(p)})
+    return records
+
+
+def _binary_fields(params: Any) -> dict:
+    """1 bit per kernel weight; the distinct values of each deployed kernel (2 for a binary one)."""
+    kern = P.kernels(params)
+    n = sum(int(np.size(w)) for w in kern.values())
+    return {"kernel_bits": float(n), "compression_ratio": 32.0, "float_params": _n_params(params) - n,
+            "kernel_values": {name: int(np.unique(np.asarray(w)).size) for name, w in kern.items()}}
+
+
+def _pq_binary(run: _PQRun) -> list[dict]:
+    """BinaryConnect (det / stoch) on the study model and a binarized MLP, trained from scratch."""
+    pq, tc, data = run.pq, run.cfg.train, run.data
+    epochs = pq.binary_epochs or tc.epochs
+    lr = pq.binary_learning_rate or tc.learning_rate
+
+    def train(apply_fn: Callable, params: Any, desc: str) -> Any:
+        # clip_project: BinaryConnect clips the real-valued weights to [-1, 1] after each update.
+        return T.fit(apply_fn, params, data.x_train, data.y_train, epochs=epochs, batch_size=tc.batch_size,
+                     learning_rate=lr, optimizer=tc.optimizer, seed=run.seed, project=Q.clip_project, desc=desc,
+                     progress=run.progress)
+
+    records = []
+    init = run.model.init(jax.random.key(run.seed + 2), jnp.asarray(data.x_train[:1]))
+    for mode in pq.binary_modes:
+        p = train(Q.binaryconnect_apply_fn(run.model.apply, mode, seed=run.seed), init, f"BinaryConnect {mode}")
+        # Deployed: sign(w) for det, one stochastic draw for stoch (1 bit per weight either way).
+        deployed = Q.binarize_params(p, mode, seed=run.seed)
+        records.append(run.common | {"kind": "binaryconnect", "mode": mode, "epochs": epochs, "acc": run.acc(deployed),
+                                     "acc_real_weights": run.acc(p)} | _binary_fields(deployed))
+    if pq.bnn:
+        hidden = tuple(pq.bnn_hidden or getattr(run.model, "hidden", ()))
+        if not hidden:
+            raise ConfigError("prune_quant.bnn_hidden: the study model has no hidden widths; give bnn_hidden")
+        bnn = Q.BinarizedMLP(hidden, data.num_classes)
+        p = train(bnn.apply, bnn.init(jax.random.key(run.seed + 3), jnp.asarray(data.x_train[:1])), "BNN")
+        # BinaryDense multiplies by sign_ste(kernel), which is binarize(kernel, "det") in the forward pass.
+        records.append(run.common | {"kind": "bnn", "mode": "det", "hidden": list(hidden), "epochs": epochs,
+                                     "acc": run.acc(p, bnn.apply)} | _binary_fields(Q.binarize_params(p, "det")))
+    return records
+
+
+def _hist_layer(pq: PruneQuantConfig, kern: dict) -> str:
+    """The histogram's layer: hist_layer, or the largest kernel."""
+    layer = pq.hist_layer or max(kern, key=lambda n: np.size(kern[n]))
+    if layer not in kern:
+        raise ConfigError(f"prune_quant.hist_layer = {layer!r} is not a layer; layers: {', '.join(kern)}")
+    return layer
+
+
+def _pq_kmeans_hist(run: _PQRun, layer: str) -> list[dict]:
+    """One layer's weight histogram and its k-means centroids before / after centroid fine-tuning."""
+    pq, data = run.pq, run.data
+    if pq.hist_bits == 0:
+        return []
+    w = np.asarray(P.kernels(run.params)[layer], np.float64)
+    counts, edges = np.histogram(w, bins=pq.hist_bins)
+    qp, books, idx, rep = Q.kmeans_share(run.params, {layer: pq.hist_bits}, seed=run.seed)
+    epochs = pq.retrain_epochs if pq.hist_finetune_epochs is None else pq.hist_finetune_epochs
+    tuned, tuned_books = Q.finetune_centroids(
+        run.model.apply, run.params, books, idx, None, data.x_train, data.y_train, epochs=epochs,
+        learning_rate=pq.retrain_learning_rate, batch_size=run.cfg.train.batch_size, seed=run.seed,
+        progress=run.progress)
+    k = rep.layers[layer].k
+    acc_ft = run.acc(tuned)
+    return [run.common | {"kind": "kmeans_hist", "layer": layer, "bits": pq.hist_bits, "k": k,
+                          "finetune_epochs": epochs, "acc_kmeans": run.acc(qp), "acc_finetuned": acc_ft, "acc": acc_ft,
+                          "hist_counts": counts.tolist(), "hist_edges": [float(e) for e in edges],
+                          "centroids_kmeans": [float(c) for c in books[layer]],
+                          "centroids_finetuned": [float(c) for c in tuned_books[layer]],
+                          "cluster_sizes": np.bincount(idx[layer].ravel(), minlength=k).tolist()}]
 
 
 _RUNNERS: dict[str, Callable[[StudyConfig, Dataset, int, bool], list[dict]]] = {
@@ -536,7 +813,7 @@ def _table(records: list[dict], keys: Sequence[str], extra: Sequence[str] = (),
         rows.append([_fmt(v) for v in key] + [_fmt(group[0].get(e)) for e in extra]
                     + [_mean_std([g.get(m) for g in group]) for m in metrics])
     units = {"acc": "acc (%)", "acc_change": "acc change (pt)"}
-    return _md([*keys, *extra, *(units.get(m, m) for m in metrics)], rows)
+    return _md([*keys, *extra, *(units.get(m, f"{m} (%)" if "acc" in m.split("_") else m) for m in metrics)], rows)
 
 
 def format_study(payload: dict) -> str:
@@ -564,6 +841,23 @@ def format_study(payload: dict) -> str:
                   "k-means weight sharing / product / residual quantization (kernels only)",
                   _table(by("kmeans") + by("pq") + by("rq"), ["kind", "bits", "k", "stages"],
                          ["compression_ratio"])]
+        # Newer parts: a table only when the results have its records (older results.json files lack them).
+        if by("dns"):
+            parts += ["Dynamic network surgery vs. magnitude pruning at DNS's per-layer kept fractions"
+                      " (magnitude retrained for the same epochs)",
+                      _table(by("dns"), ["sparsity", "rate"], ["epochs", "kept_fraction", "spliced"],
+                             ["acc", "magnitude_acc", "magnitude_retrained_acc"])]
+        if by("saliency"):
+            parts += ["OBD / OBS vs. magnitude (one-shot per layer; retrained: the same masks)",
+                      _table(by("saliency"), ["sparsity", "method", "retrain"], ["kept_fraction"])]
+        if by("binaryconnect") or by("bnn"):
+            parts += ["Binary weights (BinaryConnect, BNN), kernels only",
+                      _table(by("binaryconnect") + by("bnn"), ["kind", "mode"], ["kernel_bits", "compression_ratio"],
+                             ["acc", "acc_real_weights"])]
+        if by("kmeans_hist"):
+            parts += ["k-means weight sharing of one layer, before / after centroid fine-tuning",
+                      _table(by("kmeans_hist"), ["layer", "bits"], ["k", "finetune_epochs"],
+                             ["acc_kmeans", "acc_finetuned"])]
     else:
         raise ValueError(f"unknown study {study!r}; valid studies: {', '.join(STUDIES)}")
     return "\n\n".join(parts)
