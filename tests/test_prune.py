@@ -265,16 +265,124 @@ def test_obd_saliency_and_prune():
         return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[jnp.arange(len(yb)), yb])
 
     data = (jnp.asarray(x), jnp.asarray(y))
-    sal = prune.obd_saliency(loss, params, data=data, exact_max_size=30)  # fc1 (48): Hutchinson
+    # fc1 (48 weights): Hutchinson
+    sal = prune.obd_saliency(loss, params, data=data, hessian="exact", exact_max_size=30)
     w2 = np.asarray(params["params"]["fc2"]["kernel"], np.float64)
     h2 = np.asarray(prune.hessian_diag_exact(
         lambda v: loss(prune.replace_kernels(params, {"fc2": v}), *data), w2.astype(np.float32)))
     np.testing.assert_allclose(sal["fc2"], 0.5 * h2 * w2**2, rtol=1e-4, atol=1e-9)
-    out, masks, rep = prune.obd_prune(_mlp_apply, params, x, y, sparsity=0.5, exact_max_size=30)
+    out, masks, rep = prune.obd_prune(_mlp_apply, params, x, y, sparsity=0.5, hessian="exact",
+                                      exact_max_size=30)
     m2 = prune.layer_masks(masks)["fc2"]
     assert m2.sum() == 12
     assert sal["fc2"][~m2].max() <= sal["fc2"][m2].min()
     assert rep.extra["saliency_sum"]["fc2"] == pytest.approx(sal["fc2"][~m2].sum())
+    assert rep.extra["hessian"] == "exact"
+
+
+def _softmax_np(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_gauss_newton_diag_of_softmax_regression_closed_form_and_hessian():
+    # z = x W + b: G_ij = (1/N) sum_n x_ni^2 (p_nj - p_nj^2), and G = H (the model is linear).
+    x, y = _blobs(n=37)
+    rng = np.random.default_rng(3)
+    params = {"params": {"fc1": {"kernel": jnp.asarray(rng.normal(size=(6, 3)), jnp.float32),
+                                 "bias": jnp.asarray(rng.normal(size=3), jnp.float32)}}}
+
+    def apply(p, xb):
+        return xb @ p["params"]["fc1"]["kernel"] + p["params"]["fc1"]["bias"]
+
+    x64 = np.asarray(x, np.float64)
+    p = _softmax_np(x64 @ np.asarray(params["params"]["fc1"]["kernel"], np.float64)
+                    + np.asarray(params["params"]["fc1"]["bias"], np.float64))
+    ref = (x64**2).T @ (p - p**2) / len(x)
+    for bs in (5, 16, 64):  # 37 examples: padded chunks must not count
+        g = prune.gauss_newton_diag(apply, params, x, batch_size=bs)
+        np.testing.assert_allclose(g["fc1"], ref, rtol=1e-5, atol=1e-7)
+
+    def loss(pp, xb, yb):
+        z = apply(pp, xb)
+        return jnp.mean(jax.nn.logsumexp(z, -1) - z[jnp.arange(len(yb)), yb])
+
+    data = (jnp.asarray(x), jnp.asarray(y))
+    w = np.asarray(params["params"]["fc1"]["kernel"], np.float64)
+    h = np.asarray(prune.hessian_diag_exact(
+        lambda v, *d: loss(prune.replace_kernels(params, {"fc1": v}), *d), w.astype(np.float32), *data))
+    np.testing.assert_allclose(g["fc1"], h, rtol=1e-4, atol=1e-7)
+    sal = prune.obd_saliency(None, params, data=data, apply_fn=apply)
+    np.testing.assert_allclose(sal["fc1"], 0.5 * ref * w**2, rtol=1e-5, atol=1e-9)
+    exact = prune.obd_saliency(loss, params, data=data, hessian="exact")
+    np.testing.assert_allclose(sal["fc1"], exact["fc1"], rtol=1e-4, atol=1e-9)
+
+
+def test_gauss_newton_diag_of_mlp_matches_jacobian_reference():
+    # Two-layer tanh net: G = (1/N) sum_n J_n^T (diag p_n - p_n p_n^T) J_n built from full Jacobians.
+    x, _ = _blobs(n=20)
+    params = _mlp_params(4)
+    g = prune.gauss_newton_diag(_mlp_apply, params, x, batch_size=8)
+    names = ["fc1", "fc2"]
+    kern = prune.kernels(params)
+
+    def flat_logits(v, xi):
+        ws, i = {}, 0
+        for nme in names:
+            size = int(np.size(kern[nme]))
+            ws[nme] = v[i:i + size].reshape(kern[nme].shape)
+            i += size
+        return _mlp_apply(prune.replace_kernels(params, ws), xi[None])[0]
+
+    v0 = jnp.concatenate([jnp.ravel(kern[nme]) for nme in names])
+    G = np.zeros((v0.size, v0.size))
+    for xi in jnp.asarray(x):
+        J = np.asarray(jax.jacrev(flat_logits)(v0, xi), np.float64)  # (K, P)
+        p = _softmax_np(np.asarray(flat_logits(v0, xi), np.float64))
+        G += J.T @ (np.diag(p) - np.outer(p, p)) @ J
+    ref = np.diag(G) / len(x)
+    got = np.concatenate([np.ravel(g[nme]) for nme in names])
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-8)
+    assert (got >= 0).all()
+
+
+def test_obd_hessian_choice_is_checked():
+    x, y = _blobs(n=16)
+    params = _mlp_params(0)
+    data = (jnp.asarray(x), jnp.asarray(y))
+    with pytest.raises(ValueError, match="hessian must be one of"):
+        prune.obd_saliency(None, params, data=data, hessian="lm", apply_fn=_mlp_apply)
+    with pytest.raises(ValueError, match="needs apply_fn"):
+        prune.obd_saliency(None, params, data=data)
+    with pytest.raises(ValueError, match="needs loss_fn"):
+        prune.obd_saliency(None, params, data=data, hessian="hutchinson")
+    with pytest.raises(ValueError, match="softmax cross-entropy"):
+        prune.obd_prune(_mlp_apply, params, x, y, sparsity=0.5, loss_fn=lambda z, t: jnp.mean(z**2))
+    _, masks, rep = prune.obd_prune(_mlp_apply, params, x, y, sparsity=0.5)
+    assert rep.extra["hessian"] == "gauss_newton" and prune.layer_masks(masks)["fc2"].sum() == 12
+
+
+def test_obd_prune_in_stages_recomputes_saliencies():
+    x, y = _blobs(n=32)
+    params = _mlp_params(2)
+    _, m1, _ = prune.obd_prune(_mlp_apply, params, x, y, sparsity=0.3)
+    sal = prune.obd_saliency(None, params, data=(jnp.asarray(x),), apply_fn=_mlp_apply)
+    assert {n: v.tolist() for n, v in prune.layer_masks(m1).items()} == {
+        n: v.tolist() for n, v in prune.score_masks(sal, 0.3).items()}
+    out, m3, rep = prune.obd_prune(_mlp_apply, params, x, y, sparsity=0.7, steps=3)
+    keep = prune.layer_masks(m3)
+    assert keep["fc1"].sum() == 48 - int(0.7 * 48) and keep["fc2"].sum() == 24 - int(0.7 * 24)
+    # Stage 1 is one-shot OBD at 1 - 0.3^(1/3); later stages only shrink its masks.
+    _, first, _ = prune.obd_prune(_mlp_apply, params, x, y, sparsity=1 - 0.3 ** (1 / 3))
+    assert all((keep[n] <= prune.layer_masks(first)[n]).all() for n in keep)
+    # Stage 3's saliencies are those of the stage-2 net: the last deletions are its lowest kept ones.
+    _, two, _ = prune.obd_prune(_mlp_apply, params, x, y, sparsity=1 - 0.3 ** (2 / 3), steps=2)
+    mid = prune.apply_masks(params, two)
+    s2 = prune.obd_saliency(None, mid, data=(jnp.asarray(x),), apply_fn=_mlp_apply)
+    k2 = prune.layer_masks(two)["fc2"]
+    assert (keep["fc2"] == prune.score_masks({"fc2": s2["fc2"]}, 0.7, prior={"fc2": k2})["fc2"]).all()
+    assert rep.extra["steps"] == 3 and rep.kept_fraction == pytest.approx(keep["fc1"].sum() / 72
+                                                                          + keep["fc2"].sum() / 72)
 
 
 # --------------------------------------------------------------------------------- OBS

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -420,3 +422,58 @@ def test_binarized_mlp_matches_numpy_forward():
     assert k1.min() >= -1 and k1.max() < 1 and (k1 < 0).any() and (k1 > 0).any()
     assert all(np.isfinite(np.asarray(t)).all() for t in jax.tree.leaves(g))
     assert float(jnp.abs(g["params"]["fc1"]["kernel"]).sum()) > 0
+
+
+def test_glorot_lr_factor_and_scale_by_hand():
+    assert quantize.glorot_lr_factor((64, 300)) == pytest.approx(np.sqrt(364 / 1.5))
+    assert quantize.glorot_lr_factor((3, 3, 2, 4)) == pytest.approx(6.0)  # sqrt((2 + 4) * 9 / 1.5)
+    with pytest.raises(ValueError, match="2 dimensions"):
+        quantize.glorot_lr_factor((5,))
+    params = {"params": {"fc1": {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)}}}
+    tx = quantize.glorot_lr_scale()
+    upd, _ = tx.update(params, tx.init(params), params)
+    np.testing.assert_allclose(upd["params"]["fc1"]["kernel"], np.full((4, 2), 2.0))  # sqrt(6 / 1.5)
+    np.testing.assert_array_equal(upd["params"]["fc1"]["bias"], np.ones(2))
+
+
+def test_binaryconnect_mlp_matches_numpy_forward_in_eval_mode():
+    model = quantize.BinaryConnectMLP(hidden=(8,), num_classes=3)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 2, 3)), jnp.float32)
+    v = model.init(jax.random.key(0), x)
+    assert sorted(prune.kernels(v)) == ["fc1", "fc2"] and "bias" not in v["params"]["fc1"]
+    rng = np.random.default_rng(1)
+    v = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape), a.dtype), v)
+    p, st = v["params"], v["batch_stats"]
+
+    def bn(h, i):
+        q, s = p[f"bn{i}"], st[f"bn{i}"]
+        return ((h - np.asarray(s["mean"])) / np.sqrt(np.asarray(s["var"]) + 1e-4) * np.asarray(q["scale"])
+                + np.asarray(q["bias"]))
+
+    h = np.maximum(bn(np.asarray(x).reshape(5, -1) @ np.asarray(p["fc1"]["kernel"]), 1), 0)
+    out = bn(h @ np.asarray(p["fc2"]["kernel"]), 2)
+    np.testing.assert_allclose(model.apply(v, x), out, rtol=1e-5, atol=1e-5)
+
+
+def test_stochastic_binaryconnect_with_batch_norm_learns_blobs():
+    # Courbariaux et al.'s recipe: batch norm, clip to [-1, 1], Glorot-scaled learning rates.
+    from coblax.nn.train import evaluate, fit
+
+    x, y = _blobs()
+    model = quantize.BinaryConnectMLP(hidden=(64,), num_classes=3)
+    v0 = model.init(jax.random.key(0), jnp.asarray(x[:1]))
+    ev = functools.partial(model.apply, train=False)
+    accs = {}
+    for mode in ("det", "stoch"):
+        bc = quantize.binaryconnect_apply_fn(functools.partial(model.apply, train=True), mode, seed=0)
+        v = fit(bc, v0, x, y, epochs=20, batch_size=32, optimizer=optax.chain(optax.adam(1e-3),
+                                                                             quantize.glorot_lr_scale()),
+                project=quantize.clip_project, mutable=("batch_stats",), seed=0, progress=False)
+        for w in prune.kernels(v).values():
+            assert float(jnp.max(jnp.abs(w))) <= 1.0
+        assert not np.allclose(v["batch_stats"]["bn1"]["var"], 1.0)  # running statistics were updated
+        accs[mode] = {"sign": evaluate(ev, quantize.binarize_params(v, "det"), x, y),
+                      "real": evaluate(ev, v, x, y)}
+    # 3 classes: chance is 1/3.
+    assert accs["det"]["sign"] > 0.95
+    assert accs["stoch"]["real"] > 0.9 and accs["stoch"]["sign"] > 0.75, accs

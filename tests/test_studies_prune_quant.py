@@ -45,6 +45,7 @@ def _kind(payload, kind):
 def test_saliency_records_prune_the_hand_counted_fractions(payload):
     recs = _kind(payload, "saliency")
     assert {r["method"] for r in recs} == {"magnitude", "obd", "obs"} and not any(r["retrain"] for r in recs)
+    assert all(r["obd_hessian"] == "gauss_newton" and r["obd_steps"] == 8 for r in recs if r["method"] == "obd")
     for r in recs:
         if r["sparsity"] == 0.0:  # nothing pruned: every method is the base network
             assert r["acc"] == r["base_acc"] and r["kept_fraction"] == 1.0
@@ -72,8 +73,13 @@ def test_binary_kernels_have_two_values_and_one_bit_per_weight(payload):
         assert r["kernel_values"] == {layer: 2 for layer in SIZES}
         assert r["kernel_bits"] == sum(SIZES.values()) and r["compression_ratio"] == 32.0
         assert 0.0 <= r["acc"] <= 1.0
-    # Float parameters left: the biases, plus the BNN's LayerNorm scales and offsets.
-    assert [r["float_params"] for r in recs] == [BIASES, BIASES, BIASES + 2 * BIASES]
+    # Float parameters left: BinaryConnect's BatchNorm scales and offsets (no dense biases; the running
+    # statistics fold into them), the BNN's biases and LayerNorm scales and offsets.
+    assert [r["float_params"] for r in recs] == [2 * BIASES, 2 * BIASES, BIASES + 2 * BIASES]
+    for r in recs[:2]:
+        assert r["binary_norm"] == "batch_norm" and r["hidden"] == [16, 8] and r["glorot_lr"]
+        assert 0.0 <= r["acc_sign"] <= 1.0 and 0.0 <= r["acc_real_weights"] <= 1.0
+    assert recs[0]["acc_sign"] == recs[0]["acc"]  # det deploys sign(w)
 
 
 def test_kmeans_histogram_counts_every_weight_of_the_largest_layer(payload):
@@ -105,6 +111,9 @@ def _write(tmp_path, table):
     ("obs_max_inputs = 0", "obs_max_inputs and hist_bins must be >= 1"),
     ("hist_bits = 17", r"hist_bits must be in \[0, 16\]"),
     ("binary_learning_rate = 0.0", "binary_learning_rate > 0"),
+    ('obd_hessian = "fisher"', "obd_hessian = 'fisher'; valid: gauss_newton, exact, hutchinson"),
+    ('binary_norm = "layer"', "binary_norm = 'layer'; valid: batch_norm, none"),
+    ("binary_hidden = [0]", "binary_hidden widths"),
 ])
 def test_bad_new_keys_fail_fast(tmp_path, table, message):
     with pytest.raises(ConfigError, match=message):

@@ -33,6 +33,7 @@ Studies (seed: the lecture; numbers to compare with: ``seed_tables.md``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import statistics
 import time
@@ -74,6 +75,7 @@ __all__ = [
 
 STUDIES = ("kd", "small_arch", "svd_fc", "prune_quant")
 SALIENCY_METHODS = ("magnitude", "obd", "obs")
+BINARY_NORMS = ("batch_norm", "none")
 
 
 def _model(value: Any, where: str) -> ModelConfig:
@@ -183,16 +185,31 @@ class PruneQuantConfig:
     saliency_sparsities: tuple[float, ...] | None = None  # default: sparsities; [] runs none
     saliency_methods: tuple[str, ...] = ("magnitude", "obd", "obs")
     saliency_examples: int = 1024  # training examples for OBD's loss Hessian and OBS's layer inputs
-    obd_exact_max_size: int = 1024  # kernels up to this size get the exact Hessian diagonal
-    obd_probes: int = 512  # Hutchinson probes for larger kernels (few probes scramble the ranking)
+    # OBD's Hessian diagonal: "gauss_newton" (LeCun et al.'s Levenberg-Marquardt approximation, exact
+    # and never negative), "exact" (the Hessian's: exact up to obd_exact_max_size weights, Hutchinson
+    # above) or "hutchinson" (every layer). At a minimum the Hessian's estimate is noisy and deletes
+    # the weights its negative saliencies rank first.
+    obd_hessian: str = "gauss_newton"
+    # OBD deletes each sparsity's weights in obd_steps geometric stages, the saliencies recomputed on
+    # the pruned net before each (LeCun et al. iterate; the quadratic model is local). 1: one shot.
+    obd_steps: int = 1
+    obd_exact_max_size: int = 1024  # "exact": kernels up to this size get the exact Hessian diagonal
+    obd_probes: int = 512  # Hutchinson probes ("exact" above obd_exact_max_size, "hutchinson")
     # OBS costs O(d_in^2) per deleted weight (about 15 s for a 300x100 layer at 95 % on 2 cores) and
     # d_in^2 floats per output column: layers with more inputs than this are pruned by magnitude in
     # the "obs" records (named in obs_magnitude_layers), e.g. the 784-input fc1 of LeNet-300-100.
     obs_max_inputs: int = 300
     obs_damp: float = 1e-4  # relative damping of OBS's layer Hessian
-    # BinaryConnect (Courbariaux et al. 2015) on the study model and a binarized net (BNN,
-    # Courbariaux et al. 2016), trained from scratch with 1-bit kernels in the forward pass.
+    # BinaryConnect (Courbariaux et al. 2015) and a binarized net (BNN, Courbariaux et al. 2016),
+    # trained from scratch with 1-bit kernels in the forward pass, real-valued kernels clipped to
+    # [-1, 1] after each update.
     binary_modes: tuple[str, ...] = ("det", "stoch")  # BinaryConnect modes; [] runs none
+    # BinaryConnect's net: "batch_norm", the paper's MLP with batch normalisation after every layer
+    # (widths binary_hidden, default the study MLP's); "none", the study model as it is (with +-1
+    # weights and no normalisation its pre-activations blow up: stoch stays near chance).
+    binary_norm: str = "batch_norm"
+    binary_hidden: tuple[int, ...] = ()  # "batch_norm" hidden widths; default: the study MLP's
+    binary_glorot_lr: bool = True  # BinaryConnect kernels' learning rate x 1/H_Glorot, as the paper
     bnn: bool = True
     bnn_hidden: tuple[int, ...] = ()  # BNN hidden widths; default: the study MLP's
     binary_epochs: int | None = None  # default: train.epochs
@@ -233,10 +250,16 @@ class PruneQuantConfig:
         for m in self.binary_modes:
             if m not in Q.BINARY_MODES:
                 raise ConfigError(f"{where}.binary_modes: {m!r}; valid: {', '.join(Q.BINARY_MODES)}")
-        if min(self.saliency_examples, self.obd_probes, self.obs_max_inputs, self.hist_bins) < 1:
-            raise ConfigError(f"{where}: saliency_examples, obd_probes, obs_max_inputs and hist_bins must be >= 1")
-        if any(h < 1 for h in self.bnn_hidden) or (self.binary_epochs is not None and self.binary_epochs < 1):
-            raise ConfigError(f"{where}: bnn_hidden widths and binary_epochs must be >= 1")
+        if self.obd_hessian not in P.OBD_HESSIANS:
+            raise ConfigError(f"{where}.obd_hessian = {self.obd_hessian!r}; valid: {', '.join(P.OBD_HESSIANS)}")
+        if self.binary_norm not in BINARY_NORMS:
+            raise ConfigError(f"{where}.binary_norm = {self.binary_norm!r}; valid: {', '.join(BINARY_NORMS)}")
+        if min(self.saliency_examples, self.obd_probes, self.obd_steps, self.obs_max_inputs, self.hist_bins) < 1:
+            raise ConfigError(f"{where}: saliency_examples, obd_probes, obd_steps, obs_max_inputs and hist_bins "
+                              "must be >= 1")
+        if any(h < 1 for h in (*self.bnn_hidden, *self.binary_hidden)) or (
+                self.binary_epochs is not None and self.binary_epochs < 1):
+            raise ConfigError(f"{where}: bnn_hidden and binary_hidden widths and binary_epochs must be >= 1")
         for key in ("dns_epochs", "hist_finetune_epochs"):
             if (getattr(self, key) or 0) < 0:
                 raise ConfigError(f"{where}.{key} must be >= 0")
@@ -615,11 +638,20 @@ def _pq_saliency(run: _PQRun) -> list[dict]:
     for m in pq.saliency_methods:
         if m == "magnitude":
             methods[m] = by_scores(magnitude)
-        elif m == "obd":
+        elif m == "obd" and pq.obd_steps == 1:
             loss = lambda p, xb, yb: T.cross_entropy(run.model.apply(p, xb), yb)  # noqa: E731
             methods[m] = by_scores(P.obd_saliency(loss, run.params, data=(jnp.asarray(x), jnp.asarray(y)),
+                                                  hessian=pq.obd_hessian, apply_fn=run.model.apply,
                                                   exact_max_size=pq.obd_exact_max_size, n_samples=pq.obd_probes,
                                                   seed=run.seed))
+        elif m == "obd":
+            def obd(s: float) -> tuple[Any, Any]:
+                p, masks, _ = P.obd_prune(run.model.apply, run.params, x, y, sparsity=s, scope="layer",
+                                          hessian=pq.obd_hessian, steps=pq.obd_steps,
+                                          exact_max_size=pq.obd_exact_max_size, n_samples=pq.obd_probes,
+                                          seed=run.seed)
+                return p, masks
+            methods[m] = obd
         else:
             methods[m] = obs
     records = []
@@ -627,6 +659,8 @@ def _pq_saliency(run: _PQRun) -> list[dict]:
         for m, prune in methods.items():
             p, masks = prune(s)
             fields = run.common | {"kind": "saliency", "method": m, "sparsity": s} | run.pruned(P.mask_report(masks))
+            if m == "obd":
+                fields |= {"obd_hessian": pq.obd_hessian, "obd_steps": pq.obd_steps}
             if m == "obs":
                 fields["obs_magnitude_layers"] = wide
             records.append(fields | {"retrain": False, "acc": run.acc(p)})
@@ -637,39 +671,66 @@ def _pq_saliency(run: _PQRun) -> list[dict]:
 
 
 def _binary_fields(params: Any) -> dict:
-    """1 bit per kernel weight; the distinct values of each deployed kernel (2 for a binary one)."""
+    """1 bit per kernel weight; the distinct values of each deployed kernel (2 for a binary one).
+
+    float_params counts the ``params`` collection's other leaves: BatchNorm's running
+    statistics fold into its scale and offset at deployment, so they are not counted.
+    """
     kern = P.kernels(params)
     n = sum(int(np.size(w)) for w in kern.values())
-    return {"kernel_bits": float(n), "compression_ratio": 32.0, "float_params": _n_params(params) - n,
+    trained = params["params"] if isinstance(params, dict) and "params" in params else params
+    return {"kernel_bits": float(n), "compression_ratio": 32.0, "float_params": _n_params(trained) - n,
             "kernel_values": {name: int(np.unique(np.asarray(w)).size) for name, w in kern.items()}}
 
 
 def _pq_binary(run: _PQRun) -> list[dict]:
-    """BinaryConnect (det / stoch) on the study model and a binarized MLP, trained from scratch."""
+    """BinaryConnect (det / stoch) and a binarized MLP, trained from scratch."""
     pq, tc, data = run.pq, run.cfg.train, run.data
     epochs = pq.binary_epochs or tc.epochs
     lr = pq.binary_learning_rate or tc.learning_rate
+    x0 = jnp.asarray(data.x_train[:1])
 
-    def train(apply_fn: Callable, params: Any, desc: str) -> Any:
+    def train(apply_fn: Callable, params: Any, desc: str, optimizer: Any = None, mutable: tuple = ()) -> Any:
         # clip_project: BinaryConnect clips the real-valued weights to [-1, 1] after each update.
         return T.fit(apply_fn, params, data.x_train, data.y_train, epochs=epochs, batch_size=tc.batch_size,
-                     learning_rate=lr, optimizer=tc.optimizer, seed=run.seed, project=Q.clip_project, desc=desc,
-                     progress=run.progress)
+                     learning_rate=lr, optimizer=optimizer or tc.optimizer, seed=run.seed, project=Q.clip_project,
+                     mutable=mutable, desc=desc, progress=run.progress)
+
+    def hidden_widths(given: tuple, key: str) -> tuple:
+        hidden = tuple(given or getattr(run.model, "hidden", ()))
+        if not hidden:
+            raise ConfigError(f"prune_quant.{key}: the study model has no hidden widths; give {key}")
+        return hidden
 
     records = []
-    init = run.model.init(jax.random.key(run.seed + 2), jnp.asarray(data.x_train[:1]))
-    for mode in pq.binary_modes:
-        p = train(Q.binaryconnect_apply_fn(run.model.apply, mode, seed=run.seed), init, f"BinaryConnect {mode}")
-        # Deployed: sign(w) for det, one stochastic draw for stoch (1 bit per weight either way).
-        deployed = Q.binarize_params(p, mode, seed=run.seed)
-        records.append(run.common | {"kind": "binaryconnect", "mode": mode, "epochs": epochs, "acc": run.acc(deployed),
-                                     "acc_real_weights": run.acc(p)} | _binary_fields(deployed))
+    if pq.binary_modes:
+        if pq.binary_norm == "batch_norm":
+            hidden = hidden_widths(pq.binary_hidden, "binary_hidden")
+            net = Q.BinaryConnectMLP(hidden, data.num_classes)
+            init = net.init(jax.random.key(run.seed + 2), x0)
+            train_fn = functools.partial(net.apply, train=True)
+            eval_fn: Callable | None = functools.partial(net.apply, train=False)
+            mutable: tuple = ("batch_stats",)
+            arch = {"binary_norm": "batch_norm", "hidden": list(hidden)}
+        else:
+            init = run.model.init(jax.random.key(run.seed + 2), x0)
+            train_fn, eval_fn, mutable, arch = run.model.apply, None, (), {"binary_norm": "none"}
+        optimizer = (optax.chain(T.make_optimizer(tc.optimizer, lr), Q.glorot_lr_scale())
+                     if pq.binary_glorot_lr else None)
+        for mode in pq.binary_modes:
+            p = train(Q.binaryconnect_apply_fn(train_fn, mode, seed=run.seed), init, f"BinaryConnect {mode}",
+                      optimizer, mutable)
+            # Deployed: sign(w) for det, one stochastic draw for stoch (1 bit per weight either way).
+            # Courbariaux et al. test stoch nets with the real-valued weights (acc_real_weights).
+            deployed = Q.binarize_params(p, mode, seed=run.seed)
+            records.append(run.common | arch | {
+                "kind": "binaryconnect", "mode": mode, "epochs": epochs, "glorot_lr": pq.binary_glorot_lr,
+                "acc": run.acc(deployed, eval_fn), "acc_sign": run.acc(Q.binarize_params(p, "det"), eval_fn),
+                "acc_real_weights": run.acc(p, eval_fn)} | _binary_fields(deployed))
     if pq.bnn:
-        hidden = tuple(pq.bnn_hidden or getattr(run.model, "hidden", ()))
-        if not hidden:
-            raise ConfigError("prune_quant.bnn_hidden: the study model has no hidden widths; give bnn_hidden")
+        hidden = hidden_widths(pq.bnn_hidden, "bnn_hidden")
         bnn = Q.BinarizedMLP(hidden, data.num_classes)
-        p = train(bnn.apply, bnn.init(jax.random.key(run.seed + 3), jnp.asarray(data.x_train[:1])), "BNN")
+        p = train(bnn.apply, bnn.init(jax.random.key(run.seed + 3), x0), "BNN")
         # BinaryDense multiplies by sign_ste(kernel), which is binarize(kernel, "det") in the forward pass.
         records.append(run.common | {"kind": "bnn", "mode": "det", "hidden": list(hidden), "epochs": epochs,
                                      "acc": run.acc(p, bnn.apply)} | _binary_fields(Q.binarize_params(p, "det")))
@@ -853,7 +914,7 @@ def format_study(payload: dict) -> str:
         if by("binaryconnect") or by("bnn"):
             parts += ["Binary weights (BinaryConnect, BNN), kernels only",
                       _table(by("binaryconnect") + by("bnn"), ["kind", "mode"], ["kernel_bits", "compression_ratio"],
-                             ["acc", "acc_real_weights"])]
+                             ["acc", "acc_sign", "acc_real_weights"])]
         if by("kmeans_hist"):
             parts += ["k-means weight sharing of one layer, before / after centroid fine-tuning",
                       _table(by("kmeans_hist"), ["layer", "bits"], ["k", "finetune_epochs"],

@@ -39,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from coblax.compress.prune import kernels, layer_masks, map_kernels, replace_kernels
 from coblax.compress.transforms import keep_pruned, share_by_cluster
@@ -79,6 +80,9 @@ __all__ = [
     "binarize",
     "binaryconnect_apply_fn",
     "clip_project",
+    "glorot_lr_factor",
+    "glorot_lr_scale",
+    "BinaryConnectMLP",
     "binarize_params",
     "sign_ste",
     "BinaryDense",
@@ -997,14 +1001,16 @@ def binaryconnect_apply_fn(
     BinaryConnect Algorithm 1: w_b = binarize(w) in the forward pass; the
     gradient ∂C/∂w_b is applied to the real-valued w (straight-through), and
     w is clipped to [-1, 1] after each update (:func:`clip_project` as ``fit``'s
-    ``project``). Biases stay real. The returned ``q_apply(params, x, key=None)``
-    derives its key from ``seed`` and the current params/batch in "stoch" mode.
+    ``project``). Biases stay real. The returned ``q_apply(params, x, key=None,
+    **kwargs)`` derives its key from ``seed`` and the current params/batch in
+    "stoch" mode and passes ``kwargs`` (``train=True``, ``mutable=[...]`` of a
+    BatchNorm model such as :class:`BinaryConnectMLP`) on to ``apply_fn``.
     """
     if mode not in BINARY_MODES:
         raise ValueError(f"mode must be one of {BINARY_MODES}, got {mode!r}")
     base = jax.random.key(seed)
 
-    def q_apply(params: Params, x: Any, key: jax.Array | None = None) -> Any:
+    def q_apply(params: Params, x: Any, key: jax.Array | None = None, **kwargs: Any) -> Any:
         if mode == "stoch" and key is None:
             key = _content_key(base, params, x)
         names = {n: i for i, n in enumerate(kernels(params))}
@@ -1013,7 +1019,7 @@ def binaryconnect_apply_fn(
             k = jax.random.fold_in(key, names[name]) if key is not None else None
             return _ste(w, binarize(w, mode, k))
 
-        return apply_fn(map_kernels(q, params), x)
+        return apply_fn(map_kernels(q, params), x, **kwargs)
 
     return q_apply
 
@@ -1021,6 +1027,41 @@ def binaryconnect_apply_fn(
 def clip_project(params: Params) -> Params:
     """Clip every kernel to [-1, 1] (BinaryConnect's clip(w) after each update)."""
     return map_kernels(lambda _, w: jnp.clip(w, -1.0, 1.0), params)
+
+
+def glorot_lr_factor(shape: Sequence[int]) -> float:
+    """1/H with H = sqrt(1.5 / (fan_in + fan_out)), Glorot & Bengio's uniform-init bound.
+
+    BinaryConnect scales each layer's learning rate by 1/H ("Glorot" W_LR_scale in
+    Courbariaux et al.'s code): with weights clipped to [-1, 1] instead of [-H, H], the
+    steps of a wide layer's real-valued weights then match their range. A dense kernel
+    (in, out) has fan_in = in, fan_out = out; a conv kernel (*window, c_in, c_out) has
+    fan_in = c_in · window size, fan_out = c_out · window size.
+    """
+    shape = tuple(int(d) for d in shape)
+    if len(shape) < 2:
+        raise ValueError(f"a kernel has at least 2 dimensions, got shape {shape}")
+    window = math.prod(shape[:-2])
+    return math.sqrt((shape[-2] + shape[-1]) * window / 1.5)
+
+
+def glorot_lr_scale() -> optax.GradientTransformation:
+    """Multiply every kernel's update by :func:`glorot_lr_factor` (other leaves unchanged).
+
+    Chain it after the optimizer, ``optax.chain(optax.adam(lr), glorot_lr_scale())``:
+    layer l then steps with learning rate lr / H_l (Courbariaux et al. 2015).
+    Stateless; the factors come from the kernels' static shapes.
+    """
+
+    def init(params: Params) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update(updates: Params, state: optax.EmptyState, params: Params | None = None) -> tuple[Params, Any]:
+        del params
+        return map_kernels(lambda _, u: u * glorot_lr_factor(np.shape(u)), updates), state
+
+    return optax.GradientTransformation(init, update)
 
 
 def binarize_params(params: Params, mode: str = "det", *, seed: int = 0) -> Params:
@@ -1095,3 +1136,35 @@ class BinarizedMLP(nn.Module):
         n = len(self.hidden) + 1
         h = BinaryDense(self.num_classes, name=f"fc{n}")(h)
         return nn.LayerNorm(name=f"norm{n}")(h)
+
+
+class BinaryConnectMLP(nn.Module):
+    """BinaryConnect's batch-normalised MLP (Courbariaux et al. 2015, the MNIST net).
+
+    x (flattened) -> [Dense -> BatchNorm -> ReLU] per hidden width -> Dense ->
+    BatchNorm -> logits: batch normalisation after every layer, the output layer
+    included, as in the paper. With ±1 weights a d-input unit's pre-activation has scale √d, which an
+    unnormalised net cannot absorb (stochastic BinaryConnect then stays at chance).
+    Dense layers carry no bias (BatchNorm's offset is the bias); kernels start
+    U[-1, 1) (the paper's H = 1), so each sign is equally likely. Train the kernels
+    binarized with :func:`binaryconnect_apply_fn` on ``apply(..., train=True,
+    mutable=["batch_stats"])``, clipped with :func:`clip_project`, at Glorot-scaled
+    learning rates (:func:`glorot_lr_scale`); evaluate with ``train=False``. Layers are
+    named fc1, fc2, ... and bn1, bn2, ...
+    """
+
+    hidden: Sequence[int]
+    num_classes: int
+    momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        h = x.reshape((x.shape[0], -1))
+        widths = (*self.hidden, self.num_classes)
+        for i, width in enumerate(widths):
+            h = nn.Dense(width, use_bias=False, kernel_init=_uniform_pm1, name=f"fc{i + 1}")(h)
+            h = nn.BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=1e-4,
+                             name=f"bn{i + 1}")(h)
+            if i < len(self.hidden):
+                h = nn.relu(h)
+        return h
