@@ -42,6 +42,7 @@ def table(out: Path) -> str:
     cobla = []
     budgets = defaultdict(set)
     methods: list[str] = []
+    room: list[str] = []
     for path in sorted(out.glob("*/results.json")):
         payload = json.loads(path.read_text())
         for r in payload["records"]:
@@ -51,6 +52,9 @@ def table(out: Path) -> str:
                 methods.append(r["method"])
             acc[key + (r["budget_mac"], r["method"])][payload["seed"]] = (
                 100 * r["acc_before_finetune"], 100 * r["acc_after_finetune"])
+            if r["method"] in ("cobla", "pos_greedy", "pos_exact") and r.get("room_for_one_more_rank"):
+                room.append(f"{key} {r['budget_mac']:g} seed {payload['seed']} {r['method']}: "
+                            f"room in {r['room_for_one_more_rank']}")
             d = r.get("diagnostics", {})
             if r["method"] == "cobla" and "relaxed_val_accuracy" in d:
                 cobla.append((key, r["budget_mac"], payload["seed"], d, r["ranks"], 100 * r["acc_before_finetune"]))
@@ -83,7 +87,32 @@ def table(out: Path) -> str:
                 f"{d['rounded_objective']:.3f} | {d['relaxed_val_loss']:.3f} / {100 * d['relaxed_val_accuracy']:.1f} | "
                 f"{d['rounded_val_loss']:.3f} / {100 * d['rounded_val_accuracy']:.1f} | {d['rounding']['chosen']} | "
                 f"{' '.join(str(v) for v in ranks.values())} | {test:.1f} |")
+    lines += ["", "#### Issue 8's criteria", ""] + criteria(acc, budgets, methods, room)
     return "\n".join(lines)
+
+
+def criteria(acc, budgets, methods, room) -> list[str]:
+    """Where COBLA is below a baseline before fine-tuning (any seed), where a baseline's
+    mean after fine-tuning exceeds COBLA's by more than 0.5 pt, and room left for a rank."""
+    out = []
+    for key in sorted(budgets):
+        for b in sorted(budgets[key], reverse=True):
+            mine = acc.get(key + (b, "cobla"), {})
+            for m in methods:
+                theirs = acc.get(key + (b, m), {})
+                if m == "cobla" or not mine or not theirs:
+                    continue
+                for seed in sorted(set(mine) & set(theirs)):
+                    if theirs[seed][0] > mine[seed][0] + 1e-9:
+                        out.append(f"- before FT, {key[1]}/{key[2]} {b:g} seed {seed}: {m} {theirs[seed][0]:.1f} "
+                                   f"> cobla {mine[seed][0]:.1f}")
+                common = sorted(set(mine) & set(theirs))
+                gap = (sum(theirs[s][1] for s in common) - sum(mine[s][1] for s in common)) / len(common)
+                if gap > 0.5:
+                    out.append(f"- after FT, {key[1]}/{key[2]} {b:g}: {m} mean is {gap:.2f} pt above cobla's")
+    out += [f"- {r}" for r in room]
+    return out or ["- all met: COBLA at or above every baseline before fine-tuning in every cell and seed; "
+                   "no baseline mean more than 0.5 pt above it after; no COBLA/POS record with room for a rank"]
 
 
 def main() -> None:
