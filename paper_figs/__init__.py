@@ -6,7 +6,7 @@ results hold nothing for it, and the command line then draws the others.
 """
 
 from paper_figs._common import MissingRecords, load_results
-from paper_figs.accuracy_vs_budget import accuracy_vs_budget, rank_bars, sqp_convergence
+from paper_figs.accuracy_vs_budget import accuracy_vs_budget, rank_bars, relaxed_vs_rounded, sqp_convergence
 from paper_figs.studies import (bits_accuracy, kd_temperature, obd_vs_magnitude, pruning, small_arch, svd_fc,
                                weight_histogram)
 
@@ -14,6 +14,7 @@ FIGURES = {
     "accuracy_vs_budget": accuracy_vs_budget,
     "rank_bars": rank_bars,
     "sqp_convergence": sqp_convergence,
+    "relaxed_vs_rounded": relaxed_vs_rounded,
     "kd_temperature": kd_temperature,
     "small_arch": small_arch,
     "svd_fc": svd_fc,

@@ -1,4 +1,5 @@
-"""Figures of ``coblax run`` results: accuracy vs. budget, per-layer ranks, SQP convergence.
+"""Figures of ``coblax run`` results: accuracy vs. budget, per-layer ranks, SQP convergence,
+COBLA's relaxed vs. rounded masks.
 
 Rebuilt from ``results.json`` files only (no training, no allocation here).
 Usage: ``python -m paper_figs RESULTS_DIR... --out FIG_DIR`` draws these with every other
@@ -20,7 +21,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from paper_figs._common import (  # noqa: E402
     HATCHES, MissingRecords, label_axes, mean_std, plt, run_records, save, slug, style)
 
-__all__ = ["accuracy_vs_budget", "rank_bars", "sqp_convergence"]
+__all__ = ["accuracy_vs_budget", "rank_bars", "sqp_convergence", "relaxed_vs_rounded"]
 
 _RUN = "coblax run (allocator comparison)"
 
@@ -147,6 +148,69 @@ def _slacks(record) -> list | None:
     if trace and all(isinstance(t, dict) and "slack" in t for t in trace):
         return [t["slack"] for t in trace]
     return None
+
+
+def _masks(record) -> tuple[dict, dict] | None:
+    """COBLA's per-triplet (relaxed m̂, rounded) masks of a record, when it holds both."""
+    diag = record.get("diagnostics") or {}
+    relaxed, rounded = diag.get("relaxed_masks"), diag.get("rounded_masks")
+    if isinstance(relaxed, dict) and isinstance(rounded, dict) and relaxed:
+        return relaxed, rounded
+    return None
+
+
+def relaxed_vs_rounded(payloads, out_dir, max_records: int = 3) -> list[Path]:
+    """The rounding gap: COBLA's relaxed mask m̂ per singular triplet against the rounded mask.
+
+    One figure per (model, scheme) with one panel per budget (the lowest seed's
+    records, at most ``max_records``, loosest budget first). Along x every layer
+    gets a block of equal width holding its triplets in σ order (largest first);
+    the relaxed m̂ is the gray area, the rounded network's mask the black line, so
+    triplets that rounding cut (or kept against m̂) show as the gap between them.
+    Each layer's tick gives Σm̂ (the relaxed rank) and the rank kept.
+    """
+    recs = [r for r in _runs(payloads) if r["method"] == "cobla" and _masks(r)]
+    if not recs:
+        raise MissingRecords(f"{_RUN}: no COBLA record has diagnostics.relaxed_masks and"
+                             " diagnostics.rounded_masks (records written before they were saved lack them)")
+    paths = []
+    for model, scheme in _panels(recs):
+        mine = [r for r in recs if (r["model"], r.get("scheme", "")) == (model, scheme)]
+        seed = min((r.get("seed") for r in mine), key=lambda s: -1 if s is None else s)
+        mine = sorted((r for r in mine if r.get("seed") == seed),
+                      key=lambda r: (-float(r["budget_mac"]), -float(r["budget_param"])))[:max_records]
+        n_layers = max(len(_masks(r)[0]) for r in mine)
+        fig, axes = plt.subplots(len(mine), 1, figsize=(max(7.0, 0.75 * n_layers + 2.5), 3.2 * len(mine)),
+                                 squeeze=False)
+        for ax, r in zip(axes[:, 0], mine):
+            relaxed, rounded = _masks(r)
+            labels = []
+            for i, (layer, values) in enumerate(relaxed.items()):
+                m = np.asarray(values, dtype=float)
+                q = np.asarray(rounded.get(layer) or [], dtype=float)
+                edges = i + 0.05 + 0.9 * np.arange(len(m) + 1) / max(len(m), 1)
+                ax.stairs(m, edges, fill=True, color="0.72", label=r"relaxed $\hat m$ (SQP solution)" if i == 0 else None)
+                if len(q) == len(m):
+                    ax.stairs(q, edges, color="black", linewidth=1.1, label="rounded mask" if i == 0 else None)
+                kept = int(np.count_nonzero(q)) if len(q) == len(m) else (r.get("ranks") or {}).get(layer, "?")
+                labels.append(f"{layer}\n" + r"$\Sigma\hat m$" + f" {m.sum():.1f} → {kept}/{len(m)}")
+                if i:
+                    ax.axvline(i, color="0.5", linewidth=0.5)
+            ax.set_xticks(np.arange(len(labels)) + 0.5, labels, fontsize=6, rotation=30 if len(labels) > 6 else 0,
+                          ha="right" if len(labels) > 6 else "center")
+            ax.set_xlim(0, len(labels))
+            ax.set_ylim(0, 1.08)
+            diag = r.get("diagnostics") or {}
+            gap = ""
+            if diag.get("relaxed_objective") is not None and diag.get("rounded_objective") is not None:
+                gap = f"; E(m) {diag['relaxed_objective']:.3f} relaxed → {diag['rounded_objective']:.3f} rounded"
+            label_axes(ax, "layer (its singular triplets in σ order, largest first)", "mask value m (1 = kept)",
+                       f"{model} — {scheme}, budget {float(r['budget_mac']):g}/{float(r['budget_param']):g}"
+                       f" (MAC/param)" + ("" if seed is None else f", seed {seed}") + gap)
+            ax.grid(False)
+        axes[0][0].legend(fontsize=7, loc="best", framealpha=0.9)
+        paths += save(fig, out_dir, slug("relaxed_vs_rounded", model, scheme))
+    return paths
 
 
 def main(argv=None) -> int:

@@ -137,3 +137,60 @@ def test_shipped_quickstart_config_validates():
     cfg = load_run_config(REPO / "experiments" / "quickstart.toml")
     assert cfg.methods == ("cobla", "uniform") and cfg.budgets.pairs() == [(0.5, 0.5)]
     assert [m.name for m in cfg.models] == ["mlp", "small_cnn"]
+
+
+COMPARE_CONFIGS = ("compare_lenet5_mnist", "compare_lenet5_fashion", "compare_lenet5_cifar10",
+                   "compare_lenet5_digits", "compare_squeezenet_mnist", "compare_squeezenet_fashion",
+                   "compare_squeezenet_cifar10", "compare_squeezenet_digits")
+SEVEN_METHODS = ("cobla", "cptv", "pos_greedy", "pos_exact", "vbmf", "gavish_donoho", "uniform")
+
+
+@pytest.mark.parametrize("name", COMPARE_CONFIGS)
+def test_shipped_comparison_configs_cover_every_method(name):
+    from coblax.app.config import load_run_config
+
+    cfg = load_run_config(REPO / "experiments" / f"{name}.toml")
+    assert cfg.name == name and cfg.seed_list == (0, 1, 2)
+    assert cfg.methods == SEVEN_METHODS
+    assert cfg.budgets.pairs() == [(0.7, 0.7), (0.6, 0.6), (0.5, 0.5)]
+    assert cfg.decompose.schemes == ("tai", "zhang")
+    assert cfg.finetune.epochs >= 1  # accuracy before and after fine-tuning
+
+
+def test_run_without_cifar10_names_folder_and_files(tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    out = tmp_path / "run"
+    files = "data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch"
+    config = str(REPO / "experiments" / "compare_squeezenet_cifar10.toml")
+    monkeypatch.setenv("COBLAX_DATA", str(empty))
+    assert main(["run", config, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"no CIFAR-10 files in {empty}" in err and str(empty / "cifar-10-batches-py") in err
+    assert files in err and "Traceback" not in err
+    monkeypatch.setenv("COBLAX_DATA", str(tmp_path / "absent"))
+    assert main(["run", config, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"data directory {tmp_path / 'absent'} for CIFAR-10 does not exist" in err
+    assert files in err and "Traceback" not in err
+    monkeypatch.delenv("COBLAX_DATA")
+    assert main(["run", config, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "set the COBLAX_DATA environment variable" in err and files in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["ranks_vgg_digits", "ranks_vgg_mnist"])
+def test_shipped_rank_configs_cover_every_method_on_vgg(name):
+    from coblax.app.config import load_run_config
+
+    cfg = load_run_config(REPO / "experiments" / f"{name}.toml")
+    assert [m.name for m in cfg.models] == ["vgg_small"] and cfg.methods == SEVEN_METHODS
+    assert "--ranks" in (REPO / "experiments" / f"{name}.toml").read_text()
+
+
+@pytest.mark.parametrize("name", ["compare_lenet5_cifar10", "compare_squeezenet_cifar10"])
+def test_cifar10_config_header_names_the_files(name):
+    header = (REPO / "experiments" / f"{name}.toml").read_text().split("\nname = ")[0]
+    for word in ("data_batch_1", "data_batch_5", "test_batch", "$COBLAX_DATA/cifar-10-batches-py/"):
+        assert word in header

@@ -189,6 +189,23 @@ def test_load_dataset_resolves_dirs(tmp_path, monkeypatch):
         load_dataset("mnist", tmp_path / "missing")
 
 
+def test_missing_data_dir_names_the_expected_files(tmp_path, monkeypatch):
+    cifar = "data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch"
+    mnist = "train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz]"
+    monkeypatch.delenv("COBLAX_DATA", raising=False)
+    with pytest.raises(DataError) as err:
+        load_dataset("cifar10")
+    assert "COBLAX_DATA" in str(err.value) and cifar in str(err.value)
+    assert "cifar-10-batches-py/ or cifar10/" in str(err.value)
+    with pytest.raises(DataError) as err:
+        load_dataset("cifar10", tmp_path / "missing")
+    assert f"{tmp_path / 'missing'} for CIFAR-10 does not exist" in str(err.value) and cifar in str(err.value)
+    with pytest.raises(DataError) as err:
+        load_dataset("fashion_mnist", tmp_path / "missing")
+    assert "Fashion-MNIST" in str(err.value) and mnist in str(err.value)
+    assert "fashion-mnist/ or fashion_mnist/" in str(err.value)
+
+
 def test_unknown_name_and_bad_limits():
     with pytest.raises(DataError, match="valid names are digits, mnist, fashion_mnist, cifar10"):
         load_dataset("imagenet")

@@ -25,6 +25,11 @@ def _run_payload():
                     "objective_trace": [1.0, 0.6, 0.4, 0.35] if method == "cobla" else None,
                     "slack_trace": [[0.1, 0.1], [0.02, 0.03], [0.0, 0.0], [0.0, 0.0]] if method == "cobla" else None,
                 })
+                if method == "cobla":  # relaxed m̂ and rounded masks per singular triplet (σ order)
+                    relaxed = {"fc1": [1.0, 0.9, 0.6, 0.3, 0.1], "fc2": [1.0, 0.5, 0.45]}
+                    rounded = {"fc1": [1.0, 0.9, 0.6, 0.0, 0.0], "fc2": [1.0, 0.5, 0.0]}
+                    recs[-1]["diagnostics"] = {"relaxed_masks": relaxed, "rounded_masks": rounded,
+                                               "relaxed_objective": 0.35, "rounded_objective": 0.41}
     return {"config": {}, "seed": 0, "records": recs}
 
 
@@ -94,6 +99,7 @@ def test_missing_records_named_and_others_drawn(results, tmp_path, capsys):
     assert "skipped accuracy_vs_budget: coblax run" in text
     assert "skipped small_arch: small_arch: no `coblax study` results" in text
     assert "skipped pruning: prune_quant:" in text
+    assert "skipped relaxed_vs_rounded: coblax run" in text
     assert (out / "kd_accuracy_vs_temperature.png").stat().st_size > 0
     assert not (out / "accuracy_vs_budget.png").exists()
 
@@ -122,3 +128,17 @@ def test_bad_input(tmp_path, capsys):
     bad.write_text("{")
     assert main([str(bad), "--out", str(tmp_path)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_relaxed_vs_rounded_names_missing_masks(tmp_path, capsys):
+    # Run records, but no COBLA record with the masks (results written before they were saved).
+    payload = _run_payload()
+    for r in payload["records"]:
+        r.pop("diagnostics", None)
+    (tmp_path / "results.json").write_text(json.dumps(payload))
+    assert main([str(tmp_path), "--out", str(tmp_path / "figs"), "--only", "relaxed_vs_rounded",
+                 "accuracy_vs_budget"]) == 0
+    text = capsys.readouterr().out
+    assert ("skipped relaxed_vs_rounded: coblax run (allocator comparison): no COBLA record has "
+            "diagnostics.relaxed_masks and diagnostics.rounded_masks") in text
+    assert (tmp_path / "figs" / "accuracy_vs_budget.png").stat().st_size > 0

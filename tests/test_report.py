@@ -95,3 +95,77 @@ def test_load_records_from_dirs_and_files(tmp_path):
 def test_bad_format():
     with pytest.raises(ValueError, match="fmt must be one of"):
         format_table(RECORDS, "html")
+
+
+def rank_rec(method, budget, ranks, seed=0, status="ok"):
+    out = rec(method, budget, 0.9, 0.95, budget[0], budget[1], model="vgg_small", scheme="tai")
+    out.update(seed=seed, status=status, ranks=ranks,
+               full_ranks={"conv1_1": 9, "conv2_1": 96, "fc1": 256} if ranks else None)
+    return out
+
+
+RANK_RECORDS = [
+    rank_rec("cobla", (0.5, 0.5), {"conv1_1": 3, "conv2_1": 40, "fc1": 100}),
+    rank_rec("uniform", (0.5, 0.5), {"conv1_1": 4, "conv2_1": 48, "fc1": 128}),
+    rank_rec("cobla", (0.7, 0.7), {"conv1_1": 5, "conv2_1": 60, "fc1": 180}),
+    rank_rec("uniform", (0.7, 0.7), None, status="failed"),
+    rank_rec("vbmf", (0.7, 0.7), {"conv1_1": 9, "conv2_1": 30}),
+]
+
+
+def test_ranks_markdown_exact(tmp_path, capsys):
+    from coblax.app.cli import main
+    from coblax.app.report import format_ranks
+
+    expected = (
+        "### vgg_small — tai, budget 0.7/0.7 (MAC/param): ranks kept per layer\n"
+        "\n"
+        "| layer | full | cobla | uniform | vbmf |\n"
+        "|---|---:|---:|---:|---:|\n"
+        "| conv1_1 | 9 | 5 | failed | 9 |\n"
+        "| conv2_1 | 96 | 60 | failed | 30 |\n"
+        "| fc1 | 256 | 180 | failed | - |\n"
+        "\n"
+        "### vgg_small — tai, budget 0.5/0.5 (MAC/param): ranks kept per layer\n"
+        "\n"
+        "| layer | full | cobla | uniform |\n"
+        "|---|---:|---:|---:|\n"
+        "| conv1_1 | 9 | 3 | 4 |\n"
+        "| conv2_1 | 96 | 40 | 48 |\n"
+        "| fc1 | 256 | 100 | 128 |\n"
+    )
+    assert format_ranks(RANK_RECORDS, "md") == expected
+    (tmp_path / "results.json").write_text(json.dumps({"records": RANK_RECORDS}))
+    assert main(["table", str(tmp_path), "--ranks"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_ranks_csv_and_tex_with_seeds():
+    from coblax.app.report import format_ranks
+
+    seeds = [
+        rank_rec("cobla", (0.5, 0.5), {"conv1_1": 3, "conv2_1": 40, "fc1": 100}, seed=0),
+        rank_rec("cobla", (0.5, 0.5), {"conv1_1": 3, "conv2_1": 44, "fc1": 101}, seed=1),
+        rank_rec("cobla", (0.5, 0.5), None, seed=2, status="failed"),
+        rank_rec("pos_exact", (0.5, 0.5), {"conv1_1": 2, "conv2_1": 50, "fc1": 90}, seed=0),
+        rank_rec("pos_exact", (0.5, 0.5), {"conv1_1": 2, "conv2_1": 50, "fc1": 90}, seed=1),
+    ]
+    assert format_ranks(seeds, "csv").splitlines() == [
+        "model,scheme,budget,layer,full,cobla,pos_exact",
+        "vgg_small,tai,0.5/0.5,conv1_1,9,3 (n=2),2",
+        "vgg_small,tai,0.5/0.5,conv2_1,96,42.0 ± 2.8 (n=2),50",
+        "vgg_small,tai,0.5/0.5,fc1,256,100.5 ± 0.7 (n=2),90",
+    ]
+    tex = format_ranks(seeds, "tex").splitlines()
+    assert tex[1:5] == ["\\begin{tabular}{lrrr}", "\\toprule", "Layer & Full & cobla & pos\\_exact \\\\",
+                        "\\midrule"]
+    assert tex[6] == "conv2\\_1 & 96 & 42.0 $\\pm$ 2.8 (n=2) & 50 \\\\"
+    assert format_ranks([rec("cobla", (0.5, 0.5), 0.9, 0.9, 0.5, 0.5)], "md") == ""
+
+
+def test_ranks_command_without_ranks_exits_2(tmp_path, capsys):
+    from coblax.app.cli import main
+
+    (tmp_path / "results.json").write_text(json.dumps({"records": RECORDS}))
+    assert main(["table", str(tmp_path), "--ranks"]) == 2
+    assert "no record holds per-layer ranks" in capsys.readouterr().err

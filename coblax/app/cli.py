@@ -77,9 +77,15 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_table(args) -> int:
-    from coblax.app.report import format_table, load_records
+    from coblax.app.report import ResultsError, format_ranks, format_table, load_records
 
     records = load_records(args.results)
+    if args.ranks:
+        text = format_ranks(records, args.format)
+        if not text:
+            raise ResultsError(f"{', '.join(args.results)}: no record holds per-layer ranks")
+        print(text)
+        return 0
     print(format_table(records, args.format))
     return 0
 
@@ -202,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("table", parents=[common], help="comparison table of results directories")
     p.add_argument("results", nargs="+", help="directories holding results.json (or the files)")
     p.add_argument("--format", choices=("md", "csv", "tex"), default="md")
+    p.add_argument("--ranks", action="store_true",
+                   help="per-layer target ranks instead: layers x methods, one table per model, scheme "
+                        "and budget")
     p.set_defaults(fn=_cmd_table)
     p = sub.add_parser("compress", parents=[common],
                        help="run a compression pipeline config (prune/quantize/encode)")

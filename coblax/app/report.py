@@ -10,6 +10,9 @@ scores, so they are never marked). Records of several seeds (their ``seed`` key)
 are shown as mean ± standard deviation with the number of seeds, and every method
 within one standard error of the best mean is marked. Tables are rebuilt from
 saved results only.
+
+:func:`format_ranks` writes the per-layer target ranks instead: one table per (model,
+scheme, budget), layers are rows and methods columns (``coblax table RUN --ranks``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ __all__ = [
     "read_results",
     "load_records",
     "format_table",
+    "format_ranks",
 ]
 
 REQUIRED_KEYS = (
@@ -262,6 +266,96 @@ def format_table(
                               n_seeds if multi else None, len(seeds))
                       + _failure_notes(fmt, failures))
     return "\n\n".join(tables) + ("\n" if tables else "")
+
+
+def format_ranks(records: Sequence[dict[str, Any]], fmt: str = "md") -> str:
+    """Per-layer target ranks, one table per (model, scheme, budget): layers x methods.
+
+    Rows are the decomposed layers in network order (the order of the records'
+    ``ranks``), then a ``full`` column gives each layer's full rank
+    (``full_ranks``); each method (first-appearance order) has one column holding
+    the number of singular triplets it keeps. Tables follow the model and scheme
+    order of the records and, within them, budgets from the loosest to the
+    tightest. With several seeds a cell is the rank when every seed chose the same,
+    else ``mean ± std`` (one decimal); ``(n=k)`` follows when fewer seeds than the
+    method has there hold ranks. A method whose every record there failed prints
+    ``failed``; a method without a record, or a layer without a rank, prints ``-``.
+
+    Args:
+      records: as returned by :func:`load_records` (``ranks`` and ``full_ranks`` are
+        read when present).
+      fmt: ``"md"``, ``"csv"`` or ``"tex"``.
+    Returns:
+      The tables, separated by a blank line ("" when no record has ranks).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    pm = "$\\pm$" if fmt == "tex" else "±"
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for rec in records:
+        groups.setdefault((str(rec["model"]), str(rec["scheme"])), []).append(rec)
+    tables = []
+    for (model, scheme), recs in groups.items():
+        if not any(isinstance(r.get("ranks"), dict) for r in recs):
+            continue
+        methods = list(dict.fromkeys(str(r["method"]) for r in recs))
+        layers = list(dict.fromkeys(k for r in recs for k in (r.get("ranks") or {})))
+        full: dict[str, Any] = {}
+        for r in recs:
+            full.update(r.get("full_ranks") or {})
+        n_seeds = len({r.get("seed") for r in recs})
+        budgets = sorted({(float(r["budget_mac"]), float(r["budget_param"])) for r in recs}, reverse=True)
+        for mac, par in budgets:
+            here: dict[str, dict[Any, dict[str, Any]]] = {}
+            for r in recs:
+                if (float(r["budget_mac"]), float(r["budget_param"])) == (mac, par):
+                    here.setdefault(str(r["method"]), {})[r.get("seed")] = r
+            cols = [m for m in methods if m in here]
+            grid = {layer: [str(full.get(layer, _MISSING))] + [_rank_cell(here[m], layer, pm) for m in cols]
+                    for layer in layers}
+            seeds = f"; mean {pm} std over {n_seeds} seeds where they differ" if n_seeds > 1 else ""
+            title = f"{model} — {scheme}, budget {mac:g}/{par:g} (MAC/param): ranks kept per layer{seeds}"
+            tables.append(_render_ranks(fmt, title, (model, scheme, f"{mac:g}/{par:g}"), cols, grid))
+    return "\n\n".join(tables) + ("\n" if tables else "")
+
+
+def _rank_cell(by_seed: dict[Any, dict[str, Any]], layer: str, pm: str) -> str:
+    """One method's rank of ``layer`` over its seeds (see :func:`format_ranks`)."""
+    ok = [r for r in by_seed.values() if r.get("status") != _FAILED]
+    if not ok:
+        return _FAILED
+    present = [float(v) for r in ok if isinstance(r.get("ranks"), dict)
+               for v in [r["ranks"].get(layer)] if _is_number(v)]
+    if not present:
+        return _MISSING
+    mean, std, _ = _spread(present)
+    text = f"{present[0]:g}" if len(set(present)) == 1 else f"{mean:.1f} {pm} {std:.1f}"
+    return text + (f" (n={len(present)})" if len(present) < len(by_seed) else "")
+
+
+def _render_ranks(fmt: str, title: str, where: tuple[str, str, str], methods: list[str],
+                  grid: dict[str, list[str]]) -> str:
+    """One layers x methods table; ``where`` is (model, scheme, budget) for CSV rows."""
+    head = ["layer", "full"] + methods
+    if fmt == "md":
+        lines = [f"### {title}", "", "| " + " | ".join(head) + " |",
+                 "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        lines += ["| " + " | ".join([layer] + cells) + " |" for layer, cells in grid.items()]
+        return "\n".join(lines)
+    if fmt == "csv":
+        lines = [",".join(_csv_cell(h) for h in ["model", "scheme", "budget"] + head)]
+        lines += [",".join(_csv_cell(c) for c in [*where, layer] + cells) for layer, cells in grid.items()]
+        return "\n".join(lines)
+    lines = [
+        f"% {title}",
+        "\\begin{tabular}{lr" + "r" * len(methods) + "}",
+        "\\toprule",
+        " & ".join(["Layer", "Full"] + [_tex_escape(m) for m in methods]) + " \\\\",
+        "\\midrule",
+    ]
+    lines += [" & ".join([_tex_escape(layer)] + cells) + " \\\\" for layer, cells in grid.items()]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines)
 
 
 def _spread(values: Sequence[float]) -> tuple[float, float, float]:

@@ -412,30 +412,45 @@ def _marker_files(name: str) -> list[str]:
     return [f"{stem}{ext}" for stem in _MNIST_FILES.values() for ext in ("", ".gz")]
 
 
+_LABELS = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
+
+
+def _expected_files(name: str) -> str:
+    """The files a dataset's folder must hold, as listed in messages."""
+    if name == "cifar10":
+        return ", ".join((*_CIFAR_TRAIN, _CIFAR_TEST))
+    return ", ".join(f"{s}[.gz]" for s in _MNIST_FILES.values())
+
+
 def _resolve_dir(name: str, data_dir: str | os.PathLike | None) -> Path:
-    """The directory that holds ``name``'s files: ``D`` itself or a known sub-folder."""
+    """The directory that holds ``name``'s files: ``D`` itself or a known sub-folder.
+
+    Every failure names the folders looked in (or the setting to give) and the files
+    expected there.
+    """
+    label, want = _LABELS[name], _expected_files(name)
+    subs = " or ".join(f"{sub}/" for sub in _SUBDIRS[name])
     if data_dir is None:
         data_dir = os.environ.get(ENV_VAR) or None
     if data_dir is None:
         raise DataError(
-            f"no data directory for {name!r}: pass data_dir=... or set the {ENV_VAR}"
-            " environment variable"
+            f"no data directory for {label}: set the {ENV_VAR} environment variable (or the"
+            f" config's [data].dir, data_dir=...) to a folder holding {want} (directly or in"
+            f" {subs} below it)"
         )
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise DataError(f"data directory {root} for {name!r} does not exist")
+        raise DataError(
+            f"data directory {root} for {label} does not exist: expected a folder holding"
+            f" {want} (directly or in {subs} below it)"
+        )
     candidates = [root, *(root / sub for sub in _SUBDIRS[name])]
     markers = _marker_files(name)
     for cand in candidates:
         # Any one file is enough to pick the folder; the loader then names what is missing.
         if any((cand / m).is_file() for m in markers):
             return cand
-    if name == "cifar10":
-        want = ", ".join(markers)
-    else:
-        want = ", ".join(f"{s}[.gz]" for s in _MNIST_FILES.values())
     looked = ", ".join(str(c) for c in candidates)
-    label = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}[name]
     raise DataError(f"no {label} files in {root} (looked in {looked}): expected {want}")
 
 
