@@ -194,3 +194,25 @@ def test_cifar10_config_header_names_the_files(name):
     header = (REPO / "experiments" / f"{name}.toml").read_text().split("\nname = ")[0]
     for word in ("data_batch_1", "data_batch_5", "test_batch", "$COBLAX_DATA/cifar-10-batches-py/"):
         assert word in header
+
+
+def test_closed_pipe_exits_quietly(tmp_path):
+    """``coblax table RUN | head``: the reader closing the pipe is not an internal error."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    record = {"model": "mlp", "scheme": "tai", "method": "cobla", "budget_mac": 0.5, "budget_param": 0.5,
+              "basis": "decomposed", "status": "ok", "base_acc": 0.9, "acc_before_finetune": 0.8,
+              "acc_after_finetune": 0.85, "mac_ratio": 0.5, "param_ratio": 0.5, "ranks": {"fc1": 3}}
+    # enough methods that the table is far larger than a pipe's buffer
+    records = [dict(record, method=f"m{i}", budget_mac=b, budget_param=b) for i in range(2000) for b in (0.5, 0.6)]
+    (run / "results.json").write_text(json.dumps({"seed": 0, "records": records}))
+    proc = subprocess.Popen([sys.executable, "-m", "coblax.app.cli", "table", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()  # the reader goes away, as `head` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "internal error" not in err

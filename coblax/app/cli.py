@@ -11,6 +11,7 @@ A run stopped by SIGINT/SIGTERM exits with 130/143 after saving what is finished
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -247,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
+    except BrokenPipeError:
+        # the reader went away (``coblax table ... | head``): not an error of ours; point
+        # stdout at /dev/null so that the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except CoblaxError as err:
         if debug:
             traceback.print_exc()
