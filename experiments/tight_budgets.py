@@ -58,6 +58,7 @@ def table(out: Path) -> str:
             d = r.get("diagnostics", {})
             if r["method"] == "cobla" and "relaxed_val_accuracy" in d:
                 cobla.append((key, r["budget_mac"], payload["seed"], d, r["ranks"], 100 * r["acc_before_finetune"]))
+    methods.sort(key=lambda m: m != "cobla")  # COBLA first, the others in the order they were run
     lines = []
     for key in sorted(budgets):
         bs = sorted(budgets[key], reverse=True)
