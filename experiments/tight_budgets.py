@@ -108,6 +108,8 @@ def criteria(acc, budgets, methods, room) -> list[str]:
                         out.append(f"- before FT, {key[1]}/{key[2]} {b:g} seed {seed}: {m} {theirs[seed][0]:.1f} "
                                    f"> cobla {mine[seed][0]:.1f}")
                 common = sorted(set(mine) & set(theirs))
+                if not common:
+                    continue
                 gap = (sum(theirs[s][1] for s in common) - sum(mine[s][1] for s in common)) / len(common)
                 if gap > 0.5:
                     out.append(f"- after FT, {key[1]}/{key[2]} {b:g}: {m} mean is {gap:.2f} pt above cobla's")

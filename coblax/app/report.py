@@ -189,19 +189,15 @@ def format_table(
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for rec in records:
         missing = [k for k in REQUIRED_KEYS if k not in rec]
         if missing:
             raise ValueError(f"record {rec!r} lacks the keys {', '.join(missing)}")
-        groups.setdefault((str(rec["model"]), str(rec["scheme"])), []).append(rec)
     pm = "$\\pm$" if fmt == "tex" else "±"
     tables = []
-    for (model, scheme), recs in groups.items():
+    for (model, scheme), recs in _by_network(records).items():
         methods = list(dict.fromkeys(str(r["method"]) for r in recs))
-        budgets = sorted(
-            {(float(r["budget_mac"]), float(r["budget_param"])) for r in recs}, reverse=True
-        )
+        budgets = _budgets(recs)
         labels = [f"{m:g}/{p:g}" for m, p in budgets]
         seeds = list(dict.fromkeys(r.get("seed") for r in recs))
         multi = len(seeds) > 1
@@ -291,11 +287,8 @@ def format_ranks(records: Sequence[dict[str, Any]], fmt: str = "md") -> str:
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     pm = "$\\pm$" if fmt == "tex" else "±"
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for rec in records:
-        groups.setdefault((str(rec["model"]), str(rec["scheme"])), []).append(rec)
     tables = []
-    for (model, scheme), recs in groups.items():
+    for (model, scheme), recs in _by_network(records).items():
         if not any(isinstance(r.get("ranks"), dict) for r in recs):
             continue
         methods = list(dict.fromkeys(str(r["method"]) for r in recs))
@@ -304,8 +297,7 @@ def format_ranks(records: Sequence[dict[str, Any]], fmt: str = "md") -> str:
         for r in recs:
             full.update(r.get("full_ranks") or {})
         n_seeds = len({r.get("seed") for r in recs})
-        budgets = sorted({(float(r["budget_mac"]), float(r["budget_param"])) for r in recs}, reverse=True)
-        for mac, par in budgets:
+        for mac, par in _budgets(recs):
             here: dict[str, dict[Any, dict[str, Any]]] = {}
             for r in recs:
                 if (float(r["budget_mac"]), float(r["budget_param"])) == (mac, par):
@@ -317,6 +309,19 @@ def format_ranks(records: Sequence[dict[str, Any]], fmt: str = "md") -> str:
             title = f"{model} — {scheme}, budget {mac:g}/{par:g} (MAC/param): ranks kept per layer{seeds}"
             tables.append(_render_ranks(fmt, title, (model, scheme, f"{mac:g}/{par:g}"), cols, grid))
     return "\n\n".join(tables) + ("\n" if tables else "")
+
+
+def _by_network(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Records grouped by (model, scheme), in first-appearance order: one group per table set."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for rec in records:
+        groups.setdefault((str(rec["model"]), str(rec["scheme"])), []).append(rec)
+    return groups
+
+
+def _budgets(recs: Sequence[dict[str, Any]]) -> list[tuple[float, float]]:
+    """The (MAC, parameter) budget pairs of ``recs``, loosest first."""
+    return sorted({(float(r["budget_mac"]), float(r["budget_param"])) for r in recs}, reverse=True)
 
 
 def _rank_cell(by_seed: dict[Any, dict[str, Any]], layer: str, pm: str) -> str:

@@ -343,7 +343,8 @@ class COBLA:
             raise AssertionError("COBLA rounding produced an infeasible allocation")
         value = getattr(problem.loss, "value", None)
         m_rounded = flat_mask(problem, masks)
-        m_rel_flat = flat_mask(problem, blocks(m_relaxed))
+        relaxed_blocks = blocks(m_relaxed)
+        m_rel_flat = flat_mask(problem, relaxed_blocks)
         rel_val_loss, rel_val_acc = metrics(m_rel_flat)
         rnd_val_loss, rnd_val_acc = metrics(m_rounded)
         last = state.solves[-1] if state.solves else {}
@@ -363,10 +364,10 @@ class COBLA:
             "rounded_val_accuracy": rnd_val_acc,
             "continued_objective": value(flat_mask(problem, m_hat)) if value and self.continuation else None,
             "saturated_layers": sorted(state.saturated),
-            "relaxed_ranks": {k: float(np.sum(v)) for k, v in blocks(m_relaxed).items()},
+            "relaxed_ranks": {k: float(np.sum(v)) for k, v in relaxed_blocks.items()},
             # Per-triplet masks (σ order) so that figures can show the rounding gap without
             # re-solving: the relaxed m̂ and the rounded network's mask values.
-            "relaxed_masks": {k: np.round(v, 5).tolist() for k, v in blocks(m_relaxed).items()},
+            "relaxed_masks": {k: np.round(v, 5).tolist() for k, v in relaxed_blocks.items()},
             "rounded_masks": {k: np.round(np.asarray(v, np.float64), 5).tolist() for k, v in masks.items()},
             "warm_start_ranks": warm_ranks,
             "rounding": info,
