@@ -104,3 +104,27 @@ def test_absent_data_names_folder_and_files(tmp_path):
 def test_cli_study_bad_input_exits_2(tmp_path, capsys):
     assert main(["study", str(_write(tmp_path, 'study = "nope"'))]) == 2
     assert "valid studies" in capsys.readouterr().err
+
+
+def test_kd_transfer_set_and_diagnostics(tmp_path):
+    # The students see transfer_size images, the teacher all of them; at a very high
+    # temperature the teacher's soft targets tend to uniform, so the mass they put off the
+    # label tends to (K - 1) / K = 0.9 (an outside limit, not the code's own formula).
+    cfg = load_study_config(_write(tmp_path, "\n".join([
+        'study = "kd"', "seeds = [0]", f'cache_dir = "{tmp_path / "cache"}"',
+        '[data]\nname = "digits"\nlimit_train = 300\nlimit_test = 100',
+        "[train]\nepochs = 3",
+        '[kd]\nteacher = { name = "mlp", hidden = [32] }\nstudent = { name = "mlp", hidden = [4] }',
+        "temperatures = [1.0, 1000.0]\ntransfer_size = 60"])))
+    recs = run_study(cfg, tmp_path / "out", progress=False)["records"]
+    assert {r["transfer_size"] for r in recs} == {60}
+    by_t = {r["temperature"]: r for r in recs if r["role"] == "student_kd"}
+    assert by_t[1000.0]["soft_off_label"] == pytest.approx(0.9, abs=2e-3)
+    assert 0.0 <= by_t[1.0]["soft_off_label"] < by_t[1000.0]["soft_off_label"]
+    assert all(0.0 <= r["train_acc"] <= 1.0 for r in recs)
+    assert "soft targets off the label (%)" in format_study(json.loads((tmp_path / "out" / "results.json").read_text()))
+    too_many = dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, transfer_size=10_000))
+    with pytest.raises(ConfigError, match="exceeds the 300 training images"):
+        run_study(too_many, tmp_path / "out2", progress=False)
+    with pytest.raises(ConfigError, match="transfer_size"):
+        load_study_config(_write(tmp_path, 'study = "kd"\n[kd]\ntransfer_size = 0'))

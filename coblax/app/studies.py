@@ -12,7 +12,9 @@ record per measured point. :func:`format_study` prints the Markdown tables.
 Studies (seed: the lecture; numbers to compare with: ``seed_tables.md``):
 
 * ``kd`` — Hinton et al. 2015: a teacher; the student trained alone; the same
-  student distilled at each temperature (loss in :mod:`coblax.nn.distill`).
+  student distilled at each temperature (loss in :mod:`coblax.nn.distill`), optionally
+  on a small transfer set; with each net's training accuracy and the soft targets'
+  mass off the label, which say why distillation helps or not.
 * ``small_arch`` — Iandola et al. 2016 (Fire squeeze ratio and 3×3 fraction sweep),
   depthwise-separable and flattened (Jin et al. 2014) vs. standard convolutions:
   parameters, MACs (by formula and by coblax's tracer) and accuracy.
@@ -55,7 +57,7 @@ from coblax.compress.transforms import keep_pruned
 from coblax.lowrank.decompose import factored_apply, factorize, get_kernel, layer_key, trace_layers, truncate
 from coblax.nn import train as T
 from coblax.nn.data import Dataset, load_dataset
-from coblax.nn.distill import distill
+from coblax.nn.distill import distill, softmax_t
 from coblax.nn.models import MODEL_NAMES, build_model
 from coblax.nn.small import BLOCKS, BlockNet, FireNet, block_net_cost, fire_net_cost
 from coblax.util import write_json_atomic
@@ -74,6 +76,9 @@ __all__ = [
 ]
 
 STUDIES = ("kd", "small_arch", "svd_fc", "prune_quant")
+#: KD diagnostics (training accuracy, soft-target mass) are measured on at most this many
+#: of the students' training images.
+KD_FIT_EXAMPLES = 10_000
 SALIENCY_METHODS = ("magnitude", "obd", "obs")
 BINARY_NORMS = ("batch_norm", "none")
 
@@ -104,10 +109,17 @@ class KDConfig:
     temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     alpha: float = 0.9
     student_epochs: int | None = None  # default: train.epochs
+    # The students (alone and distilled) see only this many training images, drawn with the
+    # seed; the teacher sees all (Hinton et al. Sec. 3's 3 % transfer set). Default: all.
+    transfer_size: int | None = None
 
     def validate(self, where: str) -> None:
         _model(self.teacher, f"{where}.teacher")
         _model(self.student, f"{where}.student")
+        if self.transfer_size is not None and self.transfer_size < 1:
+            raise ConfigError(f"{where}.transfer_size = {self.transfer_size!r} must be >= 1 (omit it: all images)")
+        if self.student_epochs is not None and self.student_epochs < 1:
+            raise ConfigError(f"{where}.student_epochs = {self.student_epochs!r} must be >= 1")
         if not self.temperatures or any(t <= 0 for t in self.temperatures):
             raise ConfigError(f"{where}.temperatures must be a non-empty list of numbers > 0")
         if not 0.0 <= self.alpha <= 1.0:
@@ -346,21 +358,39 @@ def _study_kd(cfg: StudyConfig, data: Dataset, seed: int, progress: bool) -> lis
     teacher = train_base_model(_run_config(cfg, seed), teacher_mc, data, _cache(cfg), progress)
     student = build_model(student_mc.name, num_classes=data.num_classes, **dict(student_mc.options))
     tc = cfg.train if kd.student_epochs is None else dataclasses.replace(cfg.train, epochs=kd.student_epochs)
-    common = {"teacher": teacher_mc.label, "student": student_mc.label}
+    n = len(data.x_train)
+    if kd.transfer_size is not None and kd.transfer_size > n:
+        raise ConfigError(f"kd.transfer_size = {kd.transfer_size} exceeds the {n} training images")
+    pick = (np.sort(np.random.default_rng(seed).permutation(n)[:kd.transfer_size])
+            if kd.transfer_size is not None else np.arange(n))
+    x_tr, y_tr = data.x_train[pick], data.y_train[pick]
+    transfer = dataclasses.replace(data, x_train=x_tr, y_train=y_tr)
+    # Diagnostics that say why distillation helps or not: how well each net fits the
+    # images the students train on (a student that does not overfit has nothing for soft
+    # targets to regularise), and how much probability the teacher's softened targets put
+    # off the true label (near 0: the soft targets are the hard labels again).
+    fit_x, fit_y = x_tr[:KD_FIT_EXAMPLES], y_tr[:KD_FIT_EXAMPLES]
+    teacher_logits = np.asarray(T.predict(teacher.model.apply, teacher.params, fit_x))
+    common = {"teacher": teacher_mc.label, "student": student_mc.label, "transfer_size": len(pick)}
     records = [common | {"role": "teacher", "temperature": None, "alpha": None, "acc": teacher.accuracy,
+                         "train_acc": T.evaluate(teacher.model.apply, teacher.params, fit_x, fit_y),
                          "params": _n_params(teacher.params)}]
     # The same initial student (key seed + 1) and batches for "alone" and every distilled run.
-    alone, acc_alone = _train_module(student, data, tc, seed + 1, progress, "student alone")
+    alone, acc_alone = _train_module(student, transfer, tc, seed + 1, progress, "student alone")
     records.append(common | {"role": "student_alone", "temperature": None, "alpha": 0.0, "acc": acc_alone,
+                             "train_acc": T.evaluate(student.apply, alone, fit_x, fit_y),
                              "params": _n_params(alone)})
-    init = student.init(jax.random.key(seed + 1), jnp.asarray(data.x_train[:1]))
+    init = student.init(jax.random.key(seed + 1), jnp.asarray(x_tr[:1]))
     for t in kd.temperatures:
-        p = distill(student.apply, init, data.x_train, data.y_train, teacher_apply=teacher.model.apply,
+        p = distill(student.apply, init, x_tr, y_tr, teacher_apply=teacher.model.apply,
                     teacher_params=teacher.params, temperature=t, alpha=kd.alpha, epochs=tc.epochs,
                     batch_size=tc.batch_size, learning_rate=tc.learning_rate, optimizer=tc.optimizer,
                     seed=seed + 1, progress=progress)
+        soft = np.asarray(softmax_t(teacher_logits, t))
         records.append(common | {"role": "student_kd", "temperature": t, "alpha": kd.alpha,
                                  "acc": T.evaluate(student.apply, p, data.x_test, data.y_test),
+                                 "train_acc": T.evaluate(student.apply, p, fit_x, fit_y),
+                                 "soft_off_label": float(1.0 - soft[np.arange(len(fit_y)), fit_y].mean()),
                                  "params": _n_params(p)})
     return records
 
@@ -873,7 +903,8 @@ def _table(records: list[dict], keys: Sequence[str], extra: Sequence[str] = (),
     for key, group in _grouped(records, keys):
         rows.append([_fmt(v) for v in key] + [_fmt(group[0].get(e)) for e in extra]
                     + [_mean_std([g.get(m) for g in group]) for m in metrics])
-    units = {"acc": "acc (%)", "acc_change": "acc change (pt)"}
+    units = {"acc": "acc (%)", "acc_change": "acc change (pt)",
+             "soft_off_label": "soft targets off the label (%)"}
     return _md([*keys, *extra, *(units.get(m, f"{m} (%)" if "acc" in m.split("_") else m) for m in metrics)], rows)
 
 
@@ -885,7 +916,8 @@ def format_study(payload: dict) -> str:
             f" seeds {', '.join(str(s) for s in payload.get('seeds', []))})"
     parts = [title]
     if study == "kd":
-        parts.append(_table(recs, ["role", "temperature"], ["teacher", "student", "alpha", "params"]))
+        parts.append(_table(recs, ["role", "temperature"], ["teacher", "student", "alpha", "params", "transfer_size"],
+                            ["acc", "train_acc", "soft_off_label"]))
     elif study == "small_arch":
         parts.append(_table(recs, ["family", "variant"], ["params", "macs", "traced_macs"]))
     elif study == "svd_fc":

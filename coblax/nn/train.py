@@ -16,6 +16,7 @@ garbage weights are never returned, evaluated or cached.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -229,9 +230,26 @@ def _batched(fn, x, batch_size):
     return np.concatenate(outs)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_jit(apply_fn, params, xb):
+    return apply_fn(params, xb)
+
+
 def predict(apply_fn, params, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-    """Logits for ``x`` in fixed-size batches (one compilation)."""
-    fn = jax.jit(lambda xb: apply_fn(params, xb))
+    """Logits for ``x`` in fixed-size batches.
+
+    The weights are an argument of the compiled function, not constants baked into
+    it, so one compilation serves every call with the same ``apply_fn`` and shapes
+    (the same network before and after fine-tuning, every evaluation of a base
+    model); baking them in compiled anew on each call and slowly for large layers.
+    An ``apply_fn`` that cannot be hashed falls back to one compilation per call.
+    """
+    try:
+        hash(apply_fn)
+    except TypeError:
+        fn = jax.jit(lambda xb: apply_fn(params, xb))
+    else:
+        fn = functools.partial(_apply_jit, apply_fn, params)
     return _batched(fn, x, batch_size)
 
 
