@@ -5,6 +5,8 @@ a function raises :class:`MissingRecords` (naming the study and what is missing)
 results hold nothing for it, and the command line then draws the others.
 """
 
+from pathlib import Path
+
 from paper_figs._common import MissingRecords, load_results
 from paper_figs.accuracy_vs_budget import accuracy_vs_budget, rank_bars, relaxed_vs_rounded, sqp_convergence
 from paper_figs.studies import (bits_accuracy, kd_temperature, obd_vs_magnitude, pruning, small_arch, svd_fc,
@@ -24,4 +26,36 @@ FIGURES = {
     "weight_histogram": weight_histogram,
 }
 
-__all__ = ["FIGURES", "MissingRecords", "load_results", *FIGURES]
+#: The ``coblax study`` kind each study figure draws from. Results of several runs of one
+#: study (``kd_full`` and ``kd_transfer_full``; a quick and a full variant) are different
+#: experiments: :func:`draw` gives each run (by its config name) its own figure.
+STUDY_OF = {"kd_temperature": "kd", "small_arch": "small_arch", "svd_fc": "svd_fc", "pruning": "prune_quant",
+            "bits_accuracy": "prune_quant", "obd_vs_magnitude": "prune_quant", "weight_histogram": "prune_quant"}
+
+
+def draw(name: str, payloads, out_dir) -> list:
+    """Draw figure ``name``; a study figure over several runs of its study: one per run.
+
+    With one run (or none) the figure goes to ``out_dir``; with several, run ``NAME``'s
+    goes to ``out_dir/NAME/`` (the seeds of one run, split over several result files,
+    stay together). Raises :class:`MissingRecords` only when no run has what it needs.
+    """
+    study = STUDY_OF.get(name)
+    runs: dict[str, list] = {}
+    for payload in payloads if study else ():
+        if payload.get("study") == study:
+            runs.setdefault(str(payload.get("name") or study), []).append(payload)
+    if len(runs) <= 1:
+        return FIGURES[name](payloads, out_dir)
+    paths, missing = [], []
+    for run, group in runs.items():
+        try:
+            paths += FIGURES[name](group, Path(out_dir) / run)
+        except MissingRecords as err:
+            missing.append(f"{run}: {err}")
+    if not paths:
+        raise MissingRecords("; ".join(missing))
+    return paths
+
+
+__all__ = ["FIGURES", "STUDY_OF", "MissingRecords", "draw", "load_results", *FIGURES]

@@ -1,7 +1,8 @@
 """``python -m paper_figs RESULTS_DIR... --out FIG_DIR [--only NAME...]``.
 
 Draws every figure the results have records for (PNG and PDF); for each figure it
-cannot draw it prints the study and what is missing, and goes on. Exit status 0 when
+cannot draw it prints the study and what is missing, and goes on. Several runs of one
+study (by config name) get one figure each, in ``FIG_DIR/<run name>/``. Exit status 0 when
 at least one figure was written, 1 when none was, 2 on unreadable input.
 """
 
@@ -11,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from paper_figs import FIGURES, MissingRecords, load_results
+from paper_figs import FIGURES, MissingRecords, draw, load_results
 
 
 def main(argv: Sequence[str] | None = None, only: Sequence[str] = ()) -> int:
@@ -29,7 +30,7 @@ def main(argv: Sequence[str] | None = None, only: Sequence[str] = ()) -> int:
     written = 0
     for name in names:
         try:
-            paths = FIGURES[name](payloads, args.out)
+            paths = draw(name, payloads, args.out)
         except MissingRecords as err:
             print(f"skipped {name}: {err}")
             continue

@@ -142,3 +142,27 @@ def test_relaxed_vs_rounded_names_missing_masks(tmp_path, capsys):
     assert ("skipped relaxed_vs_rounded: coblax run (allocator comparison): no COBLA record has "
             "diagnostics.relaxed_masks and diagnostics.rounded_masks") in text
     assert (tmp_path / "figs" / "accuracy_vs_budget.png").stat().st_size > 0
+
+
+def test_two_runs_of_one_study_get_a_figure_each(tmp_path, capsys):
+    # kd_full and kd_transfer_full (one seed each, different students' data): pooled they would
+    # be one figure claiming 2 seeds; drawn per run, each figure has its own run's points.
+    recs = {"kd_a": 0.90, "kd_b": 0.80}
+    paths = []
+    for name, acc in recs.items():
+        payload = {"study": "kd", "name": name, "seeds": [0],
+                   "records": [{"study": "kd", "seed": 0, "role": "student_kd", "temperature": t, "alpha": 0.9,
+                                "acc": acc, "student": "mlp"} for t in (1.0, 4.0)]
+                   + [{"study": "kd", "seed": 0, "role": "student_alone", "temperature": None, "alpha": 0.0,
+                       "acc": acc - 0.01}]}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(payload))
+        paths.append(str(tmp_path / name))
+    out = tmp_path / "figs"
+    assert main([*paths, "--out", str(out), "--only", "kd_temperature"]) == 0
+    for name in recs:
+        assert (out / name / "kd_accuracy_vs_temperature.png").stat().st_size > 1000
+    assert not (out / "kd_accuracy_vs_temperature.png").exists()
+    payloads = paper_figs.load_results(paths)
+    drawn = paper_figs.draw("kd_temperature", payloads[:1], tmp_path / "one")  # one run: no subfolder
+    assert drawn[0].parent == tmp_path / "one"
