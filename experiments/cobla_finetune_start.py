@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import statistics
 from collections import defaultdict
@@ -27,27 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from coblax.app.config import load_run_config
-from coblax.app.experiment import decomposable_layers, decompose_layers, default_cache_dir, train_base_model
+from coblax.app.experiment import (decomposable_layers, decompose_layers, default_cache_dir, finetune_factored,
+                                   train_base_model)
 from coblax.app.report import load_records
-from coblax.lowrank.decompose import apply_fn_for, trace_layers, truncate
-from coblax.lowrank.factored import factored_variables
-from coblax.nn import train as T
+from coblax.lowrank.decompose import trace_layers, truncate
 from coblax.nn.data import load_dataset
-from coblax.nn.models import training_options
-
-
-def _finetuned(cfg, base, data, full, masks, seed):
-    """(accuracy before, accuracy after one fine-tuning) of the network with these masks."""
-    kept = {n: truncate(full[n], m) for n, m in masks.items()}
-    variables = factored_variables(base.params, kept)
-    apply = apply_fn_for(base.model, kept)
-    before = T.evaluate(apply, variables, data.x_test, data.y_test)
-    train_kw, fit_kw = training_options(base.model, variables)
-    tuned = T.fit(functools.partial(apply, **train_kw), variables, data.x_train, data.y_train,
-                  epochs=cfg.finetune.epochs, batch_size=cfg.finetune.batch_size,
-                  learning_rate=cfg.finetune.learning_rate, optimizer=cfg.finetune.optimizer,
-                  seed=seed + 1, progress=False, **fit_kw)  # seed + 1: the runner's fine-tuning seed
-    return before, T.evaluate(apply, tuned, data.x_test, data.y_test)
 
 
 def main() -> None:
@@ -82,11 +65,12 @@ def main() -> None:
                     row = {"seed": seed, "model": label, "scheme": scheme, "budget": r["budget_mac"],
                            "ranks": r["ranks"], "before_scaled": r["acc_before_finetune"],
                            "after_scaled": r["acc_after_finetune"]}
-                    plain = {n: (m > 0).astype(float) for n, m in applied.items()}
-                    row["before_plain"], row["after_plain"] = _finetuned(cfg, base, data, full, plain, seed)
+                    plain = {n: truncate(full[n], (m > 0).astype(float)) for n, m in applied.items()}
+                    row["before_plain"], row["after_plain"], _ = finetune_factored(c, base, data, plain)
                     if not checked:  # the rebuilt scaled network must reproduce the record
-                        row["before_scaled_rebuilt"], row["after_scaled_rebuilt"] = _finetuned(
-                            cfg, base, data, full, applied, seed)
+                        scaled = {n: truncate(full[n], m) for n, m in applied.items()}
+                        row["before_scaled_rebuilt"], row["after_scaled_rebuilt"], _ = finetune_factored(
+                            c, base, data, scaled)
                         checked = True
                     rows.append(row)
                     print(json.dumps(row), flush=True)

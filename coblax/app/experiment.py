@@ -86,6 +86,7 @@ __all__ = [
     "train_base_model",
     "decomposable_layers",
     "factored_variables",
+    "finetune_factored",
     "versions",
 ]
 
@@ -292,6 +293,28 @@ def decompose_layers(cfg: RunConfig, base: BaseModel, chosen, scheme: str, objec
     }
 
 
+def finetune_factored(cfg: RunConfig, base: BaseModel, data: Dataset, kept: dict[str, Factors],
+                      desc: str = "finetune", progress: bool = False) -> tuple[float, float, float]:
+    """Test accuracy of the factored network ``kept`` before and after ``cfg.finetune``, and its seconds.
+
+    The fine-tuning is seeded with ``cfg.seed + 1`` on ``data``'s training images, so a
+    record's numbers can be re-measured from its masks alone.
+    """
+    variables = factored_variables(base.params, kept)
+    apply = apply_fn_for(base.model, kept)
+    acc_before = T.evaluate(apply, variables, data.x_test, data.y_test)
+    start = time.perf_counter()
+    train_kw, fit_kw = training_options(base.model, variables)
+    variables = T.fit(
+        functools.partial(apply, **train_kw), variables, data.x_train, data.y_train,
+        epochs=cfg.finetune.epochs, batch_size=cfg.finetune.batch_size,
+        learning_rate=cfg.finetune.learning_rate, optimizer=cfg.finetune.optimizer,
+        seed=cfg.seed + 1, desc=desc, progress=progress, **fit_kw,
+    )
+    seconds = time.perf_counter() - start
+    return acc_before, T.evaluate(apply, variables, data.x_test, data.y_test), seconds
+
+
 def run_method(
     method: str,
     cfg: RunConfig,
@@ -318,19 +341,7 @@ def run_method(
     if not is_feasible(problem, allocation.ranks):
         raise AssertionError(f"method {method} returned ranks that break the budget: {allocation.ranks}")
     kept, ranks = truncate_allocation(net, full, allocation)
-    variables = factored_variables(base.params, kept)
-    apply = apply_fn_for(base.model, kept)
-    acc_before = T.evaluate(apply, variables, data.x_test, data.y_test)
-    ft_start = time.perf_counter()
-    train_kw, fit_kw = training_options(base.model, variables)
-    variables = T.fit(
-        functools.partial(apply, **train_kw), variables, data.x_train, data.y_train,
-        epochs=cfg.finetune.epochs, batch_size=cfg.finetune.batch_size,
-        learning_rate=cfg.finetune.learning_rate, optimizer=cfg.finetune.optimizer,
-        seed=cfg.seed + 1, desc=f"finetune {method}", progress=progress, **fit_kw,
-    )
-    finetune_seconds = time.perf_counter() - ft_start
-    acc_after = T.evaluate(apply, variables, data.x_test, data.y_test)
+    acc_before, acc_after, finetune_seconds = finetune_factored(cfg, base, data, kept, f"finetune {method}", progress)
     macs, params = net.cost(ranks)
     mac_ratio, param_ratio = net.ratios(ranks, cfg.budgets.basis)
     stats = dict(allocation.stats)

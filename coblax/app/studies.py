@@ -373,7 +373,7 @@ def _study_kd(cfg: StudyConfig, data: Dataset, seed: int, progress: bool) -> lis
     teacher_logits = np.asarray(T.predict(teacher.model.apply, teacher.params, fit_x))
     common = {"teacher": teacher_mc.label, "student": student_mc.label, "transfer_size": len(pick)}
     records = [common | {"role": "teacher", "temperature": None, "alpha": None, "acc": teacher.accuracy,
-                         "train_acc": T.evaluate(teacher.model.apply, teacher.params, fit_x, fit_y),
+                         "train_acc": float(np.mean(np.argmax(teacher_logits, -1) == fit_y)),
                          "params": _n_params(teacher.params)}]
     # The same initial student (key seed + 1) and batches for "alone" and every distilled run.
     alone, acc_alone = _train_module(student, transfer, tc, seed + 1, progress, "student alone")
