@@ -7,11 +7,11 @@
 * ``gavish_donoho`` — :class:`GavishDonoho`, optimal hard thresholds (Gavish & Donoho 2014).
 """
 
-from baselines.cptv import CPTV, cptv_rank
-from baselines.gavish_donoho import GavishDonoho, lambda_star, omega, omega_approx
-from baselines.gavish_donoho import threshold as gavish_donoho_threshold
-from baselines.pos import POSExact, POSGreedy, POSGreedyUnnormalized, pos_objective
-from baselines.vbmf import VBMF, EVBMFResult, evbmf, evbmf_from_singular_values
+from coblax.baselines.cptv import CPTV, cptv_rank
+from coblax.baselines.gavish_donoho import GavishDonoho, lambda_star, omega, omega_approx
+from coblax.baselines.gavish_donoho import threshold as gavish_donoho_threshold
+from coblax.baselines.pos import POSExact, POSGreedy, POSGreedyUnnormalized, pos_objective
+from coblax.baselines.vbmf import VBMF, EVBMFResult, evbmf, evbmf_from_singular_values
 
 __all__ = [
     "CPTV",

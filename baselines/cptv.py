@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from baselines._budget import check_floor, cost_ratios
+from coblax.baselines._budget import check_floor, cost_ratios
 from coblax.lowrank.allocation import Allocation, AllocationProblem, LayerCost, largest_feasible
 
 __all__ = ["CPTV", "cptv_rank"]

@@ -30,7 +30,7 @@ import numpy as np
 from scipy.integrate import quad
 from scipy.optimize import brentq
 
-from baselines._budget import threshold_allocation
+from coblax.baselines._budget import threshold_allocation
 from coblax.lowrank.allocation import Allocation, AllocationProblem
 
 __all__ = [

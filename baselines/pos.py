@@ -60,7 +60,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from baselines._budget import check_floor, clip_ranks, cost_ratios
+from coblax.baselines._budget import check_floor, clip_ranks, cost_ratios
 from coblax.lowrank.allocation import (
     Allocation,
     AllocationProblem,

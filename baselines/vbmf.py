@@ -48,7 +48,7 @@ from typing import ClassVar
 import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 
-from baselines._budget import threshold_allocation
+from coblax.baselines._budget import threshold_allocation
 from coblax.lowrank.allocation import Allocation, AllocationProblem
 
 __all__ = ["EVBMFResult", "evbmf", "evbmf_from_singular_values", "evb_tau", "VBMF"]

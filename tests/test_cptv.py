@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from baselines.cptv import CPTV, cptv_rank
+from coblax.baselines.cptv import CPTV, cptv_rank
 from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, is_feasible
 
 

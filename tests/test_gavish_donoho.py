@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.integrate import quad
 
-from baselines.gavish_donoho import (
+from coblax.baselines.gavish_donoho import (
     GavishDonoho,
     lambda_star,
     mp_median,

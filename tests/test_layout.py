@@ -41,7 +41,7 @@ def test_imports_flow_one_way(sub):
     for path in sorted((ROOT / "coblax" / sub).rglob("*.py")):
         for name in _imports(path):
             parts = name.split(".")
-            if parts[0] == "baselines":
+            if parts[0] == "baselines" or parts[:2] == ["coblax", "baselines"]:
                 bad.append(f"{path.relative_to(ROOT)} imports {name}")
             if parts[0] != "coblax" or len(parts) < 2 or parts[1] == sub:
                 continue
@@ -55,7 +55,7 @@ def test_registry_has_no_import_side_effects():
     code = (
         "import sys; from coblax.lowrank import registry; registry.allocator_names(); "
         "print(sorted(m for m in sys.modules if m.startswith(('coblax.lowrank.cobla', "
-        "'coblax.lowrank.uniform', 'baselines'))))"
+        "'coblax.lowrank.uniform', 'coblax.baselines', 'baselines'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -67,7 +67,7 @@ def test_baselines_found_without_entry_points(monkeypatch):
     names = registry.allocator_names()
     for name in ("cobla", "uniform", "cptv", "pos_greedy", "pos_exact", "vbmf", "gavish_donoho"):
         assert name in names
-    assert type(registry.get_allocator("cptv")).__module__ == "baselines.cptv"
+    assert type(registry.get_allocator("cptv")).__module__ == "coblax.baselines.cptv"
 
 
 def test_unknown_method_lists_valid_ones():
@@ -80,3 +80,14 @@ def test_user_registration_overrides_builtin(monkeypatch):
     sentinel = object()
     registry.register_allocator("uniform", lambda **kw: sentinel)
     assert registry.get_allocator("uniform") is sentinel
+
+
+def test_baselines_install_under_coblax_only(tmp_path):
+    # The repository's baselines/ folder installs as coblax.baselines; a top-level
+    # `baselines` would shadow an unrelated, widely installed package of that name.
+    code = (
+        "import importlib.util as u; import coblax.baselines.pos, paper_figs; "
+        "print(u.find_spec('baselines') is None)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

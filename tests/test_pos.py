@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from baselines.pos import (
+from coblax.baselines.pos import (
     POSExact,
     POSGreedy,
     POSGreedyUnnormalized,
@@ -141,7 +141,7 @@ def test_relaxation_is_tight_without_budget_pressure():
 
 
 def test_exact_logs_greedy_gap(caplog):
-    with caplog.at_level(logging.INFO, logger="baselines.pos"):
+    with caplog.at_level(logging.INFO, logger="coblax.baselines.pos"):
         POSExact()(two_layer_problem(7.0))
     assert "below the MILP optimum" in caplog.text
 
@@ -207,7 +207,7 @@ def test_greedy_is_not_trapped_by_saturation(seed, old_gap):
 
 
 def test_a_failing_bound_solver_is_reported_not_fatal(monkeypatch):
-    import baselines.pos as pos
+    import coblax.baselines.pos as pos
 
     def fail(problem, solver):
         raise RuntimeError(f"{solver} failed")

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from baselines.pos import pos_greedy_ranks, pos_milp
+from coblax.baselines.pos import pos_greedy_ranks, pos_milp
 from coblax.lowrank.allocation import (
     AllocationProblem,
     LayerCost,

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from baselines.vbmf import VBMF, evb_tau, evbmf, evbmf_from_singular_values
+from coblax.baselines.vbmf import VBMF, evb_tau, evbmf, evbmf_from_singular_values
 from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, is_feasible
 
 

@@ -4,9 +4,9 @@ The registry is an explicit table of ``"module:attribute"`` import paths, resolv
 lazily on first use, so that importing it imports no allocator (no import side
 effects, no cycle with :mod:`coblax.lowrank.cobla`, which itself asks the registry
 for its warm start). The built-in table names coblax's own allocators and the
-top-level ``baselines`` package, which is therefore found from a source checkout
-as well as from an installed one; a third party adds allocators through the
-``coblax.allocators`` entry-point group or :func:`register_allocator`.
+``coblax.baselines`` package (the repository's ``baselines/`` folder, mapped there
+by ``pyproject.toml``), found from an editable and from a regular install alike;
+a third party adds allocators through the ``coblax.allocators`` entry-point group or :func:`register_allocator`.
 
 A factory is called with the method's options (a dict from the config) and returns
 an :class:`~coblax.lowrank.allocation.Allocator`.
@@ -26,16 +26,16 @@ __all__ = ["register_allocator", "get_allocator", "allocator_factory", "allocato
 
 AllocatorFactory = Callable[..., Allocator]
 
-#: Every allocator that ships with coblax (and its ``baselines`` package).
+#: Every allocator that ships with coblax (and its ``coblax.baselines`` package).
 BUILTIN_ALLOCATORS: dict[str, str] = {
     "cobla": "coblax.lowrank.cobla:COBLA",
     "uniform": "coblax.lowrank.uniform:Uniform",
-    "cptv": "baselines.cptv:CPTV",
-    "pos_greedy": "baselines.pos:POSGreedy",
-    "pos_greedy_unnormalized": "baselines.pos:POSGreedyUnnormalized",
-    "pos_exact": "baselines.pos:POSExact",
-    "vbmf": "baselines.vbmf:VBMF",
-    "gavish_donoho": "baselines.gavish_donoho:GavishDonoho",
+    "cptv": "coblax.baselines.cptv:CPTV",
+    "pos_greedy": "coblax.baselines.pos:POSGreedy",
+    "pos_greedy_unnormalized": "coblax.baselines.pos:POSGreedyUnnormalized",
+    "pos_exact": "coblax.baselines.pos:POSExact",
+    "vbmf": "coblax.baselines.vbmf:VBMF",
+    "gavish_donoho": "coblax.baselines.gavish_donoho:GavishDonoho",
 }
 
 _USER: dict[str, AllocatorFactory] = {}
