@@ -7,7 +7,7 @@ import pytest
 
 from coblax.lowrank.allocation import AllocationProblem, LayerCost, has_room, is_feasible
 from coblax.lowrank.cobla import COBLA, warm_start_point
-from coblax.lowrank.sqp import SQPResult
+from coblax.lowrank.solve import SolveResult
 from coblax.lowrank.registry import get_allocator
 
 
@@ -108,9 +108,14 @@ def test_saturation_rounds_zero_saturates_nothing():
     assert [s["stage"] for s in alloc.stats["solves"]] == ["relaxed"]
     assert is_feasible(problem, alloc.ranks) and not has_room(problem, alloc.ranks)
     # with saturation allowed, the saturation is followed by its own re-solve
-    alloc = COBLA(max_iter=200)(problem)
+    alloc = COBLA(max_iter=200, warm_start="constant")(problem)
     assert alloc.stats["saturated_layers"] == ["tiny"]
     assert [s["stage"] for s in alloc.stats["solves"]] == ["relaxed", "saturate tiny"]
+    # a warm start that keeps "tiny" in original form starts it saturated: one solve
+    alloc = COBLA(max_iter=200, warm_start="pos_exact")(problem)
+    assert alloc.stats["warm_start_ranks"]["tiny"] == 10
+    assert alloc.stats["saturated_layers"] == ["tiny"]
+    assert [s["stage"] for s in alloc.stats["solves"]] == ["relaxed"]
 
 
 def test_a_solve_that_breaks_a_constraint_is_rolled_back(monkeypatch):
@@ -119,14 +124,17 @@ def test_a_solve_that_breaks_a_constraint_is_rolled_back(monkeypatch):
     o = sum(l.original_macs for l in layers)
     problem = AllocationProblem(layers, 0.4 * o, 0.4 * o, loss=loss, seed=0)
 
-    def broken(self, fun_and_grad, x0, A, b, tick, groups=None):
+    def broken(self, fun_and_grad, x0, A, b, tick, groups=None, pairs=None):
         x = np.ones_like(x0)  # every triplet kept: far over budget
-        return SQPResult(x, fun_and_grad(x)[0], False, 8, "positive directional derivative", 3, 3, 3, 0.0, [])
+        return SolveResult(x=x, value=fun_and_grad(x)[0], success=False, status="stalled",
+                           message="the line search found no decrease of the merit function", iterations=3,
+                           n_fun=3, seconds=0.0, kkt_residual=1.0, trace=[], n_free=x.size,
+                           multipliers=np.zeros(2), method="structured")
 
     monkeypatch.setattr(COBLA, "_solve", broken)
     alloc = COBLA(warm_start="uniform")(problem)
     assert alloc.stats["solves"][0]["rolled_back"]
-    assert alloc.stats["solves"][0]["status"] == 8
+    assert alloc.stats["solves"][0]["status"] == "stalled"
     m0 = warm_start_point(problem, "uniform")
     np.testing.assert_allclose(np.concatenate([alloc.relaxed[n] for n in problem.names]), m0)
     assert is_feasible(problem, alloc.ranks)
@@ -246,3 +254,58 @@ def test_warm_start_allocation_is_a_candidate():
     # local search reaches it from any start
     alloc = COBLA(max_iter=50, warm_start="uniform", roundings=3, local_search=100)(problem)
     assert alloc.ranks == target
+
+
+# ------------------------------------------------------------------ saturation (issue 17)
+def _saturation_problem(small: tuple[tuple[int, int], ...]):
+    """Layers ``small`` (the relaxed solve keeps them whole, past their saturation rank)
+    beside one large decaying layer that takes the rest of the budget."""
+    from coblax.lowrank.allocation import AllocationProblem, LayerCost
+
+    def dense(name, k, l, sigma):
+        return LayerCost(name, "dense", (k, l), sigma, k + l, k + l, k * l, k * l)
+
+    layers = [dense(f"s{i}", k, l, np.ones(min(k, l))) for i, (k, l) in enumerate(small)]
+    layers.append(dense("big", 60, 40, np.exp(-0.05 * np.arange(40))))
+    # the small layers' triplets each lower E by 100 (linear: pinned at m = 1, past saturation)
+    linear = np.concatenate([np.full(l.full_rank, 100.0 if l.name != "big" else 0.0) for l in layers])
+
+    class Loss:
+        s2 = np.concatenate([l.sigma ** 2 for l in layers])
+
+        def value_and_grad(self, m):
+            r = 1 - m
+            return float(np.sum(self.s2 * r ** 2 + linear * r)), -2 * self.s2 * r - linear
+
+        def value(self, m):
+            return self.value_and_grad(m)[0]
+
+        validation_loss = value
+
+    budget = sum(l.full_rank * l.mac_per_rank for l in layers[:-1]) + 0.3 * layers[-1].original_macs
+    return AllocationProblem(tuple(layers), budget, budget, loss=Loss(), seed=0)
+
+
+def _saturation_stages(alloc):
+    return [s for s in alloc.stats["solves"] if s["stage"].startswith("saturate")]
+
+
+def test_saturation_fixes_every_eligible_layer_in_one_round_with_one_resolve():
+    problem = _saturation_problem(((10, 10), (12, 12)))
+    alloc = COBLA(warm_start="constant", saturation_rounds=5, local_search=0, roundings=3)(problem)
+    stages = _saturation_stages(alloc)
+    assert len(stages) == 1 and stages[0]["status"] != "skipped"  # one re-solve for both layers
+    assert set(stages[0]["stage"].removeprefix("saturate ").split(", ")) == {"s0", "s1"}
+    assert sorted(alloc.stats["saturated_layers"]) == ["s0", "s1"]
+    assert alloc.ranks["s0"] >= 10 and alloc.ranks["s1"] >= 12  # original form
+
+
+def test_saturation_skips_the_resolve_when_the_freed_budget_is_below_one_rank():
+    # 3x48 and 4x40 dense layers: whole, their factored forms cost 153 and 176 against
+    # 144 and 160 originally, so saturating both frees 25 MACs; one rank of "big" costs 100.
+    problem = _saturation_problem(((3, 48), (4, 40)))
+    alloc = COBLA(warm_start="constant", saturation_rounds=5, local_search=0, roundings=3)(problem)
+    stages = _saturation_stages(alloc)
+    assert [s["status"] for s in stages] == ["skipped"]
+    assert sorted(alloc.stats["saturated_layers"]) == ["s0", "s1"]
+    assert len(alloc.stats["solves"]) == 2  # the relaxed solve and the skipped round

@@ -57,8 +57,8 @@ def _user_error(capsys, *argv) -> str:
         ("train__learning_rate", "nan", "train.learning_rate = nan must be a finite number"),
         ("train__learning_rate", "inf", "train.learning_rate = inf must be a finite number"),
         ("finetune__learning_rate", "nan", "finetune.learning_rate = nan must be a finite number"),
-        ("cobla__ftol", "nan", "cobla.ftol = nan must be a finite number"),
-        ("cobla__ftol", "-inf", "cobla.ftol = -inf must be a finite number"),
+        ("cobla__tol", "nan", "cobla.tol = nan must be a finite number"),
+        ("cobla__rtol", "-inf", "cobla.rtol = -inf must be a finite number"),
         ("budgets__min_rank", "0", "budgets.min_rank = 0 must be >= 1"),
         ("cobla__warm_start", "'cobla'", "valid values: constant, cptv"),
         ("cobla__max_iter", "99999999999", "cobla.max_iter = 99999999999 is out of range"),
@@ -112,11 +112,11 @@ def test_method_options_checked_against_the_allocator(tmp_path, capsys):
 
 
 def test_every_problem_reported_together_with_its_key(tmp_path, capsys):
-    cfg = _config(tmp_path, cobla__ftol="nan", train__epochs="-2", methods='["uniform", "svd_magic"]')
+    cfg = _config(tmp_path, cobla__tol="nan", train__epochs="-2", methods='["uniform", "svd_magic"]')
     err = _user_error(capsys, "check", cfg, "--out", tmp_path / "o")
     assert f"{tmp_path / 'cfg.toml'}: 3 problems" in err
     for part in ("methods = 'svd_magic' is not allowed; valid methods: ", "train.epochs = -2 must be >= 0",
-                 "cobla.ftol = nan must be a finite number"):
+                 "cobla.tol = nan must be a finite number"):
         assert part in err
 
 
@@ -483,7 +483,7 @@ _SECTIONS = {
     "train": ["epochs", "batch_size", "learning_rate", "optimizer", "momentum"],
     "finetune": ["epochs", "batch_size", "learning_rate", "optimizer"],
     "budgets": ["mac", "param", "basis", "min_rank"],
-    "cobla": ["objective_size", "validation_size", "batch_size", "max_iter", "ftol", "roundings",
+    "cobla": ["objective_size", "validation_size", "batch_size", "max_iter", "tol", "rtol", "atol", "roundings",
               "warm_start", "saturation_rounds"],
     "decompose": ["schemes", "scheme", "layers", "exclude"],
     "data": ["name", "limit_train", "limit_test", "dir"],

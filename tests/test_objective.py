@@ -48,6 +48,17 @@ def test_value_at_ones_is_the_original_network_loss_and_batches_are_exact():
     assert oracle.value(np.ones(oracle.size)) == pytest.approx(ref, rel=1e-5)
 
 
+@pytest.mark.parametrize("n, batch_size, shape", [(600, 250, (3, 200)), (37, 16, (3, 13)), (10, 250, (1, 10)),
+                                                  (1000, 250, (4, 250))])
+def test_batches_are_even_and_padding_is_below_one_row_per_batch(n, batch_size, shape):
+    from coblax.lowrank.objective import batch_stack
+
+    x, y = np.zeros((n, 3), np.float32), np.zeros(n, np.int32)
+    xs, ys, ws = batch_stack(x, y, batch_size)
+    assert xs.shape[:2] == ys.shape == ws.shape == shape
+    assert float(ws.sum()) == n and shape[0] * shape[1] - n < shape[0]
+
+
 def test_callbacks_compile_once():
     oracle, *_ = _oracle(np.float32)
     rng = np.random.default_rng(0)

@@ -73,7 +73,7 @@ def _assert_budgets_met(res: SolveResult, A, b):
 def test_reaches_the_cvxpy_optimum(method, kind, case):
     f, obj, A, b = _problem(kind, case)
     ref = _cvxpy_optimum(obj, A, b, A.shape[1])
-    res = solve(f, np.zeros(A.shape[1]), A, b, method=method, max_iter=300, tol=1e-10)
+    res = solve(f, np.zeros(A.shape[1]), A, b, method=method, max_iter=300, tol=1e-10, rtol=1e-12)
     assert res.value == pytest.approx(ref, rel=1e-4)
     _assert_budgets_met(res, A, b)
     # one trace entry per iterate, x0 included, with unscaled slacks
@@ -93,7 +93,7 @@ def test_monotone_groups_reach_the_cvxpy_optimum(method):
     ref = _cvxpy_optimum(obj, A, b, 36, groups)
     free_ref = _cvxpy_optimum(obj, A, b, 36)
     assert ref > free_ref * (1 + 1e-3)  # the monotone constraints bind
-    res = solve(f, np.zeros(36), A, b, method=method, groups=sizes, monotone=True, max_iter=300, tol=1e-10)
+    res = solve(f, np.zeros(36), A, b, method=method, groups=sizes, monotone=True, max_iter=300, tol=1e-10, rtol=1e-12)
     assert res.value == pytest.approx(ref, rel=1e-4)
     _assert_budgets_met(res, A, b)
     for s, e in groups:
@@ -136,14 +136,14 @@ def test_solve_with_variable_reduction(method):
     x0 = np.zeros(40)
     x0[:8], x0[20:26] = 1.0, 1.0  # a feasible 0/1 warm start in two layers of 20
     assert np.all(A @ x0 <= b)
-    res = solve(f, x0, A, b, method=method, groups=[20, 20], window=5, max_iter=300, tol=1e-10)
+    res = solve(f, x0, A, b, method=method, groups=[20, 20], window=5, max_iter=300, tol=1e-10, rtol=1e-12)
     assert res.n_free == 20 and f"20 of 40 variables free" in res.message
     free, on = reduce_window(x0, [20, 20], 5)
     np.testing.assert_array_equal(res.x[on], 1.0)
     np.testing.assert_array_equal(res.x[~free & ~on], 0.0)
     _assert_budgets_met(res, A, b)
     # the window spans everything: the same optimum as without reduction
-    full = solve(f, x0, A, b, method=method, groups=[20, 20], window=40, max_iter=300, tol=1e-10)
+    full = solve(f, x0, A, b, method=method, groups=[20, 20], window=40, max_iter=300, tol=1e-10, rtol=1e-12)
     assert full.n_free == 40
     assert full.value == pytest.approx(_cvxpy_optimum(obj, A, b, 40), rel=1e-4)
     assert res.value >= full.value * (1 - 1e-6)
@@ -152,7 +152,7 @@ def test_solve_with_variable_reduction(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_iteration_limit_is_reported_not_converged(method):
     f, _, A, b = _problem("exponential", "both_bind", n=40)
-    res = solve(f, np.zeros(40), A, b, method=method, max_iter=2, tol=1e-12)
+    res = solve(f, np.zeros(40), A, b, method=method, max_iter=2, tol=1e-12, rtol=1e-12)
     assert not res.success and res.status == "max_iter"
     assert res.iterations == 2 and res.kkt_residual > 0
     assert "KKT residual" in res.message and "not converged" in res.message
@@ -219,7 +219,7 @@ def test_both_solvers_agree_on_a_real_cobla_objective():
         A = np.stack([per_rank, per_rank * np.linspace(1.0, 2.0, per_rank.size)])
         x0 = np.full(loss.size, 0.3)
         b = A @ np.full(loss.size, 0.45)
-        results = {m: solve(loss.value_and_grad, x0, A, b, method=m, max_iter=400, tol=1e-12) for m in METHODS}
+        results = {m: solve(loss.value_and_grad, x0, A, b, method=m, max_iter=400, tol=1e-12, rtol=1e-12) for m in METHODS}
         assert loss.compiled_count() == 1  # no recompilation across both solves
     s, q = results["structured"], results["slsqp"]
     assert s.value == pytest.approx(q.value, rel=1e-4)
@@ -258,7 +258,7 @@ def test_cobla_relaxed_objective_agrees_between_solvers():
     from coblax.lowrank.cobla import COBLA
 
     problem = _cobla_problem()
-    out = {s: COBLA(solver=s, max_iter=300, ftol=1e-9, saturation_rounds=0)(problem) for s in METHODS}
+    out = {s: COBLA(solver=s, max_iter=300, tol=1e-9, rtol=1e-9, saturation_rounds=0)(problem) for s in METHODS}
     values = {s: a.stats["relaxed_objective"] for s, a in out.items()}
     assert values["structured"] == pytest.approx(values["slsqp"], rel=1e-4)
     for alloc in out.values():
@@ -291,3 +291,95 @@ def test_config_selects_the_solver():
 def test_empty_problem_returns_at_once():
     res = solve(lambda x: (0.0, x), np.zeros(0), np.zeros((2, 0)), np.ones(2))
     assert res.success and res.n_free == 0 and res.iterations == 0
+
+
+# --------------------------------------------------------------------------- #
+# convergence, multipliers, tolerances (issue 17)
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("kind", ["quadratic", "exponential"])
+@pytest.mark.parametrize("case", ["mac_binds", "both_bind", "none_bind"])
+def test_cvxpy_problems_end_converged_at_default_tolerances(kind, case):
+    f, obj, A, b = _problem(kind, case)
+    ref = _cvxpy_optimum(obj, A, b, A.shape[1])
+    res = solve(f, np.zeros(A.shape[1]), A, b, max_iter=100)
+    assert res.status == "converged" and res.success, res.message
+    assert res.criterion in ("kkt", "f_change", "x_change", "stall")
+    assert res.value == pytest.approx(ref, rel=1e-4)
+
+
+@pytest.mark.parametrize("kind, case", [("quadratic", "both_bind"), ("quadratic", "mac_binds"),
+                                        ("exponential", "both_bind"), ("exponential", "mac_binds")])
+def test_multipliers_match_cvxpy_duals(kind, case):
+    f, obj, A, b = _problem(kind, case)
+    x = cp.Variable(A.shape[1])
+    rows = (A / b[:, None]) @ x <= 1  # scaled rows keep the conic solver accurate
+    prob = cp.Problem(cp.Minimize(obj(x)), [x >= 0, x <= 1, rows])
+    prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+    assert prob.status == cp.OPTIMAL
+    dual = np.asarray(rows.dual_value, float) / b  # λ of A x <= b, in 1/MAC and 1/parameter
+    res = solve(f, np.zeros(A.shape[1]), A, b, max_iter=300, tol=1e-12, rtol=1e-14, atol=0.0)
+    assert res.multipliers.shape == (2,)
+    big = dual > 1e-3 * dual.max()
+    np.testing.assert_allclose(res.multipliers[big], dual[big], rtol=1e-4)
+    assert np.all(res.multipliers[~big] <= 1e-3 * dual.max())
+    # the KKT condition itself, in the problem's own units, at the returned point
+    g = f(res.x)[1] + A.T @ res.multipliers
+    inside = (res.x > 1e-6) & (res.x < 1 - 1e-6)
+    assert np.max(np.abs(g[inside])) <= 1e-4 * np.max(np.abs(f(res.x)[1]))
+
+
+class _ReluMLP(nn.Module):
+    """A ReLU network: E(m) is only piecewise smooth (the case COBLA meets in practice)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(24, name="fc1")(x))
+        x = nn.relu(nn.Dense(16, name="fc2")(x))
+        return nn.Dense(5, name="fc3")(x)
+
+
+def test_relu_network_objective_converges_within_the_cap():
+    model = _ReluMLP()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 12)).astype(np.float32)
+    params = model.init(jax.random.PRNGKey(1), jnp.asarray(x[:1]))
+    y = np.asarray(jnp.argmax(model.apply(params, jnp.asarray(x)), axis=1)).astype(np.int32)
+    layers = [l for l in trace_layers(model, params, jnp.asarray(x[:1])) if l.decomposable]
+    fs = {l.name: factorize(get_kernel(params, l.name), l, "zhang") for l in layers}
+    loss = NetworkLoss(model, params, fs, (x, y), batch_size=100)
+    per_rank = np.concatenate([np.full(r, float(fs[n].first.shape[0] + fs[n].second.shape[-1]))
+                               for r, n in zip(loss.sizes, loss.names)])
+    A = np.stack([per_rank, per_rank * np.linspace(1.0, 2.0, per_rank.size)])
+    b = A @ np.full(loss.size, 0.5)
+    res = solve(loss.value_and_grad, np.full(loss.size, 0.3), A, b, max_iter=100)
+    assert res.status == "converged", res.message
+    assert res.iterations < 100 and res.value < res.trace[0]["objective"]
+    _assert_budgets_met(res, A, b)
+
+
+def test_lbfgs_memory_carries_over_to_a_related_solve():
+    f, _, A, b = _problem("exponential", "both_bind", n=60, seed=2)
+    first = solve(f, np.zeros(60), A, b, max_iter=300)
+    assert first.pairs is not None and len(first.pairs[0]) > 0
+    # a perturbed budget: restarting from the learned curvature needs fewer evaluations
+    b2 = b * 0.97
+    cold = solve(f, first.x * 0.97, A, b2, max_iter=300)
+    warm = solve(f, first.x * 0.97, A, b2, max_iter=300, pairs=first.pairs)
+    assert cold.success and warm.success
+    assert warm.value == pytest.approx(cold.value, rel=1e-5)
+    assert warm.n_fun < cold.n_fun
+
+
+@pytest.mark.parametrize("kwargs, name", [({"tol": 0.0}, "tol"), ({"tol": 0.5}, "tol"), ({"rtol": -1e-3}, "rtol"),
+                                          ({"rtol": float("nan")}, "rtol"), ({"atol": -1.0}, "atol"),
+                                          ({"atol": float("inf")}, "atol"), ({"max_iter": -1}, "max_iter"),
+                                          ({"max_iter": 2.5}, "max_iter"), ({"tol": True}, "tol")])
+def test_out_of_range_tolerances_are_named(kwargs, name):
+    f, _, A, b = _problem("quadratic", "both_bind", n=10)
+    with pytest.raises(ValueError, match=rf"^{name} must be"):
+        solve(f, np.zeros(10), A, b, **kwargs)
+    from coblax.lowrank.cobla import COBLA
+
+    with pytest.raises(ValueError, match=rf"^{name} must be"):
+        COBLA(**kwargs)

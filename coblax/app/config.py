@@ -4,7 +4,7 @@
 place, its field: the type annotation says what type a value must have and
 :func:`setting` what range or choices it must respect, e.g.
 
-    ftol: float = setting(1e-6, gt=0)
+    tol: float = setting(1e-4, gt=0, le=0.1)
     optimizer: str = setting("adam", choices=("adam", "sgd", "momentum"))
 
 Unknown keys, wrong types, non-finite numbers (NaN, inf), integers beyond
@@ -579,7 +579,9 @@ class CoblaConfig:
     validation_size: int = setting(500, ge=1)
     batch_size: int = setting(250, ge=1)
     max_iter: int = setting(100, ge=1)
-    ftol: float = setting(1e-6, gt=0)
+    tol: float = setting(1e-4, gt=0, le=0.1)
+    rtol: float = setting(1e-5, gt=0, le=0.1)
+    atol: float = setting(1e-8, ge=0)
     roundings: int = setting(10, ge=1)
     warm_start: str = setting("pos_exact", choices=_warm_starts)
     saturation_rounds: int = setting(5, ge=0)

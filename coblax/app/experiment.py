@@ -278,7 +278,7 @@ def _split(data: Dataset, cfg: RunConfig):
     return (data.x_train[obj], data.y_train[obj]), (data.x_train[val], data.y_train[val]) if n_val else None
 
 
-COBLA_KEYS = ("max_iter", "ftol", "roundings", "warm_start", "saturation_rounds", "monotone",
+COBLA_KEYS = ("max_iter", "tol", "rtol", "atol", "roundings", "warm_start", "saturation_rounds", "monotone",
               "continuation", "local_search", "select", "mask_values", "solver", "window")
 
 

@@ -24,6 +24,7 @@ which :func:`has_room` is empty: no layer that is not full can take one more ran
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol, runtime_checkable
@@ -84,11 +85,13 @@ class LayerCost:
     original_macs: float
     original_params: float
 
-    @property
+    @functools.cached_property
     def full_rank(self) -> int:
         return int(len(self.sigma))
 
-    @property
+    # Cached: the greedy loops ask for it millions of times at VGG-16 size (the
+    # fields are frozen, so the value never goes stale).
+    @functools.cached_property
     def saturation_rank(self) -> int:
         """Smallest r whose factored form costs >= the original in MACs or params.
 
@@ -332,8 +335,12 @@ def descend(
         raise budget_error(problem, floor, method)
     o_mac, o_par = problem.original_cost()
     current = clip_ranks(problem, ranks)
-    while not is_feasible(problem, current):
-        macs, params = ranks_cost(problem.layers, current)
+    by_name = {layer.name: layer for layer in problem.layers}
+    macs, params = ranks_cost(problem.layers, current)  # kept up to date step by step
+    while not _fits(problem, macs, params) or not is_feasible(problem, current):
+        if _fits(problem, macs, params):  # rounding drift of the running sums: recount
+            macs, params = ranks_cost(problem.layers, current)
+            continue
         w_c, w_m = _excess(macs, problem.mac_max), _excess(params, problem.param_max)
         best: tuple[float, str, int] | None = None
         for layer in problem.layers:
@@ -350,8 +357,16 @@ def descend(
                     best = (score, layer.name, new_r)
         if best is None:  # pragma: no cover - the floor was checked feasible
             raise BudgetError(f"method {method} could not make progress")
+        layer, r = by_name[best[1]], current[best[1]]
+        macs += layer.macs(best[2]) - layer.macs(r)
+        params += layer.params(best[2]) - layer.params(r)
         current[best[1]] = best[2]
     return current
+
+
+def _fits(problem: AllocationProblem, macs: float, params: float) -> bool:
+    """:func:`is_feasible` on costs already summed."""
+    return macs <= problem.mac_max * (1 + 1e-9) and params <= problem.param_max * (1 + 1e-9)
 
 
 RefillGain = Callable[[LayerCost, int, int, Mapping[str, int]], float]
@@ -380,12 +395,15 @@ def refill(
         raise ValueError("refill needs a feasible allocation to start from")
     s_mac = problem.mac_max if problem.mac_max > 0 else 1.0
     s_par = problem.param_max if problem.param_max > 0 else 1.0
+    by_name = {layer.name: layer for layer in problem.layers}
+    macs, params = ranks_cost(problem.layers, current)  # kept up to date step by step
     while True:
         best: tuple[float, float, str, int] | None = None
         for layer in problem.layers:
             r = current[layer.name]
             new_r = None if layer.name in exclude else up_target(layer, r)
-            if new_r is None or not is_feasible(problem, {**current, layer.name: new_r}):
+            if new_r is None or not _fits(problem, macs + layer.macs(new_r) - layer.macs(r),
+                                          params + layer.params(new_r) - layer.params(r)):
                 continue
             used = (layer.macs(new_r) - layer.macs(r)) / s_mac + (layer.params(new_r) - layer.params(r)) / s_par
             value = float(gain(layer, r, new_r, current))
@@ -395,7 +413,17 @@ def refill(
                 best = (score, -used, layer.name, new_r)
         if best is None:
             return current
-        current[best[2]] = best[3]
+        layer, r = by_name[best[2]], current[best[2]]
+        trial = {**current, best[2]: best[3]}
+        if not is_feasible(problem, trial):  # rounding drift of the running sums: recount
+            macs, params = ranks_cost(problem.layers, current)
+            if not _fits(problem, macs + layer.macs(best[3]) - layer.macs(r),
+                         params + layer.params(best[3]) - layer.params(r)):
+                continue
+            return current  # pragma: no cover - the exact and running sums disagree at the limit
+        macs += layer.macs(best[3]) - layer.macs(r)
+        params += layer.params(best[3]) - layer.params(r)
+        current = trial
 
 
 def has_room(problem: AllocationProblem, ranks: Mapping[str, int]) -> list[str]:
@@ -411,9 +439,17 @@ def has_room(problem: AllocationProblem, ranks: Mapping[str, int]) -> list[str]:
 def importance_loss(importance: Mapping[str, np.ndarray] | None = None) -> StepScore:
     """Step loss = share of a layer's importance (default σ²) in the triplets dropped."""
 
+    cumulative: dict[str, np.ndarray] = {}  # per layer: [0, c_1, c_2, ...] / total, built once
+
     def loss(layer: LayerCost, r: int, new_r: int) -> float:
-        imp = layer.sigma**2 if importance is None else np.asarray(importance[layer.name])
-        return float(np.sum(imp[new_r:r])) / max(float(np.sum(imp)), 1e-30)
+        c = cumulative.get(layer.name)
+        if c is None:
+            imp = layer.sigma**2 if importance is None else np.asarray(importance[layer.name])
+            c = np.concatenate([[0.0], np.cumsum(np.asarray(imp, np.float64))])
+            c = c / max(float(c[-1]), 1e-30)
+            cumulative[layer.name] = c
+        hi, lo = min(r, c.size - 1), min(new_r, c.size - 1)
+        return float(c[hi] - c[lo])
 
     return loss
 

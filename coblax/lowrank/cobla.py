@@ -11,11 +11,15 @@ Where the paper is silent we follow the authors' public code (chongli-uw/cobla):
   the rank at which its factored form costs as much as the original is fixed in
   its original form (m_i = 1, original cost), its variables leave the problem,
   and the rest is re-solved, warm-started, with the budgets reduced accordingly.
-  Here one layer is saturated per round, only when the remaining problem stays
-  feasible (its layers at ``min_rank`` fit what is left of both budgets); every
-  solve's status and the feasibility of its point are checked, and a solve whose
-  point breaks a constraint is rolled back. ``saturation_rounds = 0`` saturates
-  nothing;
+  Here every eligible layer is saturated in one round (largest relaxed rank
+  relative to its saturation rank first, each only while the remaining layers at
+  ``min_rank`` still fit what is left of both budgets). The re-solve is skipped
+  when the point stays feasible and the budget the round freed is below the
+  cheapest rank of any remaining layer in some row (no layer could take a whole
+  rank more), and it starts from the previous solve's L-BFGS memory, not from
+  scratch. Every solve's status and the feasibility of its point are checked,
+  and a solve whose point breaks a constraint is rolled back.
+  ``saturation_rounds = 0`` saturates nothing;
 * warm start from a feasible point: an allocator's allocation as a 0/1 mask (the
   authors use POS greedy; ``cobla`` itself is refused), or ``constant`` m = α·1;
 * rounding as described in :mod:`coblax.lowrank.rounding`.
@@ -42,7 +46,7 @@ from tqdm.auto import tqdm
 from coblax.lowrank.allocation import Allocation, AllocationProblem, is_feasible
 from coblax.lowrank.registry import get_allocator
 from coblax.lowrank.rounding import MASK_VALUES, flat_mask, round_masks
-from coblax.lowrank.solve import SolveResult, solve
+from coblax.lowrank.solve import SolveResult, check_tolerances, solve
 
 __all__ = ["COBLA", "warm_start_point", "warm_start_ranks", "SELECT", "check_oracle_layout"]
 
@@ -109,6 +113,7 @@ class _Relaxed:
     solves: list[dict]
     iterations: int = 0
     seconds: float = 0.0
+    pairs: tuple[list[np.ndarray], list[np.ndarray]] | None = None  # L-BFGS memory over all of m
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +121,11 @@ class COBLA:
     """The COBLA allocator; needs ``problem.loss`` (a :class:`~coblax.lowrank.allocation.LossOracle`).
 
     Attributes:
-      max_iter, ftol: the solver's limits per solve (``ftol``: SLSQP's ftol, or the
-        structured solver's KKT tolerance).
+      max_iter, tol, rtol, atol: the solver's limits per solve (:func:`coblax.solve`):
+        converged when the KKT residual is ``tol`` times the first iterate's, when E
+        moved by at most ``rtol``·E over the last iterations, or (``atol``) when the
+        KKT residual is below ``atol``·max(1, E) or no mask moved more than ``atol``.
+        SLSQP uses ``rtol`` as its ``ftol``.
       solver: ``"structured"`` (L-BFGS SQP, :func:`coblax.solve`) or ``"slsqp"``.
       window: variable reduction: only ``window`` triplets either side of each
         layer's warm-start rank are free (int, or a fraction of the layer's rank);
@@ -125,8 +133,8 @@ class COBLA:
       roundings: K, the number of stochastic roundings drawn.
       warm_start: an allocator's name (``pos_greedy``, ``pos_exact``, ``uniform``...)
         or ``"constant"``; ``"cobla"`` is refused.
-      saturation_rounds: how many layers may be moved to original form, one per
-        warm-started re-solve (0: none).
+      saturation_rounds: rounds of saturation, each fixing every eligible layer in
+        original form and re-solving at most once, warm-started (0: none).
       monotone: add m_ij >= m_i,j+1 within each layer.
       continuation: penalty weights μ_k of the integrality continuation (empty: off).
       local_search: evaluation budget of the integer local search (0: off).
@@ -137,7 +145,9 @@ class COBLA:
     """
 
     max_iter: int = 100
-    ftol: float = 1e-6
+    tol: float = 1e-4
+    rtol: float = 1e-5
+    atol: float = 1e-8
     roundings: int = 10
     warm_start: str = "pos_exact"
     saturation_rounds: int = 5
@@ -152,6 +162,7 @@ class COBLA:
     name: str = "cobla"
 
     def __post_init__(self) -> None:
+        check_tolerances(max_iter=self.max_iter, tol=self.tol, rtol=self.rtol, atol=self.atol)
         if self.warm_start == "cobla":
             warm_start_ranks(None, "cobla")  # raises the explanatory ValueError
         if self.select not in SELECT:
@@ -165,11 +176,12 @@ class COBLA:
 
     # -- the relaxed solve -------------------------------------------------------------
 
-    def _solve(self, fun_and_grad, x0, A, b, tick, groups) -> SolveResult:
+    def _solve(self, fun_and_grad, x0, A, b, tick, groups, pairs=None) -> SolveResult:
         """The one call into the SQP solver (``solver``: SLSQP or the structured one)."""
-        return solve(fun_and_grad, x0, A, b, method=self.solver, max_iter=self.max_iter, tol=self.ftol,
-                     groups=groups, monotone=self.monotone and self.solver == "structured",
-                     window=self.window, progress=tick)
+        return solve(fun_and_grad, x0, A, b, method=self.solver, max_iter=self.max_iter, tol=self.tol,
+                     rtol=self.rtol, atol=self.atol, groups=groups,
+                     monotone=self.monotone and self.solver == "structured",
+                     window=self.window, progress=tick, pairs=pairs)
 
     def _system(self, problem: AllocationProblem, active: list[int], saturated: set[str]):
         layers = problem.layers
@@ -232,63 +244,116 @@ class COBLA:
                 grad = grad + penalty * 4.0 * (1.0 - 2.0 * x)
             return value, grad
 
-        res = self._solve(fun_and_grad, x0, A, b, tick, [problem.layers[i].full_rank for i in active])
+        warm = None
+        if state.pairs is not None and not penalty:  # the penalty changes the curvature: start afresh
+            warm = ([v[idx] for v in state.pairs[0]], [v[idx] for v in state.pairs[1]])
+        res = self._solve(fun_and_grad, x0, A, b, tick, [problem.layers[i].full_rank for i in active], warm)
         ok = self._feasible_point(res.x, A, b)
+        if res.pairs is not None and not penalty:
+            state.pairs = tuple([_scatter(v, idx, m.size) for v in vecs] for vecs in res.pairs)
         base = len(state.trace)
         for t in res.trace:
             state.trace.append(dict(t, iteration=base + t["iteration"], saturated=sorted(saturated), stage=label))
         state.iterations += res.iterations
         state.seconds += res.seconds
-        state.solves.append({"stage": label, "status": res.status, "success": res.success,
-                             "message": res.message, "iterations": res.iterations, "value": res.value,
-                             "feasible": ok, "rolled_back": not ok})
+        state.solves.append({"stage": label, "status": res.status, "criterion": res.criterion,
+                             "success": res.success, "message": res.message, "iterations": res.iterations,
+                             "n_fun": res.n_fun, "kkt_residual": res.kkt_residual, "value": res.value,
+                             "seconds": res.seconds, "variables": int(idx.size), "feasible": ok,
+                             "rolled_back": not ok})
         if not ok:
             return None
         out = m.copy()
         out[idx] = res.x
         return out
 
-    def _relaxed(self, problem: AllocationProblem, m0: np.ndarray, tick) -> tuple[_Relaxed, np.ndarray]:
-        """Relaxed solve with saturation, then the continuation; (state, m before continuation)."""
+    @staticmethod
+    def _saturation_set(problem: AllocationProblem, m: np.ndarray, saturated: set[str]) -> list[int]:
+        """Every layer to fix in original form this round (indices), feasibility kept.
+
+        Eligible: relaxed rank Σ m ≥ its saturation rank. Taken in order of that
+        rank relative to the saturation rank, each only while the layers left at
+        ``min_rank`` fit what is left of both budgets.
+        """
+        layers, offsets = problem.layers, problem.offsets()
+        cands = []
+        for i, layer in enumerate(layers):
+            if layer.name in saturated or layer.saturation_rank > layer.full_rank:
+                continue
+            r = float(np.sum(m[offsets[i]:offsets[i + 1]]))
+            if r >= layer.saturation_rank - 1e-6:
+                cands.append((r / layer.saturation_rank, i))
+        chosen: list[int] = []
+        names = set(saturated)
+        for _, i in sorted(cands, reverse=True):
+            trial = names | {layers[i].name}
+            rest = [l for l in layers if l.name not in trial]
+            fixed = [l for l in layers if l.name in trial]
+            left = (problem.mac_max - sum(l.original_macs for l in fixed),
+                    problem.param_max - sum(l.original_params for l in fixed))
+            floor = (sum(min(problem.min_rank, l.full_rank) * l.mac_per_rank for l in rest),
+                     sum(min(problem.min_rank, l.full_rank) * l.param_per_rank for l in rest))
+            if all(need <= have * (1 + 1e-9) for need, have in zip(floor, left)):
+                chosen.append(i)
+                names = trial
+        return chosen
+
+    def _resolve_pointless(self, problem, m: np.ndarray, active: list[int], saturated: set[str]) -> bool:
+        """Whether m stays feasible and some row's slack is below its cheapest remaining rank."""
+        if not active:
+            return True
+        idx, A, b = self._system(problem, active, saturated)
+        x = m[idx]
+        if not self._feasible_point(x, A, b):
+            return False
+        slack = b[:2] - A[:2] @ x
+        cheapest = (min(problem.layers[i].mac_per_rank for i in active),
+                    min(problem.layers[i].param_per_rank for i in active))
+        return any(s < c for s, c in zip(slack, cheapest))
+
+    def _relaxed(self, problem: AllocationProblem, m0: np.ndarray, tick,
+                 start_saturated: tuple[str, ...] = ()) -> tuple[_Relaxed, np.ndarray]:
+        """Relaxed solve with saturation, then the continuation; (state, m before continuation).
+
+        ``start_saturated``: layers the warm start keeps in original form; they start
+        saturated (m = 1, original cost) instead of one triplet short of it, which in
+        a layer of three triplets (a first convolution) wrecks the network: the
+        quick-start CNN's E went from 0.001 to 4.4 (18 % validation accuracy).
+        """
         layers = problem.layers
         offsets = problem.offsets()
-        state = _Relaxed(m=m0.copy(), saturated=[], trace=[], solves=[])
-        saturated: set[str] = set()
-        all_idx = list(range(len(layers)))
+        state = _Relaxed(m=m0.copy(), saturated=list(start_saturated), trace=[], solves=[])
+        saturated: set[str] = set(start_saturated)
+        for i, layer in enumerate(layers):
+            if layer.name in saturated:
+                state.m[offsets[i]:offsets[i + 1]] = 1.0
+        all_idx = [i for i, layer in enumerate(layers) if layer.name not in saturated]
         new = self._run_solve(problem, state.m, all_idx, saturated, 0.0, state, tick, "relaxed")
         if new is not None:
             state.m = new
         for _ in range(self.saturation_rounds):
-            cands = []
-            for i, layer in enumerate(layers):
-                if layer.name in saturated or layer.saturation_rank > layer.full_rank:
-                    continue
-                r = float(np.sum(state.m[offsets[i]:offsets[i + 1]]))
-                if r >= layer.saturation_rank - 1e-6:
-                    cands.append((r / layer.saturation_rank, i))
-            chosen = None
-            for _, i in sorted(cands, reverse=True):
-                trial = saturated | {layers[i].name}
-                rest = [l for l in layers if l.name not in trial]
-                mac_left = problem.mac_max - sum(l.original_macs for l in layers if l.name in trial)
-                par_left = problem.param_max - sum(l.original_params for l in layers if l.name in trial)
-                floor_mac = sum(min(problem.min_rank, l.full_rank) * l.mac_per_rank for l in rest)
-                floor_par = sum(min(problem.min_rank, l.full_rank) * l.param_per_rank for l in rest)
-                if floor_mac <= mac_left * (1 + 1e-9) and floor_par <= par_left * (1 + 1e-9):
-                    chosen = i
-                    break
-            if chosen is None:
+            chosen = self._saturation_set(problem, state.m, saturated)
+            if not chosen:
                 break
-            trial = saturated | {layers[chosen].name}
+            trial = saturated | {layers[i].name for i in chosen}
             m_try = state.m.copy()
-            m_try[offsets[chosen]:offsets[chosen + 1]] = 1.0
+            for i in chosen:
+                m_try[offsets[i]:offsets[i + 1]] = 1.0
             active = [i for i, l in enumerate(layers) if l.name not in trial]
-            new = self._run_solve(problem, m_try, active, trial, 0.0, state, tick, f"saturate {layers[chosen].name}")
+            label = "saturate " + ", ".join(layers[i].name for i in chosen)
+            if self._resolve_pointless(problem, m_try, active, trial):
+                new = m_try
+                state.solves.append({"stage": label, "status": "skipped", "criterion": None, "success": True,
+                                     "message": "the freed budget is below the cheapest rank of every "
+                                                "remaining layer in some row: no re-solve",
+                                     "iterations": 0, "n_fun": 0, "feasible": True, "rolled_back": False})
+            else:
+                new = self._run_solve(problem, m_try, active, trial, 0.0, state, tick, label)
             if new is None:  # the re-solve broke a constraint: keep the previous point
                 break
             saturated = trial
             state.m = new
-            state.saturated.append(layers[chosen].name)
+            state.saturated.extend(layers[i].name for i in chosen)
         m_relaxed = state.m.copy()
         if self.continuation:
             e0 = abs(problem.loss.value_and_grad(state.m)[0]) or 1.0
@@ -319,7 +384,10 @@ class COBLA:
             bar.update(1)
             bar.set_postfix(E=f"{value:.4f}")
 
-        state, m_relaxed = self._relaxed(problem, m0, tick)
+        start_saturated = ()
+        if warm_ranks is not None and self.saturation_rounds > 0:
+            start_saturated = tuple(l.name for l in layers if l.is_original(warm_ranks[l.name]))
+        state, m_relaxed = self._relaxed(problem, m0, tick, start_saturated)
         bar.close()
 
         def blocks(m: np.ndarray) -> dict[str, np.ndarray]:
@@ -370,6 +438,10 @@ class COBLA:
             "relaxed_masks": {k: np.round(v, 5).tolist() for k, v in relaxed_blocks.items()},
             "rounded_masks": {k: np.round(np.asarray(v, np.float64), 5).tolist() for k, v in masks.items()},
             "warm_start_ranks": warm_ranks,
+            # True when rounding returned exactly the warm start's allocation: the
+            # answer is the baseline's ranks (with m̂-scaled triplets at most).
+            "ranks_from_warm_start": None if warm_ranks is None else dict(ranks) == dict(warm_ranks),
+            "solver_converged": all(sv.get("success", False) for sv in state.solves),
             "rounding": info,
             "variables": int(offsets[-1]),
         }
@@ -380,6 +452,12 @@ class COBLA:
             masks=masks,
             stats=stats,
         )
+
+
+def _scatter(v: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n)
+    out[idx] = v
+    return out
 
 
 def _metrics_fn(oracle) -> Callable[[np.ndarray], tuple[float, float]]:

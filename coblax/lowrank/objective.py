@@ -28,17 +28,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from coblax.lowrank.decompose import Factors, factored_apply
 
-__all__ = ["NetworkLoss"]
+__all__ = ["NetworkLoss", "batch_stack"]
 
 
-def _batch_stack(x: np.ndarray, y: np.ndarray, batch_size: int, mesh: Mesh | None = None):
+def batch_stack(x: np.ndarray, y: np.ndarray, batch_size: int, mesh: Mesh | None = None):
     """(nb, bs, ...) stacks with zero-weight padding so every batch has one shape.
 
+    The number of batches is ceil(n / batch_size) and the batches are as even as
+    possible (bs = ceil(n / nb) ≤ batch_size), so the padding is below nb rows
+    (600 examples at batch_size 250: 3 × 200, not 3 × 250 with 150 padded rows).
     With a ``mesh`` the batch size is rounded up to a multiple of its size and the
     stacks are sharded along the batch axis (axis 1).
     """
     n = len(x)
-    bs = min(batch_size, n)
+    nb = -(-n // max(1, min(batch_size, n)))
+    bs = -(-n // nb)
     if mesh is not None:
         k = mesh.devices.size
         bs = -(-bs // k) * k
@@ -91,8 +95,8 @@ class NetworkLoss:
         if self.mesh is not None:
             replicated = NamedSharding(self.mesh, PartitionSpec())
             self._params, self._factors = jax.device_put((params, self._factors), replicated)
-        self._obj = _batch_stack(*objective_data, batch_size, self.mesh)
-        self._val = _batch_stack(*validation_data, batch_size, self.mesh) if validation_data else None
+        self._obj = batch_stack(*objective_data, batch_size, self.mesh)
+        self._val = batch_stack(*validation_data, batch_size, self.mesh) if validation_data else None
         splits = np.cumsum(self.sizes)[:-1].tolist()
         apply_kwargs = dict(apply_kwargs or {})
 
