@@ -26,6 +26,7 @@ from coblax.app.experiment import (
     _split,
     decompose_layers,
     decomposable_layers,
+    default_cache_dir,
     run_method,
     train_base_model,
 )
@@ -43,6 +44,10 @@ VARIANTS: dict[str, dict] = {
     "exact+ls+plain": {"warm_start": "pos_exact", "local_search": 60, "mask_values": "plain"},
     "exact+ls+monotone": {"warm_start": "pos_exact", "local_search": 60, "monotone": True},
     "exact+ls+continuation": {"warm_start": "pos_exact", "local_search": 60, "continuation": [0.1, 0.3, 1.0, 3.0]},
+    # issue 17: the warm start, everything else at the config's settings
+    "start:constant": {"warm_start": "constant"},
+    "start:pos_greedy": {"warm_start": "pos_greedy"},
+    "start:pos_exact": {"warm_start": "pos_exact"},
 }
 
 
@@ -65,7 +70,8 @@ def main() -> None:
     rows = []
     out = Path(args.out)
     for mc in cfg.models:
-        base = train_base_model(cfg, mc, data, Path(cfg.cache_dir), progress=False)
+        base = train_base_model(cfg, mc, data, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
+                                progress=False)
         traced = trace_layers(base.model, base.params, jnp.asarray(data.x_train[:1]))
         chosen = decomposable_layers(traced, cfg)
         for spectrum in args.spectra:
@@ -88,11 +94,15 @@ def main() -> None:
                             "seconds": time.perf_counter() - t0, "seed": cfg.seed, "base_acc": base.accuracy,
                         }
                         for k in ("relaxed_objective", "rounded_objective", "relaxed_val_loss", "relaxed_val_accuracy",
-                                  "rounded_val_loss", "rounded_val_accuracy", "saturated_layers", "relaxed_ranks"):
+                                  "rounded_val_loss", "rounded_val_accuracy", "saturated_layers", "relaxed_ranks",
+                                  "ranks_from_warm_start", "solver_converged"):
                             if k in d:
                                 row[k] = d[k]
                         if "rounding" in d:
                             row["chosen"] = d["rounding"].get("chosen")
+                        if "solves" in d:
+                            row["solves"] = [(v["stage"], v["status"], v.get("criterion"), v["iterations"])
+                                             for v in d["solves"]]
                         rows.append(row)
                         print(json.dumps({k: row[k] for k in ("spectrum", "budget", "method", "acc", "seconds")}
                                          | {k: row.get(k) for k in ("relaxed_val_accuracy", "rounded_val_accuracy", "chosen")}),

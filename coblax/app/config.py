@@ -580,7 +580,7 @@ class CoblaConfig:
     batch_size: int = setting(250, ge=1)
     max_iter: int = setting(100, ge=1)
     tol: float = setting(1e-4, gt=0, le=0.1)
-    rtol: float = setting(1e-5, gt=0, le=0.1)
+    rtol: float = setting(3e-3, gt=0, le=0.1)
     atol: float = setting(1e-8, ge=0)
     roundings: int = setting(10, ge=1)
     warm_start: str = setting("pos_exact", choices=_warm_starts)

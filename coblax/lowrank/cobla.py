@@ -146,7 +146,10 @@ class COBLA:
 
     max_iter: int = 100
     tol: float = 1e-4
-    rtol: float = 1e-5
+    # E is a sample mean over ``objective_size`` examples whose own sampling error is
+    # tens of percent; the quick-start CNN reaches today's 100-iteration objective
+    # (0.00824) at 30 iterations and moves by < 0.3 % per 5 iterations after 88.
+    rtol: float = 3e-3
     atol: float = 1e-8
     roundings: int = 10
     warm_start: str = "pos_exact"

@@ -67,8 +67,7 @@ class SolveResult:
       kkt_residual: ‖P_Ω(x − ∇f(x)) − x‖_∞ at x.
       trace: one dict per iterate: ``iteration``, ``objective``, ``slack``
         (b − A x per row, unscaled; negative = violated) and, for the structured
-        solver, ``kkt_residual`` and ``step`` (the line search's α; 2 or 4 where
-        a full step was extended).
+        solver, ``kkt_residual`` and ``step`` (the line search's α).
       n_free: variables that entered the solve (after variable reduction).
       multipliers: λ ≥ 0 of the rows of A in their own units (∇f + Aᵀλ + box
         multipliers = 0 at a KKT point), from the projection that measures the KKT

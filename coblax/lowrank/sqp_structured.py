@@ -28,9 +28,10 @@ Per iteration k at the box-feasible iterate x:
    least a tenth as steep as the QP step's.
 4. **Line search** on the ℓ1 merit φ(x) = f(x) + ρ Σ_j max(0, (A x − b)_j),
    ρ ≥ 1.1·‖λ‖_∞ (Nocedal & Wright 2006, §18.3): Armijo backtracking with
-   safeguarded quadratic interpolation; a full step after which f still falls
-   at more than half the initial slope is extended (α = 2, 4) while φ keeps
-   decreasing (not with monotone groups: past α = 1 the order could break).
+   safeguarded quadratic interpolation, from α = 1. Extending full steps (α = 2, 4
+   while φ keeps falling) was measured and dropped: on the quick-start CNN it took
+   half of all steps but cost an evaluation per try, and reaching E = 0.0075 took
+   120 evaluations with it against 80 without.
 5. **Stopping, scale-free** (L-BFGS-B's ``pgtol``/``factr``, optimistix's
    rtol/atol), checked at feasible iterates:
 
@@ -155,8 +156,7 @@ def structured_sqp(
         if not dphi < 0:
             status, message = "stalled", "the QP step is not a descent direction of the merit function"
             break
-        # α > 1 leaves the segment [x, z]: with monotone groups it would break their order
-        step = _line_search(evaluate, x, f, g, p, dphi, rho, v0, viol, lo, hi, k, extend=omega.groups is None)
+        step = _line_search(evaluate, x, f, g, p, dphi, rho, v0, viol, lo, hi, k)
         if step is None:
             status, message = "stalled", "the line search found no decrease of the merit function"
             break
@@ -196,34 +196,21 @@ def _converged(kkt, kkt0, f, f_hist, step_max, violation, tol, rtol, atol) -> st
     return None
 
 
-def _line_search(evaluate, x, f, g, p, dphi, rho, v0, viol, lo, hi, k, extend=True):
-    """Armijo backtracking on the ℓ1 merit, with extension of a full step; None if no decrease."""
+def _line_search(evaluate, x, f, g, p, dphi, rho, v0, viol, lo, hi, k):
+    """Armijo backtracking on the ℓ1 merit from α = 1; (x⁺, f⁺, g⁺, α) or None if no decrease."""
     phi = f + rho * v0
     alpha = 1.0
-    for trial in range(40):
+    for _ in range(40):
         xt = np.clip(x + alpha * p, lo, hi)
         ft, gt = evaluate(xt, k)
         phit = ft + rho * viol(xt)
         if phit <= phi + 1e-4 * alpha * dphi:
-            break
+            return xt, ft, gt, alpha
         # minimizer of the quadratic through φ(0), φ'(0), φ(α), safeguarded
         denom = 2.0 * (phit - phi - dphi * alpha)
         a_new = -dphi * alpha * alpha / denom if denom > 0 else 0.5 * alpha
         alpha = float(np.clip(a_new, 0.1 * alpha, 0.5 * alpha))
-    else:
-        return None
-    if trial == 0 and extend:  # a full step: extend while f still falls steeply and φ keeps decreasing
-        for _ in range(2):
-            if not float(gt @ p) < 0.5 * float(g @ p):
-                break
-            x2 = np.clip(x + 2.0 * alpha * p, lo, hi)
-            if np.array_equal(x2, xt):
-                break
-            f2, g2 = evaluate(x2, k)
-            if not f2 + rho * viol(x2) < phit:
-                break
-            alpha, xt, ft, gt, phit = 2.0 * alpha, x2, f2, g2, f2 + rho * viol(x2)
-    return xt, ft, gt, alpha
+    return None
 
 
 def _subspace_point(x, g, z, lam, omega: FeasibleSet, lbfgs: CompactLBFGS) -> np.ndarray | None:
