@@ -15,7 +15,14 @@ import pytest
 import coblax
 from coblax import BudgetError, allocate, allocator_names, finetune, load_factored, save_factored
 from coblax.lowrank.costs import count_params
-from coblax.lowrank.decompose import factored_apply, factorize, get_kernel, masked_scales, trace_layers, truncate
+from coblax.lowrank.decompose import (
+    factored_apply,
+    factorize,
+    get_kernel,
+    masked_scales,
+    trace_layers,
+    truncate,
+)
 from coblax.nn.data import load_dataset
 from coblax.nn.train import evaluate, fit
 

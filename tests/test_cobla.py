@@ -7,8 +7,8 @@ import pytest
 
 from coblax.lowrank.allocation import AllocationProblem, LayerCost, has_room, is_feasible
 from coblax.lowrank.cobla import COBLA, warm_start_point
-from coblax.lowrank.sqp import SQPResult
 from coblax.lowrank.registry import get_allocator
+from coblax.lowrank.solve import SolveResult
 
 
 class QuadraticLoss:
@@ -121,12 +121,14 @@ def test_a_solve_that_breaks_a_constraint_is_rolled_back(monkeypatch):
 
     def broken(self, fun_and_grad, x0, A, b, tick, groups=None):
         x = np.ones_like(x0)  # every triplet kept: far over budget
-        return SQPResult(x, fun_and_grad(x)[0], False, 8, "positive directional derivative", 3, 3, 3, 0.0, [])
+        return SolveResult(x=x, value=fun_and_grad(x)[0], success=False, status="stalled",
+                           message="no merit decrease possible", iterations=3, n_fun=3, seconds=0.0,
+                           kkt_residual=1.0, trace=[], n_free=x.size, multipliers=None, method="structured")
 
     monkeypatch.setattr(COBLA, "_solve", broken)
     alloc = COBLA(warm_start="uniform")(problem)
     assert alloc.stats["solves"][0]["rolled_back"]
-    assert alloc.stats["solves"][0]["status"] == 8
+    assert alloc.stats["solves"][0]["status"] == "stalled"
     m0 = warm_start_point(problem, "uniform")
     np.testing.assert_allclose(np.concatenate([alloc.relaxed[n] for n in problem.names]), m0)
     assert is_feasible(problem, alloc.ranks)
