@@ -9,6 +9,7 @@ implementation detail.
 
 __version__ = "0.1.0"
 
+from coblax import allocators  # noqa: E402
 from coblax.lowrank.allocation import (  # noqa: E402
     Allocation,
     AllocationProblem,
@@ -23,12 +24,11 @@ from coblax.lowrank.allocation import (  # noqa: E402
     ranks_cost,
 )
 from coblax.lowrank.api import Compressed, allocate, finetune  # noqa: E402
-from coblax import allocators  # noqa: E402
 from coblax.lowrank.export import load_factored, save_factored  # noqa: E402
-from coblax.util.size import SizeRecord  # noqa: E402
 from coblax.lowrank.registry import allocator_names, get_allocator, register_allocator  # noqa: E402
-from coblax.util.errors import CoblaxError, NumericalError  # noqa: E402
 from coblax.lowrank.solve import NonFiniteError, SolveResult, solve  # noqa: E402
+from coblax.util.errors import CoblaxError, NumericalError  # noqa: E402
+from coblax.util.size import SizeRecord  # noqa: E402
 
 __all__ = [
     "__version__",

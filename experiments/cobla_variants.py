@@ -23,8 +23,8 @@ import numpy as np
 
 from coblax.app.config import load_run_config
 from coblax.app.experiment import (
-    decompose_layers,
     decomposable_layers,
+    decompose_layers,
     run_method,
     split_objective_data,
     train_base_model,

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import is_count_of
 
 from coblax.app.cli import main
 from coblax.app.config import ConfigError
@@ -18,6 +17,7 @@ from coblax.app.studies import STUDIES, format_study, load_study_config, run_stu
 from coblax.nn.data import DataError, load_dataset
 from coblax.nn.models import build_model
 from coblax.nn.train import evaluate, load_params
+from helpers import is_count_of
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "studies"

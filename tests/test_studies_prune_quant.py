@@ -13,10 +13,10 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import is_count_of
 
 from coblax.app.config import ConfigError
 from coblax.app.studies import format_study, load_study_config, run_study
+from helpers import is_count_of
 
 QUICK = Path(__file__).resolve().parents[1] / "experiments" / "studies" / "prune_quant_quick.toml"
 SIZES = {"fc1": 64 * 16, "fc2": 16 * 8, "fc3": 8 * 10}

@@ -37,12 +37,19 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-
 from flax import struct
 
 from coblax.lowrank.allocation import Allocation, Allocator, is_feasible
 from coblax.lowrank.costs import NetworkCost, make_problem, network_cost
-from coblax.lowrank.decompose import SCHEMES, Factors, TracedLayer, apply_fn_for, factorize, get_kernel, trace_layers
+from coblax.lowrank.decompose import (
+    SCHEMES,
+    Factors,
+    TracedLayer,
+    apply_fn_for,
+    factorize,
+    get_kernel,
+    trace_layers,
+)
 from coblax.lowrank.factored import factored_variables, truncate_allocation
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.registry import get_allocator

@@ -116,7 +116,7 @@ def kmeans_codebook(
     obj0 = objective(c, a)
     converged = False
     it = 0
-    for it in range(1, iters + 1):
+    for it in range(1, iters + 1):  # noqa: B007 - the count is read after the loop
         sums = np.bincount(a, weights=values, minlength=k)
         counts = np.bincount(a, minlength=k)
         c = np.sort(np.where(counts > 0, sums / np.maximum(counts, 1), c))
