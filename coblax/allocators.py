@@ -39,55 +39,38 @@ def by_name(name: str, **options: Any) -> Allocator:
     return get_allocator(name, **options)
 
 
-def cobla(**options: Any) -> Allocator:
-    """COBLA (:class:`coblax.lowrank.cobla.COBLA`: ``max_iter``, ``roundings``, ``warm_start``...)."""
-    return get_allocator("cobla", **options)
+def _builder(name: str, doc: str) -> Callable[..., Allocator]:
+    """``f(**options)`` building the allocator registered as ``name``."""
+
+    def build(**options: Any) -> Allocator:
+        return get_allocator(name, **options)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = doc
+    return build
 
 
-def uniform(**options: Any) -> Allocator:
-    """One rank fraction for every layer, bisected to the budgets (:class:`coblax.lowrank.uniform.Uniform`)."""
-    return get_allocator("uniform", **options)
-
-
-def cptv(**options: Any) -> Allocator:
-    """CPTV: the largest shared energy fraction that fits (:class:`coblax.baselines.cptv.CPTV`)."""
-    return get_allocator("cptv", **options)
-
-
-def pos_greedy(**options: Any) -> Allocator:
-    """POS greedy, Zhang et al. 2016 (:class:`coblax.baselines.pos.POSGreedy`: ``per_cost``)."""
-    return get_allocator("pos_greedy", **options)
-
-
-def pos_greedy_unnormalized(**options: Any) -> Allocator:
-    """POS greedy without the per-cost normalization (``POSGreedy(per_cost=False)``)."""
-    return get_allocator("pos_greedy_unnormalized", **options)
-
-
-def pos_exact(**options: Any) -> Allocator:
-    """Exact POS by MILP (:class:`coblax.baselines.pos.POSExact`: ``solver``...)."""
-    return get_allocator("pos_exact", **options)
-
-
-def vbmf(**options: Any) -> Allocator:
-    """EVBMF ranks in budget mode (:class:`coblax.baselines.vbmf.VBMF`)."""
-    return get_allocator("vbmf", **options)
-
-
-def gavish_donoho(**options: Any) -> Allocator:
-    """Gavish-Donoho thresholds in budget mode (:class:`coblax.baselines.gavish_donoho.GavishDonoho`)."""
-    return get_allocator("gavish_donoho", **options)
+cobla = _builder("cobla", "COBLA (:class:`coblax.lowrank.cobla.COBLA`: ``max_iter``, ``roundings``, "
+                          "``warm_start``...).")
+uniform = _builder("uniform", "One rank fraction for every layer, bisected to the budgets "
+                              "(:class:`coblax.lowrank.uniform.Uniform`).")
+cptv = _builder("cptv", "CPTV: the largest shared energy fraction that fits "
+                        "(:class:`coblax.baselines.cptv.CPTV`: ``iters``).")
+pos_greedy = _builder("pos_greedy", "POS greedy, Zhang et al. 2016 "
+                                    "(:class:`coblax.baselines.pos.POSGreedy`: ``per_cost``).")
+pos_greedy_unnormalized = _builder("pos_greedy_unnormalized",
+                                   "POS greedy without the per-cost normalization "
+                                   "(``POSGreedy(per_cost=False)``).")
+pos_exact = _builder("pos_exact", "Exact POS by MILP (:class:`coblax.baselines.pos.POSExact`: ``solver``...).")
+vbmf = _builder("vbmf", "EVBMF ranks in budget mode (:class:`coblax.baselines.vbmf.VBMF`).")
+gavish_donoho = _builder("gavish_donoho", "Gavish-Donoho thresholds in budget mode "
+                                          "(:class:`coblax.baselines.gavish_donoho.GavishDonoho`).")
 
 
 def __getattr__(name: str) -> Callable[..., Allocator]:
     # Allocators registered at run time or by plug-ins: coblax.allocators.<name>(...).
     if not name.startswith("_") and name in allocator_names():
-        def factory(**options: Any) -> Allocator:
-            return get_allocator(name, **options)
-
-        factory.__name__ = factory.__qualname__ = name
-        factory.__doc__ = f"The allocator registered as {name!r}, built with ``options``."
-        return factory
+        return _builder(name, f"The allocator registered as {name!r}, built with ``options``.")
     raise AttributeError(f"module 'coblax.allocators' has no attribute {name!r}")
 
 

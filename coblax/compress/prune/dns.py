@@ -20,6 +20,7 @@ from coblax.compress.prune.masks import (
     Masks,
     Params,
     apply_masks,
+    check_layer_keys,
     full_masks,
     is_none,
     kernels,
@@ -33,12 +34,7 @@ __all__ = ["dns_thresholds", "dns_mask_update", "dns_update_probability", "dns"]
 
 def _per_layer(value: Any, names: list[str], what: str) -> dict[str, float]:
     if isinstance(value, Mapping):
-        unknown = sorted(set(value) - set(names))
-        if unknown:
-            raise ValueError(f"{what} names unknown layers {unknown}; layers: {names}")
-        missing = sorted(set(names) - set(value))
-        if missing:
-            raise ValueError(f"{what} lacks layers {missing}")
+        check_layer_keys(value, names, what, complete=True)
         return {n: float(value[n]) for n in names}
     return {n: float(value) for n in names}
 

@@ -22,6 +22,7 @@ from coblax.compress.prune.masks import (
     Params,
     Sparsity,
     apply_masks,
+    check_layer_keys,
     kernels,
     layer_masks,
     masks_from_layers,
@@ -68,9 +69,7 @@ def layer_sparsity(sparsity: Sparsity, names: list[str], scope: str) -> dict[str
                 "sparsity must be a single float with scope='global' (a per-layer dict "
                 "needs scope='layer')"
             )
-        unknown = sorted(set(sparsity) - set(names))
-        if unknown:
-            raise ValueError(f"sparsity names unknown layers {unknown}; layers: {names}")
+        check_layer_keys(sparsity, names, "sparsity")
         return {n: check_fraction(sparsity.get(n, 0.0), f"sparsity[{n!r}]") for n in names}
     s = check_fraction(sparsity, "sparsity")
     return {n: s for n in names}

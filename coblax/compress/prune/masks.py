@@ -10,7 +10,7 @@ cost nothing to keep).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -36,6 +36,7 @@ __all__ = [
     "layer_masks",
     "masks_from_layers",
     "mask_or_true",
+    "check_layer_keys",
 ]
 
 def key_str(entry: Any) -> str:
@@ -147,9 +148,7 @@ def layer_masks(masks: Masks) -> dict[str, np.ndarray]:
 
 def masks_from_layers(params: Params, by_layer: Mapping[str, Any]) -> Masks:
     """Mask tree from a ``{layer: bool array}`` dict; missing layers are all-True."""
-    unknown = sorted(set(by_layer) - set(kernels(params)))
-    if unknown:
-        raise ValueError(f"masks for unknown layers {unknown}; layers: {sorted(kernels(params))}")
+    check_layer_keys(by_layer, sorted(kernels(params)), "masks")
 
     def f(name, w):
         if name not in by_layer:
@@ -178,3 +177,19 @@ def mask_or_true(masks: Mapping[str, Any] | None, key: str, shape: tuple[int, ..
     if m.shape != tuple(shape):
         raise ValueError(f"mask of {key!r} has shape {m.shape}, kernel {tuple(shape)}")
     return m
+
+
+def check_layer_keys(given: Iterable[str], names: Iterable[str], what: str, *, complete: bool = False) -> None:
+    """Check that a ``{layer: ...}`` argument names only layers of the network.
+
+    Raises:
+      ValueError: naming the argument ``what``, the keys that are not in ``names``
+        and the valid names; with ``complete``, also the names it lacks.
+    """
+    given, names = list(given), list(names)
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ValueError(f"{what} names unknown layers {unknown}; layers: {names}")
+    missing = sorted(set(names) - set(given)) if complete else []
+    if missing:
+        raise ValueError(f"{what} lacks layers {missing}")

@@ -22,6 +22,7 @@ from coblax.compress.prune.masks import (
     Params,
     Sparsity,
     apply_masks,
+    check_layer_keys,
     kernels,
     masks_from_layers,
     replace_kernels,
@@ -153,9 +154,7 @@ def obs_prune(
       (params, mask tree, report).
     """
     ks = kernels(params)
-    unknown = sorted(set(layer_inputs) - set(ks))
-    if unknown:
-        raise ValueError(f"layer_inputs names unknown layers {unknown}; layers: {list(ks)}")
+    check_layer_keys(layer_inputs, ks, "layer_inputs")
     fractions = layer_sparsity(sparsity, list(ks), "layer")
     new, keep = {}, {}
     for name, X in layer_inputs.items():

@@ -52,6 +52,14 @@ def _check_rounding(rounding: str) -> None:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
 
+def _check_call(il: Any, fl: Any, rounding: str, key: Any) -> None:
+    """The format, the rounding mode, and a key where stochastic rounding needs one."""
+    validate_bits(il, fl)
+    _check_rounding(rounding)
+    if rounding == "stochastic" and key is None:
+        raise ValueError("key must be a PRNG key when rounding='stochastic'")
+
+
 @functools.partial(jax.jit, static_argnames=("il", "fl", "rounding"))
 def _round_fixed(x: Any, il: int, fl: int, rounding: str, key: Any) -> jax.Array:
     # Work in units of ε = 2^-fl: scaling by a power of two is exact in floating
@@ -100,10 +108,7 @@ def fixed_point(
     Returns:
       array of the same shape and dtype on the ⟨IL, FL⟩ grid.
     """
-    validate_bits(il, fl)
-    _check_rounding(rounding)
-    if rounding == "stochastic" and key is None:
-        raise ValueError("key must be a PRNG key when rounding='stochastic'")
+    _check_call(il, fl, rounding, key)
     return _round_fixed(x, int(il), int(fl), rounding, key)
 
 
@@ -125,10 +130,7 @@ def fixed_point_mac(
     matrix arguments give a matrix product. The wide accumulator is exact as long
     as its 2 (IL + FL) bits (plus log2 of the length) fit the float mantissa.
     """
-    validate_bits(il, fl)
-    _check_rounding(rounding)
-    if rounding == "stochastic" and key is None:
-        raise ValueError("key must be a PRNG key when rounding='stochastic'")
+    _check_call(il, fl, rounding, key)
     return _mac(a, b, int(il), int(fl), rounding, key)
 
 

@@ -17,7 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coblax.compress.prune.masks import kernels, layer_masks, mask_or_true, replace_kernels
+from coblax.compress.prune.masks import (
+    check_layer_keys,
+    kernels,
+    layer_masks,
+    mask_or_true,
+    replace_kernels,
+)
 from coblax.compress.quantize.codebooks import kmeans_compression_ratio
 
 Params = Any
@@ -206,9 +212,7 @@ def bits_per_layer(bits: int | Mapping[str, int], names: list[str]) -> dict[str,
         return int(b)
 
     if isinstance(bits, Mapping):
-        unknown = sorted(set(bits) - set(names))
-        if unknown:
-            raise ValueError(f"bits names unknown layers {unknown}; layers: {names}")
+        check_layer_keys(bits, names, "bits")
         return {n: check(bits[n], f"bits[{n!r}]") for n in names if n in bits}
     b = check(bits, "bits")
     return {n: b for n in names}

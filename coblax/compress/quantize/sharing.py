@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from coblax.compress.prune.masks import kernels, map_kernels, replace_kernels
+from coblax.compress.prune.masks import check_layer_keys, kernels, map_kernels, replace_kernels
 from coblax.compress.quantize.kmeans import dequantize, kernel_mask, masks_by_layer
 from coblax.compress.transforms import keep_pruned, share_by_cluster
 
@@ -52,9 +52,7 @@ def _cluster_tables(
     shapes: Mapping[str, Any],
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, int]]:
     """Validated ``{layer: indices}``, ``{layer: mask}`` and ``{layer: k}`` tables."""
-    unknown = sorted(set(indices) - set(shapes))
-    if unknown:
-        raise ValueError(f"indices name unknown layers {unknown}; layers: {list(shapes)}")
+    check_layer_keys(indices, shapes, "indices")
     idx, msk, ks = {}, {}, {}
     for n, i in indices.items():
         i = np.asarray(i, dtype=np.int32)
@@ -212,9 +210,7 @@ def finetune_centroids(
       (params, updated codebooks ``{layer: float32 (k,)}``).
     """
     ks = kernels(params)
-    unknown = sorted(set(codebooks) - set(ks))
-    if unknown:
-        raise ValueError(f"codebooks name unknown layers {unknown}; layers: {list(ks)}")
+    check_layer_keys(codebooks, ks, "codebooks")
     missing = sorted(set(codebooks) - set(indices))
     if missing:
         raise ValueError(f"indices lack layers {missing} that have codebooks")
