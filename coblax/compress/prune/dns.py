@@ -8,6 +8,7 @@ Reference: Guo, Yao & Chen (2016) "Dynamic Network Surgery for Efficient DNNs", 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -130,21 +131,40 @@ def dns(
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-    loss_fn = loss_fn or cross_entropy
     thr = dns_thresholds(params, rate, margin)
     a_tree = map_kernels(lambda n, w: jnp.asarray(thr[n][0], w.dtype), params, other=lambda _: None)
     b_tree = map_kernels(lambda n, w: jnp.asarray(thr[n][1], w.dtype), params, other=lambda _: None)
-
-    def update_masks(p, m):
-        def f(mm, a, b, w):
-            return None if mm is None else dns_mask_update(w, mm, a, b)
-
-        return jax.tree.map(f, m, a_tree, b_tree, p, is_leaf=is_none)
-
+    update_masks = functools.partial(_update_masks, a_tree, b_tree)
     masks = update_masks(params, full_masks(params))
     initial = layer_masks(masks)
     tx = make_optimizer(optimizer, learning_rate)
-    opt_state = tx.init(params)
+    step = _dns_step(apply_fn, loss_fn or cross_entropy, tx, update_masks, gamma, power)
+    params, masks, it, n_updates = _train(step, params, masks, tx.init(params), np.asarray(x),
+                                          np.asarray(y), epochs, batch_size, seed)
+    final = layer_masks(masks)
+    spliced = {k: int(np.sum(~initial[k] & final[k])) for k in final}
+    extra = {
+        "method": "dns",
+        "thresholds": {k: [a, b] for k, (a, b) in thr.items()},
+        "mask_updates": n_updates,
+        "iterations": it,
+        "spliced": spliced,
+        "initial_kept": {k: int(v.sum()) for k, v in initial.items()},
+    }
+    return apply_masks(params, masks), masks, mask_report(masks, extra=extra)
+
+
+def _update_masks(a_tree: Params, b_tree: Params, params: Params, masks: Masks) -> Masks:
+    """T_k <- h_k(W_k, T_k) on every masked leaf (:func:`dns_mask_update`)."""
+
+    def f(mm, a, b, w):
+        return None if mm is None else dns_mask_update(w, mm, a, b)
+
+    return jax.tree.map(f, masks, a_tree, b_tree, params, is_leaf=is_none)
+
+
+def _dns_step(apply_fn, loss_fn, tx, update_masks, gamma: float, power: float):
+    """One jitted DNS step: maybe re-evaluate the masks, then train the dense W on W ⊙ T."""
 
     @jax.jit
     def step(params, masks, opt_state, xb, yb, it, key):
@@ -161,8 +181,12 @@ def dns(
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), masks, opt_state, do_update
 
-    x = np.asarray(x)
-    y = np.asarray(y)
+    return step
+
+
+def _train(step, params, masks, opt_state, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int,
+           seed: int) -> tuple[Params, Masks, int, int]:
+    """``epochs`` shuffled passes of ``step``; (params, masks, iterations, mask updates)."""
     n = len(x)
     bs = min(batch_size, n)
     steps_per_epoch = max(1, n // bs)
@@ -179,16 +203,4 @@ def dns(
             )
             n_updates += int(upd)
             it += 1
-    final = layer_masks(masks)
-    spliced = {k: int(np.sum(~initial[k] & final[k])) for k in final}
-    extra = {
-        "method": "dns",
-        "thresholds": {k: [a, b] for k, (a, b) in thr.items()},
-        "mask_updates": n_updates,
-        "iterations": it,
-        "spliced": spliced,
-        "initial_kept": {k: int(v.sum()) for k, v in initial.items()},
-    }
-    return apply_masks(params, masks), masks, mask_report(masks, extra=extra)
-
-
+    return params, masks, it, n_updates

@@ -208,6 +208,28 @@ def _resolve_fit(fit_fn: Callable[..., Any] | None) -> Callable[..., Any]:
 _RESERVED_TRAIN_KEYS = ("epochs", "transform_grads", "project")
 
 
+def _checked_training(retrain_epochs: Any, train_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy of ``train_kwargs`` once the epochs and the keys are checked."""
+    if not isinstance(retrain_epochs, int) or retrain_epochs < 0:
+        raise ValueError(f"retrain_epochs must be an int >= 0, got {retrain_epochs!r}")
+    train_kwargs = dict(train_kwargs or {})
+    bad = [k for k in _RESERVED_TRAIN_KEYS if k in train_kwargs]
+    if bad:
+        raise ValueError(f"train_kwargs may not set {bad}: iterative_magnitude_prune sets them")
+    return train_kwargs
+
+
+def _stage_record(i: int, target: Sparsity, masks: Masks) -> dict[str, Any]:
+    """The report entry of pruning stage ``i`` (counted from 0)."""
+    rep = mask_report(masks)
+    return {
+        "stage": i + 1,
+        "target_sparsity": target if isinstance(target, float) else dict(target),
+        "kept_fraction": rep.kept_fraction,
+        "layer_kept_fraction": {k: v.kept_fraction for k, v in rep.layers.items()},
+    }
+
+
 def iterative_magnitude_prune(
     apply_fn: Callable[[Params, Any], Any],
     params: Params,
@@ -248,12 +270,7 @@ def iterative_magnitude_prune(
       weights / kept fraction and one entry per stage.
     """
     check_scope(scope)
-    if not isinstance(retrain_epochs, int) or retrain_epochs < 0:
-        raise ValueError(f"retrain_epochs must be an int >= 0, got {retrain_epochs!r}")
-    train_kwargs = dict(train_kwargs or {})
-    bad = [k for k in _RESERVED_TRAIN_KEYS if k in train_kwargs]
-    if bad:
-        raise ValueError(f"train_kwargs may not set {bad}: iterative_magnitude_prune sets them")
+    train_kwargs = _checked_training(retrain_epochs, train_kwargs)
     names = list(kernels(params))
     targets = layer_sparsity(sparsity, names, scope)
     per_layer = {n: sparsity_schedule(targets[n], steps, schedule) for n in names}
@@ -284,15 +301,7 @@ def iterative_magnitude_prune(
                 seed=base_seed + i,
                 **train_kwargs,
             )
-        rep = mask_report(masks)
-        stages.append(
-            {
-                "stage": i + 1,
-                "target_sparsity": s_i if isinstance(s_i, float) else dict(s_i),
-                "kept_fraction": rep.kept_fraction,
-                "layer_kept_fraction": {k: v.kept_fraction for k, v in rep.layers.items()},
-            }
-        )
+        stages.append(_stage_record(i, s_i, masks))
     report = mask_report(masks, stages=tuple(stages), extra={"method": "magnitude", "scope": scope})
     return params, masks, report
 

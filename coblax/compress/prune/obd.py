@@ -241,24 +241,32 @@ def obd_saliency(
     else:
         if loss_fn is None:
             raise ValueError(f"hessian={hessian!r} needs loss_fn")
-        diag = {}
-        key = jax.random.key(seed)
-        for i, (name, w) in enumerate(kernels(params).items()):
-
-            def layer_loss(v, p, *d, name=name):
-                return loss_fn(replace_kernels(p, {name: v}), *d)
-
-            if hessian == "exact" and int(np.size(w)) <= exact_max_size:
-                diag[name] = hessian_diag_exact(layer_loss, w, params, *data)
-            else:
-                diag[name] = hessian_diag_hutchinson(
-                    layer_loss, w, jax.random.fold_in(key, i), params, *data, n_samples=n_samples
-                )
+        diag = _loss_hessian_diag(loss_fn, params, data, hessian == "exact", exact_max_size, n_samples, seed)
     out = {}
     for name, w in kernels(params).items():
         w64 = np.asarray(w, dtype=np.float64)
         out[name] = 0.5 * np.asarray(diag[name], dtype=np.float64) * w64**2
     return out
+
+
+def _loss_hessian_diag(loss_fn: Callable[..., Any], params: Params, data: tuple, exact: bool,
+                       exact_max_size: int, n_samples: int, seed: int) -> dict[str, Any]:
+    """Each kernel's Hessian diagonal of ``loss_fn``, one layer at a time: exact for kernels
+    of at most ``exact_max_size`` entries when ``exact``, else Hutchinson's estimate."""
+    diag = {}
+    key = jax.random.key(seed)
+    for i, (name, w) in enumerate(kernels(params).items()):
+
+        def layer_loss(v, p, *d, name=name):
+            return loss_fn(replace_kernels(p, {name: v}), *d)
+
+        if exact and int(np.size(w)) <= exact_max_size:
+            diag[name] = hessian_diag_exact(layer_loss, w, params, *data)
+        else:
+            diag[name] = hessian_diag_hutchinson(
+                layer_loss, w, jax.random.fold_in(key, i), params, *data, n_samples=n_samples
+            )
+    return diag
 
 
 def obd_prune(
