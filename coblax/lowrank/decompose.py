@@ -47,6 +47,8 @@ __all__ = [
     "truncate",
     "layer_key",
     "get_kernel",
+    "explicit_pads",
+    "as_tuple",
 ]
 
 SCHEMES = ("tai", "zhang")
@@ -88,7 +90,9 @@ class TracedLayer:
         return not self.reason
 
 
-def _explicit_pads(mod: nn.Conv, in_spatial, kernel_spatial, strides):
+def explicit_pads(mod: nn.Conv, in_spatial, kernel_spatial, strides):
+    """``mod.padding`` as explicit ((lo, hi), ...) pairs for inputs of ``in_spatial`` size;
+    None for a padding mode lax cannot spell out (``"CIRCULAR"``...)."""
     pad = mod.padding
     if isinstance(pad, str):
         if pad.upper() in ("SAME", "VALID"):
@@ -102,7 +106,8 @@ def _explicit_pads(mod: nn.Conv, in_spatial, kernel_spatial, strides):
     return tuple(pads)
 
 
-def _as_tuple(v, n):
+def as_tuple(v, n):
+    """A conv attribute (None, an int or a sequence) as an ``n``-tuple of ints (None: ones)."""
     if v is None:
         return (1,) * n
     if isinstance(v, int):
@@ -145,16 +150,16 @@ def trace_layers(
         positions = int(np.prod(out_shape[:-1]))
         macs = positions * int(np.prod(kernel.shape[:-1])) * kernel.shape[-1]
         reason = ""
-        strides = _as_tuple(mod.strides, kernel.ndim - 2)
+        strides = as_tuple(mod.strides, kernel.ndim - 2)
         pads = None
         if kernel.ndim != 4 or len(in_shape) != 3:
             reason = "only 2-D convolutions on NHWC inputs are decomposed"
         elif groups != 1:
             reason = "grouped/depthwise convolution"
-        elif _as_tuple(mod.kernel_dilation, 2) != (1, 1) or _as_tuple(mod.input_dilation, 2) != (1, 1):
+        elif as_tuple(mod.kernel_dilation, 2) != (1, 1) or as_tuple(mod.input_dilation, 2) != (1, 1):
             reason = "dilated convolution"
         else:
-            pads = _explicit_pads(mod, in_shape[:2], kernel.shape[:2], strides)
+            pads = explicit_pads(mod, in_shape[:2], kernel.shape[:2], strides)
             if pads is None:
                 reason = f"padding {mod.padding!r} is not SAME, VALID or explicit"
         found.append(
@@ -306,7 +311,7 @@ def _call_pads(mod: nn.Conv, f: Factors, x: jnp.ndarray) -> tuple[tuple[int, int
     """The layer's explicit padding for this call's input (a shared layer may see several sizes)."""
     kx = int(f.first.shape[0])
     ky = int(f.first.shape[1]) if f.scheme == "zhang" else int(f.second.shape[1])
-    pads = _explicit_pads(mod, tuple(x.shape[1:3]), (kx, ky), tuple(f.strides))
+    pads = explicit_pads(mod, tuple(x.shape[1:3]), (kx, ky), tuple(f.strides))
     return pads if pads is not None else f.pads
 
 

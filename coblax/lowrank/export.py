@@ -40,7 +40,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from coblax.lowrank.decompose import _as_tuple, _explicit_pads, layer_key
+from coblax.lowrank.decompose import as_tuple as _as_tuple
+from coblax.lowrank.decompose import explicit_pads as _explicit_pads
+from coblax.lowrank.decompose import layer_key
 from coblax.util import flatten_tree, to_numpy_tree, unflatten_tree, write_bytes_atomic
 from coblax.util.size import SizeRecord
 
