@@ -70,8 +70,6 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
 
-
-
 def read_file_bytes(path: Path) -> bytes:
     """Whole file contents, gunzipped when the name ends in ``.gz``."""
     try:
@@ -88,8 +86,8 @@ def read_file_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read ({e})") from None
 
 
-
 def check_labels(path: Path, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """``labels`` as int32 once every one is in [0, num_classes); else DataError naming ``path``."""
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(
             f"{path}: expected labels in [0, {num_classes}), found range"

@@ -44,7 +44,6 @@ _IDX_CODE_OF: dict[np.dtype, int] = {
 }
 
 
-
 def read_idx(
     path: str | os.PathLike,
     *,
@@ -135,15 +134,12 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
         path.write_bytes(payload)
 
 
-
 MNIST_FILES = {
     "x_train": "train-images-idx3-ubyte",
     "y_train": "train-labels-idx1-ubyte",
     "x_test": "t10k-images-idx3-ubyte",
     "y_test": "t10k-labels-idx1-ubyte",
 }
-
-
 
 
 def _find_idx(d: Path, stem: str) -> Path | None:

@@ -33,6 +33,7 @@ from coblax.nn.train import cross_entropy, make_optimizer
 
 __all__ = ["dns_thresholds", "dns_mask_update", "dns_update_probability", "dns"]
 
+
 def _per_layer(value: Any, names: list[str], what: str) -> dict[str, float]:
     if isinstance(value, Mapping):
         check_layer_keys(value, names, what, complete=True)

@@ -47,6 +47,7 @@ __all__ = [
     "iterative_magnitude_prune",
 ]
 
+
 def check_scope(scope: str) -> None:
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")

@@ -39,6 +39,7 @@ __all__ = [
     "check_layer_keys",
 ]
 
+
 def key_str(entry: Any) -> str:
     if isinstance(entry, jax.tree_util.DictKey):
         return str(entry.key)

@@ -42,6 +42,7 @@ __all__ = [
     "obd_prune",
 ]
 
+
 def _hvp(f: Callable[..., Any], x: jax.Array, args: tuple) -> Callable[[Any], Any]:
     # Forward-over-reverse: H v = d/de grad f(x + e v).
     return lambda v: jax.jvp(lambda u: jax.grad(f)(u, *args), (x,), (v,))[1]

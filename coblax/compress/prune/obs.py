@@ -31,6 +31,7 @@ from coblax.compress.prune.report import PruneReport, mask_report
 
 __all__ = ["layer_hessian", "obs_saliency", "obs_prune_layer", "obs_prune"]
 
+
 def layer_hessian(X: Any, damp: float = 1e-4) -> np.ndarray:
     """H = (2/N) X^T X + damp * mean(diag) * I for a linear layer y = x W.
 

@@ -10,6 +10,7 @@ from coblax.compress.prune.masks import Masks, layer_masks
 
 __all__ = ["LayerSparsity", "PruneReport", "mask_report"]
 
+
 @dataclasses.dataclass(frozen=True)
 class LayerSparsity:
     """How many weights a layer has and how many it keeps."""

@@ -33,6 +33,7 @@ __all__ = [
     "cluster_means",
 ]
 
+
 @functools.partial(jax.jit, static_argnames=("k",))
 def cluster_gradient(grad: Any, indices: Any, k: int, mask: Any = None) -> jax.Array:
     """Per-centroid gradient ∂L/∂c_j = Σ_{i: idx_i = j, kept} ∂L/∂w_i (Han et al. Eq. 3).

@@ -18,6 +18,7 @@ Params = Any
 
 __all__ = ["straight_through", "content_key"]
 
+
 def straight_through(w: jax.Array, q: jax.Array) -> jax.Array:
     """Forward value ``q``, gradient d/dw = identity (straight-through estimator)."""
     return w + jax.lax.stop_gradient(q - w)
