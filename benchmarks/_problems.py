@@ -11,10 +11,10 @@ import numpy as np
 from coblax.app.config import load_run_config
 from coblax.app.experiment import (
     _FiniteLoss,
-    _split,
     decomposable_layers,
     decompose_layers,
     default_cache_dir,
+    split_objective_data,
     train_base_model,
 )
 from coblax.lowrank.costs import make_problem, network_cost
@@ -33,7 +33,7 @@ def build(config: str, model: str, scheme: str, budget: tuple[float, float], see
         cfg = dataclasses.replace(cfg, cobla=dataclasses.replace(cfg.cobla, **cobla_overrides))
     data = load_dataset(cfg.data.name, cfg.data.dir, seed=cfg.seed,
                         limit_train=cfg.data.limit_train, limit_test=cfg.data.limit_test)
-    obj, val = _split(data, cfg)
+    obj, val = split_objective_data(data, cfg)
     mc = next(m for m in cfg.models if m.label.startswith(model))
     base = train_base_model(cfg, mc, data, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), progress=False)
     traced = trace_layers(base.model, base.params, jnp.asarray(data.x_train[:1]))

@@ -87,7 +87,7 @@ def bench_model(name: str, budgets, repeats: int, repeats64: int, out: Path) -> 
         "file_bytes": npz_bytes(variables), "params": n_params, "param_bytes": 4 * n_params,
     }]
     for i, (b, result) in enumerate(zip(budgets, results), start=1):
-        size = save_factored(out / f"{name}-{b:g}.npz", result, meta={"budget": b, "ranks": result.ranks})
+        size = save_factored(out / f"{name}-{b:g}.npz", result, meta={"budget": b, "ranks": result.ranks}).total_bytes
         rows.append({
             "model": name, "budget": b, "mac_ratio": result.network_mac_ratio,
             "param_ratio": result.network_param_ratio, "ms_b1": ms1[i], "ms_b64": ms64[i],

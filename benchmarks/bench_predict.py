@@ -29,7 +29,7 @@ SHAPES = {"lenet5": (28, 28, 1), "lenet_300_100": (28, 28, 1), "squeezenet": (8,
 
 def _baked(apply_fn, params, x, batch_size=1000):
     fn = jax.jit(lambda xb: apply_fn(params, xb))  # the old predict: weights are constants
-    return T._batched(fn, x, batch_size)
+    return T.batched_apply(fn, x, batch_size)
 
 
 def main() -> None:

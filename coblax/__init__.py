@@ -1,13 +1,15 @@
 """coblax: budget-constrained compression of deep networks in JAX.
 
 Public surface: ``allocate`` (any Flax model, layer rules, budgets, any allocator)
-with ``finetune`` and ``save_factored`` / ``load_factored``; the constrained solver
-(``solve``); the allocation protocol and registry; the error types. Everything else
-is an implementation detail.
+with ``finetune`` and ``save_factored`` / ``load_factored``; configured allocators
+(``coblax.allocators.cobla(max_iter=50)``...); the constrained solver (``solve``); the
+allocation protocol and registry; the error types. Everything else is an
+implementation detail.
 """
 
 __version__ = "0.1.0"
 
+from coblax import allocators  # noqa: E402
 from coblax.lowrank.allocation import (  # noqa: E402
     Allocation,
     AllocationProblem,
@@ -24,8 +26,9 @@ from coblax.lowrank.allocation import (  # noqa: E402
 from coblax.lowrank.api import Compressed, allocate, finetune  # noqa: E402
 from coblax.lowrank.export import load_factored, save_factored  # noqa: E402
 from coblax.lowrank.registry import allocator_names, get_allocator, register_allocator  # noqa: E402
-from coblax.util.errors import CoblaxError, NumericalError  # noqa: E402
 from coblax.lowrank.solve import NonFiniteError, SolveResult, solve  # noqa: E402
+from coblax.util.errors import CoblaxError, NumericalError  # noqa: E402
+from coblax.util.size import SizeRecord  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -49,8 +52,10 @@ __all__ = [
     "SolveResult",
     "NonFiniteError",
     "allocate",
+    "allocators",
     "finetune",
     "Compressed",
     "save_factored",
     "load_factored",
+    "SizeRecord",
 ]

@@ -88,13 +88,13 @@ def main() -> None:
     for method, options in (("cobla", {"max_iter": 40, "roundings": 5}), ("uniform", {})):
         result = allocate(model, variables, objective, rules=RULES, mac=args.budget, param=args.budget,
                           method=method, validation_data=validation, apply_kwargs={"train": False},
-                          seed=args.seed, **options)
+                          seed=args.seed, method_options=options)
         before = evaluate(result.apply, result.variables, data.x_test, data.y_test)
         result = finetune(result, data.x_train, data.y_train, train_kwargs={"train": True}, epochs=1,
                           learning_rate=3e-4, seed=args.seed)
         after = evaluate(result.apply, result.variables, data.x_test, data.y_test)
         path = out / f"{method}.npz"
-        size = save_factored(path, result, meta={"accuracy": after, "ranks": result.ranks})
+        size = save_factored(path, result, meta={"accuracy": after, "ranks": result.ranks}).total_bytes
         loaded = load_factored(path, MyNet(num_classes=data.num_classes))
         reloaded = evaluate(loaded.apply, loaded.variables, data.x_test, data.y_test)
         assert reloaded == after, (reloaded, after)

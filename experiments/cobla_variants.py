@@ -23,11 +23,11 @@ import numpy as np
 
 from coblax.app.config import load_run_config
 from coblax.app.experiment import (
-    _split,
-    decompose_layers,
     decomposable_layers,
+    decompose_layers,
     default_cache_dir,
     run_method,
+    split_objective_data,
     train_base_model,
 )
 from coblax.lowrank.costs import network_cost
@@ -66,7 +66,7 @@ def main() -> None:
     cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, epochs=0))
     data = load_dataset(cfg.data.name, cfg.data.dir, seed=cfg.seed,
                         limit_train=cfg.data.limit_train, limit_test=cfg.data.limit_test)
-    obj, val = _split(data, cfg)
+    obj, val = split_objective_data(data, cfg)
     rows = []
     out = Path(args.out)
     for mc in cfg.models:

@@ -84,3 +84,9 @@ def tiny_run_config(folder, name: str = "cfg.toml", **values: str):
     path = Path(folder) / name
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def is_count_of(acc: float, n: int) -> bool:
+    """``acc`` is k / n for a whole k in [0, n]: an accuracy over exactly n images (a hand count)."""
+    k = acc * n
+    return 0 <= round(k) <= n and abs(k - round(k)) < 1e-9

@@ -7,8 +7,8 @@ import pytest
 
 from coblax.lowrank.allocation import AllocationProblem, LayerCost, has_room, is_feasible
 from coblax.lowrank.cobla import COBLA, warm_start_point
-from coblax.lowrank.solve import SolveResult
 from coblax.lowrank.registry import get_allocator
+from coblax.lowrank.solve import SolveResult
 
 
 class QuadraticLoss:

@@ -78,7 +78,7 @@ def test_seed_huffman_example():
     syms = np.array([alphabet.index(c) for c in text])
     freqs = np.bincount(syms, minlength=4)
     lengths = huffman_code_lengths(freqs)
-    assert dict(zip(alphabet, lengths.tolist())) == {"A": 1, "B": 3, "C": 3, "D": 2}
+    assert dict(zip(alphabet, lengths.tolist(), strict=True)) == {"A": 1, "B": 3, "C": 3, "D": 2}
     codes = canonical_codes(lengths)
     as_str = {c: format(int(codes[i]), f"0{lengths[i]}b") for i, c in enumerate(alphabet)}
     assert as_str == {"A": "0", "D": "10", "B": "110", "C": "111"}
@@ -176,7 +176,7 @@ def test_relative_index_edge_cases():
 def _naive_decode(data: bytes, nbits: int, lengths, count: int) -> list[int]:
     """Reference: match the bit string against every code as text, symbol by symbol."""
     codes = canonical_codes(lengths)
-    table = {format(int(c), f"0{int(n)}b"): s for s, (c, n) in enumerate(zip(codes, lengths)) if n}
+    table = {format(int(c), f"0{int(n)}b"): s for s, (c, n) in enumerate(zip(codes, lengths, strict=True)) if n}
     bits = "".join(format(b, "08b") for b in data)[:nbits]
     out, pos = [], 0
     while len(out) < count:

@@ -82,7 +82,7 @@ def test_pruned_shared_cbx_reproduces_and_is_small(tmp_path):
                       for n, f in result.factors.items()}, dict(result.apply_kwargs), {})
     acc = evaluate(before.apply, before.variables, data.x_test, data.y_test)
     assert acc > 0.3  # far from chance (10 classes), so reproducing it exactly means something
-    npz_bytes = save_factored(tmp_path / "net.npz", result)
+    npz_bytes = save_factored(tmp_path / "net.npz", result).total_bytes
     info = save_factored_cbx(tmp_path / "net.cbx", result, prune=sparsity, bits=bits, index_bits=index_bits,
                              meta={"accuracy": acc})
     loaded = load_factored_cbx(tmp_path / "net.cbx", Net())

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coblax.compress.cbx import CRC_BYTES, HEADER_BYTES, read_cbx
-from coblax.app.config import ConfigError
 from coblax.app.compress import (
     evaluate_file,
     load_compress_config,
     parse_compress_config,
     run_compress,
 )
+from coblax.app.config import ConfigError
+from coblax.compress.cbx import CRC_BYTES, HEADER_BYTES, read_cbx
 from coblax.compress.pipeline import format_compression_table
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "deep_compression_digits.toml"
@@ -57,7 +57,7 @@ def test_decoded_file_is_pruned_and_shared(tiny_run):
     params, meta = read_cbx(out / "model.cbx")
     assert meta["model"] == {"name": "mlp", "options": {"hidden": [48, 24]}}
     assert meta["input_shape"] == [8, 8, 1] and meta["num_classes"] == 10
-    for row, (layer, shape) in zip(report["layers"], SIZES.items()):
+    for row, (layer, shape) in zip(report["layers"], SIZES.items(), strict=True):
         w = params["params"][layer]["kernel"]
         assert w.shape == shape and row["layer"] == layer
         n = w.size

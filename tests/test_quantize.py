@@ -10,8 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from coblax.compress import prune
-from coblax.compress import quantize
+from coblax.compress import prune, quantize
 from helpers import blobs as _blobs
 from helpers import mlp_apply as _mlp_apply
 from helpers import mlp_params
@@ -307,7 +306,7 @@ def test_product_quantize_error_falls_with_blocks():
         assert pq.error == pytest.approx(float(np.sum((W - pq.reconstruction) ** 2)), rel=1e-4)
         assert pq.compression_ratio == quantize.pq_compression_ratio(64, 16, 8, s)
         errs.append(pq.error)
-    assert all(a > b for a, b in zip(errs, errs[1:]))
+    assert all(a > b for a, b in zip(errs, errs[1:], strict=False))
     with pytest.raises(ValueError, match="n_blocks"):
         quantize.product_quantize(W, 3, 8)
     with pytest.raises(ValueError, match="k=65"):
@@ -318,7 +317,7 @@ def test_residual_quantize_error_falls_with_stages():
     W = _low_rank_ish(1)
     rq = quantize.residual_quantize(W, 4, 8, seed=0)
     assert rq.codebooks.shape == (4, 8, 16) and rq.codes.shape == (64, 4)
-    assert all(a > b for a, b in zip(rq.errors, rq.errors[1:]))
+    assert all(a > b for a, b in zip(rq.errors, rq.errors[1:], strict=False))
     assert rq.errors[0] < float(np.sum(W**2))
     rebuilt = sum(rq.codebooks[j][rq.codes[:, j]] for j in range(4))
     np.testing.assert_allclose(rebuilt, rq.reconstruction, rtol=1e-5, atol=1e-6)

@@ -6,12 +6,18 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from coblax.app.cli import main
 from coblax.app.config import ConfigError
 from coblax.app.studies import STUDIES, format_study, load_study_config, run_study
-from coblax.nn.data import DataError
+from coblax.nn.data import DataError, load_dataset
+from coblax.nn.models import build_model
+from coblax.nn.train import evaluate, load_params
+from helpers import is_count_of
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "studies"
@@ -61,7 +67,10 @@ def test_quick_config_runs_at_tiny_size(study, tmp_path):
     assert saved["study"] == study and saved["records"] and saved["versions"]["jax"]
     assert saved["seeds"] == list(cfg.seeds)
     assert all(r["study"] == study and r["seed"] in cfg.seeds for r in saved["records"])
-    assert all(0.0 <= r["acc"] <= 1.0 for r in saved["records"])
+    n_test = cfg.data.limit_test
+    assert all(is_count_of(r["acc"], n_test) for r in saved["records"])  # right / 100 test images
+    if study == "svd_fc":
+        _check_svd_fc_against_numpy(cfg, saved["records"])
     table = format_study(payload)
     assert table.count("|---") >= 1
     if study == "small_arch":  # formula MACs / params equal the tracer's and the tree's
@@ -73,6 +82,29 @@ def test_quick_config_runs_at_tiny_size(study, tmp_path):
         kinds = {r["kind"] for r in saved["records"]}
         assert kinds == {"base", "layer_prune", "prune", "fixed_point", "kmeans", "pq", "rq", "dns", "saliency",
                          "binaryconnect", "bnn", "kmeans_hist"}
+
+
+def _check_svd_fc_against_numpy(cfg, records) -> None:
+    """Every svd_fc record against an outside rebuild: the cached base network with that
+    layer's kernel replaced by its rank-r Eckart–Young approximation (NumPy's SVD, no
+    factored layers), evaluated by the unfactored model; at most one test image apart."""
+    bases = {}
+    for meta_path in (Path(cfg.cache_dir) / "models").glob("*.json"):
+        meta = json.loads(meta_path.read_text())
+        bases[meta["seed"]] = (load_params(meta_path.with_suffix(".npz")), meta["test_accuracy"])
+    model = build_model("mlp", num_classes=10, hidden=[16, 8])
+    for r in records:
+        variables, base_acc = bases[r["seed"]]
+        data = load_dataset("digits", seed=r["seed"], limit_train=cfg.data.limit_train,
+                            limit_test=cfg.data.limit_test)
+        w = np.asarray(variables["params"][r["layer"]]["kernel"], np.float64)
+        u, sigma, vt = np.linalg.svd(w, full_matrices=False)
+        k = r["rank"]
+        cut = jax.tree.map(lambda a: a, variables)
+        cut["params"][r["layer"]]["kernel"] = jnp.asarray((u[:, :k] * sigma[:k]) @ vt[:k], jnp.float32)
+        acc = evaluate(model.apply, cut, data.x_test, data.y_test)
+        assert abs(r["acc"] - acc) <= 1 / len(data.y_test) + 1e-9, (r["layer"], k, r["acc"], acc)
+        assert r["base_acc"] == base_acc == evaluate(model.apply, variables, data.x_test, data.y_test)
 
 
 def _write(tmp_path, text):
@@ -121,7 +153,8 @@ def test_kd_transfer_set_and_diagnostics(tmp_path):
     by_t = {r["temperature"]: r for r in recs if r["role"] == "student_kd"}
     assert by_t[1000.0]["soft_off_label"] == pytest.approx(0.9, abs=2e-3)
     assert 0.0 <= by_t[1.0]["soft_off_label"] < by_t[1000.0]["soft_off_label"]
-    assert all(0.0 <= r["train_acc"] <= 1.0 for r in recs)
+    # train_acc counts right answers: of the 60 transfer images (students), of the 300 (teacher)
+    assert all(is_count_of(r["train_acc"], 300 if r["role"] == "teacher" else 60) for r in recs)
     assert "soft targets off the label (%)" in format_study(json.loads((tmp_path / "out" / "results.json").read_text()))
     too_many = dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, transfer_size=10_000))
     with pytest.raises(ConfigError, match="exceeds the 300 training images"):

@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from coblax.compress import prune, quantize
 from coblax.compress import pipeline as dc
+from coblax.compress import prune, quantize
 from coblax.compress.transforms import keep_pruned, share_by_cluster
 from coblax.nn.train import fit
 from helpers import blobs, mlp_apply, mlp_params

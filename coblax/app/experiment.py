@@ -269,7 +269,8 @@ def _full_rank(layer, scheme: str) -> int:
     return min(X * Y * C, N) if scheme == "zhang" else min(C * X, Y * N)
 
 
-def _split(data: Dataset, cfg: RunConfig):
+def split_objective_data(data: Dataset, cfg: RunConfig):
+    """(objective (x, y), validation (x, y) or None): disjoint random draws from the train split."""
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(data.x_train))
     n_obj = min(cfg.cobla.objective_size, len(order))
@@ -751,7 +752,7 @@ def _sweep_records(plan: RunPlan, cfg: RunConfig, data: Dataset, progress: bool,
 def _sweep_seed(plan: RunPlan, cfg: RunConfig, data: Dataset, digest: str | None, progress: bool,
                 done: dict, add: Callable[[dict, bool], None], log: Callable[[str], None]) -> None:
     """The records of one seed (``cfg.seed``) on that seed's ``data``."""
-    objective_data, validation_data = _split(data, cfg)
+    objective_data, validation_data = split_objective_data(data, cfg)
     for mc in cfg.models:
         keys = _sweep(cfg, mc)
         if all(k in done for k in keys):

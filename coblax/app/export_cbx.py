@@ -68,7 +68,7 @@ def prune_and_share(
     params = out["params"]
     ks = {n: np.asarray(w) for n, w in P.kernels(params).items()}
     masks = P.layer_masks(P.magnitude_masks(params, prune)) if prune is not None else {}
-    per_bits = Q._bits_per_layer(bits, list(ks)) if bits is not None else {}
+    per_bits = Q.bits_per_layer(bits, list(ks)) if bits is not None else {}
     new, coding = {}, {}
     for i, (name, w) in enumerate(ks.items()):
         m = masks.get(name)

@@ -54,6 +54,7 @@ from coblax.app.experiment import default_cache_dir, train_base_model, versions
 from coblax.compress import prune as P
 from coblax.compress import quantize as Q
 from coblax.compress.transforms import keep_pruned
+from coblax.lowrank.costs import count_params as _n_params
 from coblax.lowrank.decompose import factored_apply, factorize, get_kernel, layer_key, trace_layers, truncate
 from coblax.nn import train as T
 from coblax.nn.data import Dataset, load_dataset
@@ -339,10 +340,6 @@ def _train_module(module, data: Dataset, tc: TrainConfig, seed: int, progress: b
                    batch_size=tc.batch_size, learning_rate=tc.learning_rate, optimizer=tc.optimizer,
                    seed=seed, desc=desc, progress=progress)
     return params, T.evaluate(module.apply, params, data.x_test, data.y_test)
-
-
-def _n_params(tree: Any) -> int:
-    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(tree)))
 
 
 def _traced_macs(module, params, data: Dataset) -> int:

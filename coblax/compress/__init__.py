@@ -5,12 +5,14 @@ Public names (imported on first use, so that reading a ``.cbx`` file needs NumPy
 * optax transforms: ``keep_pruned``, ``share_by_cluster`` (:mod:`.transforms`);
 * Deep Compression stages, ``stage(params, state) -> (params, state, report)``:
   ``chain``, ``CompressState``, ``Training``, ``PruneStage``, ``QuantizeStage``,
-  ``EncodeStage``, ``EnergyStage``, ``compression_table``, ``format_compression_table``
-  (:mod:`.pipeline`);
+  ``EncodeStage``, ``EnergyStage`` (:mod:`.pipeline`), ``compression_table``,
+  ``format_compression_table`` (:mod:`.accounting`, re-exported by :mod:`.pipeline`);
 * the file: ``LeafCoding``, ``encode_cbx``, ``decode_cbx``, ``write_cbx``, ``read_cbx``,
   ``CbxError`` (:mod:`.cbx`).
 
-The families themselves: :mod:`.prune`, :mod:`.quantize`, :mod:`.encode`, :mod:`.energy`.
+The families themselves: :mod:`.prune` (sub-package: masks, report, magnitude, dns, obd,
+obs), :mod:`.quantize` (sub-package: fixed, kmeans, sharing, codebooks, binary, ste),
+:mod:`.encode`, :mod:`.energy`; the file's accounting is :mod:`.accounting`.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ _PUBLIC = {
     "QuantizeStage": "pipeline",
     "EncodeStage": "pipeline",
     "EnergyStage": "pipeline",
-    "compression_table": "pipeline",
-    "format_compression_table": "pipeline",
+    "compression_table": "accounting",
+    "format_compression_table": "accounting",
     "LeafCoding": "cbx",
     "encode_cbx": "cbx",
     "decode_cbx": "cbx",

@@ -44,6 +44,7 @@ import numpy as np
 
 from coblax.util import flatten_tree, unflatten_tree, write_bytes_atomic
 from coblax.util.errors import CoblaxError
+from coblax.util.bits import ceil_bytes as _ceil8
 from coblax.compress.encode import (
     BitReader,
     BitstreamError,
@@ -211,10 +212,6 @@ class CbxSizeInfo:
             if leaf.name == name:
                 return leaf
         raise KeyError(name)
-
-
-def _ceil8(bits: int) -> int:
-    return (bits + 7) // 8
 
 
 # ------------------------------------------------------------------------ params trees

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+
 import numpy as np
 from numpy.typing import ArrayLike
 

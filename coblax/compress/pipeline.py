@@ -21,6 +21,10 @@ The :class:`CompressState` carries what a later stage needs from an earlier one
 config or a dataset from disk: ``coblax.app.compress.run_compress`` builds the stages
 from a TOML config and runs them.
 
+The accounting of the written file (the paper's per-layer table) is
+:mod:`coblax.compress.accounting`; :func:`compression_table` and
+:func:`format_compression_table` are re-exported here.
+
 Reference: Han, Mao & Dally (2016) "Deep Compression: Compressing Deep Neural
 Networks with Pruning, Trained Quantization and Huffman Coding", ICLR.
 """
@@ -38,6 +42,7 @@ import optax
 
 from coblax.compress import prune as P
 from coblax.compress import quantize as Q
+from coblax.compress.accounting import compression_table, format_compression_table
 from coblax.compress.cbx import CbxSizeInfo, LeafCoding, decode_cbx, encode_cbx
 from coblax.compress.encode import relative_index_encode
 from coblax.compress.energy import DEFAULT_SRAM_BYTES, LayerWork, estimate_energy
@@ -128,7 +133,7 @@ def bias_path(layer: str) -> str:
 
 
 def _path_str(path: tuple) -> str:
-    return "/".join(P._key_str(k) for k in path)
+    return "/".join(P.key_str(k) for k in path)
 
 
 def _leaf_tree(params: Params, by_path: Mapping[str, Any]) -> Any:
@@ -140,12 +145,6 @@ def _evaluate(evaluate: Evaluate | None, params: Params, state: CompressState, l
     if evaluate is None:
         return state
     return state._replace(accuracy=dict(state.accuracy) | {label: evaluate(params)})
-
-
-def _kept(masks: Mapping[str, np.ndarray] | None, layer: str, shape) -> np.ndarray:
-    if masks is None or layer not in masks:
-        return np.ones(shape, dtype=bool)
-    return np.asarray(masks[layer], dtype=bool)
 
 
 def walk_axes(ndim: int, order: str) -> tuple[int, ...] | None:
@@ -258,7 +257,7 @@ class QuantizeStage:
         codebooks, indices, bits, stats, new = {}, {}, {}, {}, {}
         for i, (n, b) in enumerate((n, b) for n, b in self.bits.items() if b > 0):
             w = np.asarray(kernels[n])
-            m = _kept(masks, n, w.shape)
+            m = P.mask_or_true(masks, n, w.shape)
             kept = int(m.sum())
             if kept == 0:
                 continue
@@ -299,7 +298,7 @@ class QuantizeStage:
         state = _evaluate(t.evaluate, params, state, "quantized")
         mask_of = {kernel_path(n): m for n, m in (masks or {}).items()}
         if self.finetune_epochs > 0:
-            assign = {p: np.where(_mask_or_true(mask_of, p, i.shape), i, -1).astype(np.int32)
+            assign = {p: np.where(P.mask_or_true(mask_of, p, i.shape), i, -1).astype(np.int32)
                       for p, i in indices.items()}
             params = Q.finetune_shared(
                 t.apply_fn, params, _leaf_tree(params, assign), _leaf_tree(params, mask_of),
@@ -307,7 +306,7 @@ class QuantizeStage:
                 batch_size=t.batch_size, seed=t.seed, progress=t.progress,
             )
             codebooks = _cluster_means(params, codebooks, indices, mask_of)
-        rebuilt = {p: np.where(_mask_or_true(mask_of, p, i.shape),
+        rebuilt = {p: np.where(P.mask_or_true(mask_of, p, i.shape),
                                np.asarray(codebooks[p], np.float32)[i], np.float32(0))
                    for p, i in indices.items()}
         params = jax.tree_util.tree_map_with_path(
@@ -317,11 +316,6 @@ class QuantizeStage:
         state = state._replace(codebooks=codebooks, indices=indices, bits=bits)
         layer_bits = {n: b for n, b in self.bits.items()}
         return params, state, rep.to_dict() | {"bits": layer_bits, "bias_bits": self.bias_bits}
-
-
-def _mask_or_true(mask_of: Mapping[str, np.ndarray], path: str, shape) -> np.ndarray:
-    m = mask_of.get(path)
-    return np.ones(shape, dtype=bool) if m is None else np.asarray(m, dtype=bool)
 
 
 def _cluster_means(params, codebooks, indices, mask_of) -> dict[str, np.ndarray]:
@@ -424,163 +418,3 @@ class EnergyStage:
                                  compressed_bits=8 * state.info.total_bytes,
                                  sram_bytes=self.sram_bytes)
         return params, state, energy.to_dict()
-
-
-# -------------------------------------------------------------------------------- report
-
-
-def _ceil8(bits: int) -> int:
-    return (bits + 7) // 8
-
-
-def compression_table(
-    info: CbxSizeInfo, layer_names: Mapping[str, str], n_params: int
-) -> dict[str, Any]:
-    """The paper's per-layer table (Tables 2-5) plus totals, from a file's size breakdown.
-
-    Per coded layer with n weights, E stored entries (nonzeros + fillers), codebook
-    size K and index width b:
-      weight bits P+Q    = ceil(log2 K) (32 if not quantized); P+Q+H = Huffman bits / E
-      index bits P+Q     = b;                                  P+Q+H = Huffman bits / E
-      compress rate P+Q  = (32 K + E ceil(log2 K) + E b) / (32 n)
-      compress rate P+Q+H = (32 K + 8 * code-length bytes + Huffman bits) / (32 n)
-    Rows and totals cover the kernels (the leaves named in ``layer_names``); ``file``
-    compares the real file (header, metadata, biases, CRC included) with 32 bits per
-    parameter.
-    """
-    rows = []
-    keys = ("weights", "kept", "entries", "w_pq", "w_pqh", "i_pq", "i_pqh", "bits_pq", "bits_pqh")
-    sums = dict.fromkeys(keys, 0)
-    for leaf in info.leaves:
-        if leaf.kind != "coded" or leaf.name not in layer_names:
-            continue
-        cb_bits = 8 * leaf.codebook_bytes
-        wl = leaf.codebook_size if leaf.codebook_size else 0
-        il = (1 << leaf.index_bits) if leaf.index_bits else 0
-        bits_pq = cb_bits + leaf.weight_bits_fixed + leaf.index_bits_fixed
-        bits_pqh = cb_bits + 8 * (wl + il) + leaf.weight_bits_huffman + leaf.index_bits_huffman
-        if leaf.codebook_size == 0:  # unquantized values are never Huffman coded
-            bits_pqh = cb_bits + 8 * il + leaf.weight_bits_fixed + leaf.index_bits_huffman
-        e = max(leaf.n_entries, 1)
-        rows.append(
-            {
-                "layer": layer_names.get(leaf.name, leaf.name),
-                "weights": leaf.numel,
-                "kept": leaf.nnz,
-                "kept_fraction": leaf.nnz / leaf.numel,
-                "entries": leaf.n_entries,
-                "fillers": leaf.n_fillers,
-                "codebook_size": leaf.codebook_size,
-                "weight_bits_pq": leaf.weight_width,
-                "weight_bits_pqh": leaf.weight_bits_huffman / e,
-                "index_bits_pq": leaf.index_bits,
-                "index_bits_pqh": leaf.index_bits_huffman / e if leaf.index_bits else 0.0,
-                "compress_rate_pq": bits_pq / (32 * leaf.numel),
-                "compress_rate_pqh": bits_pqh / (32 * leaf.numel),
-                "huffman_weights": leaf.huffman_weights,
-                "huffman_index": leaf.huffman_index,
-            }
-        )
-        for key, val in (("weights", leaf.numel), ("kept", leaf.nnz), ("entries", leaf.n_entries),
-                         ("w_pq", leaf.weight_bits_fixed), ("w_pqh", leaf.weight_bits_huffman),
-                         ("i_pq", leaf.index_bits_fixed), ("i_pqh", leaf.index_bits_huffman),
-                         ("bits_pq", bits_pq), ("bits_pqh", bits_pqh)):
-            sums[key] += val
-    # What the file would weigh with fixed-width codes only (P+Q) and with Huffman
-    # on every stream that can take it (P+Q+H); the table section is the same.
-    pq_bytes = pqh_bytes = info.total_bytes
-    for leaf in info.leaves:
-        if leaf.kind != "coded":
-            continue
-        actual = (
-            leaf.code_length_bytes
-            + _ceil8(leaf.weight_stream_bits)
-            + _ceil8(leaf.index_stream_bits)
-        )
-        pq_bytes += _ceil8(leaf.weight_bits_fixed) + _ceil8(leaf.index_bits_fixed) - actual
-        w_h = leaf.weight_bits_huffman if leaf.codebook_size else leaf.weight_bits_fixed
-        lens = leaf.codebook_size + ((1 << leaf.index_bits) if leaf.index_bits else 0)
-        pqh_bytes += lens + _ceil8(w_h) + _ceil8(leaf.index_bits_huffman) - actual
-    e = max(sums["entries"], 1)
-    original = 4 * n_params
-    totals = {
-        "weights": sums["weights"],
-        "kept": sums["kept"],
-        "kept_fraction": sums["kept"] / max(sums["weights"], 1),
-        "prune_rate": sums["weights"] / max(sums["kept"], 1),
-        "weight_bits_pq": sums["w_pq"] / e,
-        "weight_bits_pqh": sums["w_pqh"] / e,
-        "index_bits_pq": sums["i_pq"] / e,
-        "index_bits_pqh": sums["i_pqh"] / e,
-        "compress_rate_pq": sums["bits_pq"] / (32 * max(sums["weights"], 1)),
-        "compress_rate_pqh": sums["bits_pqh"] / (32 * max(sums["weights"], 1)),
-    }
-    file = {
-        "bytes": info.total_bytes,
-        "original_bytes": original,
-        "params": n_params,
-        "compression": original / info.total_bytes,
-        "bytes_pq": pq_bytes,
-        "compression_pq": original / pq_bytes,
-        "bytes_pqh": pqh_bytes,
-        "compression_pqh": original / pqh_bytes,
-        "sections": {
-            "header": info.header_bytes,
-            "metadata": info.meta_bytes,
-            "table": info.table_bytes,
-            "payload": info.payload_bytes,
-            "crc": info.crc_bytes,
-            "raw_leaves": sum(leaf.raw_bytes for leaf in info.leaves),
-        },
-    }
-    return {"layers": rows, "totals": totals, "file": file}
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
-def format_compression_table(report: Mapping[str, Any]) -> str:
-    """Markdown table in the form of Deep Compression's Tables 2-5, plus file and accuracy lines."""
-    lines = [
-        f"### {report.get('name') or 'deep compression'} — {report['model']['name']} "
-        f"on {report['dataset']['name']}",
-        "",
-        "| layer | #weights | weights % (P) | weight bits (P+Q) | weight bits (P+Q+H) "
-        "| index bits (P+Q) | index bits (P+Q+H) | compress rate (P+Q) "
-        "| compress rate (P+Q+H) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in report["layers"]:
-        lines.append(
-            f"| {r['layer']} | {r['weights']:,} | {_pct(r['kept_fraction'])} "
-            f"| {r['weight_bits_pq']} | {r['weight_bits_pqh']:.2f} "
-            f"| {r['index_bits_pq']} | {r['index_bits_pqh']:.2f} "
-            f"| {_pct(r['compress_rate_pq'])} | {_pct(r['compress_rate_pqh'])} |"
-        )
-    t = report["totals"]
-    lines.append(
-        f"| total | {t['weights']:,} | {_pct(t['kept_fraction'])} ({t['prune_rate']:.0f}×) "
-        f"| {t['weight_bits_pq']:.2f} | {t['weight_bits_pqh']:.2f} | {t['index_bits_pq']:.2f} "
-        f"| {t['index_bits_pqh']:.2f} "
-        f"| {_pct(t['compress_rate_pq'])} ({1 / t['compress_rate_pq']:.0f}×) "
-        f"| {_pct(t['compress_rate_pqh'])} ({1 / t['compress_rate_pqh']:.0f}×) |"
-    )
-    f = report["file"]
-    acc = report["accuracy"]
-    lines += [
-        "",
-        f"File: {f['bytes']:,} bytes vs {f['original_bytes']:,} bytes of float32 parameters "
-        f"→ {f['compression']:.1f}× (fixed-width codes only: {f['compression_pq']:.1f}×).",
-        "Accuracy: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in acc.items() if v is not None)
-        + f" (loss {report['accuracy_loss_pt']:+.2f} pt).",
-    ]
-    if "energy" in report:
-        e = report["energy"]
-        lines.append(
-            f"Energy per inference (estimate): {e['original']['total_pj'] / 1e6:.3f} µJ → "
-            f"{e['compressed']['total_pj'] / 1e6:.3f} µJ ({e['ratio']:.1f}× less)."
-        )
-    return "\n".join(lines)
-
-

@@ -111,7 +111,7 @@ def share_by_cluster(assignments: Any) -> optax.GradientTransformation:
         assigned = treedef.flatten_up_to(state.assignments)
         grads = treedef.flatten_up_to(updates)
         out = []
-        for a, g, k in zip(assigned, grads, sizes):
+        for a, g, k in zip(assigned, grads, sizes, strict=True):
             if a is None:
                 out.append(g)
                 continue

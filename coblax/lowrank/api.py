@@ -1,7 +1,8 @@
 """``allocate``: one call from a user's own Flax model to a factored network.
 
     result = allocate(model, variables, (x, y), rules=[("conv.*", "tai"), ("fc.*", "dense")],
-                      mac=0.5, param=0.5, method="cobla", apply_kwargs={"train": False})
+                      mac=0.5, param=0.5, method=coblax.allocators.cobla(max_iter=50),
+                      apply_kwargs={"train": False})
     logits = result.apply(result.variables, x)          # eval mode
     result = finetune(result, x_train, y_train, train_kwargs={"train": True}, epochs=2)
 
@@ -19,7 +20,11 @@ layers no rule matches keep their original form. Schemes:
   an ``nn.Dense`` layer matched by them is factored as dense (it has one form);
 * ``"skip"`` — keep the layer (e.g. depthwise convs before a catch-all rule).
 
-Every registered allocator works through it (``method=``; ``coblax methods``).
+Every registered allocator works through it: ``method="pos_exact"`` (a name of
+``coblax methods``, options in ``method_options={...}``) or a configured allocator
+object, ``method=coblax.allocators.pos_exact()`` (optax style; see
+:mod:`coblax.allocators`). The allocator's options never share ``allocate``'s own
+keywords (``seed``, ``batch_size``, ``min_rank``, ``basis``...).
 """
 
 from __future__ import annotations
@@ -32,16 +37,26 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-from coblax.lowrank.allocation import Allocation, is_feasible
+from coblax.lowrank.allocation import Allocation, Allocator, is_feasible
 from coblax.lowrank.costs import NetworkCost, make_problem, network_cost
-from coblax.lowrank.decompose import SCHEMES, Factors, TracedLayer, apply_fn_for, factorize, get_kernel, trace_layers
+from coblax.lowrank.decompose import (
+    SCHEMES,
+    Factors,
+    TracedLayer,
+    apply_fn_for,
+    factorize,
+    get_kernel,
+    trace_layers,
+)
 from coblax.lowrank.factored import factored_variables, truncate_allocation
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.registry import get_allocator
 from coblax.nn.train import fit
+from coblax.util.frozen import FrozenMap, frozen
 
-__all__ = ["RULE_SCHEMES", "Compressed", "select_layers", "allocate", "finetune"]
+__all__ = ["RULE_SCHEMES", "Compressed", "select_layers", "resolve_method", "needs_loss", "allocate", "finetune"]
 
 RULE_SCHEMES = ("dense", "tai", "zhang", "skip")
 
@@ -85,15 +100,31 @@ def select_layers(traced: Sequence[TracedLayer], rules: Sequence[tuple[str, str]
     return chosen
 
 
+_STATIC = {"pytree_node": False}
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
+class _HeldAllocation(Allocation):
+    """An :class:`Allocation` compared by identity, so that it can be static PyTree
+    metadata: its arrays (masks, relaxed m) have no single truth value to compare."""
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+
+@struct.dataclass(eq=False)
 class Compressed:
-    """A factored network and what it costs.
+    """A factored network and what it costs: a PyTree whose only leaves are ``variables``.
+
+    ``jax.tree.map(f, result)`` maps over the variables and keeps everything else;
+    ``jax.jit(fn)(result, x)`` traces the variables and treats the rest as static
+    (hashable: the mappings are read-only :class:`~coblax.util.frozen.FrozenMap`).
 
     Attributes:
-      model: the user's (unchanged) Flax model.
       variables: the factored network's variables: ``params`` (without the
         factored kernels), ``factors`` ({layer: {first, second}}), and every other
-        collection of the original.
+        collection of the original. The PyTree's leaves.
+      model: the user's (unchanged) Flax model.
       apply_fn: ``apply_fn(variables, x, **model_apply_kwargs)`` of the factored
         network (pass ``train=True, mutable=[...], rngs=...`` to train it).
       apply_kwargs: the keyword arguments that put the model in eval mode.
@@ -105,49 +136,90 @@ class Compressed:
         collection only).
       mac_ratio, param_ratio: on the budget ``basis``; ``network_*`` always of
         the whole network.
+      method: the allocator's name.
       allocation: what the allocator returned (status, stats...).
+      cost: the network's cost model.
     """
 
-    model: Any
     variables: dict
-    apply_fn: Callable
-    apply_kwargs: dict
-    ranks: dict[str, int]
-    full_ranks: dict[str, int]
-    schemes: dict[str, str]
-    factors: dict[str, Factors]
-    macs: float
-    params: float
-    mac_ratio: float
-    param_ratio: float
-    network_mac_ratio: float
-    network_param_ratio: float
-    basis: str
-    method: str
-    allocation: Allocation
-    cost: NetworkCost
+    model: Any = struct.field(**_STATIC)
+    apply_fn: Callable = struct.field(**_STATIC)
+    apply_kwargs: FrozenMap = struct.field(**_STATIC)
+    ranks: FrozenMap = struct.field(**_STATIC)
+    full_ranks: FrozenMap = struct.field(**_STATIC)
+    schemes: FrozenMap = struct.field(**_STATIC)
+    factors: FrozenMap = struct.field(**_STATIC)
+    macs: float = struct.field(**_STATIC)
+    params: float = struct.field(**_STATIC)
+    mac_ratio: float = struct.field(**_STATIC)
+    param_ratio: float = struct.field(**_STATIC)
+    network_mac_ratio: float = struct.field(**_STATIC)
+    network_param_ratio: float = struct.field(**_STATIC)
+    basis: str = struct.field(**_STATIC)
+    method: str = struct.field(**_STATIC)
+    allocation: Allocation = struct.field(**_STATIC)
+    cost: NetworkCost = struct.field(**_STATIC)
 
     def apply(self, variables: Any, x: jnp.ndarray) -> jnp.ndarray:
         """Logits of the factored network in eval mode."""
         return self.apply_fn(variables, x, **self.apply_kwargs)
 
 
+def resolve_method(method: str | Allocator, method_options: Mapping[str, Any] | None = None) -> Allocator:
+    """The allocator ``allocate`` runs: a registered name built with ``method_options``,
+    or a configured allocator object (``coblax.allocators.cobla(max_iter=50)``) as is.
+
+    Raises:
+      UnknownMethodError: a name that is not registered.
+      TypeError: ``method_options`` beside an allocator object (configure the object),
+        or a ``method`` that is neither a name nor an allocator.
+    """
+    if isinstance(method, str):
+        return get_allocator(method, **dict(method_options or {}))
+    if not (callable(method) and isinstance(getattr(method, "name", None), str)):
+        raise TypeError(f"method must be an allocator name or an allocator object (callable with a "
+                        f"name, e.g. coblax.allocators.cobla(max_iter=50)), got {method!r}")
+    if method_options:
+        raise TypeError(f"method_options={dict(method_options)!r} given with an allocator object; "
+                        f"configure the object instead, e.g. coblax.allocators.{method.name}(...)")
+    return method
+
+
+def needs_loss(allocator: Allocator) -> bool:
+    """Whether ``allocator`` reads ``problem.loss`` (class attribute ``needs_loss``, default False).
+
+    ``allocate`` builds the network objective E(m) -- which copies the objective and
+    validation data to the device and compiles the loss -- only for such allocators.
+    """
+    return bool(getattr(allocator, "needs_loss", False))
+
+
+def _legacy_options_error(options: Mapping[str, Any]) -> TypeError:
+    names = ", ".join(sorted(options))
+    return TypeError(
+        f"allocate() got unexpected keyword argument(s) {names}: allocator options no longer share "
+        f"allocate's keywords. Pass them as method_options={dict(options)!r}, or configure the "
+        f"allocator: method=coblax.allocators.<name>(...)"
+    )
+
+
 def allocate(
     model: Any,
     variables: Mapping[str, Any],
-    objective_data: tuple[np.ndarray, np.ndarray],
+    data: tuple[np.ndarray, np.ndarray],
     *,
     rules: Sequence[tuple[str, str]],
     mac: float,
     param: float,
-    method: str = "cobla",
+    method: str | Allocator = "cobla",
+    method_options: Mapping[str, Any] | None = None,
     basis: str = "decomposed",
     validation_data: tuple[np.ndarray, np.ndarray] | None = None,
     apply_kwargs: Mapping[str, Any] | None = None,
     seed: int = 0,
     min_rank: int = 1,
     batch_size: int = 250,
-    **method_options: Any,
+    **unexpected: Any,
 ) -> Compressed:
     """Allocate per-layer ranks of ``model`` under MAC and parameter budgets.
 
@@ -158,11 +230,14 @@ def allocate(
 
     Args:
       model, variables: any Flax linen model and its variables (all collections).
-      objective_data: (x, y) training examples for COBLA's objective E(m); ``x[:1]``
-        traces the network.
+      data: (x, y) training examples for COBLA's objective E(m); ``x[:1]`` traces
+        the network.
       rules: ordered (regex, scheme) pairs, see the module docstring.
       mac, param: budget fractions in (0, 1].
-      method: a registered allocator (``coblax.allocator_names()``).
+      method: a registered allocator's name (``coblax.allocator_names()``) or a
+        configured allocator object (``coblax.allocators.cobla(max_iter=50)``).
+      method_options: the options of a ``method`` given by name (``{"max_iter": 50}``);
+        never beside an allocator object.
       validation_data: (x, y) held out from the training data to pick COBLA's
         rounding (default: the objective data).
       apply_kwargs: ``model.apply`` keyword arguments for eval mode
@@ -170,22 +245,41 @@ def allocate(
       seed: seeds the allocator's randomness (COBLA's rounding).
       min_rank: the smallest rank any decomposed layer may get.
       batch_size: batch size inside COBLA's jitted objective.
-      **method_options: the allocator's own options (``max_iter=``, ``roundings=``...).
 
     Returns:
       A :class:`Compressed` network (not fine-tuned; see :func:`finetune`).
 
     Raises:
+      TypeError: a keyword that is not one of these (the allocator options of old,
+        ``allocate(..., max_iter=50)``: the message says how to pass them now).
       ValueError: bad rules (see :func:`select_layers`) or budgets;
         :class:`~coblax.lowrank.allocation.BudgetError` naming the smallest
         feasible budget when the layers that are not decomposed already cost more.
     """
+    if unexpected:
+        raise _legacy_options_error(unexpected)
     for label, value in (("mac", mac), ("param", param)):
         if not 0.0 < float(value) <= 1.0:
             raise ValueError(f"budget {label}={value!r} must be in (0, 1]")
+    allocator = resolve_method(method, method_options)
     apply_kwargs = dict(apply_kwargs or {})
-    x_obj = np.asarray(objective_data[0])
-    traced = trace_layers(model, variables, jnp.asarray(x_obj[:1]), apply_kwargs)
+    schemes, full, net = _decompose(model, variables, np.asarray(data[0])[:1], rules, apply_kwargs)
+    problem = make_problem(net, float(mac), float(param), basis, min_rank=min_rank, seed=seed)
+    if needs_loss(allocator):
+        loss = NetworkLoss(model, variables, full, tuple(np.asarray(a) for a in data),
+                           None if validation_data is None else tuple(np.asarray(a) for a in validation_data),
+                           batch_size=batch_size, apply_kwargs=apply_kwargs)
+        problem = dataclasses.replace(problem, loss=loss)
+    allocation = allocator(problem)
+    if not is_feasible(problem, allocation.ranks):
+        raise AssertionError(f"method {allocator.name} returned ranks that break the budget: {allocation.ranks}")
+    return _compressed(model, variables, net, full, allocation, schemes, apply_kwargs, basis, allocator.name)
+
+
+def _decompose(model: Any, variables: Mapping[str, Any], x1: np.ndarray, rules: Sequence[tuple[str, str]],
+               apply_kwargs: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, Factors], NetworkCost]:
+    """(layer -> scheme, layer -> full SVD factors, cost model) of the layers the rules pick."""
+    traced = trace_layers(model, variables, jnp.asarray(x1), apply_kwargs)
     schemes = select_layers(traced, rules)
     if not schemes:
         raise ValueError("the rules select no layer to decompose")
@@ -196,26 +290,25 @@ def allocate(
     }
     net = network_cost(traced, variables, {n: np.asarray(f.sigma) for n, f in full.items()},
                        {n: f.scheme for n, f in full.items()})
-    problem = make_problem(net, float(mac), float(param), basis, min_rank=min_rank, seed=seed)
-    loss = NetworkLoss(model, variables, full, (x_obj, np.asarray(objective_data[1])),
-                       None if validation_data is None else tuple(np.asarray(a) for a in validation_data),
-                       batch_size=batch_size, apply_kwargs=apply_kwargs)
-    problem = dataclasses.replace(problem, loss=loss)
-    allocation = get_allocator(method, **method_options)(problem)
-    if not is_feasible(problem, allocation.ranks):
-        raise AssertionError(f"method {method} returned ranks that break the budget: {allocation.ranks}")
+    return schemes, full, net
+
+
+def _compressed(model, variables, net: NetworkCost, full: Mapping[str, Factors], allocation: Allocation,
+                schemes: Mapping[str, str], apply_kwargs: Mapping[str, Any], basis: str,
+                method: str) -> Compressed:
+    """The :class:`Compressed` network of an allocation: truncated factors and costs."""
     kept, ranks = truncate_allocation(net, full, allocation)
     macs, params = net.cost(ranks)
     mac_ratio, param_ratio = net.ratios(ranks, basis)
     return Compressed(
-        model=model,
         variables=factored_variables(variables, kept),
+        model=model,
         apply_fn=apply_fn_for(model, kept),
-        apply_kwargs=apply_kwargs,
-        ranks=ranks,
-        full_ranks={l.name: l.full_rank for l in net.layers},
-        schemes=schemes,
-        factors={n: dataclasses.replace(f, first=None, second=None, sigma=None) for n, f in kept.items()},
+        apply_kwargs=frozen(apply_kwargs),
+        ranks=frozen(ranks),
+        full_ranks=frozen({l.name: l.full_rank for l in net.layers}),
+        schemes=frozen(schemes),
+        factors=frozen({n: dataclasses.replace(f, first=None, second=None, sigma=None) for n, f in kept.items()}),
         macs=macs,
         params=params,
         mac_ratio=mac_ratio,
@@ -224,7 +317,8 @@ def allocate(
         network_param_ratio=params / net.total_params,
         basis=basis,
         method=method,
-        allocation=allocation,
+        allocation=_HeldAllocation(**{f.name: getattr(allocation, f.name)
+                                      for f in dataclasses.fields(Allocation)}),
         cost=net,
     )
 

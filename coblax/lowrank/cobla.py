@@ -163,6 +163,7 @@ class COBLA:
     window: int | float | None = None
     progress: bool = False
     name: str = "cobla"
+    needs_loss = True  # not a field: allocate() builds the objective E(m) only for allocators that ask
 
     def __post_init__(self) -> None:
         check_tolerances(max_iter=self.max_iter, tol=self.tol, rtol=self.rtol, atol=self.atol)

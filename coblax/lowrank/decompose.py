@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 __all__ = [
@@ -46,6 +47,8 @@ __all__ = [
     "truncate",
     "layer_key",
     "get_kernel",
+    "explicit_pads",
+    "as_tuple",
 ]
 
 SCHEMES = ("tai", "zhang")
@@ -87,7 +90,9 @@ class TracedLayer:
         return not self.reason
 
 
-def _explicit_pads(mod: nn.Conv, in_spatial, kernel_spatial, strides):
+def explicit_pads(mod: nn.Conv, in_spatial, kernel_spatial, strides):
+    """``mod.padding`` as explicit ((lo, hi), ...) pairs for inputs of ``in_spatial`` size;
+    None for a padding mode lax cannot spell out (``"CIRCULAR"``...)."""
     pad = mod.padding
     if isinstance(pad, str):
         if pad.upper() in ("SAME", "VALID"):
@@ -101,7 +106,8 @@ def _explicit_pads(mod: nn.Conv, in_spatial, kernel_spatial, strides):
     return tuple(pads)
 
 
-def _as_tuple(v, n):
+def as_tuple(v, n):
+    """A conv attribute (None, an int or a sequence) as an ``n``-tuple of ints (None: ones)."""
     if v is None:
         return (1,) * n
     if isinstance(v, int):
@@ -144,16 +150,16 @@ def trace_layers(
         positions = int(np.prod(out_shape[:-1]))
         macs = positions * int(np.prod(kernel.shape[:-1])) * kernel.shape[-1]
         reason = ""
-        strides = _as_tuple(mod.strides, kernel.ndim - 2)
+        strides = as_tuple(mod.strides, kernel.ndim - 2)
         pads = None
         if kernel.ndim != 4 or len(in_shape) != 3:
             reason = "only 2-D convolutions on NHWC inputs are decomposed"
         elif groups != 1:
             reason = "grouped/depthwise convolution"
-        elif _as_tuple(mod.kernel_dilation, 2) != (1, 1) or _as_tuple(mod.input_dilation, 2) != (1, 1):
+        elif as_tuple(mod.kernel_dilation, 2) != (1, 1) or as_tuple(mod.input_dilation, 2) != (1, 1):
             reason = "dilated convolution"
         else:
-            pads = _explicit_pads(mod, in_shape[:2], kernel.shape[:2], strides)
+            pads = explicit_pads(mod, in_shape[:2], kernel.shape[:2], strides)
             if pads is None:
                 reason = f"padding {mod.padding!r} is not SAME, VALID or explicit"
         found.append(
@@ -263,33 +269,49 @@ def truncate(f: Factors, mask: np.ndarray) -> Factors:
                    jnp.asarray(s, dt), f.strides, f.pads)
 
 
-def _conv(x, kernel, strides, pads):
-    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN)
+def _conv(x, kernel, strides, pads, precision=None):
+    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN, precision=precision)
 
 
-def _apply_factors(f: Factors, x: jnp.ndarray, scale: jnp.ndarray | None) -> jnp.ndarray:
+def _apply_factors(f: Factors, x: jnp.ndarray, scale: jnp.ndarray | None, precision: Any = None) -> jnp.ndarray:
+    """second(scale ⊙ first(x)); ``precision`` as the original layer's (``lax.Precision``)."""
     if f.kind == "dense":
-        h = x @ f.first
+        h = jnp.matmul(x, f.first, precision=precision)
         if scale is not None:
             h = h * scale
-        return h @ f.second
+        return jnp.matmul(h, f.second, precision=precision)
     (sh, sw), ((ph0, ph1), (pw0, pw1)) = f.strides, f.pads
     if f.scheme == "zhang":
-        h = _conv(x, f.first, (sh, sw), ((ph0, ph1), (pw0, pw1)))
+        h = _conv(x, f.first, (sh, sw), ((ph0, ph1), (pw0, pw1)), precision)
         if scale is not None:
             h = h * scale
-        return _conv(h, f.second, (1, 1), ((0, 0), (0, 0)))
-    h = _conv(x, f.first, (sh, 1), ((ph0, ph1), (0, 0)))
+        return _conv(h, f.second, (1, 1), ((0, 0), (0, 0)), precision)
+    h = _conv(x, f.first, (sh, 1), ((ph0, ph1), (0, 0)), precision)
     if scale is not None:
         h = h * scale
-    return _conv(h, f.second, (1, sw), ((0, 0), (pw0, pw1)))
+    return _conv(h, f.second, (1, sw), ((0, 0), (pw0, pw1)), precision)
+
+
+def _factored_layer(mod: nn.Dense | nn.Conv, f: Factors, x: jnp.ndarray, scale: jnp.ndarray | None) -> jnp.ndarray:
+    """The factored form of ``mod``'s call, with ``mod``'s own ``dtype`` and ``precision``.
+
+    As ``nn.Dense`` / ``nn.Conv`` do: input, kernels and bias are promoted to ``mod.dtype``
+    (or their common type when it is None) and every contraction runs at ``mod.precision``.
+    """
+    bias = mod.get_variable("params", "bias") if mod.use_bias else None
+    x, first, second, bias = promote_dtype(x, f.first, f.second, bias, dtype=mod.dtype)
+    f = dataclasses.replace(f, first=first, second=second)
+    if f.kind == "conv":
+        f = dataclasses.replace(f, pads=_call_pads(mod, f, x))
+    y = _apply_factors(f, x, scale, mod.precision)
+    return y if bias is None else y + bias
 
 
 def _call_pads(mod: nn.Conv, f: Factors, x: jnp.ndarray) -> tuple[tuple[int, int], ...]:
     """The layer's explicit padding for this call's input (a shared layer may see several sizes)."""
     kx = int(f.first.shape[0])
     ky = int(f.first.shape[1]) if f.scheme == "zhang" else int(f.second.shape[1])
-    pads = _explicit_pads(mod, tuple(x.shape[1:3]), (kx, ky), tuple(f.strides))
+    pads = explicit_pads(mod, tuple(x.shape[1:3]), (kx, ky), tuple(f.strides))
     return pads if pads is not None else f.pads
 
 
@@ -324,13 +346,7 @@ def factored_apply(
         f = factors.get(name)
         if f is None:
             return next_fun(*args, **kwargs)
-        x_in = jnp.asarray(args[0])
-        if f.kind == "conv":
-            f = dataclasses.replace(f, pads=_call_pads(mod, f, x_in))
-        y = _apply_factors(f, x_in, scales.get(name))
-        if mod.use_bias:
-            y = y + mod.get_variable("params", "bias")
-        return y
+        return _factored_layer(mod, f, jnp.asarray(args[0]), scales.get(name))
 
     with nn.intercept_methods(interceptor):
         return model.apply(variables, x, **apply_kwargs)

@@ -34,15 +34,17 @@ import io
 import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from coblax.lowrank.decompose import _as_tuple, _explicit_pads, layer_key
+from coblax.lowrank.decompose import as_tuple as _as_tuple
+from coblax.lowrank.decompose import explicit_pads as _explicit_pads
+from coblax.lowrank.decompose import layer_key
 from coblax.util import flatten_tree, to_numpy_tree, unflatten_tree, write_bytes_atomic
+from coblax.util.size import SizeRecord
 
 __all__ = [
     "FORMAT",
@@ -78,7 +80,7 @@ def exported_variables(variables: Mapping[str, Any]) -> dict:
     return out
 
 
-def save_factored(path: str | os.PathLike, result: Any, *, variables: Any = None, meta: dict | None = None) -> int:
+def save_factored(path: str | os.PathLike, result: Any, *, variables: Any = None, meta: dict | None = None) -> SizeRecord:
     """Write a :class:`~coblax.lowrank.api.Compressed` network to ``path`` (.npz, no pickle).
 
     Args:
@@ -87,7 +89,7 @@ def save_factored(path: str | os.PathLike, result: Any, *, variables: Any = None
       meta: JSON-able metadata stored in the header (e.g. the measured accuracy).
 
     Returns:
-      The file's size in bytes.
+      The :class:`~coblax.util.size.SizeRecord` of the file (``total_bytes``: its size).
     """
     variables = result.variables if variables is None else variables
     header = export_header(result, meta, FORMAT)
@@ -96,7 +98,7 @@ def save_factored(path: str | os.PathLike, result: Any, *, variables: Any = None
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     write_bytes_atomic(path, buf.getvalue())
-    return Path(path).stat().st_size
+    return SizeRecord.of(path, FORMAT)
 
 
 def export_header(result: Any, meta: dict | None, fmt: str) -> dict:

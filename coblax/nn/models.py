@@ -30,11 +30,18 @@ def _flatten(x: jnp.ndarray) -> jnp.ndarray:
     return x.reshape((x.shape[0], -1))
 
 
-def _pool(x: jnp.ndarray) -> jnp.ndarray:
-    # Pool only while there is something left to pool: the same net serves 8x8 and 32x32 inputs.
+def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
+    """2x2 max-pool, stride 2, of an NHWC batch while both spatial sides are >= 2.
+
+    Pool only while there is something left to pool: the same net serves 8x8 and
+    32x32 inputs.
+    """
     if x.shape[1] >= 2 and x.shape[2] >= 2:
         return nn.max_pool(x, (2, 2), strides=(2, 2))
     return x
+
+
+__all__.append("max_pool_2x2")
 
 
 class MLP(nn.Module):
@@ -65,9 +72,9 @@ class LeNet5(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         padding = self.padding or ("VALID" if x.shape[1] >= 16 else "SAME")
         x = nn.Conv(20, (5, 5), padding=padding, name="conv1")(x)
-        x = _pool(x)
+        x = max_pool_2x2(x)
         x = nn.Conv(50, (5, 5), padding=padding, name="conv2")(x)
-        x = _pool(x)
+        x = max_pool_2x2(x)
         x = nn.relu(nn.Dense(500, name="fc1")(_flatten(x)))
         return nn.Dense(self.num_classes, name="fc2")(x)
 
@@ -84,7 +91,7 @@ class SmallCNN(nn.Module):
         for i, ch in enumerate(self.channels):
             x = nn.relu(nn.Conv(ch, (3, 3), padding="SAME", name=f"conv{i + 1}")(x))
             if i > 0:
-                x = _pool(x)
+                x = max_pool_2x2(x)
         x = nn.relu(nn.Dense(self.dense, name="fc1")(_flatten(x)))
         return nn.Dense(self.num_classes, name="fc2")(x)
 
@@ -101,7 +108,7 @@ class VGGSmall(nn.Module):
         for s, ch in enumerate(self.stages):
             for j in range(2):
                 x = nn.relu(nn.Conv(ch, (3, 3), padding="SAME", name=f"conv{s + 1}_{j + 1}")(x))
-            x = _pool(x)
+            x = max_pool_2x2(x)
         x = nn.relu(nn.Dense(self.dense, name="fc1")(_flatten(x)))
         return nn.Dense(self.num_classes, name="fc2")(x)
 
@@ -146,7 +153,7 @@ class SqueezeNet(nn.Module):
         x = nn.relu(nn.Conv(32 * w, (3, 3), strides=stride, padding="SAME", name="conv1")(x))
         x = Fire(8 * w, 16 * w, 16 * w, name="fire2")(x)
         x = Fire(8 * w, 16 * w, 16 * w, name="fire3")(x)
-        x = _pool(x)
+        x = max_pool_2x2(x)
         x = Fire(16 * w, 32 * w, 32 * w, name="fire4")(x)
         x = Fire(16 * w, 32 * w, 32 * w, name="fire5")(x)
         x = nn.Conv(self.num_classes, (1, 1), name="conv10")(x)
@@ -265,7 +272,7 @@ class VGG16BN(nn.Module):
         i = 0
         for v in VGG16_CFG:
             if v == "M":
-                x = _pool(x)
+                x = max_pool_2x2(x)
                 continue
             i += 1
             x = nn.Conv(max(1, int(int(v) * self.width)), (3, 3), padding=1, use_bias=False, name=f"conv{i}")(x)

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from coblax.nn.models import Fire, _pool
+from coblax.nn.models import Fire, max_pool_2x2
 
 __all__ = [
     "Cost",
@@ -154,7 +154,7 @@ class FlattenedConv(nn.Module):
 
 
 def _pool_shape(h: int, w: int) -> tuple[int, int]:
-    """Spatial size after ``models._pool`` (2×2 max-pool while both sides are >= 2)."""
+    """Spatial size after ``models.max_pool_2x2`` (2×2 max-pool while both sides are >= 2)."""
     return (h // 2, w // 2) if h >= 2 and w >= 2 else (h, w)
 
 
@@ -179,7 +179,7 @@ class FireNet(nn.Module):
         for i, e in enumerate((self.expand, self.expand, 2 * self.expand)):
             x = Fire(*fire_dims(e, self.squeeze_ratio, self.pct3x3), name=f"fire{i + 2}")(x)
             if i == 1:
-                x = _pool(x)
+                x = max_pool_2x2(x)
         x = nn.Conv(self.num_classes, (1, 1), name="conv10")(x)
         return jnp.mean(x, axis=(1, 2))
 
@@ -214,7 +214,7 @@ class BlockNet(nn.Module):
                 x = DepthwiseSeparable(ch, k, name=name)(x)
             else:
                 x = FlattenedConv(ch, (k, k), name=name)(x)
-            x = _pool(nn.relu(x))
+            x = max_pool_2x2(nn.relu(x))
         x = x.reshape((x.shape[0], -1))
         return nn.Dense(self.num_classes, name="fc")(x)
 

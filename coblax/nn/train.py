@@ -218,7 +218,12 @@ def tree_all_finite(tree: Any) -> bool:
 __all__ += ["tree_all_finite", "DIVERGENCE_FACTOR"]
 
 
-def _batched(fn, x, batch_size):
+def batched_apply(fn, x, batch_size):
+    """``fn`` over ``x`` in batches of ``batch_size``, outputs concatenated.
+
+    The last batch is zero-padded to full size (when there is more than one batch), so
+    a jitted ``fn`` compiles once for one shape.
+    """
     outs = []
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size]
@@ -250,7 +255,7 @@ def predict(apply_fn, params, x: np.ndarray, batch_size: int = 1000) -> np.ndarr
         fn = jax.jit(lambda xb: apply_fn(params, xb))
     else:
         fn = functools.partial(_apply_jit, apply_fn, params)
-    return _batched(fn, x, batch_size)
+    return batched_apply(fn, x, batch_size)
 
 
 def evaluate(apply_fn, params, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> float:
@@ -265,7 +270,7 @@ def mean_loss(apply_fn, params, x: np.ndarray, y: np.ndarray, batch_size: int = 
     return float(cross_entropy(jnp.asarray(logits), jnp.asarray(y)))
 
 
-__all__ += ["predict"]
+__all__ += ["batched_apply", "predict"]
 
 
 # ---------------------------------------------------------------- checkpoints
