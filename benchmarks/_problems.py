@@ -10,7 +10,6 @@ import numpy as np
 
 from coblax.app.config import load_run_config
 from coblax.app.experiment import (
-    _FiniteLoss,
     decomposable_layers,
     decompose_layers,
     default_cache_dir,
@@ -43,5 +42,5 @@ def build(config: str, model: str, scheme: str, budget: tuple[float, float], see
     loss = NetworkLoss(base.model, base.params, full, obj, val, batch_size=cfg.cobla.batch_size,
                        data_parallel=cfg.cobla.data_parallel)
     problem = make_problem(net, budget[0], budget[1], cfg.budgets.basis, min_rank=cfg.budgets.min_rank,
-                           loss=_FiniteLoss(loss), seed=cfg.seed)
+                           loss=loss, seed=cfg.seed)
     return problem, cfg, base, loss
