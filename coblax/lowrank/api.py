@@ -39,6 +39,8 @@ from coblax.lowrank.decompose import SCHEMES, Factors, TracedLayer, apply_fn_for
 from coblax.lowrank.factored import factored_variables, truncate_allocation
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.registry import get_allocator
+from coblax.lowrank.training import attach_trainer
+from coblax.nn.bn import check_batches, recalibrate_bn as _recalibrate
 from coblax.nn.train import fit
 
 __all__ = ["RULE_SCHEMES", "Compressed", "select_layers", "allocate", "finetune"]
@@ -147,6 +149,7 @@ def allocate(
     seed: int = 0,
     min_rank: int = 1,
     batch_size: int = 250,
+    recalibrate_bn: int = 0,
     **method_options: Any,
 ) -> Compressed:
     """Allocate per-layer ranks of ``model`` under MAC and parameter budgets.
@@ -170,6 +173,9 @@ def allocate(
       seed: seeds the allocator's randomness (COBLA's rounding).
       min_rank: the smallest rank any decomposed layer may get.
       batch_size: batch size inside COBLA's jitted objective.
+      recalibrate_bn: re-estimate the factored network's BatchNorm statistics on
+        this many batches of the objective data (:func:`coblax.nn.bn.recalibrate_bn`;
+        0: keep the original network's).
       **method_options: the allocator's own options (``max_iter=``, ``roundings=``...).
 
     Returns:
@@ -183,6 +189,7 @@ def allocate(
     for label, value in (("mac", mac), ("param", param)):
         if not 0.0 < float(value) <= 1.0:
             raise ValueError(f"budget {label}={value!r} must be in (0, 1]")
+    check_batches(recalibrate_bn)
     apply_kwargs = dict(apply_kwargs or {})
     x_obj = np.asarray(objective_data[0])
     traced = trace_layers(model, variables, jnp.asarray(x_obj[:1]), apply_kwargs)
@@ -200,16 +207,22 @@ def allocate(
     loss = NetworkLoss(model, variables, full, (x_obj, np.asarray(objective_data[1])),
                        None if validation_data is None else tuple(np.asarray(a) for a in validation_data),
                        batch_size=batch_size, apply_kwargs=apply_kwargs)
-    problem = dataclasses.replace(problem, loss=loss)
+    problem = attach_trainer(dataclasses.replace(problem, loss=loss), model, variables,
+                             {n: (f.kind, f.scheme) for n, f in full.items()}, (x_obj, np.asarray(objective_data[1])),
+                             seed=seed)
     allocation = get_allocator(method, **method_options)(problem)
     if not is_feasible(problem, allocation.ranks):
         raise AssertionError(f"method {method} returned ranks that break the budget: {allocation.ranks}")
     kept, ranks = truncate_allocation(net, full, allocation)
     macs, params = net.cost(ranks)
     mac_ratio, param_ratio = net.ratios(ranks, basis)
+    new_variables = factored_variables(variables, kept)
+    if recalibrate_bn:
+        new_variables = _recalibrate(functools.partial(apply_fn_for(model, kept), **apply_kwargs), new_variables,
+                                     x_obj, batches=recalibrate_bn, batch_size=batch_size, seed=seed)
     return Compressed(
         model=model,
-        variables=factored_variables(variables, kept),
+        variables=new_variables,
         apply_fn=apply_fn_for(model, kept),
         apply_kwargs=apply_kwargs,
         ranks=ranks,
@@ -242,17 +255,23 @@ def finetune(
     rng_streams: Sequence[str] = ("dropout",),
     seed: int = 0,
     progress: bool = False,
+    recalibrate_bn: int = 0,
 ) -> Compressed:
     """Fine-tune the factored network (factors and every other parameter) with optax.
 
     ``train_kwargs`` put the model in training mode (``{"train": True}``); every
     collection other than ``params`` and ``factors`` is state updated by the model
     (BatchNorm's running statistics), and ``rng_streams`` get fresh keys each step.
+    ``recalibrate_bn = N`` re-estimates the BatchNorm statistics of the fine-tuned
+    network on N batches of ``x`` at the end (:func:`coblax.nn.bn.recalibrate_bn`).
     Returns the same result with the fine-tuned variables.
     """
+    check_batches(recalibrate_bn)
     state = tuple(k for k in result.variables if k not in ("params", "factors"))
     apply = functools.partial(result.apply_fn, **dict(train_kwargs or {}))
     variables = fit(apply, result.variables, x, y, epochs=epochs, batch_size=batch_size,
                     learning_rate=learning_rate, optimizer=optimizer, seed=seed, mutable=state,
                     rng_streams=rng_streams, desc=f"finetune {result.method}", progress=progress)
+    if recalibrate_bn:
+        variables = _recalibrate(result.apply, variables, x, batches=recalibrate_bn, batch_size=batch_size, seed=seed)
     return dataclasses.replace(result, variables=variables)
