@@ -3,8 +3,9 @@
 Each kernel is factored in the metric of its inputs: with the Gram matrix
 G = PᵀP of the rows P its first factor sees on the objective data, the SVD of
 Lᵀ W (G = L Lᵀ) ranks triplets by their effect on the layer's *response* — coblax's
-``whitened`` spectrum (:func:`coblax.lowrank.decompose.factorize_whitened`; set
-``[decompose] spectrum = "whitened"``). On that spectrum BALF maximizes the sum of
+``whitened`` spectrum (:func:`coblax.lowrank.decompose.factorize_whitened`; the
+allocator's ``spectrum = "whitened"`` makes the runner and ``allocate`` factor the
+layers so for it, see :mod:`coblax.lowrank.spectra`). On that spectrum BALF maximizes the sum of
 normalized cumulative energies under the budgets,
 
     maximize  sum_i e_i(r_i),   e_i(r) = sum_{j<=r} s_ij^2 / sum_j s_ij^2   (1 in original form)
@@ -22,8 +23,8 @@ budget is the usual duality gap of the relaxation, and ``refill`` (off by defaul
 as in the reference) spends it greedily.
 
 With one budget c_i is that budget's normalized cost, as in the reference (one of
-parameters or FLOPs). On the weight spectrum (the runner's default) the rule is the
-same energy allocation without the whitening.
+parameters or FLOPs). With ``spectrum = "weight"`` the rule is the same energy
+allocation without the whitening.
 
 Reference: "BALF: Budgeted Activation-Aware Low-Rank Factorization for
 Fine-Tuning-Free Compression" (2025), code davidgonmar/BALF. Its defaults: the
@@ -136,16 +137,23 @@ class BALF:
         gain per unit of budget) while both budgets hold. False (the reference's
         rule) returns the Lagrangian solution as it is.
       iters: bisection rounds on lam (the reference's 300).
+      spectrum: ``"whitened"`` (BALF: the runner and :func:`coblax.allocate` factor
+        the layers in the metric of their inputs on the objective data for this
+        method, whatever ``[decompose] spectrum`` says) or ``"weight"`` (the plain SVD:
+        the same energy allocation without activation awareness).
     stats: ``multiplier`` (lam), ``objective`` (sum of normalized energies),
       ``lagrangian_objective`` (before any refill), ``mac_ratio``, ``param_ratio``.
     """
 
     refill: bool = False
     iters: int = 300
+    spectrum: str = "whitened"
 
     name: ClassVar[str] = "balf"
 
     def __post_init__(self) -> None:
+        if self.spectrum not in ("whitened", "weight"):
+            raise ValueError(f"spectrum must be 'whitened' (BALF) or 'weight' (plain SVD), got {self.spectrum!r}")
         if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
             raise ValueError(f"iters must be a positive integer, got {self.iters!r}")
 

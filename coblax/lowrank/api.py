@@ -39,6 +39,7 @@ from coblax.lowrank.decompose import SCHEMES, Factors, TracedLayer, apply_fn_for
 from coblax.lowrank.factored import factored_variables, truncate_allocation
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.registry import get_allocator
+from coblax.lowrank.spectra import allocator_spectrum, whitened_factors
 from coblax.lowrank.training import attach_trainer
 from coblax.nn.bn import check_batches, recalibrate_bn as _recalibrate
 from coblax.nn.train import fit
@@ -197,10 +198,14 @@ def allocate(
     if not schemes:
         raise ValueError("the rules select no layer to decompose")
     by_name = {layer.name: layer for layer in traced}
+    allocator = get_allocator(method, **method_options)
     full = {
         name: factorize(get_kernel(variables, name), by_name[name], scheme if scheme in SCHEMES else SCHEMES[0])
         for name, scheme in schemes.items()
     }
+    if allocator_spectrum(allocator) == "whitened":  # BALF factors in the metric of the layers' inputs
+        full = whitened_factors(model, variables, [by_name[n] for n in full], {n: f.scheme for n, f in full.items()},
+                                x_obj, batch_size=batch_size)
     net = network_cost(traced, variables, {n: np.asarray(f.sigma) for n, f in full.items()},
                        {n: f.scheme for n, f in full.items()})
     problem = make_problem(net, float(mac), float(param), basis, min_rank=min_rank, seed=seed)
@@ -210,7 +215,7 @@ def allocate(
     problem = attach_trainer(dataclasses.replace(problem, loss=loss), model, variables,
                              {n: (f.kind, f.scheme) for n, f in full.items()}, (x_obj, np.asarray(objective_data[1])),
                              seed=seed)
-    allocation = get_allocator(method, **method_options)(problem)
+    allocation = allocator(problem)
     if not is_feasible(problem, allocation.ranks):
         raise AssertionError(f"method {method} returned ranks that break the budget: {allocation.ranks}")
     kept, ranks = truncate_allocation(net, full, allocation)
