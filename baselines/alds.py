@@ -51,8 +51,8 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 import numpy as np
-
 from coblax.baselines._budget import check_floor, clip_ranks, cost_ratios
+
 from coblax.lowrank.allocation import (
     Allocation,
     AllocationProblem,
@@ -61,7 +61,7 @@ from coblax.lowrank.allocation import (
     is_feasible,
 )
 
-__all__ = ["ALDS", "relative_errors", "threshold_ranks", "max_relative_error", "alds_ranks"]
+__all__ = ["ALDS", "alds_ranks", "max_relative_error", "relative_errors", "threshold_ranks"]
 
 
 def relative_errors(layer: LayerCost) -> np.ndarray:

@@ -42,8 +42,8 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 import numpy as np
-
 from coblax.baselines._budget import check_floor, clip_ranks, cost_ratios
+
 from coblax.lowrank.allocation import (
     Allocation,
     AllocationProblem,
@@ -52,7 +52,7 @@ from coblax.lowrank.allocation import (
     refill,
 )
 
-__all__ = ["BALF", "normalized_energy", "candidates", "lagrangian_ranks", "balf_objective", "balf_ranks"]
+__all__ = ["BALF", "balf_objective", "balf_ranks", "candidates", "lagrangian_ranks", "normalized_energy"]
 
 
 def normalized_energy(layer: LayerCost, rank: int) -> float:

@@ -46,11 +46,11 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 import numpy as np
-
 from coblax.baselines._budget import check_floor, clip_ranks, cost_ratios
+
 from coblax.lowrank.allocation import Allocation, AllocationProblem, LayerCost, is_feasible
 
-__all__ = ["LC", "c_step_rank", "c_step", "tail_energies"]
+__all__ = ["LC", "c_step", "c_step_rank", "tail_energies"]
 
 
 def tail_energies(s: np.ndarray) -> np.ndarray:

@@ -4,10 +4,10 @@ import itertools
 
 import numpy as np
 import pytest
-
 from coblax.baselines.alds import ALDS, alds_ranks, max_relative_error, relative_errors
 from coblax.baselines.balf import BALF, balf_objective, combined_cost, lagrangian_ranks
 from coblax.baselines.lc import LC, c_step, c_step_rank
+
 from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, is_feasible
 from coblax.lowrank.registry import get_allocator
 
@@ -181,12 +181,12 @@ def test_lc_unreachable_budget_names_the_smallest_reachable():
 
 def test_lc_on_a_network_trains_and_meets_the_budget():
     """LC with its L steps on a tiny MLP: the budget holds, the steps are counted."""
+    import flax.linen as nn
+
     from coblax.lowrank.costs import make_problem, network_cost
     from coblax.lowrank.decompose import factorize, get_kernel, trace_layers
     from coblax.lowrank.training import attach_trainer
     from tests.helpers import blobs
-
-    import flax.linen as nn
 
     class Net(nn.Module):
         @nn.compact

@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from coblax.lowrank.decompose import Factors, TracedLayer, factorize_whitened, get_kernel, input_grams
+from coblax.lowrank.decompose import (
+    Factors,
+    TracedLayer,
+    factorize_whitened,
+    get_kernel,
+    input_grams,
+)
 
 __all__ = ["allocator_spectrum", "whitened_factors"]
 
@@ -37,7 +43,7 @@ def whitened_factors(
 ) -> dict[str, Factors]:
     """Whitened full factors of ``layers`` (``schemes[name]`` each) from the Gram matrices on ``x``."""
     grams: dict[str, np.ndarray] = {}
-    for scheme in sorted(set(schemes[l.name] for l in layers)):
+    for scheme in sorted({schemes[l.name] for l in layers}):
         group = [l for l in layers if schemes[l.name] == scheme]
         grams.update(input_grams(model, variables, group, x, scheme, batch_size=batch_size))
     return {

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["recalibrate_bn", "batch_statistics", "check_batches"]
+__all__ = ["batch_statistics", "check_batches", "recalibrate_bn"]
 
 
 def check_batches(value: Any, key: str = "recalibrate_bn") -> int:
