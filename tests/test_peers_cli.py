@@ -52,3 +52,43 @@ def test_shipped_allocator_benchmarks_validate(name, model):
     assert cfg.budgets.pairs() == [(0.5, 0.5), (0.3, 0.3), (0.2, 0.2)]
     assert set(allocator_names()) - set(cfg.methods) == {"pos_greedy_unnormalized"}
     assert cfg.finetune.epochs >= 2 and cfg.finetune.recalibrate_bn > 0
+
+
+def test_runner_records_recalibrated_accuracy_and_peer_diagnostics(tmp_path):
+    """A tiny BatchNorm run with the three peers: both before-fine-tuning accuracies, LC's
+    training steps, BALF's own (whitened) spectrum; every budget met."""
+    import json
+
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text("""
+methods = ["alds", "lc", "balf"]
+models = [{ name = "resnet20", blocks = 1, widths = [4, 8, 8] }]
+[data]
+name = "digits"
+limit_train = 300
+[train]
+epochs = 1
+[budgets]
+mac = [0.6]
+param = [0.6]
+[cobla]
+objective_size = 64
+[finetune]
+epochs = 1
+recalibrate_bn = 2
+[method_options.lc]
+steps = 1
+l_steps = 3
+lr = 0.01
+""")
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    records = {r["method"]: r for r in (data["records"] if isinstance(data, dict) else data)}
+    assert set(records) == {"alds", "lc", "balf"}
+    for r in records.values():
+        assert r["status"] == "ok"
+        assert 0.0 <= r["acc_before_finetune_recalibrated"] <= 1.0
+        assert r["mac_ratio"] <= 0.6 + 1e-9 and r["param_ratio"] <= 0.6 + 1e-9
+    assert records["lc"]["diagnostics"]["training_steps"] == 3
+    assert records["balf"]["spectrum"] == "whitened" and records["alds"]["spectrum"] == "weight"
