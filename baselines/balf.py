@@ -32,7 +32,10 @@ input Gram matrix of a calibration set whitens each kernel; per-layer costs are
 min(factored, original) (a layer whose factored form is not cheaper stays
 original); the multiple-choice knapsack over cumulative energies is solved by
 Lagrangian relaxation, lam_max = 1 doubled until feasible, 300 bisection rounds,
-ties to the smallest cost; one budget, FLOPs by default (or parameters).
+ties to the smallest cost; one budget, FLOPs by default (or parameters). The
+reference whitens with the inverse square root from an eigendecomposition of the Gram
+matrix, coblax with its (ridged) Cholesky factor: for a full-rank Gram matrix the two
+whitened kernels differ by an orthogonal factor, so their singular values agree.
 """
 
 from __future__ import annotations

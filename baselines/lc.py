@@ -32,7 +32,7 @@ Reference defaults (UCMerced-ML/LC-model-compression, ``examples/cvpr2020``):
 20 LC steps, mu0 = 9e-5, a = 1.09, each L step 15 epochs of SGD with Nesterov
 momentum 0.9, batch 128, learning rate 0.09 decayed by 0.98 after each L step,
 normalized C step. Here the L step is counted in SGD steps (``l_steps``, default
-100: the reference's 15 epochs are ~5,900 steps on CIFAR-10, hours on 2 cores).
+100; the reference's 15 epochs are ~5,900 steps of 128 CIFAR-10 images per L step).
 
 Reference: Y. Idelbayev, M. Á. Carreira-Perpiñán, "Low-rank compression of neural
 nets: learning the rank of each layer", CVPR 2020.
