@@ -33,9 +33,9 @@ min(factored, original) (a layer whose factored form is not cheaper stays
 original); the multiple-choice knapsack over cumulative energies is solved by
 Lagrangian relaxation, lam_max = 1 doubled until feasible, 300 bisection rounds,
 ties to the smallest cost; one budget, FLOPs by default (or parameters). The
-reference whitens with the inverse square root from an eigendecomposition of the Gram
-matrix, coblax with its (ridged) Cholesky factor: for a full-rank Gram matrix the two
-whitened kernels differ by an orthogonal factor, so their singular values agree.
+reference takes the SVD of Λ^{1/2} Vᵀ W from the eigendecomposition G = V Λ Vᵀ, coblax
+that of Lᵀ W with the (ridged) Cholesky factor G = L Lᵀ: for a full-rank Gram matrix
+the two differ by an orthogonal factor on the left, so their singular values agree.
 """
 
 from __future__ import annotations
