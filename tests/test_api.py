@@ -146,7 +146,8 @@ BAND = {"cobla": 0.15}
 @pytest.mark.parametrize("method", allocator_names())
 def test_every_allocator_through_allocate(method):
     model, _, variables, data = _trained()
-    options = {"max_iter": 5, "roundings": 2, "saturation_rounds": 1} if method == "cobla" else {}
+    options = {"cobla": {"max_iter": 5, "roundings": 2, "saturation_rounds": 1},
+               "lc": {"steps": 2, "l_steps": 5, "lr": 0.01}}.get(method, {})
     result = allocate(model, variables, (data.x_train[:200], data.y_train[:200]), rules=RULES, mac=0.6,
                       param=0.6, method=method, method_options=options, apply_kwargs=EVAL,
                       validation_data=(data.x_train[200:300], data.y_train[200:300]))

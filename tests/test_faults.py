@@ -60,7 +60,7 @@ def _user_error(capsys, *argv) -> str:
         ("cobla__tol", "nan", "cobla.tol = nan must be a finite number"),
         ("cobla__rtol", "-inf", "cobla.rtol = -inf must be a finite number"),
         ("budgets__min_rank", "0", "budgets.min_rank = 0 must be >= 1"),
-        ("cobla__warm_start", "'cobla'", "valid values: constant, cptv"),
+        ("cobla__warm_start", "'cobla'", "valid values: constant, alds, balf, cptv"),
         ("cobla__max_iter", "99999999999", "cobla.max_iter = 99999999999 is out of range"),
         ("seed", "99999999999999999999", "seed = 99999999999999999999 is out of range"),
         ("seed", "-1", "seed = -1 must be >= 0"),

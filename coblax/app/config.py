@@ -597,12 +597,17 @@ class CoblaConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    """Fine-tuning of the factored network (all factors and other params trainable)."""
+    """Fine-tuning of the factored network (all factors and other params trainable).
+
+    ``recalibrate_bn = N`` re-estimates the BatchNorm statistics of the factored
+    network on N training batches before each evaluation (:mod:`coblax.nn.bn`).
+    """
 
     epochs: int = setting(5, ge=0)
     batch_size: int = setting(64, ge=1)
     learning_rate: float = setting(1e-4, gt=0)
     optimizer: str = setting("adam", choices=_OPTIMIZERS)
+    recalibrate_bn: int = setting(0, ge=0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,6 +71,9 @@ from coblax.lowrank.factored import factored_variables, truncate_allocation
 from coblax.nn.models import build_model, training_options
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.registry import get_allocator
+from coblax.lowrank.spectra import allocator_spectrum
+from coblax.lowrank.training import attach_trainer
+from coblax.nn.bn import recalibrate_bn
 from coblax.util import jsonable, write_json_atomic
 from coblax.util.errors import NumericalError, RunInterrupted
 
@@ -295,15 +298,25 @@ def decompose_layers(cfg: RunConfig, base: BaseModel, chosen, scheme: str, objec
 
 
 def finetune_factored(cfg: RunConfig, base: BaseModel, data: Dataset, kept: dict[str, Factors],
-                      desc: str = "finetune", progress: bool = False) -> tuple[float, float, float]:
+                      desc: str = "finetune", progress: bool = False,
+                      extra: dict | None = None) -> tuple[float, float, float]:
     """Test accuracy of the factored network ``kept`` before and after ``cfg.finetune``, and its seconds.
 
     The fine-tuning is seeded with ``cfg.seed + 1`` on ``data``'s training images, so a
-    record's numbers can be re-measured from its masks alone.
+    record's numbers can be re-measured from its masks alone. With
+    ``finetune.recalibrate_bn`` the BatchNorm statistics are re-estimated before
+    fine-tuning and before the final evaluation; the accuracy before fine-tuning stays
+    the stale one and ``extra["acc_before_finetune_recalibrated"]`` gets the other.
     """
     variables = factored_variables(base.params, kept)
     apply = apply_fn_for(base.model, kept)
     acc_before = T.evaluate(apply, variables, data.x_test, data.y_test)
+    recal = functools.partial(recalibrate_bn, apply, x=data.x_train, batches=cfg.finetune.recalibrate_bn,
+                              batch_size=cfg.finetune.batch_size, seed=cfg.seed + 1)
+    if cfg.finetune.recalibrate_bn:
+        variables = recal(variables)
+        if extra is not None:
+            extra["acc_before_finetune_recalibrated"] = T.evaluate(apply, variables, data.x_test, data.y_test)
     start = time.perf_counter()
     train_kw, fit_kw = training_options(base.model, variables)
     variables = T.fit(
@@ -312,6 +325,8 @@ def finetune_factored(cfg: RunConfig, base: BaseModel, data: Dataset, kept: dict
         learning_rate=cfg.finetune.learning_rate, optimizer=cfg.finetune.optimizer,
         seed=cfg.seed + 1, desc=desc, progress=progress, **fit_kw,
     )
+    if cfg.finetune.recalibrate_bn and cfg.finetune.epochs:
+        variables = recal(variables)
     seconds = time.perf_counter() - start
     return acc_before, T.evaluate(apply, variables, data.x_test, data.y_test), seconds
 
@@ -334,15 +349,25 @@ def run_method(
         defaults = {k: getattr(cfg.cobla, k) for k in COBLA_KEYS}
         options = defaults | {"progress": progress} | options
     allocator = get_allocator(method, **options)
+    spectrum = allocator_spectrum(allocator, cfg.decompose.spectrum)
+    if spectrum != cfg.decompose.spectrum:  # an allocator defined on its own spectrum (BALF: whitened)
+        own = dataclasses.replace(cfg, decompose=dataclasses.replace(cfg.decompose, spectrum=spectrum))
+        scheme = next(iter(full.values())).scheme
+        full = decompose_layers(own, base, [l for l in traced if l.name in full], scheme, _split(data, cfg)[0][0])
+        net = network_cost(traced, base.params, {n: np.asarray(f.sigma) for n, f in full.items()}, scheme)
     problem = make_problem(net, budget[0], budget[1], cfg.budgets.basis, min_rank=cfg.budgets.min_rank,
                            loss=None if loss is None else _FiniteLoss(loss), seed=cfg.seed)
+    problem = attach_trainer(problem, base.model, base.params, {n: (f.kind, f.scheme) for n, f in full.items()},
+                             (data.x_train, data.y_train), seed=cfg.seed)
     start = time.perf_counter()
     allocation: Allocation = allocator(problem)
     solve_seconds = time.perf_counter() - start
     if not is_feasible(problem, allocation.ranks):
         raise AssertionError(f"method {method} returned ranks that break the budget: {allocation.ranks}")
     kept, ranks = truncate_allocation(net, full, allocation)
-    acc_before, acc_after, finetune_seconds = finetune_factored(cfg, base, data, kept, f"finetune {method}", progress)
+    extra: dict = {}
+    acc_before, acc_after, finetune_seconds = finetune_factored(cfg, base, data, kept, f"finetune {method}", progress,
+                                                                extra)
     macs, params = net.cost(ranks)
     mac_ratio, param_ratio = net.ratios(ranks, cfg.budgets.basis)
     stats = dict(allocation.stats)
@@ -350,6 +375,7 @@ def run_method(
     stats.pop("trace", None)
     return {
         "method": method,
+        "spectrum": spectrum,
         "status": allocation.status,
         "budget_mac": budget[0],
         "budget_param": budget[1],
@@ -366,6 +392,7 @@ def run_method(
         "network_param_ratio": params / net.total_params,
         "acc_before_finetune": acc_before,
         "acc_after_finetune": acc_after,
+        **extra,
         "base_acc": base.accuracy,
         "objective_trace": trace,
         "solver_iterations": stats.pop("solver_iterations", None),

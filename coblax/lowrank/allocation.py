@@ -144,7 +144,9 @@ class AllocationProblem:
 
     ``mac_max`` / ``param_max`` bound the summed cost of the decomposable layers.
     ``min_rank`` is the smallest rank any layer may get (a rank-0 layer would cut
-    the network). ``seed`` drives any randomness of an allocator.
+    the network). ``seed`` drives any randomness of an allocator. ``training``
+    (optional) gives allocators that train the network (LC) its weights and data:
+    a :class:`coblax.lowrank.training.NetworkTrainer`.
     """
 
     layers: tuple[LayerCost, ...]
@@ -153,6 +155,7 @@ class AllocationProblem:
     min_rank: int = 1
     loss: LossOracle | None = None
     seed: int = 0
+    training: Any = None
 
     @property
     def names(self) -> tuple[str, ...]:

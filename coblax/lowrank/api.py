@@ -53,6 +53,10 @@ from coblax.lowrank.decompose import (
 from coblax.lowrank.factored import factored_variables, truncate_allocation
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.registry import get_allocator
+from coblax.lowrank.spectra import allocator_spectrum, whitened_factors
+from coblax.lowrank.training import attach_trainer
+from coblax.nn.bn import check_batches
+from coblax.nn.bn import recalibrate_bn as _recalibrate
 from coblax.nn.train import fit
 from coblax.util.frozen import FrozenMap, frozen
 
@@ -219,6 +223,7 @@ def allocate(
     seed: int = 0,
     min_rank: int = 1,
     batch_size: int = 250,
+    recalibrate_bn: int = 0,
     **unexpected: Any,
 ) -> Compressed:
     """Allocate per-layer ranks of ``model`` under MAC and parameter budgets.
@@ -245,6 +250,9 @@ def allocate(
       seed: seeds the allocator's randomness (COBLA's rounding).
       min_rank: the smallest rank any decomposed layer may get.
       batch_size: batch size inside COBLA's jitted objective.
+      recalibrate_bn: re-estimate the factored network's BatchNorm statistics on
+        this many batches of ``data`` (:func:`coblax.nn.bn.recalibrate_bn`;
+        0: keep the original network's).
 
     Returns:
       A :class:`Compressed` network (not fine-tuned; see :func:`finetune`).
@@ -261,25 +269,39 @@ def allocate(
     for label, value in (("mac", mac), ("param", param)):
         if not 0.0 < float(value) <= 1.0:
             raise ValueError(f"budget {label}={value!r} must be in (0, 1]")
+    check_batches(recalibrate_bn)
     allocator = resolve_method(method, method_options)
     apply_kwargs = dict(apply_kwargs or {})
-    schemes, full, net = _decompose(model, variables, np.asarray(data[0])[:1], rules, apply_kwargs)
+    data = tuple(np.asarray(a) for a in data)
+    schemes, full, net = _decompose(model, variables, data[0], rules, apply_kwargs,
+                                    allocator_spectrum(allocator), batch_size)
     problem = make_problem(net, float(mac), float(param), basis, min_rank=min_rank, seed=seed)
     if needs_loss(allocator):
-        loss = NetworkLoss(model, variables, full, tuple(np.asarray(a) for a in data),
+        loss = NetworkLoss(model, variables, full, data,
                            None if validation_data is None else tuple(np.asarray(a) for a in validation_data),
                            batch_size=batch_size, apply_kwargs=apply_kwargs)
         problem = dataclasses.replace(problem, loss=loss)
+    # Allocators that train the network (lc) find it here; the trainer compiles only when used.
+    problem = attach_trainer(problem, model, variables, {n: (f.kind, f.scheme) for n, f in full.items()}, data,
+                             seed=seed)
     allocation = allocator(problem)
     if not is_feasible(problem, allocation.ranks):
         raise AssertionError(f"method {allocator.name} returned ranks that break the budget: {allocation.ranks}")
-    return _compressed(model, variables, net, full, allocation, schemes, apply_kwargs, basis, allocator.name)
+    result = _compressed(model, variables, net, full, allocation, schemes, apply_kwargs, basis, allocator.name)
+    if recalibrate_bn:
+        result = result.replace(variables=_recalibrate(result.apply, result.variables, data[0],
+                                                       batches=recalibrate_bn, batch_size=batch_size, seed=seed))
+    return result
 
 
-def _decompose(model: Any, variables: Mapping[str, Any], x1: np.ndarray, rules: Sequence[tuple[str, str]],
-               apply_kwargs: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, Factors], NetworkCost]:
-    """(layer -> scheme, layer -> full SVD factors, cost model) of the layers the rules pick."""
-    traced = trace_layers(model, variables, jnp.asarray(x1), apply_kwargs)
+def _decompose(model: Any, variables: Mapping[str, Any], x: np.ndarray, rules: Sequence[tuple[str, str]],
+               apply_kwargs: Mapping[str, Any], spectrum: str = "weight",
+               batch_size: int = 250) -> tuple[dict[str, str], dict[str, Factors], NetworkCost]:
+    """(layer -> scheme, layer -> full SVD factors, cost model) of the layers the rules pick.
+
+    ``spectrum = "whitened"`` (BALF) factors each kernel in the metric of its inputs on ``x``.
+    """
+    traced = trace_layers(model, variables, jnp.asarray(x[:1]), apply_kwargs)
     schemes = select_layers(traced, rules)
     if not schemes:
         raise ValueError("the rules select no layer to decompose")
@@ -288,6 +310,9 @@ def _decompose(model: Any, variables: Mapping[str, Any], x1: np.ndarray, rules: 
         name: factorize(get_kernel(variables, name), by_name[name], scheme if scheme in SCHEMES else SCHEMES[0])
         for name, scheme in schemes.items()
     }
+    if spectrum == "whitened":
+        full = whitened_factors(model, variables, [by_name[n] for n in full], {n: f.scheme for n, f in full.items()},
+                                x, batch_size=batch_size)
     net = network_cost(traced, variables, {n: np.asarray(f.sigma) for n, f in full.items()},
                        {n: f.scheme for n, f in full.items()})
     return schemes, full, net
@@ -336,17 +361,23 @@ def finetune(
     rng_streams: Sequence[str] = ("dropout",),
     seed: int = 0,
     progress: bool = False,
+    recalibrate_bn: int = 0,
 ) -> Compressed:
     """Fine-tune the factored network (factors and every other parameter) with optax.
 
     ``train_kwargs`` put the model in training mode (``{"train": True}``); every
     collection other than ``params`` and ``factors`` is state updated by the model
     (BatchNorm's running statistics), and ``rng_streams`` get fresh keys each step.
+    ``recalibrate_bn = N`` re-estimates the BatchNorm statistics of the fine-tuned
+    network on N batches of ``x`` at the end (:func:`coblax.nn.bn.recalibrate_bn`).
     Returns the same result with the fine-tuned variables.
     """
+    check_batches(recalibrate_bn)
     state = tuple(k for k in result.variables if k not in ("params", "factors"))
     apply = functools.partial(result.apply_fn, **dict(train_kwargs or {}))
     variables = fit(apply, result.variables, x, y, epochs=epochs, batch_size=batch_size,
                     learning_rate=learning_rate, optimizer=optimizer, seed=seed, mutable=state,
                     rng_streams=rng_streams, desc=f"finetune {result.method}", progress=progress)
+    if recalibrate_bn:
+        variables = _recalibrate(result.apply, variables, x, batches=recalibrate_bn, batch_size=batch_size, seed=seed)
     return dataclasses.replace(result, variables=variables)

@@ -36,6 +36,9 @@ BUILTIN_ALLOCATORS: dict[str, str] = {
     "pos_exact": "coblax.baselines.pos:POSExact",
     "vbmf": "coblax.baselines.vbmf:VBMF",
     "gavish_donoho": "coblax.baselines.gavish_donoho:GavishDonoho",
+    "alds": "coblax.baselines.alds:ALDS",
+    "lc": "coblax.baselines.lc:LC",
+    "balf": "coblax.baselines.balf:BALF",
 }
 
 _USER: dict[str, AllocatorFactory] = {}

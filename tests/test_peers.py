@@ -1,0 +1,209 @@
+"""The peer allocators ALDS, LC and BALF against brute force on tiny problems."""
+
+import itertools
+
+import numpy as np
+import pytest
+from coblax.baselines.alds import ALDS, alds_ranks, max_relative_error, relative_errors
+from coblax.baselines.balf import BALF, balf_objective, combined_cost, lagrangian_ranks
+from coblax.baselines.lc import LC, c_step, c_step_rank
+
+from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, is_feasible
+from coblax.lowrank.registry import get_allocator
+
+
+def _layer(name, sigma, k, l, spatial=1):
+    sigma = np.sort(np.asarray(sigma, float))[::-1]
+    return LayerCost(name, "conv" if spatial > 1 else "dense", (k, l), sigma, float(spatial * (k + l)),
+                     float(k + l), float(spatial * k * l), float(k * l))
+
+
+def _random_problem(rng, n_layers=3, mac=0.5, param=0.5, spatial=False, min_rank=1):
+    layers = []
+    for i in range(n_layers):
+        k, l = int(rng.integers(2, 7)), int(rng.integers(2, 7))
+        sigma = rng.gamma(1.0, size=min(k, l))
+        layers.append(_layer(f"l{i}", sigma, k, l, int(rng.choice([1, 4])) if spatial else 1))
+    o_mac = sum(x.original_macs for x in layers)
+    o_par = sum(x.original_params for x in layers)
+    return AllocationProblem(tuple(layers), mac * o_mac, param * o_par, min_rank=min_rank)
+
+
+def _all_allocations(problem):
+    ranges = [range(problem.min_rank, x.full_rank + 1) for x in problem.layers]
+    for combo in itertools.product(*ranges):
+        yield dict(zip(problem.names, combo))
+
+
+# ------------------------------------------------------------------------------ ALDS
+
+
+def test_alds_relative_errors_hand_values():
+    layer = _layer("a", [4.0, 2.0, 1.0], 3, 10)  # saturation: ceil(30/13) = 3 = full rank
+    np.testing.assert_allclose(relative_errors(layer), [1.0, 0.5, 0.25, 0.0])
+    small = _layer("b", [4.0, 2.0, 1.0], 3, 3)  # saturation ceil(9/6) = 2: rank 2 is original
+    np.testing.assert_allclose(relative_errors(small), [1.0, 0.5, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_alds_is_the_min_max_over_all_feasible_allocations(seed):
+    rng = np.random.default_rng(seed)
+    problem = _random_problem(rng, mac=float(rng.uniform(0.3, 0.9)), param=float(rng.uniform(0.3, 0.9)),
+                              spatial=bool(seed % 2))
+    errors = {x.name: relative_errors(x) for x in problem.layers}
+    feasible = [r for r in _all_allocations(problem) if is_feasible(problem, r)]
+    if not feasible:
+        with pytest.raises(BudgetError, match="alds"):
+            ALDS()(problem)
+        return
+    best = min(max_relative_error(problem, r, errors) for r in feasible)
+    eps, ranks = alds_ranks(problem)
+    assert is_feasible(problem, ranks)
+    assert max_relative_error(problem, ranks, errors) == pytest.approx(best, abs=1e-15)
+    assert eps == pytest.approx(best, abs=1e-15)
+    # each layer takes the smallest rank (>= min_rank) whose error is <= eps
+    for layer in problem.layers:
+        r = ranks[layer.name]
+        assert errors[layer.name][r] <= eps
+        assert r == problem.min_rank or errors[layer.name][r - 1] > eps
+
+
+def test_alds_refuses_slices_other_than_one():
+    with pytest.raises(ValueError, match="slices"):
+        ALDS(slices=2)
+    with pytest.raises(ValueError, match="slices"):
+        get_allocator("alds", slices=0)
+
+
+# ------------------------------------------------------------------------------ BALF
+
+
+def _proportional_problem(rng, budget):
+    """Dense layers: MACs = parameters per rank, so the two budgets are one knapsack."""
+    layers = []
+    for i in range(3):
+        k, l = int(rng.integers(2, 6)), int(rng.integers(2, 6))
+        layers.append(_layer(f"d{i}", rng.gamma(1.0, size=min(k, l)), k, l))
+    o = sum(x.original_params for x in layers)
+    return AllocationProblem(tuple(layers), budget * o, budget * o)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_balf_lagrangian_solution_is_the_knapsack_optimum_at_its_cost(seed):
+    rng = np.random.default_rng(100 + seed)
+    problem = _proportional_problem(rng, float(rng.uniform(0.6, 0.95)))
+    floor = {x.name: 1 for x in problem.layers}
+    if not is_feasible(problem, floor):
+        with pytest.raises(BudgetError, match="balf"):
+            BALF()(problem)
+        return
+    alloc = BALF()(problem)
+    assert is_feasible(problem, alloc.ranks)
+    used = sum(combined_cost(problem, x, alloc.ranks[x.name]) for x in problem.layers)
+    # brute force: best sum of normalized energies among allocations costing at most as much
+    best = max(balf_objective(problem, r) for r in _all_allocations(problem)
+               if sum(combined_cost(problem, x, r[x.name]) for x in problem.layers) <= used + 1e-12)
+    assert balf_objective(problem, alloc.ranks) == pytest.approx(best, abs=1e-12)
+
+
+def test_balf_bisection_reaches_the_budget_breakpoint():
+    # When the budget equals the cost of a Lagrangian solution the bisection finds it exactly.
+    rng = np.random.default_rng(7)
+    problem = _proportional_problem(rng, 0.6)
+    lam_ranks = lagrangian_ranks(problem, 0.05)
+    cost = sum(x.params(lam_ranks[x.name]) for x in problem.layers)
+    tight = AllocationProblem(problem.layers, cost, cost)
+    alloc = BALF()(tight)
+    brute = max(balf_objective(tight, r) for r in _all_allocations(tight) if is_feasible(tight, r))
+    assert balf_objective(tight, alloc.ranks) == pytest.approx(brute, abs=1e-12)
+
+
+def test_balf_refill_leaves_no_room():
+    from coblax.lowrank.allocation import has_room
+
+    rng = np.random.default_rng(3)
+    layers = (_layer("a", rng.gamma(1.0, size=12), 12, 20, 4), _layer("b", rng.gamma(1.0, size=16), 16, 16),
+              _layer("c", rng.gamma(1.0, size=10), 30, 10, 9))
+    o_mac, o_par = sum(x.original_macs for x in layers), sum(x.original_params for x in layers)
+    problem = AllocationProblem(layers, 0.6 * o_mac, 0.5 * o_par)
+    alloc = BALF(refill=True)(problem)
+    assert is_feasible(problem, alloc.ranks) and has_room(problem, alloc.ranks) == []
+    assert alloc.stats["objective"] >= alloc.stats["lagrangian_objective"]
+
+
+# ------------------------------------------------------------------------------ LC
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("seed", range(6))
+def test_lc_c_step_matches_brute_force_enumeration(seed, normalize):
+    rng = np.random.default_rng(200 + seed)
+    k, l = int(rng.integers(3, 8)), int(rng.integers(3, 8))
+    a = rng.normal(size=(k, l))
+    s = np.linalg.svd(a, compute_uv=False)
+    layer = _layer("x", s, k, l, spatial=4)
+    problem = AllocationProblem((layer,), layer.original_macs, layer.original_params)
+    mu, alpha = float(rng.uniform(0.1, 2.0)), float(rng.uniform(0.0, 0.3))
+    norm = float(np.sum(a**2)) if normalize else 1.0
+    best = None
+    for r in range(1, layer.full_rank + 1):
+        if layer.is_original(r):
+            approx = a  # original form: exact
+        else:  # Eckart-Young: the truncated SVD is the best rank-r approximation
+            u, sv, vt = np.linalg.svd(a, full_matrices=False)
+            approx = (u[:, :r] * sv[:r]) @ vt[:r]
+        cost = layer.macs(r) / problem.mac_max + layer.params(r) / problem.param_max
+        value = alpha * cost + 0.5 * mu * float(np.sum((a - approx) ** 2)) / norm
+        if best is None or value < best[0] - 1e-12:
+            best = (value, layer.full_rank if layer.is_original(r) else r)  # one original form
+    assert c_step_rank(problem, layer, s, alpha, mu, normalize) == best[1]
+
+
+def test_lc_c_step_alpha_meets_the_budgets_and_is_smallest():
+    rng = np.random.default_rng(5)
+    layers = (_layer("a", rng.gamma(1.0, size=12), 12, 20, 4), _layer("b", rng.gamma(1.0, size=16), 16, 16),
+              _layer("c", rng.gamma(1.0, size=10), 30, 10, 9))
+    o_mac, o_par = sum(x.original_macs for x in layers), sum(x.original_params for x in layers)
+    problem = AllocationProblem(layers, 0.5 * o_mac, 0.4 * o_par)
+    spectra = {x.name: np.asarray(x.sigma) for x in problem.layers}
+    alpha, ranks = c_step(problem, spectra, 0.5)
+    assert is_feasible(problem, ranks)
+    below = {x.name: c_step_rank(problem, x, spectra[x.name], alpha * (1 - 1e-6), 0.5) for x in problem.layers}
+    assert alpha == 0.0 or not is_feasible(problem, below)
+
+
+def test_lc_unreachable_budget_names_the_smallest_reachable():
+    layer = _layer("a", [3.0, 2.0, 1.0], 3, 9)
+    problem = AllocationProblem((layer,), 0.01, 0.01)
+    with pytest.raises(BudgetError, match=r"method lc cannot meet the budget: its smallest allocation costs 0\.4444"):
+        LC()(problem)
+
+
+def test_lc_on_a_network_trains_and_meets_the_budget():
+    """LC with its L steps on a tiny MLP: the budget holds, the steps are counted."""
+    import flax.linen as nn
+
+    from coblax.lowrank.costs import make_problem, network_cost
+    from coblax.lowrank.decompose import factorize, get_kernel, trace_layers
+    from coblax.lowrank.training import attach_trainer
+    from tests.helpers import blobs
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, name="fc2")(nn.tanh(nn.Dense(12, name="fc1")(x)))
+
+    x, y = blobs(n=200, d=10)
+    model = Net()
+    import jax
+
+    variables = model.init(jax.random.PRNGKey(0), x[:1])
+    traced = trace_layers(model, variables, x[:1])
+    full = {t.name: factorize(get_kernel(variables, t.name), t, "tai") for t in traced}
+    net = network_cost(traced, variables, {n: np.asarray(f.sigma) for n, f in full.items()}, "tai")
+    problem = make_problem(net, 0.6, 0.6, "decomposed")
+    problem = attach_trainer(problem, model, variables, {n: (f.kind, f.scheme) for n, f in full.items()}, (x, y))
+    alloc = LC(steps=3, l_steps=5, lr=0.01, batch_size=32)(problem)
+    assert alloc.status == "ok" and is_feasible(problem, alloc.ranks)
+    assert alloc.stats["training_steps"] == 15
+    assert len(alloc.stats["lc_trace"]) == 4

@@ -1,0 +1,65 @@
+"""Peers and BatchNorm recalibration through ``coblax.allocate`` / ``finetune``."""
+
+import numpy as np
+import pytest
+
+from coblax import allocate, finetune
+from coblax.lowrank.decompose import factorize_whitened, get_kernel, input_grams, trace_layers
+from coblax.nn.train import evaluate
+from tests.test_api import EVAL, RULES, _trained
+
+
+def test_allocate_recalibrates_batchnorm_statistics():
+    model, _, variables, data = _trained()
+    obj = (data.x_train[:256], data.y_train[:256])
+    plain = allocate(model, variables, obj, rules=RULES, mac=0.3, param=0.3, method="pos_greedy", apply_kwargs=EVAL)
+    recal = allocate(model, variables, obj, rules=RULES, mac=0.3, param=0.3, method="pos_greedy", apply_kwargs=EVAL,
+                     recalibrate_bn=2, batch_size=128)
+    assert plain.ranks == recal.ranks
+    np.testing.assert_array_equal(plain.variables["batch_stats"]["bn1"]["mean"], variables["batch_stats"]["bn1"]["mean"])
+    assert not np.allclose(recal.variables["batch_stats"]["bn2"]["mean"], plain.variables["batch_stats"]["bn2"]["mean"])
+    for key in ("params", "factors"):  # no weight changed
+        for a, b in zip(np.concatenate([np.ravel(v) for v in _leaves(plain.variables[key])]),
+                        np.concatenate([np.ravel(v) for v in _leaves(recal.variables[key])])):
+            assert a == b
+    acc_plain = evaluate(plain.apply, plain.variables, data.x_test, data.y_test)
+    acc_recal = evaluate(recal.apply, recal.variables, data.x_test, data.y_test)
+    assert 0.0 <= acc_plain <= 1.0 and 0.0 <= acc_recal <= 1.0
+    tuned = finetune(recal, *obj, train_kwargs={"train": True}, epochs=1, recalibrate_bn=1)
+    assert not np.allclose(tuned.variables["batch_stats"]["bn2"]["var"], recal.variables["batch_stats"]["bn2"]["var"])
+
+
+def _leaves(tree):
+    import jax
+
+    return [np.asarray(a) for a in jax.tree_util.tree_leaves(tree)]
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5])
+def test_recalibrate_bn_must_be_a_batch_count(bad):
+    model, _, variables, data = _trained()
+    with pytest.raises(ValueError, match="recalibrate_bn"):
+        allocate(model, variables, (data.x_train[:64], data.y_train[:64]), rules=RULES, mac=0.5, param=0.5,
+                 method="uniform", apply_kwargs=EVAL, recalibrate_bn=bad)
+
+
+def test_balf_allocates_on_the_whitened_spectrum():
+    """BALF's ranks through allocate are BALF on the whitened singular values."""
+    from coblax.baselines.balf import BALF
+
+    from coblax.lowrank.costs import make_problem, network_cost
+
+    model, _, variables, data = _trained()
+    x, y = data.x_train[:200], data.y_train[:200]
+    rules = [("dw", "skip"), ("conv.*", "tai"), ("fc1", "dense")]
+    result = allocate(model, variables, (x, y), rules=rules, mac=0.4, param=0.4, method="balf", apply_kwargs=EVAL)
+    traced = [t for t in trace_layers(model, variables, x[:1], EVAL) if t.name in ("conv1", "conv2", "fc1")]
+    grams = input_grams(model, variables, traced, x, "tai")
+    full = {t.name: factorize_whitened(get_kernel(variables, t.name), t, "tai", grams[t.name]) for t in traced}
+    net = network_cost(trace_layers(model, variables, x[:1], EVAL), variables,
+                       {n: np.asarray(f.sigma) for n, f in full.items()}, {n: "tai" for n in full})
+    expect = BALF()(make_problem(net, 0.4, 0.4, "decomposed")).ranks
+    assert result.ranks == expect
+    plain = allocate(model, variables, (x, y), rules=rules, mac=0.4, param=0.4, method="balf", apply_kwargs=EVAL,
+                     spectrum="weight")
+    assert plain.ranks != result.ranks  # the whitening changes the allocation here
