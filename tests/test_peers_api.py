@@ -61,5 +61,5 @@ def test_balf_allocates_on_the_whitened_spectrum():
     expect = BALF()(make_problem(net, 0.4, 0.4, "decomposed")).ranks
     assert result.ranks == expect
     plain = allocate(model, variables, (x, y), rules=rules, mac=0.4, param=0.4, method="balf", apply_kwargs=EVAL,
-                     spectrum="weight")
+                     method_options={"spectrum": "weight"})
     assert plain.ranks != result.ranks  # the whitening changes the allocation here
