@@ -11,6 +11,7 @@ A run stopped by SIGINT/SIGTERM exits with 130/143 after saving what is finished
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import traceback
@@ -116,8 +117,19 @@ def _cmd_compress(args) -> int:
     return 0
 
 
-def _check_cbx_for_evaluation(path: Path) -> None:
-    """The file is a valid .cbx whose metadata rebuilds a model with the file's shapes."""
+#: Activation memory of one evaluation batch (all module outputs, float32): the batch
+#: size of ``coblax evaluate`` is chosen to stay below it, and a model whose single
+#: example needs more is refused.
+MAX_ACTIVATION_BYTES = 1 << 28
+
+
+def _check_cbx_for_evaluation(path: Path) -> int:
+    """The file is a valid .cbx whose metadata rebuilds a model with the file's shapes.
+
+    Returns the evaluation batch size that keeps the model's activations (every
+    module's output, per example, from ``jax.eval_shape``) under
+    :data:`MAX_ACTIVATION_BYTES`.
+    """
     import jax
     import jax.numpy as jnp
 
@@ -155,6 +167,13 @@ def _check_cbx_for_evaluation(path: Path) -> None:
             f"{path}: its parameters do not fit the model its metadata names ({name}): "
             f"{k} is {shapes.get(k, 'missing')} in the file, {want.get(k, 'not in the model')} in the model"
         )
+    _, inter = jax.eval_shape(
+        lambda p, xb: model.apply(p, xb, capture_intermediates=True, mutable=["intermediates"]), expected, x)
+    per_example = 4 * sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(inter))
+    if per_example > MAX_ACTIVATION_BYTES:
+        raise CbxError(f"{path}: the model its metadata names needs {per_example:,} bytes of activations per "
+                       f"example, more than the {MAX_ACTIVATION_BYTES:,}-byte cap of coblax evaluate")
+    return int(max(1, min(1000, MAX_ACTIVATION_BYTES // max(per_example, 1))))
 
 
 def _cmd_evaluate(args) -> int:
@@ -162,8 +181,8 @@ def _cmd_evaluate(args) -> int:
 
     from coblax.app.compress import evaluate_file
 
-    _check_cbx_for_evaluation(Path(args.file))
-    result = evaluate_file(args.file, data_dir=args.data_dir)
+    batch_size = _check_cbx_for_evaluation(Path(args.file))
+    result = evaluate_file(args.file, data_dir=args.data_dir, batch_size=batch_size)
     print(json.dumps(result, indent=1))
     return 0
 
