@@ -243,21 +243,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_evaluate)
     p = sub.add_parser("methods", parents=[common], help="list the allocation methods")
     p.set_defaults(fn=_cmd_methods)
-    p = sub.add_parser("study", help="run a study config (kd, small_arch, svd_fc, prune_quant)")
+    p = sub.add_parser("study", parents=[common], help="run a study config (kd, small_arch, svd_fc, prune_quant)")
     p.add_argument("config")
     p.add_argument("--out", help="output directory (default runs/CONFIG_NAME)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing results.json")
+    p.add_argument("--force", action="store_true",
+                   help="start over: overwrite an existing results.json and ignore an unfinished run's partial results")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_study)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status.
+
+    Called as the ``coblax`` command (``argv`` None), an interrupted run ends the
+    process at once after its message (:func:`coblax._cli_signals.hard_exit`): the
+    interpreter's teardown with JAX's threads mid-start could crash (SIGSEGV).
+    """
+    code = _main(argv)
+    if argv is None and code in (130, 143):
+        from coblax._cli_signals import hard_exit, is_command_line
+
+        if is_command_line():
+            hard_exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     from coblax.util.errors import CoblaxError, RunInterrupted
 
-    args = build_parser().parse_args(argv)
-    debug = getattr(args, "debug", False)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
+        args = build_parser().parse_args(argv)
+        debug = getattr(args, "debug", False)
         return args.fn(args)
     except RunInterrupted as err:
         where = f" in {err.partial}" if err.partial is not None else ""
