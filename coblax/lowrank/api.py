@@ -39,6 +39,7 @@ from coblax.lowrank.decompose import SCHEMES, Factors, TracedLayer, apply_fn_for
 from coblax.lowrank.factored import factored_variables, truncate_allocation
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.registry import get_allocator
+from coblax.lowrank.validate import check_allocate_arguments, check_finetune_arguments
 from coblax.nn.train import fit
 
 __all__ = ["RULE_SCHEMES", "Compressed", "select_layers", "allocate", "finetune"]
@@ -180,6 +181,7 @@ def allocate(
         :class:`~coblax.lowrank.allocation.BudgetError` naming the smallest
         feasible budget when the layers that are not decomposed already cost more.
     """
+    check_allocate_arguments(locals())  # coblax.lowrank.validate: ValueError naming the argument
     for label, value in (("mac", mac), ("param", param)):
         if not 0.0 < float(value) <= 1.0:
             raise ValueError(f"budget {label}={value!r} must be in (0, 1]")
@@ -250,6 +252,7 @@ def finetune(
     (BatchNorm's running statistics), and ``rng_streams`` get fresh keys each step.
     Returns the same result with the fine-tuned variables.
     """
+    check_finetune_arguments(locals())  # coblax.lowrank.validate
     state = tuple(k for k in result.variables if k not in ("params", "factors"))
     apply = functools.partial(result.apply_fn, **dict(train_kwargs or {}))
     variables = fit(apply, result.variables, x, y, epochs=epochs, batch_size=batch_size,
