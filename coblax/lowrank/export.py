@@ -327,18 +327,21 @@ def load_factored(path: str | os.PathLike, model: Any, *, example: Any = None,
                     header["meta"])
 
 
-def device_leaves(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def device_leaves(flat: dict[str, np.ndarray]) -> dict[str, Any]:
     """Leaves as JAX arrays, except those JAX would change: they stay exact NumPy arrays.
 
     With 64-bit JAX off (the default) ``jnp.asarray`` silently turns int64/uint64/
     float64 into 32 bits; a loaded file must give back what was saved, so such a
     leaf is kept as a NumPy array of its own dtype (JAX converts it only where the
-    network computes with it).
+    network computes with it). ``flat`` is emptied leaf by leaf, so that each NumPy
+    buffer can be freed once its copy exists (peak: the arrays once, plus one leaf).
     """
     import jax
 
     out: dict[str, Any] = {}
-    for key, value in flat.items():
+    for key in list(flat):
+        value = flat.pop(key)
         same = jax.dtypes.canonicalize_dtype(value.dtype) == value.dtype
         out[key] = jnp.asarray(value) if same else np.asarray(value)
+        del value
     return out
