@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +101,7 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        from test_safe_load import _bomb  # noqa: E402 - tests/ is on the path
+        from test_safe_load import _bomb
 
         _bomb(tmp / "bomb.npz", 1 << 27)
         rows["load_factored, deflate bomb (0.5 MB -> 512 MB declared)"] = measure(
@@ -122,7 +121,7 @@ def main() -> None:
             f"assert main(['evaluate', {str(tmp / 'cap.cbx')!r}]) == 0")
         over = int(args.hidden * 1.01)
         _evaluate_at_cap(tmp / "over.cbx", over)
-        rows[f"coblax evaluate, .cbx 1 % beyond MAX_DECODED_BYTES"] = measure(
+        rows["coblax evaluate, .cbx 1 % beyond MAX_DECODED_BYTES"] = measure(
             "from coblax.app.cli import main",
             f"assert main(['evaluate', {str(tmp / 'over.cbx')!r}]) == 2")
     for name, row in rows.items():

@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 
-__all__ = ["install_early_exit", "is_command_line", "hard_exit"]
+__all__ = ["hard_exit", "install_early_exit", "is_command_line"]
 
 
 def is_command_line() -> bool:

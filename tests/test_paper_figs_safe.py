@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from paper_figs.__main__ import main
 from test_paper_figs import _run_payload
+
+from paper_figs.__main__ import main
 
 
 def _kd(name: str, acc: float) -> dict:

@@ -164,9 +164,8 @@ def _deep_header(p): _rewrite(p, header="[" * 5000 + "]" * 5000)
 def _unknown_layer(p): _rewrite(p, header=_header(p) | {"layers": {"fc9": {"kind": "dense", "scheme": "dense"}}})
 def _nan_constant(p): _rewrite(p, header=json.dumps(_header(p)).replace('0.5', 'NaN'))
 def _object_array(p):
-    with zipfile.ZipFile(p, "a") as zf:
-        with zf.open("params/evil.npy", "w") as fh:
-            np.lib.format.write_array(fh, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with zipfile.ZipFile(p, "a") as zf, zf.open("params/evil.npy", "w") as fh:
+        np.lib.format.write_array(fh, np.array([{"a": 1}], dtype=object), allow_pickle=True)
 def _wrong_rank(p): _rewrite(p, arrays={"params/fc1/second/kernel": np.zeros((4, 16), np.float32)})
 
 

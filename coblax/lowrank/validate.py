@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_allocate_arguments", "check_finetune_arguments", "check_budget", "check_int", "check_data"]
+__all__ = ["check_allocate_arguments", "check_budget", "check_data", "check_finetune_arguments", "check_int"]
 
 _BASES = ("decomposed", "network")
 

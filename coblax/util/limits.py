@@ -28,7 +28,7 @@ import numpy as np
 
 from coblax.util.errors import FileLoadError
 
-__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_JSON_INT_DIGITS", "parse_json", "json_depth"]
+__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_JSON_INT_DIGITS", "json_depth", "parse_json"]
 
 MAX_JSON_BYTES = 64 << 20
 MAX_JSON_DEPTH = 64

@@ -33,7 +33,7 @@ import numpy as np
 
 from coblax.util.errors import FileLoadError
 
-__all__ = ["MAX_NPZ_BYTES", "MAX_NPZ_RATIO", "MAX_NPZ_MEMBERS", "NpyEntry", "npz_layout", "read_npz"]
+__all__ = ["MAX_NPZ_BYTES", "MAX_NPZ_MEMBERS", "MAX_NPZ_RATIO", "NpyEntry", "npz_layout", "read_npz"]
 
 #: Declared (inflated) bytes of all members of one ``.npz`` together.
 MAX_NPZ_BYTES = 1 << 30

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from coblax.util.errors import CoblaxError
 
-__all__ = ["LOCK_NAME", "LockError", "run_lock", "pid_alive", "read_lock"]
+__all__ = ["LOCK_NAME", "LockError", "pid_alive", "read_lock", "run_lock"]
 
 LOCK_NAME = ".coblax.lock"
 
