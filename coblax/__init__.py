@@ -9,6 +9,10 @@ implementation detail.
 
 __version__ = "0.1.0"
 
+from coblax._cli_signals import install_early_exit as _install_early_exit  # noqa: E402 - stdlib only
+
+_install_early_exit()  # the command line only: a signal while importing JAX exits 130/143 at once
+
 from coblax import allocators  # noqa: E402
 from coblax.lowrank.allocation import (  # noqa: E402
     Allocation,

@@ -7,7 +7,7 @@ results hold nothing for it, and the command line then draws the others.
 
 from pathlib import Path
 
-from paper_figs._common import MissingRecords, load_results
+from paper_figs._common import MissingRecords, failed_records, load_results, safe_name
 from paper_figs.accuracy_vs_budget import accuracy_vs_budget, rank_bars, relaxed_vs_rounded, sqp_convergence
 from paper_figs.studies import (bits_accuracy, kd_temperature, obd_vs_magnitude, pruning, small_arch, svd_fc,
                                weight_histogram)
@@ -38,13 +38,17 @@ def draw(name: str, payloads, out_dir) -> list:
 
     With one run (or none) the figure goes to ``out_dir``; with several, run ``NAME``'s
     goes to ``out_dir/NAME/`` (the seeds of one run, split over several result files,
-    stay together). Raises :class:`MissingRecords` only when no run has what it needs.
+    stay together). A run's name comes from its results file, so it is made a safe, unique
+    folder name (:func:`~paper_figs._common.safe_name`): figures never land outside
+    ``out_dir``. Raises :class:`MissingRecords` only when no run has what it needs.
     """
     study = STUDY_OF.get(name)
     runs: dict[str, list] = {}
     for payload in payloads if study else ():
         if payload.get("study") == study:
             runs.setdefault(str(payload.get("name") or study), []).append(payload)
+    taken: set[str] = set()
+    runs = {safe_name(run, taken): group for run, group in runs.items()}
     if len(runs) <= 1:
         return FIGURES[name](payloads, out_dir)
     paths, missing = [], []
@@ -58,4 +62,4 @@ def draw(name: str, payloads, out_dir) -> list:
     return paths
 
 
-__all__ = ["FIGURES", "STUDY_OF", "MissingRecords", "draw", "load_results", *FIGURES]
+__all__ = ["FIGURES", "STUDY_OF", "MissingRecords", "draw", "failed_records", "load_results", *FIGURES]

@@ -7,7 +7,6 @@ Figures are rebuilt from result files only: ``coblax run`` results (records with
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -22,10 +21,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from coblax.app.report import REQUIRED_KEYS  # noqa: E402
+from coblax.app.report import REQUIRED_KEYS, read_results  # noqa: E402
+from coblax.util.limits import parse_json  # noqa: E402
 
-__all__ = ["MissingRecords", "load_results", "run_records", "study_records", "save", "style", "mean_std", "slug",
-           "label_axes", "plt"]
+__all__ = ["MissingRecords", "load_results", "run_records", "failed_records", "study_records", "save", "style",
+           "mean_std", "slug", "safe_name", "label_axes", "plt"]
 
 # Grayscale-readable: each series differs by marker and line style, colours are shades of gray.
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
@@ -41,7 +41,11 @@ class MissingRecords(ValueError):
 def load_results(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
     """Every ``results.json`` under the given paths (a file, a run directory, or a folder of runs).
 
-    Each payload gets ``_source`` (its path). Unreadable JSON raises ValueError naming the file.
+    Each payload gets ``_source`` (its path). A file is read within the JSON caps of
+    :mod:`coblax.util.limits`; ``coblax run`` results have every record checked
+    against the record schema (:func:`coblax.app.report.read_results`). A file that
+    is unreadable, too large, too deep or breaks the schema raises a ``ValueError``
+    (a ``CoblaxError``) naming the file and the field.
     """
     payloads = []
     for path in paths:
@@ -57,20 +61,43 @@ def load_results(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
         if not files:
             raise FileNotFoundError(f"{path}: no results.json in it or in its sub-folders")
         for file in files:
-            try:
-                data = json.loads(file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{file}: not valid JSON ({err})") from None
+            data = parse_json(file.read_bytes(), str(file))
             if not isinstance(data, dict) or not isinstance(data.get("records"), list):
                 raise ValueError(f"{file}: expected a JSON object with a 'records' list")
+            if "study" not in data:
+                data = read_results(file)  # the run record schema, every record
+            elif not all(isinstance(r, dict) for r in data["records"]):
+                raise ValueError(f"{file}: every record must be a JSON object")
             payloads.append(dict(data, _source=str(file)))
     return payloads
 
 
+def _drawable(record: dict) -> bool:
+    return (record.get("status") != "failed" and all(k in record for k in REQUIRED_KEYS)
+            and record["acc_before_finetune"] is not None and record["acc_after_finetune"] is not None)
+
+
 def run_records(payloads: Sequence[dict]) -> list[dict]:
-    """Records of ``coblax run`` results (those with every key a comparison table needs)."""
-    return [r for p in payloads if "study" not in p for r in p["records"]
-            if all(k in r for k in REQUIRED_KEYS)]
+    """Records of ``coblax run`` results that can be drawn: every key a table needs, not failed.
+
+    Failed records (``status = "failed"``, accuracies null) are a normal outcome of a
+    run; :func:`failed_records` lists them so that the command line can say which
+    were left out.
+    """
+    return [r for p in payloads if "study" not in p for r in p["records"] if _drawable(r)]
+
+
+def failed_records(payloads: Sequence[dict]) -> list[str]:
+    """One line per ``coblax run`` record left out of the figures, with its file and error."""
+    out = []
+    for p in payloads:
+        if "study" in p:
+            continue
+        for i, r in enumerate(p["records"]):
+            if not _drawable(r):
+                what = ", ".join(str(r.get(k)) for k in ("model", "scheme", "method", "budget_mac"))
+                out.append(f"{p.get('_source', '?')} record {i} ({what}): {r.get('error') or 'no accuracy'}")
+    return out
 
 
 def study_records(payloads: Sequence[dict], study: str) -> list[dict]:
@@ -111,9 +138,32 @@ def slug(*parts: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(str(p) for p in parts)).strip("_")
 
 
+def safe_name(name: Any, taken: set[str] | None = None, limit: int = 80) -> str:
+    """``name`` as one safe folder or file name below the output folder.
+
+    Only ``A-Za-z0-9_.-`` survive, leading dots are removed (no ``..``, no hidden
+    files), the length is capped, and an empty result becomes ``run``; a name already
+    in ``taken`` gets ``-2``, ``-3``... (``taken`` is updated). ``../../x`` and
+    ``/abs/x`` become ``x``-like names in the output folder, never paths out of it.
+    """
+    base = re.sub(r"^[._-]+", "", slug(name))[:limit].rstrip("._-") or "run"
+    out, i = base, 1
+    while taken is not None and out in taken:
+        i += 1
+        out = f"{base}-{i}"
+    if taken is not None:
+        taken.add(out)
+    return out
+
+
 def save(fig, out_dir: str | os.PathLike, stem: str) -> list[Path]:
-    """Write ``stem.png`` and ``stem.pdf`` in ``out_dir``; close the figure."""
+    """Write ``stem.png`` and ``stem.pdf`` in ``out_dir``; close the figure.
+
+    ``stem`` is made a safe name (:func:`safe_name`), so that nothing drawn from a
+    results file's text can name a path outside ``out_dir``.
+    """
     out_dir = Path(out_dir)
+    stem = safe_name(stem, limit=160)
     out_dir.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]

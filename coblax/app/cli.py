@@ -11,6 +11,7 @@ A run stopped by SIGINT/SIGTERM exits with 130/143 after saving what is finished
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import traceback
@@ -116,8 +117,19 @@ def _cmd_compress(args) -> int:
     return 0
 
 
-def _check_cbx_for_evaluation(path: Path) -> None:
-    """The file is a valid .cbx whose metadata rebuilds a model with the file's shapes."""
+#: Activation memory of one evaluation batch (all module outputs, float32): the batch
+#: size of ``coblax evaluate`` is chosen to stay below it, and a model whose single
+#: example needs more is refused.
+MAX_ACTIVATION_BYTES = 1 << 28
+
+
+def _check_cbx_for_evaluation(path: Path) -> int:
+    """The file is a valid .cbx whose metadata rebuilds a model with the file's shapes.
+
+    Returns the evaluation batch size that keeps the model's activations (every
+    module's output, per example, from ``jax.eval_shape``) under
+    :data:`MAX_ACTIVATION_BYTES`.
+    """
     import jax
     import jax.numpy as jnp
 
@@ -155,6 +167,13 @@ def _check_cbx_for_evaluation(path: Path) -> None:
             f"{path}: its parameters do not fit the model its metadata names ({name}): "
             f"{k} is {shapes.get(k, 'missing')} in the file, {want.get(k, 'not in the model')} in the model"
         )
+    _, inter = jax.eval_shape(
+        lambda p, xb: model.apply(p, xb, capture_intermediates=True, mutable=["intermediates"]), expected, x)
+    per_example = 4 * sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(inter))
+    if per_example > MAX_ACTIVATION_BYTES:
+        raise CbxError(f"{path}: the model its metadata names needs {per_example:,} bytes of activations per "
+                       f"example, more than the {MAX_ACTIVATION_BYTES:,}-byte cap of coblax evaluate")
+    return int(max(1, min(1000, MAX_ACTIVATION_BYTES // max(per_example, 1))))
 
 
 def _cmd_evaluate(args) -> int:
@@ -162,8 +181,8 @@ def _cmd_evaluate(args) -> int:
 
     from coblax.app.compress import evaluate_file
 
-    _check_cbx_for_evaluation(Path(args.file))
-    result = evaluate_file(args.file, data_dir=args.data_dir)
+    batch_size = _check_cbx_for_evaluation(Path(args.file))
+    result = evaluate_file(args.file, data_dir=args.data_dir, batch_size=batch_size)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -224,21 +243,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_evaluate)
     p = sub.add_parser("methods", parents=[common], help="list the allocation methods")
     p.set_defaults(fn=_cmd_methods)
-    p = sub.add_parser("study", help="run a study config (kd, small_arch, svd_fc, prune_quant)")
+    p = sub.add_parser("study", parents=[common], help="run a study config (kd, small_arch, svd_fc, prune_quant)")
     p.add_argument("config")
     p.add_argument("--out", help="output directory (default runs/CONFIG_NAME)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing results.json")
+    p.add_argument("--force", action="store_true",
+                   help="start over: overwrite an existing results.json and ignore an unfinished run's partial results")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_study)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status.
+
+    Called as the ``coblax`` command (``argv`` None), an interrupted run ends the
+    process at once after its message (:func:`coblax._cli_signals.hard_exit`): the
+    interpreter's teardown with JAX's threads mid-start could crash (SIGSEGV).
+    """
+    code = _main(argv)
+    if argv is None and code in (130, 143):
+        from coblax._cli_signals import hard_exit, is_command_line
+
+        if is_command_line():
+            hard_exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     from coblax.util.errors import CoblaxError, RunInterrupted
 
-    args = build_parser().parse_args(argv)
-    debug = getattr(args, "debug", False)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
+        args = build_parser().parse_args(argv)
+        debug = getattr(args, "debug", False)
         return args.fn(args)
     except RunInterrupted as err:
         where = f" in {err.partial}" if err.partial is not None else ""

@@ -32,7 +32,7 @@ from coblax.app.config import (
     parse_dataclass,
 )
 from coblax.compress import prune as P
-from coblax.compress.cbx import read_cbx
+from coblax.compress.cbx import CbxError, read_cbx
 from coblax.compress.energy import DEFAULT_SRAM_BYTES
 from coblax.compress.pipeline import (
     CompressState,
@@ -442,7 +442,7 @@ def run_compress(
 
 
 def evaluate_file(
-    path: str | os.PathLike, data_dir: str | os.PathLike | None = None
+    path: str | os.PathLike, data_dir: str | os.PathLike | None = None, *, batch_size: int = 1000
 ) -> dict[str, Any]:
     """Decode a ``.cbx`` file, rebuild its model and measure test accuracy.
 
@@ -471,7 +471,7 @@ def evaluate_file(
                         limit_test=ds.get("limit_test"))
     same_shape = list(data.input_shape) == list(meta["input_shape"])
     if not same_shape or data.num_classes != meta["num_classes"]:
-        raise ValueError(
+        raise CbxError(
             f"{path}: the model expects inputs {meta['input_shape']} with "
             f"{meta['num_classes']} classes, "
             f"dataset {ds['name']!r} has {list(data.input_shape)} with {data.num_classes}"
@@ -480,7 +480,7 @@ def evaluate_file(
         meta["model"]["name"], num_classes=int(meta["num_classes"]),
         input_shape=tuple(meta["input_shape"]), **dict(meta["model"].get("options", {})),
     )
-    acc = T.evaluate(model.apply, params, data.x_test, data.y_test)
+    acc = T.evaluate(model.apply, params, data.x_test, data.y_test, batch_size=batch_size)
     n_params = sum(int(np.size(v)) for v in flatten_tree(params).values())
     size = path.stat().st_size
     return {

@@ -11,7 +11,15 @@ finished work:
 * a rerun with the same config and output folder skips the finished records and
   says so; results of a different config are refused unless ``force``;
 * SIGINT / SIGTERM stop the run with every finished record saved
-  (:class:`RunInterrupted`); leftover temporary files are removed on the next run;
+  (:class:`RunInterrupted`); a signal that arrives while a record is being saved
+  waits until it is on disk; leftover temporary files of runs that are gone are
+  removed on the next run;
+* one run per output folder: ``--out/.coblax.lock`` (PID and host,
+  :mod:`coblax.util.runlock`) refuses a second run at once and is taken over,
+  with a message, when its process is gone;
+* a file that cannot be written (disk full, ``ulimit -f``) is a
+  :class:`~coblax.util.io.WriteError` naming it (exit 2), with every finished
+  record kept;
 * a record whose training, fine-tuning or COBLA objective produces a non-finite
   or diverging loss, or whose allocator cannot meet the budget, is saved as a
   ``"failed"`` record naming the stage and step, and the run goes on.
@@ -76,6 +84,8 @@ from coblax.lowrank.training import attach_trainer
 from coblax.nn.bn import recalibrate_bn
 from coblax.util import jsonable, write_json_atomic
 from coblax.util.errors import NumericalError, RunInterrupted
+from coblax.util.io import WriteError, remove_stale_temporaries
+from coblax.util.runlock import run_lock
 
 __all__ = [
     "run_experiment",
@@ -83,6 +93,7 @@ __all__ = [
     "plan_from_config",
     "RunPlan",
     "RunInterrupted",
+    "stop_on_signals",
     "writable_problem",
     "record_key",
     "BaseModel",
@@ -616,38 +627,60 @@ def plan_run(config_path: str | os.PathLike, out_dir: str | os.PathLike | None =
 # ------------------------------------------------------------------------- running
 
 
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[None]:
-    """Turn SIGINT/SIGTERM into :class:`RunInterrupted` (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _Signals:
+    """SIGINT/SIGTERM as :class:`RunInterrupted`, except inside :meth:`saving`.
 
-    def handler(signum, frame):
+    A signal that arrives while a finished record is being saved is held until the
+    save is complete, then raised: a record never dies half written.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: int | None = None
+
+    def handler(self, signum, frame) -> None:
+        if self.depth:
+            self.pending = signum
+            return
         raise RunInterrupted(signum)
 
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth and self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise RunInterrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[_Signals]:
+    """Turn SIGINT/SIGTERM into :class:`RunInterrupted` (main thread only), held during saves.
+
+    The handlers in place before are restored on exit, whatever they were (the
+    default, ``SIG_IGN`` when a shell started the run in the background, a caller's).
+    """
+    state = _Signals()
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    old = {sig: signal.signal(sig, state.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield state
     finally:
         for sig, previous in old.items():
             signal.signal(sig, previous)
 
 
+_stop_on_signals = stop_on_signals  # the name used before
+
+
 def _remove_temp_files(folder: Path, pattern: str, min_age_s: float = 0.0) -> int:
-    """Delete leftover ``write_bytes_atomic`` temporaries (``.NAME.*.tmp``) in ``folder``."""
-    removed = 0
-    if not folder.is_dir():
-        return 0
-    now = time.time()
-    for tmp in folder.glob(pattern):
-        try:
-            if now - tmp.stat().st_mtime >= min_age_s:
-                tmp.unlink()
-                removed += 1
-        except OSError:
-            pass
-    return removed
+    """Delete leftover ``write_bytes_atomic`` temporaries of processes that are gone."""
+    return remove_stale_temporaries(folder, pattern, min_age_s)
 
 
 def _failed_record(key: tuple, cfg: RunConfig, err: Exception, base: BaseModel | None) -> dict:
@@ -702,11 +735,18 @@ def run_experiment(
     log = log or _stderr
     if plan is None:
         plan = plan_from_config(cfg, out_dir, config_text, force=force)
-    cfg, data, out = plan.cfg, plan.data, plan.out_dir
     if plan.complete:
-        log(f"all {len(plan.previous['records'])} records of this config are already in {out / RESULTS}; "
-            "nothing to run (pass --force to redo them)")
+        log(f"all {len(plan.previous['records'])} records of this config are already in "
+            f"{plan.out_dir / RESULTS}; nothing to run (pass --force to redo them)")
         return plan.previous
+    with stop_on_signals() as signals, run_lock(plan.out_dir, log):
+        return _run_locked(plan, config_text, progress, on_record, log, signals)
+
+
+def _run_locked(plan: RunPlan, config_text: str, progress: bool, on_record: Callable[[dict], None] | None,
+                log: Callable[[str], None], signals: _Signals) -> dict:
+    """:func:`run_experiment` once ``plan.out_dir`` is locked for this process."""
+    cfg, data, out = plan.cfg, plan.data, plan.out_dir
     partial = out / PARTIAL
     if plan.force:
         for name in (RESULTS, PARTIAL):
@@ -735,26 +775,32 @@ def run_experiment(
         log(f"resuming {out}: {len(done)} of {plan.total} records already finished with this config; "
             "skipping them")
 
+    def saved_count() -> int:
+        try:  # what is on disk, whichever instant the run stopped
+            return len(read_results(partial)["records"])
+        except ResultsError:
+            return 0
+
     def add(record: dict, new: bool) -> None:
         payload["records"].append(record)
         if new:
-            write_json_atomic(partial, payload)
+            with signals.saving():  # a signal now waits until the record is on disk
+                write_json_atomic(partial, payload)
             if on_record is not None:
                 on_record(record)
 
     try:
-        with _stop_on_signals():
-            _sweep_records(plan, cfg, data, progress, done, add, log)
+        _sweep_records(plan, cfg, data, progress, done, add, log)
+        payload["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        # not held: a signal here leaves the partial file whole, and a rerun completes it
+        write_json_atomic(out / RESULTS, payload)
+        partial.unlink(missing_ok=True)
     except RunInterrupted as err:
-        try:  # what is on disk, whichever instant the signal came
-            err.saved = len(read_results(partial)["records"])
-        except ResultsError:
-            err.saved = 0
-        err.partial = partial
+        err.saved, err.partial = saved_count(), partial
         raise
-    payload["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    write_json_atomic(out / RESULTS, payload)
-    partial.unlink(missing_ok=True)
+    except WriteError as err:
+        raise WriteError(err.errno, f"{err}; {saved_count()} finished record(s) are kept in {partial}; "
+                         "free space and run the same command again to resume") from None
     return jsonable(payload)
 
 

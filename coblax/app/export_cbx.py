@@ -19,7 +19,19 @@ from coblax.compress import quantize as Q
 from coblax.compress.cbx import CbxError, CbxSizeInfo, LeafCoding, read_cbx, write_cbx
 from coblax.compress.pipeline import needs_zero_code, walk_axes
 from coblax.compress.pipeline import kernel_path as pipeline_kernel_path
-from coblax.lowrank.export import CARRIED_DTYPES, FLOAT_DTYPES, CBX_FORMAT, Exported, export_header, exported_variables
+from coblax.lowrank.export import (
+    CARRIED_DTYPES,
+    CBX_FORMAT,
+    FLOAT_DTYPES,
+    Exported,
+    ExportError,
+    check_header,
+    check_layout,
+    device_leaves,
+    export_header,
+    exported_variables,
+    restore_dtypes,
+)
 from coblax.util import flatten_tree, to_numpy_tree, unflatten_tree
 
 __all__ = ["prune_and_share", "save_factored_cbx", "load_factored_cbx"]
@@ -153,13 +165,13 @@ def load_factored_cbx(path: str | os.PathLike, model: Any) -> Exported:
     sizes, header) and ValueError for a ``.cbx`` that is not a factored export.
     """
     tree, header = read_cbx(path)
-    if header.get("format") != CBX_FORMAT:
-        raise ValueError(f"{path}: format {header.get('format')!r}, expected {CBX_FORMAT!r}")
+    where = os.fspath(path)
     flat = flatten_tree(tree)
-    for leaf, dtype in header.get("dtypes", {}).items():
-        if leaf not in flat or dtype not in CARRIED_DTYPES:
-            raise CbxError(f"{path}: header restores leaf {leaf!r} to {dtype!r}; the file "
-                           f"has no such leaf or that is not one of {', '.join(CARRIED_DTYPES)}")
-        flat[leaf] = flat[leaf].astype(dtype)
-    variables = unflatten_tree({k: jnp.asarray(v) for k, v in flat.items()})
-    return Exported(model, variables, header["layers"], header["apply_kwargs"], header["meta"])
+    try:
+        check_header(header, where, CBX_FORMAT)
+        check_layout({k: (v.shape, v.dtype.name) for k, v in flat.items()}, header, where)
+        restore_dtypes(flat, header, where, CARRIED_DTYPES)
+    except ExportError as err:
+        raise CbxError(str(err)) from None
+    return Exported(model, unflatten_tree(device_leaves(flat)), header["layers"], header["apply_kwargs"],
+                    header["meta"])

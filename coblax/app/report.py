@@ -17,13 +17,13 @@ scheme, budget), layers are rows and methods columns (``coblax table RUN --ranks
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
-from coblax.util.errors import CoblaxError
+from coblax.util.errors import CoblaxError, FileLoadError
+from coblax.util.limits import parse_json
 
 __all__ = [
     "REQUIRED_KEYS",
@@ -86,9 +86,10 @@ def read_results(file: str | os.PathLike) -> dict[str, Any]:
     except OSError as err:
         raise ResultsError(f"{file}: cannot read ({err.strerror or err})") from None
     try:
-        data = json.loads(blob.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise ResultsError(f"{file}: not a valid results file ({err})") from None
+        data = parse_json(blob, file)
+    except FileLoadError as err:
+        reason = str(err).removeprefix(f"{file}: ")
+        raise ResultsError(f"{file}: not a valid results file ({reason})") from None
     if not isinstance(data, dict) or not isinstance(data.get("records"), list):
         raise ResultsError(f"{file}: expected a JSON object with a 'records' list")
     for i, rec in enumerate(data["records"]):
@@ -103,9 +104,42 @@ def read_results(file: str | os.PathLike) -> dict[str, Any]:
         seed = rec.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             bad.append("seed")
+        bad += _schema_problems(rec)
         if bad:
             raise ResultsError(f"{file}: record {i} has values of the wrong type for {', '.join(bad)}")
     return data
+
+
+def _is_rank_map(value: Any, allow_none: bool) -> bool:
+    """A {layer: rank} object with non-negative integer ranks."""
+    return isinstance(value, dict) and all(
+        (isinstance(r, int) and not isinstance(r, bool) and r >= 0) or (allow_none and r is None)
+        for r in value.values())
+
+
+def _schema_problems(rec: dict[str, Any]) -> list[str]:
+    """Fields of a record, beyond :data:`REQUIRED_KEYS`, whose type breaks the record schema.
+
+    ``ranks`` and ``full_ranks`` are {layer: int} objects (or null); ``status``,
+    ``error``, ``basis`` strings; accuracies within [0, 1]; ratios and budgets >= 0.
+    """
+    bad = []
+    for key in ("ranks", "full_ranks"):
+        if rec.get(key) is not None and not _is_rank_map(rec[key], key == "ranks"):
+            bad.append(key)
+    for key in ("status", "error", "basis", "spectrum", "failed_stage"):
+        if rec.get(key) is not None and not isinstance(rec[key], str):
+            bad.append(key)
+    for key in ("acc_before_finetune", "acc_after_finetune", "base_acc"):
+        if _is_number(rec.get(key)) and not 0.0 <= rec[key] <= 1.0:
+            bad.append(f"{key} (outside [0, 1])")
+    for key in ("budget_mac", "budget_param", "mac_ratio", "param_ratio"):
+        if _is_number(rec.get(key)) and rec[key] < 0:
+            bad.append(f"{key} (negative)")
+    if rec.get("original_layers") is not None and not (
+            isinstance(rec["original_layers"], list) and all(isinstance(x, str) for x in rec["original_layers"])):
+        bad.append("original_layers")
+    return bad
 
 
 def load_records(paths: Sequence[str]) -> list[dict[str, Any]]:

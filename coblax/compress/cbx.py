@@ -43,8 +43,9 @@ from typing import Any
 import numpy as np
 
 from coblax.util import flatten_tree, unflatten_tree, write_bytes_atomic
-from coblax.util.errors import CoblaxError
 from coblax.util.bits import ceil_bytes as _ceil8
+from coblax.util.errors import CoblaxError, FileLoadError
+from coblax.util.limits import parse_json
 from coblax.compress.encode import (
     BitReader,
     BitstreamError,
@@ -72,6 +73,7 @@ __all__ = [
     "read_cbx",
     "read_cbx_layout",
     "MAX_ELEMENTS",
+    "MAX_DECODED_BYTES",
 ]
 
 MAGIC = b"\x89CBX\r\n\x1a\n"  # PNG-style: catches 7-bit and newline-mangling transfers
@@ -95,6 +97,15 @@ _MAX_CODEBOOK = 1 << 16
 #: values = 1 GiB. Sparse coded leaves store no trailing zeros, so their declared
 #: shapes are not bounded by the file size; this limit is what bounds them.
 MAX_ELEMENTS = 1 << 28
+#: Most bytes the decoded leaves of one file may take together (each coded leaf as
+#: float32, each raw leaf in its dtype): 256 MiB. The element count alone let a
+#: 197 KB file of sparse leaves decode to 1 GiB and reach 2.4 GB of RSS in
+#: ``coblax evaluate``; this caps the real memory (measured in the README,
+#: "Resource caps").
+MAX_DECODED_BYTES = 1 << 28
+#: Entries read from a fixed-width stream per step: bounds the bit-unpacking
+#: temporary (8 bytes per bit) whatever the leaf's size.
+_READ_CHUNK = 1 << 20
 
 _DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
@@ -470,6 +481,15 @@ class _Cursor:
         return s.unpack(self.take(s.size))
 
 
+def _read_fixed(reader: BitReader, count: int, nbits: int) -> np.ndarray:
+    """``reader.read_array`` in chunks, so its per-bit temporary stays small."""
+    out = np.empty(count, dtype=np.int64)
+    for start in range(0, count, _READ_CHUNK):
+        stop = min(count, start + _READ_CHUNK)
+        out[start:stop] = reader.read_array(stop - start, nbits)
+    return out
+
+
 def _decode_leaf(name: str, shape, fields, axes, cb_cur: _Cursor, st_cur: _Cursor) -> np.ndarray:
     flags, b, width, k, nnz, n_entries, wbits, ibits = fields
     if sorted(axes) != list(range(len(shape))):
@@ -517,7 +537,7 @@ def _decode_leaf(name: str, shape, fields, axes, cb_cur: _Cursor, st_cur: _Curso
     if huff_w:
         symbols = huffman_decode(w_reader, w_lengths, n_entries)
     else:
-        symbols = w_reader.read_array(n_entries, width)
+        symbols = _read_fixed(w_reader, n_entries, width)
     if k:
         if symbols.size and symbols.max() >= k:
             raise CbxError(f"corrupt .cbx: leaf {name!r} has a weight code >= codebook size {k}")
@@ -528,7 +548,7 @@ def _decode_leaf(name: str, shape, fields, axes, cb_cur: _Cursor, st_cur: _Curso
         if huff_i:
             gaps = huffman_decode(i_reader, g_lengths, n_entries)
         else:
-            gaps = i_reader.read_array(n_entries, b)
+            gaps = _read_fixed(i_reader, n_entries, b)
         flat = relative_index_decode(gaps, values, numel)
     else:
         flat = values.astype(np.float32)
@@ -637,9 +657,9 @@ def _parse_meta(raw: bytes) -> dict[str, Any]:
     if not raw:
         return {}
     try:
-        meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise CbxError(f"corrupt .cbx: metadata is not UTF-8 JSON ({err})") from None
+        meta = parse_json(raw, "metadata")
+    except FileLoadError as err:
+        raise CbxError(f"corrupt .cbx: {err}") from None
     if not isinstance(meta, dict):
         raise CbxError("corrupt .cbx: metadata is not a JSON object")
     for key, (ok, what) in _META_TYPES.items():
@@ -651,7 +671,7 @@ def _parse_meta(raw: bytes) -> dict[str, Any]:
 def _parse_table(table: _Cursor, n_leaves: int, n_coded: int) -> list[tuple]:
     """(name, dtype, shape, coded fields or None, axes or None) of every table entry."""
     entries = []
-    total_elements = 0
+    total_elements = total_bytes = 0
     for _ in range(n_leaves):
         (name_len,) = table.unpack("<H")
         name = table.take(name_len).decode("utf-8")
@@ -664,6 +684,12 @@ def _parse_table(table: _Cursor, n_leaves: int, n_coded: int) -> list[tuple]:
             raise CbxError(
                 f"corrupt .cbx: leaf {name!r} of shape {tuple(shape)} takes the file beyond "
                 f"{MAX_ELEMENTS:,} elements (the reader's limit)"
+            )
+        total_bytes += math.prod(shape) * (4 if kind == _KIND_CODED else _numpy_dtype(dtype).itemsize)
+        if total_bytes > MAX_DECODED_BYTES:
+            raise CbxError(
+                f"corrupt .cbx: leaf {name!r} of shape {tuple(shape)} takes the decoded file beyond "
+                f"{MAX_DECODED_BYTES:,} bytes (the reader's limit)"
             )
         fields = axes = None
         if kind == _KIND_CODED:

@@ -57,6 +57,7 @@ from coblax.lowrank.spectra import allocator_spectrum, whitened_factors
 from coblax.lowrank.training import attach_trainer
 from coblax.nn.bn import check_batches
 from coblax.nn.bn import recalibrate_bn as _recalibrate
+from coblax.lowrank.validate import check_allocate_arguments, check_finetune_arguments
 from coblax.nn.train import fit
 from coblax.util.frozen import FrozenMap, frozen
 
@@ -266,6 +267,7 @@ def allocate(
     """
     if unexpected:
         raise _legacy_options_error(unexpected)
+    check_allocate_arguments(locals())  # coblax.lowrank.validate: ValueError naming the argument
     for label, value in (("mac", mac), ("param", param)):
         if not 0.0 < float(value) <= 1.0:
             raise ValueError(f"budget {label}={value!r} must be in (0, 1]")
@@ -373,6 +375,7 @@ def finetune(
     Returns the same result with the fine-tuned variables.
     """
     check_batches(recalibrate_bn)
+    check_finetune_arguments(locals())  # coblax.lowrank.validate
     state = tuple(k for k in result.variables if k not in ("params", "factors"))
     apply = functools.partial(result.apply_fn, **dict(train_kwargs or {}))
     variables = fit(apply, result.variables, x, y, epochs=epochs, batch_size=batch_size,

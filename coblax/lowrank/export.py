@@ -44,6 +44,9 @@ from coblax.lowrank.decompose import as_tuple as _as_tuple
 from coblax.lowrank.decompose import explicit_pads as _explicit_pads
 from coblax.lowrank.decompose import layer_key
 from coblax.util import flatten_tree, to_numpy_tree, unflatten_tree, write_bytes_atomic
+from coblax.util.errors import FileLoadError
+from coblax.util.limits import parse_json
+from coblax.util.npz import MAX_NPZ_BYTES, NpyEntry, read_npz
 from coblax.util.size import SizeRecord
 
 __all__ = [
@@ -56,6 +59,8 @@ __all__ = [
     "export_header",
     "FLOAT_DTYPES",
     "CARRIED_DTYPES",
+    "ExportError",
+    "check_header",
 ]
 
 FORMAT = "coblax-factored-1"
@@ -64,6 +69,13 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 # dtypes carried as float64 in a .cbx (exactly) and restored when loading
 CARRIED_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 _HEADER = "__coblax__"
+_MAX_HEADER_BYTES = 16 << 20
+# a dense layer's scheme is not used (it may carry the rule's scheme name)
+_KINDS = {"dense": ("dense", "zhang", "tai"), "conv": ("zhang", "tai")}
+
+
+class ExportError(FileLoadError):
+    """An export file (``.npz`` or ``.cbx``) that is damaged or does not fit the model."""
 
 
 def exported_variables(variables: Mapping[str, Any]) -> dict:
@@ -94,6 +106,13 @@ def save_factored(path: str | os.PathLike, result: Any, *, variables: Any = None
     variables = result.variables if variables is None else variables
     header = export_header(result, meta, FORMAT)
     arrays = flatten_tree(to_numpy_tree(exported_variables(variables)))
+    # NumPy's .npy has no bfloat16: it would store raw 2-byte voids that load back as
+    # |V2. Store the bits as uint16 and name the dtype in the header (exact round trip).
+    bits = {k: "bfloat16" for k, v in arrays.items() if v.dtype.name == "bfloat16"}
+    for k in bits:
+        arrays[k] = arrays[k].view(np.uint16)
+    if bits:
+        header["dtypes"] = bits
     arrays[_HEADER] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -164,17 +183,167 @@ class Exported:
         return self.apply_fn(variables, x, **self.apply_kwargs)
 
 
-def load_factored(path: str | os.PathLike, model: Any) -> Exported:
+def check_header(header: Any, where: str, fmt: str) -> dict:
+    """The export header's fields, their types checked; :class:`ExportError` naming the field."""
+    if not isinstance(header, dict):
+        raise ExportError(f"{where}: header is a JSON {type(header).__name__}, expected an object")
+    if header.get("format") != fmt:
+        raise ExportError(f"{where}: header field 'format' is {header.get('format')!r}, expected {fmt!r}")
+    for key in ("layers", "apply_kwargs", "meta"):
+        if not isinstance(header.get(key), dict):
+            got = "missing" if key not in header else f"a {type(header[key]).__name__}"
+            raise ExportError(f"{where}: header field {key!r} is {got}, expected an object")
+    for name, spec in header["layers"].items():
+        ok = (isinstance(spec, dict) and spec.get("kind") in _KINDS
+              and spec.get("scheme") in _KINDS.get(spec.get("kind"), ()))
+        if not ok:
+            raise ExportError(f"{where}: header field 'layers.{name}' must be {{kind: dense}} "
+                              f"or {{kind: conv, scheme: zhang|tai}}, got {spec!r:.80}")
+    dtypes = header.get("dtypes", {})
+    if not isinstance(dtypes, dict) or not all(isinstance(v, str) for v in dtypes.values()):
+        raise ExportError(f"{where}: header field 'dtypes' must map leaf paths to dtype names")
+    return header
+
+
+def check_layout(layout: Mapping[str, tuple[tuple[int, ...], str]], header: dict, where: str,
+                 expected: Mapping[str, tuple[tuple[int, ...], str]] | None = None) -> None:
+    """Every array fits the header's declared layers, and the model when ``expected`` is known.
+
+    ``layout`` and ``expected`` map leaf paths (``params/fc1/bias``) to (shape, dtype).
+    A factored layer ``P`` needs ``params/P/first/kernel`` and ``params/P/second/kernel``
+    of matching rank (dense ``(I, r), (r, O)``; conv 4-D); with ``expected`` (the
+    model's own variables, from ``jax.eval_shape``) every other leaf must have the
+    model's shape and the factored kernels its outer dimensions.
+    """
+    def field(key: str) -> tuple[tuple[int, ...], str]:
+        if key not in layout:
+            raise ExportError(f"{where}: array {key!r} is missing (header layer needs it)")
+        return layout[key]
+
+    factored = set()
+    for name, spec in header["layers"].items():
+        (k1, _), (k2, _) = field(f"params/{name}/first/kernel"), field(f"params/{name}/second/kernel")
+        ndim = 2 if spec["kind"] == "dense" else 4
+        if len(k1) != ndim or len(k2) != ndim or k1[-1] != k2[-2] or k1[-1] < 1:
+            raise ExportError(f"{where}: arrays 'params/{name}/first|second/kernel' have shapes {k1}, {k2}; "
+                              f"a factored {spec['kind']} layer needs two {ndim}-D kernels of one rank")
+        factored |= {f"params/{name}/first/kernel", f"params/{name}/second/kernel"}
+        if expected is not None:
+            want = expected.get(f"params/{name}/kernel")
+            if want is None:
+                raise ExportError(f"{where}: header field 'layers' names {name!r}, which the model has no "
+                                  "kernel for")
+            full = want[0]
+            outer = (k1[0], k2[-1]) if ndim == 2 else (k1[0], k1[2], k2[-1])
+            need = (full[0], full[-1]) if ndim == 2 else (full[0], full[2], full[-1])
+            if outer != need:
+                raise ExportError(f"{where}: factored layer {name!r} has outer dimensions {outer}, the model's "
+                                  f"kernel {full}")
+    if expected is None:
+        return
+    for key, (shape, dtype) in layout.items():
+        if key in factored:
+            continue
+        want = expected.get(key)
+        if want is None:
+            raise ExportError(f"{where}: array {key!r} is not a variable of the model")
+        if tuple(want[0]) != tuple(shape):
+            raise ExportError(f"{where}: array {key!r} has shape {tuple(shape)}, the model's is {tuple(want[0])}")
+    kernels = {f"params/{n}/kernel" for n in header["layers"]}
+    missing = sorted(k for k in expected if k not in layout and k not in kernels)
+    if missing:
+        raise ExportError(f"{where}: array {missing[0]!r} of the model is missing"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def model_layout(model: Any, example: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """leaf path -> (shape, dtype) of ``model.init`` on ``example`` (computed abstractly)."""
+    import jax
+
+    x = example if isinstance(example, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
+        tuple(np.shape(example)), jnp.asarray(example).dtype)
+    tree = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+    return {"/".join(str(getattr(p, "key", p)) for p in path): (tuple(leaf.shape), str(leaf.dtype))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def restore_dtypes(flat: dict[str, np.ndarray], header: dict, where: str, allowed: tuple[str, ...]) -> None:
+    """Leaves the header's ``dtypes`` names turned back to that dtype, in place (exactly)."""
+    for leaf, dtype in header.get("dtypes", {}).items():
+        if leaf not in flat or dtype not in allowed:
+            raise ExportError(f"{where}: header field 'dtypes' restores leaf {leaf!r} to {dtype!r}; the file "
+                              f"has no such leaf or that is not one of {', '.join(allowed)}")
+        if dtype == "bfloat16":
+            import ml_dtypes
+
+            if flat[leaf].dtype != np.uint16:
+                raise ExportError(f"{where}: bfloat16 leaf {leaf!r} is stored as {flat[leaf].dtype}, not uint16")
+            flat[leaf] = flat[leaf].view(ml_dtypes.bfloat16)
+        else:
+            flat[leaf] = flat[leaf].astype(dtype)
+
+
+def load_factored(path: str | os.PathLike, model: Any, *, example: Any = None,
+                  max_bytes: int = MAX_NPZ_BYTES) -> Exported:
     """Read a file written by :func:`save_factored` and rebuild the network.
 
     ``model`` is the same Flax model definition that was compressed (its code
     unchanged); nothing else of the original is needed.
+
+    Nothing is inflated before it is checked: the zip directory's declared sizes
+    and each ``.npy`` header against ``max_bytes`` (:mod:`coblax.util.npz`), the
+    JSON header against the JSON caps (:mod:`coblax.util.limits`) and its fields,
+    then every array's shape against the header's factored layers and, when
+    ``example`` (an input batch or ``jax.ShapeDtypeStruct``) is given, against the
+    model's own variables.
+
+    Raises:
+      ExportError: (a ``CoblaxError`` and ``ValueError``) naming the file and the
+        field for a missing, damaged, oversized or mismatched file.
     """
-    with np.load(path, allow_pickle=False) as data:
-        if _HEADER not in data.files:
-            raise ValueError(f"{path}: not a coblax factored export (no {_HEADER} header)")
-        header = json.loads(bytes(data[_HEADER]).decode("utf-8"))
-        flat = {k: jnp.asarray(data[k]) for k in data.files if k != _HEADER}
-    if header.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
-    return Exported(model, unflatten_tree(flat), header["layers"], header["apply_kwargs"], header["meta"])
+    where = os.fspath(path)
+    if str(where).endswith(".cbx"):
+        raise ExportError(f"{where}: a .cbx file; read it with coblax.app.export_cbx.load_factored_cbx")
+    expected = None if example is None else model_layout(model, example)
+    header: dict = {}
+
+    def check(layout: dict[str, NpyEntry]) -> None:
+        entry = layout.get(_HEADER)
+        if entry is None:
+            raise ExportError(f"{where}: not a coblax factored export (no {_HEADER} header)")
+        if entry.dtype != np.uint8 or len(entry.shape) != 1 or entry.nbytes > _MAX_HEADER_BYTES:
+            raise ExportError(f"{where}: member {_HEADER!r} is {entry.shape} {entry.dtype}, expected "
+                              f"UTF-8 JSON bytes of at most {_MAX_HEADER_BYTES:,}")
+        raw = read_npz(path, lambda lay: None, max_bytes=max_bytes, only=(_HEADER,))[_HEADER]
+        header.update(check_header(parse_json(raw.tobytes(), f"{where}: header"), where, FORMAT))
+        shapes = {k: (e.shape, e.dtype.name) for k, e in layout.items() if k != _HEADER}
+        for leaf, dtype in header.get("dtypes", {}).items():
+            if leaf in shapes:
+                shapes[leaf] = (shapes[leaf][0], dtype)
+        check_layout(shapes, header, where, expected)
+
+    flat = read_npz(path, check, max_bytes=max_bytes)
+    flat.pop(_HEADER)
+    restore_dtypes(flat, header, where, ("bfloat16",))
+    return Exported(model, unflatten_tree(device_leaves(flat)), header["layers"], header["apply_kwargs"],
+                    header["meta"])
+
+
+def device_leaves(flat: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Leaves as JAX arrays, except those JAX would change: they stay exact NumPy arrays.
+
+    With 64-bit JAX off (the default) ``jnp.asarray`` silently turns int64/uint64/
+    float64 into 32 bits; a loaded file must give back what was saved, so such a
+    leaf is kept as a NumPy array of its own dtype (JAX converts it only where the
+    network computes with it). ``flat`` is emptied leaf by leaf, so that each NumPy
+    buffer can be freed once its copy exists (peak: the arrays once, plus one leaf).
+    """
+    import jax
+
+    out: dict[str, Any] = {}
+    for key in list(flat):
+        value = flat.pop(key)
+        same = jax.dtypes.canonicalize_dtype(value.dtype) == value.dtype
+        out[key] = jnp.asarray(value) if same else np.asarray(value)
+        del value
+    return out

@@ -12,11 +12,20 @@ where they did before, so existing ``except ValueError`` code keeps working.
 
 from __future__ import annotations
 
-__all__ = ["CoblaxError", "NumericalError", "RunInterrupted"]
+__all__ = ["CoblaxError", "FileLoadError", "NumericalError", "RunInterrupted"]
 
 
 class CoblaxError(Exception):
     """Base of every error caused by input (config, arguments, files), not by a bug."""
+
+
+class FileLoadError(CoblaxError, ValueError):
+    """A file coblax reads is damaged, too large or not what it should be.
+
+    The message names the file and the field (JSON key, array name, zip member)
+    at fault. Raised by the bounded readers of :mod:`coblax.util.limits` and
+    :mod:`coblax.util.npz` before anything large is allocated.
+    """
 
 
 class NumericalError(CoblaxError, ArithmeticError):
