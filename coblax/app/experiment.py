@@ -364,7 +364,7 @@ def run_method(
     if spectrum != cfg.decompose.spectrum:  # an allocator defined on its own spectrum (BALF: whitened)
         own = dataclasses.replace(cfg, decompose=dataclasses.replace(cfg.decompose, spectrum=spectrum))
         scheme = next(iter(full.values())).scheme
-        full = decompose_layers(own, base, [l for l in traced if l.name in full], scheme, _split(data, cfg)[0][0])
+        full = decompose_layers(own, base, [l for l in traced if l.name in full], scheme, split_objective_data(data, cfg)[0][0])
         net = network_cost(traced, base.params, {n: np.asarray(f.sigma) for n, f in full.items()}, scheme)
     problem = make_problem(net, budget[0], budget[1], cfg.budgets.basis, min_rank=cfg.budgets.min_rank,
                            loss=None if loss is None else _FiniteLoss(loss), seed=cfg.seed)
