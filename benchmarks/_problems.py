@@ -8,18 +8,23 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from coblax.app import experiment
 from coblax.app.config import load_run_config
 from coblax.app.experiment import (
     decomposable_layers,
     decompose_layers,
     default_cache_dir,
-    split_objective_data,
     train_base_model,
 )
 from coblax.lowrank.costs import make_problem, network_cost
 from coblax.lowrank.decompose import trace_layers
 from coblax.lowrank.objective import NetworkLoss
 from coblax.nn.data import load_dataset
+
+try:
+    from coblax.app.experiment import split_objective_data
+except ImportError:  # a commit from before issue 20 (bench_cobla.py --against) has it under its old name
+    split_objective_data = getattr(experiment, "_split")  # noqa: B009
 
 
 def build(config: str, model: str, scheme: str, budget: tuple[float, float], seed: int | None = None,

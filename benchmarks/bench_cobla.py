@@ -202,7 +202,7 @@ def rounding_at_vgg_size() -> float:
     widths = [3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
     rng = np.random.default_rng(0)
     layers = []
-    for i, (c, n) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (c, n) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         r = min(3 * c, 3 * n)
         hw = (32 >> min(i // 2, 4)) ** 2
         layers.append(LayerCost(f"conv{i}", "conv", (3 * c, 3 * n), np.sort(rng.gamma(2.0, size=r))[::-1],
