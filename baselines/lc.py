@@ -46,8 +46,8 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 import numpy as np
-from coblax.baselines._budget import check_floor, clip_ranks, cost_ratios
 
+from coblax.baselines._budget import check_floor, clip_ranks, cost_ratios
 from coblax.lowrank.allocation import Allocation, AllocationProblem, LayerCost, is_feasible
 
 __all__ = ["LC", "c_step", "c_step_rank", "tail_energies"]

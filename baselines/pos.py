@@ -49,12 +49,11 @@ References:
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
-
 import dataclasses
 import logging
 import math
+import os
+import sys
 from collections.abc import Mapping
 from typing import ClassVar
 

@@ -43,7 +43,7 @@ def main() -> None:
     params = model.init(jax.random.key(0), jnp.asarray(x[:1]))
     times: dict[str, list[float]] = {"baked": [], "argument": []}
     for call in range(args.calls):
-        weights = jax.tree.map(lambda a: a * (1.0 + 0.01 * call), params)  # new values, same shapes
+        weights = jax.tree.map(lambda a, c=call: a * (1.0 + 0.01 * c), params)  # new values, same shapes
         for name, fn in (("baked", _baked), ("argument", T.predict)):
             start = time.perf_counter()
             fn(model.apply, weights, x)

@@ -26,8 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from coblax.app.config import load_run_config
-from coblax.app.experiment import (decomposable_layers, decompose_layers, default_cache_dir, finetune_factored,
-                                   train_base_model)
+from coblax.app.experiment import (
+    decomposable_layers,
+    decompose_layers,
+    default_cache_dir,
+    finetune_factored,
+    train_base_model,
+)
 from coblax.app.report import load_records
 from coblax.lowrank.decompose import trace_layers, truncate
 from coblax.nn.data import load_dataset

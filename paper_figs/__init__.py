@@ -8,9 +8,21 @@ results hold nothing for it, and the command line then draws the others.
 from pathlib import Path
 
 from paper_figs._common import MissingRecords, failed_records, load_results, safe_name
-from paper_figs.accuracy_vs_budget import accuracy_vs_budget, rank_bars, relaxed_vs_rounded, sqp_convergence
-from paper_figs.studies import (bits_accuracy, kd_temperature, obd_vs_magnitude, pruning, small_arch, svd_fc,
-                               weight_histogram)
+from paper_figs.accuracy_vs_budget import (
+    accuracy_vs_budget,
+    rank_bars,
+    relaxed_vs_rounded,
+    sqp_convergence,
+)
+from paper_figs.studies import (
+    bits_accuracy,
+    kd_temperature,
+    obd_vs_magnitude,
+    pruning,
+    small_arch,
+    svd_fc,
+    weight_histogram,
+)
 
 FIGURES = {
     "accuracy_vs_budget": accuracy_vs_budget,

@@ -19,7 +19,16 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from paper_figs._common import (  # noqa: E402
-    HATCHES, MissingRecords, label_axes, mean_std, plt, run_records, save, slug, style)
+    HATCHES,
+    MissingRecords,
+    label_axes,
+    mean_std,
+    plt,
+    run_records,
+    save,
+    slug,
+    style,
+)
 
 __all__ = ["accuracy_vs_budget", "rank_bars", "sqp_convergence", "relaxed_vs_rounded"]
 

@@ -9,7 +9,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coblax.lowrank.allocation import Allocation, AllocationProblem, BudgetError, LayerCost, is_feasible
+from coblax.lowrank.allocation import (
+    Allocation,
+    AllocationProblem,
+    BudgetError,
+    LayerCost,
+    is_feasible,
+)
 from coblax.lowrank.registry import allocator_names, get_allocator
 
 NEEDS_LOSS = {"cobla"}  # allocators that need problem.loss (a network to evaluate)

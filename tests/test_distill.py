@@ -47,7 +47,7 @@ def test_soft_gradient_is_t_times_prob_difference():
     s, v = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
     y = np.zeros(4, np.int32)
     for t in (1.0, 3.0, 10.0):
-        g = jax.grad(lambda z: distill_loss(z, jnp.asarray(v), y, t, 1.0))(jnp.asarray(s))
+        g = jax.grad(lambda z, t=t: distill_loss(z, jnp.asarray(v), y, t, 1.0))(jnp.asarray(s))
         want = t * (_np_softmax(s, t) - _np_softmax(v, t)) / len(s)
         np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-7)
 
@@ -61,7 +61,7 @@ def test_t_squared_keeps_soft_gradient_scale():
     limit = (s - v) / s.shape[-1]
     norms = []
     for t in (20.0, 50.0, 200.0):
-        g = np.asarray(jax.grad(lambda z: distill_loss(z, jnp.asarray(v), np.zeros(1, np.int32), t, 1.0))(
+        g = np.asarray(jax.grad(lambda z, t=t: distill_loss(z, jnp.asarray(v), np.zeros(1, np.int32), t, 1.0))(
             jnp.asarray(s)))
         np.testing.assert_allclose(g, limit, atol=0.1 * np.abs(limit).max() * 20 / t)
         norms.append(np.linalg.norm(g))

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from coblax import allocate, load_factored, save_factored
-from coblax.compress.cbx import CbxError
 from coblax.app.export_cbx import load_factored_cbx, prune_and_share, save_factored_cbx
+from coblax.compress.cbx import CbxError
 from coblax.lowrank.export import Exported
 from coblax.nn.data import load_dataset
 from coblax.nn.train import evaluate, fit

@@ -20,9 +20,17 @@ import numpy as np
 import pytest
 
 from coblax.app.cli import main
-from coblax.compress.cbx import HEADER_BYTES, MAX_ELEMENTS, CbxError, LeafCoding, decode_cbx, encode_cbx
+from coblax.compress.cbx import (
+    HEADER_BYTES,
+    MAX_ELEMENTS,
+    CbxError,
+    LeafCoding,
+    decode_cbx,
+    encode_cbx,
+)
 from coblax.util.errors import CoblaxError
 from helpers import tiny_run_config
+
 
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
@@ -334,7 +342,7 @@ def _recrc(body: bytes | bytearray) -> bytes:
 
 def _table_entries(data: bytes):
     """(offset of the dims, ndim, coded fields offset or None) of each table entry."""
-    n_leaves, meta_len, table_len = struct.unpack_from("<I", data, 12)[0], *struct.unpack_from("<II", data, 20)
+    n_leaves, meta_len, _table_len = struct.unpack_from("<I", data, 12)[0], *struct.unpack_from("<II", data, 20)
     pos, out = HEADER_BYTES + meta_len, []
     for _ in range(n_leaves):
         (name_len,) = struct.unpack_from("<H", data, pos)

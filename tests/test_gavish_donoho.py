@@ -30,7 +30,7 @@ def test_omega_close_to_the_cubic_fit():
 def test_mp_median_splits_the_mass():
     for beta in (0.1, 0.5, 1.0):
         a, b = (1 - math.sqrt(beta)) ** 2, (1 + math.sqrt(beta)) ** 2
-        def dens(t):
+        def dens(t, a=a, b=b, beta=beta):
             return math.sqrt(max((b - t) * (t - a), 0.0)) / (2 * math.pi * beta * t)
         assert quad(dens, a, b, limit=200)[0] == pytest.approx(1.0, abs=1e-6)
         assert quad(dens, a, mp_median(beta), limit=200)[0] == pytest.approx(0.5, abs=1e-8)

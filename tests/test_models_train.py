@@ -62,8 +62,8 @@ def test_fit_is_deterministic_and_learns(tmp_path):
 
 def test_base_model_is_cached_and_reused(tmp_path):
     from coblax.app.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-    from coblax.nn.data import load_dataset
     from coblax.app.experiment import train_base_model
+    from coblax.nn.data import load_dataset
 
     cfg = RunConfig(data=DataConfig(limit_train=200), train=TrainConfig(epochs=1))
     data = load_dataset("digits", limit_train=200)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from coblax.lowrank.decompose import factorize, get_kernel, trace_layers
-from coblax.nn.models import build_model
 from coblax.lowrank.objective import NetworkLoss
+from coblax.nn.models import build_model
 
 
 def _oracle(dtype, scheme="tai", name="small_cnn"):

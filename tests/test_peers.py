@@ -4,10 +4,10 @@ import itertools
 
 import numpy as np
 import pytest
+
 from coblax.baselines.alds import ALDS, alds_ranks, max_relative_error, relative_errors
 from coblax.baselines.balf import BALF, balf_objective, combined_cost, lagrangian_ranks
 from coblax.baselines.lc import LC, c_step, c_step_rank
-
 from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, is_feasible
 from coblax.lowrank.registry import get_allocator
 

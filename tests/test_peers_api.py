@@ -46,7 +46,6 @@ def test_recalibrate_bn_must_be_a_batch_count(bad):
 def test_balf_allocates_on_the_whitened_spectrum():
     """BALF's ranks through allocate are BALF on the whitened singular values."""
     from coblax.baselines.balf import BALF
-
     from coblax.lowrank.costs import make_problem, network_cost
 
     model, _, variables, data = _trained()

@@ -18,7 +18,13 @@ from coblax.baselines.pos import (
     pos_objective,
     pos_relaxation_bound,
 )
-from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, has_room, is_feasible
+from coblax.lowrank.allocation import (
+    AllocationProblem,
+    BudgetError,
+    LayerCost,
+    has_room,
+    is_feasible,
+)
 
 
 def layer(name, sigma2, per_rank, original):

@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, has_room, is_feasible, ranks_cost
+from coblax.lowrank.allocation import (
+    AllocationProblem,
+    BudgetError,
+    LayerCost,
+    has_room,
+    is_feasible,
+    ranks_cost,
+)
 from coblax.lowrank.rounding import masks_for_ranks, round_masks
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tiny_run_config
 from test_faults import _recrc, _table_entries, _user_error
 
 from coblax.compress.cbx import MAX_DECODED_BYTES, MAX_ELEMENTS, LeafCoding, encode_cbx
+from helpers import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 _REC = {"model": "m", "method": "uniform", "scheme": "tai", "budget_mac": 0.5, "budget_param": 0.5,

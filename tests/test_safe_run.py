@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import tiny_run_config
 
 from coblax.app.cli import main
 from coblax.util.io import remove_stale_temporaries, write_bytes_atomic
 from coblax.util.runlock import LOCK_NAME
+from helpers import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 

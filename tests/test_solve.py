@@ -137,7 +137,7 @@ def test_solve_with_variable_reduction(method):
     x0[:8], x0[20:26] = 1.0, 1.0  # a feasible 0/1 warm start in two layers of 20
     assert np.all(A @ x0 <= b)
     res = solve(f, x0, A, b, method=method, groups=[20, 20], window=5, max_iter=300, tol=1e-10, rtol=1e-12)
-    assert res.n_free == 20 and f"20 of 40 variables free" in res.message
+    assert res.n_free == 20 and "20 of 40 variables free" in res.message
     free, on = reduce_window(x0, [20, 20], 5)
     np.testing.assert_array_equal(res.x[on], 1.0)
     np.testing.assert_array_equal(res.x[~free & ~on], 0.0)

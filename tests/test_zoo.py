@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 from coblax.lowrank.costs import count_params
-from coblax.lowrank.decompose import SCHEMES, factored_apply, factorize, get_kernel, masked_scales, trace_layers
-from coblax.nn.models import MOBILENET_V1_BLOCKS, MobileNetV1, ResNet20, VGG16BN
+from coblax.lowrank.decompose import (
+    SCHEMES,
+    factored_apply,
+    factorize,
+    get_kernel,
+    masked_scales,
+    trace_layers,
+)
+from coblax.nn.models import MOBILENET_V1_BLOCKS, VGG16BN, MobileNetV1, ResNet20
 
 X32 = jnp.zeros((1, 32, 32, 3), jnp.float32)
 

@@ -21,7 +21,7 @@ import collections.abc
 import dataclasses
 import inspect
 import math
-import sys
+import tomllib
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -29,11 +29,6 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from coblax.util.errors import CoblaxError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = [
     "ConfigError",

@@ -52,8 +52,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coblax.nn import train as T
-from coblax.lowrank.allocation import Allocation, BudgetError, has_room, is_feasible
 from coblax.app.config import (
     INT_MAX,
     ConfigError,
@@ -64,8 +62,8 @@ from coblax.app.config import (
     read_config_text,
 )
 from coblax.app.report import ResultsError, read_results
+from coblax.lowrank.allocation import Allocation, BudgetError, has_room, is_feasible
 from coblax.lowrank.costs import NetworkCost, make_problem, network_cost
-from coblax.nn.data import Dataset, DataError, load_dataset
 from coblax.lowrank.decompose import (
     Factors,
     apply_fn_for,
@@ -76,12 +74,14 @@ from coblax.lowrank.decompose import (
     trace_layers,
 )
 from coblax.lowrank.factored import factored_variables, truncate_allocation
-from coblax.nn.models import build_model, training_options
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.registry import get_allocator
 from coblax.lowrank.spectra import allocator_spectrum
 from coblax.lowrank.training import attach_trainer
+from coblax.nn import train as T
 from coblax.nn.bn import recalibrate_bn
+from coblax.nn.data import DataError, Dataset, load_dataset
+from coblax.nn.models import build_model, training_options
 from coblax.util import jsonable, write_json_atomic
 from coblax.util.errors import NumericalError, RunInterrupted
 from coblax.util.io import WriteError, remove_stale_temporaries

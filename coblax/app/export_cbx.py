@@ -11,14 +11,13 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from coblax.compress import prune as P
 from coblax.compress import quantize as Q
 from coblax.compress.cbx import CbxError, CbxSizeInfo, LeafCoding, read_cbx, write_cbx
-from coblax.compress.pipeline import needs_zero_code, walk_axes
 from coblax.compress.pipeline import kernel_path as pipeline_kernel_path
+from coblax.compress.pipeline import needs_zero_code, walk_axes
 from coblax.lowrank.export import (
     CARRIED_DTYPES,
     CBX_FORMAT,

@@ -71,19 +71,26 @@ from coblax.app.experiment import (
     writable_problem,
 )
 from coblax.app.report import ResultsError
-from coblax.util.errors import RunInterrupted
-from coblax.util.runlock import run_lock
 from coblax.compress import prune as P
 from coblax.compress import quantize as Q
 from coblax.compress.transforms import keep_pruned
 from coblax.lowrank.costs import count_params as _n_params
-from coblax.lowrank.decompose import factored_apply, factorize, get_kernel, layer_key, trace_layers, truncate
+from coblax.lowrank.decompose import (
+    factored_apply,
+    factorize,
+    get_kernel,
+    layer_key,
+    trace_layers,
+    truncate,
+)
 from coblax.nn import train as T
 from coblax.nn.data import Dataset, load_dataset
 from coblax.nn.distill import distill, softmax_t
 from coblax.nn.models import MODEL_NAMES, build_model
 from coblax.nn.small import BLOCKS, BlockNet, FireNet, block_net_cost, fire_net_cost
 from coblax.util import write_json_atomic
+from coblax.util.errors import RunInterrupted
+from coblax.util.runlock import run_lock
 
 __all__ = [
     "STUDIES",

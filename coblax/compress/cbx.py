@@ -42,10 +42,6 @@ from typing import Any
 
 import numpy as np
 
-from coblax.util import flatten_tree, unflatten_tree, write_bytes_atomic
-from coblax.util.bits import ceil_bytes as _ceil8
-from coblax.util.errors import CoblaxError, FileLoadError
-from coblax.util.limits import parse_json
 from coblax.compress.encode import (
     BitReader,
     BitstreamError,
@@ -57,6 +53,10 @@ from coblax.compress.encode import (
     relative_index_decode,
     relative_index_encode,
 )
+from coblax.util import flatten_tree, unflatten_tree, write_bytes_atomic
+from coblax.util.bits import ceil_bytes as _ceil8
+from coblax.util.errors import CoblaxError, FileLoadError
+from coblax.util.limits import parse_json
 
 __all__ = [
     "MAGIC",

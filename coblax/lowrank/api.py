@@ -55,9 +55,9 @@ from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.registry import get_allocator
 from coblax.lowrank.spectra import allocator_spectrum, whitened_factors
 from coblax.lowrank.training import attach_trainer
+from coblax.lowrank.validate import check_allocate_arguments, check_finetune_arguments
 from coblax.nn.bn import check_batches
 from coblax.nn.bn import recalibrate_bn as _recalibrate
-from coblax.lowrank.validate import check_allocate_arguments, check_finetune_arguments
 from coblax.nn.train import fit
 from coblax.util.frozen import FrozenMap, frozen
 

@@ -241,7 +241,7 @@ def check_layout(layout: Mapping[str, tuple[tuple[int, ...], str]], header: dict
                                   f"kernel {full}")
     if expected is None:
         return
-    for key, (shape, dtype) in layout.items():
+    for key, (shape, _dtype) in layout.items():
         if key in factored:
             continue
         want = expected.get(key)

@@ -117,7 +117,7 @@ class FeasibleSet:
             neg = s < 0
             t_cap = float(np.min(lam[neg] / -s[neg])) if np.any(neg) else np.inf
 
-            def slope(t):
+            def slope(t, lam=lam, s=s):
                 out = evaluate(np.maximum(lam + t * s, 0.0))
                 return float(out[2] @ s), out
 

@@ -31,7 +31,13 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from coblax.util import flatten_tree, to_numpy_tree, unflatten_tree, write_bytes_atomic, write_json_atomic
+from coblax.util import (
+    flatten_tree,
+    to_numpy_tree,
+    unflatten_tree,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from coblax.util.errors import CoblaxError, NumericalError
 
 __all__ = [
