@@ -656,6 +656,7 @@ def run_experiment(
     plan: RunPlan | None = None,
     force: bool = False,
     log: Callable[[str], None] | None = None,
+    sweep: Callable[..., None] | None = None,
 ) -> dict:
     """Run every model x scheme x budget x method; write ``out_dir/results.json``.
 
@@ -667,6 +668,8 @@ def run_experiment(
     Args:
       plan: a plan from :func:`plan_run` (else one is made from ``cfg``).
       log: where notes go (resumed records, cache repairs); default stderr.
+      sweep: runs the records instead of the serial loop, e.g. in parallel
+        (:class:`coblax.app.sweep.ParallelSweep`); same arguments as ``_sweep_records``.
     Raises:
       ConfigError: anything :func:`plan_from_config` finds.
       RunInterrupted: SIGINT / SIGTERM (after saving every finished record).
@@ -716,7 +719,7 @@ def run_experiment(
 
     try:
         with _stop_on_signals():
-            _sweep_records(plan, cfg, data, progress, done, add, log)
+            (sweep or _sweep_records)(plan, cfg, data, progress, done, add, log)
     except RunInterrupted as err:
         try:  # what is on disk, whichever instant the signal came
             err.saved = len(read_results(partial)["records"])
@@ -724,6 +727,9 @@ def run_experiment(
             err.saved = 0
         err.partial = partial
         raise
+    if sweep is not None:  # parallel records finish out of order
+        from coblax.app.sweep import in_serial_order
+        payload["records"] = in_serial_order(cfg, payload["records"])
     payload["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json_atomic(out / RESULTS, payload)
     partial.unlink(missing_ok=True)
