@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coblax.nn import train as T
+from coblax.nn.compiles import compile_stats
 from coblax.lowrank.allocation import Allocation, BudgetError, has_room, is_feasible
 from coblax.app.config import (
     INT_MAX,
@@ -93,7 +94,7 @@ __all__ = [
 RESULTS = "results.json"
 PARTIAL = "results.partial.json"
 #: Record fields that legitimately differ between two runs of the same config.
-VOLATILE_KEYS = ("solve_seconds", "finetune_seconds", "base_cached")
+VOLATILE_KEYS = ("solve_seconds", "finetune_seconds", "base_cached", "compiles", "compile_seconds")
 
 
 def versions() -> dict[str, str]:
@@ -305,8 +306,8 @@ def finetune_factored(cfg: RunConfig, base: BaseModel, data: Dataset, kept: dict
     acc_before = T.evaluate(apply, variables, data.x_test, data.y_test)
     start = time.perf_counter()
     train_kw, fit_kw = training_options(base.model, variables)
-    variables = T.fit(
-        functools.partial(apply, **train_kw), variables, data.x_train, data.y_train,
+    variables = T.fit(  # an apply_fn_for value, not a partial: the compiled step is reused (issue 19)
+        apply_fn_for(base.model, kept, **train_kw), variables, data.x_train, data.y_train,
         epochs=cfg.finetune.epochs, batch_size=cfg.finetune.batch_size,
         learning_rate=cfg.finetune.learning_rate, optimizer=cfg.finetune.optimizer,
         seed=cfg.seed + 1, desc=desc, progress=progress, **fit_kw,
@@ -328,6 +329,7 @@ def run_method(
     progress: bool,
 ) -> dict:
     """One (model, scheme, budget, method) record."""
+    compiled_before = compile_stats()  # compiles and their seconds in this record: issue 19
     options = dict(cfg.method_options.get(method, {}))
     if method == "cobla":
         defaults = {k: getattr(cfg.cobla, k) for k in COBLA_KEYS}
@@ -370,6 +372,8 @@ def run_method(
         "solver_iterations": stats.pop("solver_iterations", None),
         "solve_seconds": solve_seconds,
         "finetune_seconds": finetune_seconds,
+        "compiles": compile_stats()[0] - compiled_before[0],
+        "compile_seconds": compile_stats()[1] - compiled_before[1],
         "diagnostics": jsonable(stats),
     }
 
@@ -730,6 +734,7 @@ def run_experiment(
     if sweep is not None:  # parallel records finish out of order
         from coblax.app.sweep import in_serial_order
         payload["records"] = in_serial_order(cfg, payload["records"])
+    payload["compile_seconds"] = sum(r.get("compile_seconds") or 0.0 for r in payload["records"])
     payload["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json_atomic(out / RESULTS, payload)
     partial.unlink(missing_ok=True)

@@ -352,19 +352,32 @@ def apply_fn_for(model: nn.Module, factors: Mapping[str, Factors], **bound_kwarg
     together while ``batch_stats`` and other state collections ride along.
     ``bound_kwargs`` (e.g. ``train=False``) and the call's own keyword arguments
     go to ``model.apply``.
-    """
-    meta = {n: dataclasses.replace(f, first=None, second=None, sigma=None) for n, f in factors.items()}
 
-    def apply(variables, x, **kwargs):
+    The function is a value (:class:`FactoredApply`): two of equal models, layer
+    layouts (kind, scheme, strides, padding; not the weights or ranks) and bound
+    arguments compare and hash equal, so jitted code keyed on it (evaluation,
+    :func:`coblax.nn.train.fit`'s step) is compiled once for all of them per shape.
+    """
+    meta = tuple((n, dataclasses.replace(f, first=None, second=None, sigma=None)) for n, f in factors.items())
+    return FactoredApply(model, meta, tuple(bound_kwargs.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class FactoredApply:
+    """The apply function of a factored network (see :func:`apply_fn_for`)."""
+
+    model: nn.Module
+    meta: tuple[tuple[str, Factors], ...]
+    bound: tuple[tuple[str, Any], ...] = ()
+
+    def __call__(self, variables, x, **kwargs):
         fs = {
-            n: dataclasses.replace(meta[n], first=variables["factors"][n]["first"],
+            n: dataclasses.replace(m, first=variables["factors"][n]["first"],
                                    second=variables["factors"][n]["second"])
-            for n in meta
+            for n, m in self.meta
         }
         rest = {k: v for k, v in variables.items() if k != "factors"}
-        return factored_apply(model, rest, fs, x, **(bound_kwargs | kwargs))
-
-    return apply
+        return factored_apply(self.model, rest, fs, x, **(dict(self.bound) | kwargs))
 
 
 __all__.append("apply_fn_for")
