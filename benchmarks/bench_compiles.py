@@ -6,16 +6,14 @@ prints the number of XLA compilations, the seconds spent compiling (tracing,
 lowering, backend) and the wall time of the records. The base model is trained
 (or loaded from the cache) before counting starts.
 
-``--pad`` pads every fine-tuned factor to a bucketed rank with zero columns / rows
-before fine-tuning, so records whose ranks fall in the same buckets share one
-compiled step: ``pow2`` (the next power of two), ``full`` (the layer's full rank:
-one shape per scheme). Zero-padded triplets get zero gradients (each factor's
-padded part multiplies the other's), so they stay zero under SGD / Adam and the
-network computes the same function; what changes is the work per step.
+``--pad`` replaces the runner's padding rule (:mod:`coblax.lowrank.padding`: pad
+every factored layer to full rank when that at most doubles the factors' weights)
+by ``none`` (every rank its own shape: recompiling), ``pow2`` (the next power of
+two) or ``full`` (always full rank), to measure padding against recompiling.
 
     python benchmarks/bench_compiles.py                 # this checkout
     PYTHONPATH=/path/to/old/checkout python benchmarks/bench_compiles.py   # before
-    python benchmarks/bench_compiles.py --pad full
+    python benchmarks/bench_compiles.py --pad none      # cached steps, no padding
 """
 
 from __future__ import annotations
@@ -50,45 +48,30 @@ def _listen(event, duration, **kwargs):  # the same accounting as coblax.nn.comp
                 entry[1] += duration
 
 
-def _full_rank(f) -> int:
-    first, second = np.shape(f.first), np.shape(f.second)
-    if f.kind == "dense":
-        return min(first[0], second[-1])
-    return min(int(np.prod(first[:-1])), int(np.prod(second)) // second[-2])
+def padding_policy(how: str):
+    """A replacement for the runner's ``pad_to_full_rank`` (``product``: keep the runner's own)."""
+    from coblax.lowrank.padding import full_rank_of, pad_factors, pad_to_full_rank
 
-
-def _bucket(r: int, full: int, how: str) -> int:
+    if how == "none":
+        return lambda kept: dict(kept)
     if how == "full":
-        return full
-    return min(1 << max(0, (r - 1).bit_length()), full)
-
-
-def pad_factors(kept: dict, how: str) -> dict:
-    """Each layer's factors zero-padded to its bucketed rank (first: last axis; second: axis -2)."""
-    import jax.numpy as jnp
-
-    out = {}
-    for name, f in kept.items():
-        r = np.shape(f.first)[-1]
-        R = _bucket(r, _full_rank(f), how)
-        if R <= r:
-            out[name] = f
-            continue
-        first = np.asarray(f.first)
-        second = np.asarray(f.second)
-        first = np.concatenate([first, np.zeros(first.shape[:-1] + (R - r,), first.dtype)], -1)
-        pad = list(second.shape)
-        pad[-2] = R - r
-        second = np.concatenate([second, np.zeros(pad, second.dtype)], -2)
-        sigma = np.concatenate([np.asarray(f.sigma), np.zeros(R - r, np.asarray(f.sigma).dtype)])
-        out[name] = dataclasses.replace(f, first=jnp.asarray(first), second=jnp.asarray(second),
-                                        sigma=jnp.asarray(sigma))
-    return out
+        return lambda kept: pad_to_full_rank(kept, max_growth=float("inf"))
+    if how == "pow2":
+        def pow2(kept):
+            out = {}
+            for n, f in kept.items():
+                r = int(np.shape(f.first)[-1])
+                out[n] = pad_factors(f, min(1 << max(0, (r - 1).bit_length()), full_rank_of(f)))
+            return out
+        return pow2
+    return None
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pad", choices=("none", "pow2", "full"), default="none")
+    ap.add_argument("--pad", choices=("product", "none", "pow2", "full"), default="product",
+                    help="rank padding before fine-tuning: the runner's own rule (product), none, "
+                         "to the next power of two, to full rank")
     ap.add_argument("--budget", type=float, default=0.6)
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "coblax-bench-compiles-cache"))
     args = ap.parse_args()
@@ -101,13 +84,11 @@ def main() -> None:
         cfg, seeds=(0,), seed=0, cache_dir=args.cache,
         budgets=dataclasses.replace(cfg.budgets, mac=(args.budget,), param=(args.budget,)),
     )
-    if args.pad != "none":
-        original = E.finetune_factored
-
-        def padded(cfg, base, data, kept, *a, **kw):
-            return original(cfg, base, data, pad_factors(kept, args.pad), *a, **kw)
-
-        E.finetune_factored = padded
+    policy = padding_policy(args.pad)
+    if policy is not None:
+        if not hasattr(E, "pad_to_full_rank"):
+            raise SystemExit("bench_compiles: this checkout has no rank padding; use --pad product")
+        E.pad_to_full_rank = policy
     with tempfile.TemporaryDirectory() as out:
         plan = E.plan_from_config(cfg, out)
         E.train_base_model(cfg, cfg.models[0], plan.data, plan.cache_dir, False)  # outside the count

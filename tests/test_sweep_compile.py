@@ -68,3 +68,30 @@ def test_equal_layouts_compare_equal_and_reuse_is_exact():
                   progress=False)
     for u, v in zip(jax.tree_util.tree_leaves(reused), jax.tree_util.tree_leaves(fresh)):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+def test_padding_to_full_rank_keeps_the_function_and_shares_the_step():
+    """Zero triplets up to full rank: same logits, zero gradients keep them zero, one compiled step."""
+    from coblax.lowrank.padding import full_rank_of, pad_to_full_rank
+
+    model, params, full, x, y = _setup()
+    for n, f in full.items():
+        assert full_rank_of(f) == f.sigma.shape[0], n  # from the shapes alone
+    steps_before = T.compiled_steps()
+    results = []
+    for k in (2, 3):
+        kept = {n: truncate(f, _first(k)(f.sigma.shape[0])) for n, f in full.items()}
+        padded = pad_to_full_rank(kept, max_growth=float("inf"))
+        assert all(p.first.shape[-1] == full_rank_of(p) for p in padded.values())
+        v0, v1 = factored_variables(params, kept), factored_variables(params, padded)
+        np.testing.assert_allclose(T.predict(apply_fn_for(model, padded), v1, x),
+                                   T.predict(apply_fn_for(model, kept), v0, x), rtol=1e-5, atol=1e-6)
+        trained = T.fit(apply_fn_for(model, padded), v1, x, y, epochs=1, batch_size=16, progress=False)
+        for n, f in trained["factors"].items():
+            assert not np.any(np.asarray(f["first"])[..., k:]), n  # the padding never moved
+            assert not np.any(np.take(np.asarray(f["second"]), range(k, f["second"].shape[-2]), axis=-2)), n
+        results.append(trained)
+    assert T.compiled_steps() == steps_before + 1  # ranks 2 and 3 share the padded step
+    # padding that would more than double the weights is left out
+    kept = {n: truncate(f, _first(1)(f.sigma.shape[0])) for n, f in full.items()}
+    assert all(a.first.shape == b.first.shape for a, b in zip(pad_to_full_rank(kept).values(), kept.values()))

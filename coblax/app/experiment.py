@@ -69,6 +69,7 @@ from coblax.lowrank.decompose import (
     trace_layers,
 )
 from coblax.lowrank.factored import factored_variables, truncate_allocation
+from coblax.lowrank.padding import pad_to_full_rank
 from coblax.nn.models import build_model, training_options
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.registry import get_allocator
@@ -301,6 +302,7 @@ def finetune_factored(cfg: RunConfig, base: BaseModel, data: Dataset, kept: dict
     The fine-tuning is seeded with ``cfg.seed + 1`` on ``data``'s training images, so a
     record's numbers can be re-measured from its masks alone.
     """
+    kept = pad_to_full_rank(kept)  # equal shapes across records: one compiled step (issue 19)
     variables = factored_variables(base.params, kept)
     apply = apply_fn_for(base.model, kept)
     acc_before = T.evaluate(apply, variables, data.x_test, data.y_test)

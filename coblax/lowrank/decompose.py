@@ -259,8 +259,9 @@ def truncate(f: Factors, mask: np.ndarray) -> Factors:
     first = np.asarray(f.first)[..., keep] * root
     second = np.take(np.asarray(f.second), keep, axis=-2) * (root * sign)[:, None]
     dt = np.asarray(f.first).dtype
-    return Factors(f.kind, f.scheme, jnp.asarray(first, dt), jnp.asarray(second, dt),
-                   jnp.asarray(s, dt), f.strides, f.pads)
+    # cast on the host: jnp.asarray(x, dt) would compile a conversion per shape (issue 19)
+    return Factors(f.kind, f.scheme, jnp.asarray(first.astype(dt)), jnp.asarray(second.astype(dt)),
+                   jnp.asarray(s.astype(dt)), f.strides, f.pads)
 
 
 def _conv(x, kernel, strides, pads):
