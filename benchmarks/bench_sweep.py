@@ -65,7 +65,7 @@ def timed_run(config: Path, out: Path, cache: Path, extra: list[str]) -> float:
     env = dict(os.environ, COBLAX_CACHE=str(cache), TQDM_DISABLE="1")
     cmd = [sys.executable, "-m", "coblax.app.cli", "run", str(config), "--out", str(out), "--quiet", *extra]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"bench_sweep: {' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")

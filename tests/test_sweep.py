@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import tiny_run_config
 
 from coblax.app.cli import main
 from coblax.app.experiment import VOLATILE_KEYS, plan_run, run_experiment
 from coblax.app.sweep import LocalBackend, ParallelSpec, ParallelSweep, parallel_spec, run_job
-from helpers import tiny_run_config
 
 
 def _config(folder: Path) -> Path:

@@ -29,6 +29,7 @@ same config, data, seed and cached base model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import itertools
@@ -46,7 +47,7 @@ from typing import Any
 
 from coblax.util.errors import CoblaxError
 
-__all__ = ["SweepError", "ParallelSpec", "ParallelSweep", "parallel_spec", "run_job", "RAY_INSTALL"]
+__all__ = ["RAY_INSTALL", "ParallelSpec", "ParallelSweep", "SweepError", "parallel_spec", "run_job"]
 
 RAY_INSTALL = "pip install 'coblax[ray]'"
 #: Times a record is started before a worker death marks it failed (one retry).
@@ -414,16 +415,14 @@ class RayBackend:
             try:
                 out.append((job_id, "ok", self._ray.get(ref)))
             except self._ray.exceptions.RayError as err:
-                out.append((job_id, "died", f"the Ray task failed: {type(err).__name__}: "
-                                            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}"))
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                out.append((job_id, "died", f"the Ray task failed: {type(err).__name__}: {first}"))
         return out
 
     def close(self) -> None:
         for ref in list(self._refs):
-            try:
+            with contextlib.suppress(Exception):  # best effort on the way out
                 self._ray.cancel(ref, force=True)
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                pass
         self._refs.clear()
         if self._started:
             self._ray.shutdown()
@@ -569,7 +568,7 @@ def sweep_for(spec: ParallelSpec) -> ParallelSweep | None:
     return None if spec.serial else ParallelSweep(spec)
 
 
-__all__ += ["sweep_for", "Job", "LocalBackend", "RayBackend"]
+__all__ += ["Job", "LocalBackend", "RayBackend", "sweep_for"]
 
 
 def record_order(cfg) -> dict[tuple, int]:
@@ -588,4 +587,4 @@ def in_serial_order(cfg, records: list[dict]) -> list[dict]:
     return sorted(records, key=lambda r: pos.get(record_key(r), len(pos)))
 
 
-__all__ += ["record_order", "in_serial_order"]
+__all__ += ["in_serial_order", "record_order"]

@@ -31,7 +31,7 @@ import os
 
 import jax
 
-__all__ = ["initialize", "initialize_from_env", "ENV_VARS"]
+__all__ = ["ENV_VARS", "initialize", "initialize_from_env"]
 
 #: Environment variables read by :func:`initialize_from_env`.
 ENV_VARS = ("COBLAX_COORDINATOR", "COBLAX_NUM_PROCESSES", "COBLAX_PROCESS_ID")

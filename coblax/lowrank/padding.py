@@ -28,7 +28,7 @@ import numpy as np
 
 from coblax.lowrank.decompose import Factors
 
-__all__ = ["full_rank_of", "pad_factors", "pad_to_full_rank", "MAX_GROWTH"]
+__all__ = ["MAX_GROWTH", "full_rank_of", "pad_factors", "pad_to_full_rank"]
 
 #: Pad only when the padded factors hold at most this many times the weights.
 MAX_GROWTH = 2.0

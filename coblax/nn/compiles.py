@@ -11,10 +11,11 @@ second fine-tuning with equal shapes compiles nothing.
 from __future__ import annotations
 
 import threading
+from typing import Self
 
 import jax
 
-__all__ = ["compile_stats", "CompileClock", "COMPILE_EVENTS"]
+__all__ = ["COMPILE_EVENTS", "CompileClock", "compile_stats"]
 
 #: Duration events that make up one compilation; the backend compile counts it.
 BACKEND_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -58,7 +59,7 @@ def compile_stats() -> tuple[int, float]:
 class CompileClock:
     """Compilations and compile seconds inside a ``with`` block (every thread of the process)."""
 
-    def __enter__(self) -> "CompileClock":
+    def __enter__(self) -> Self:
         self._start = compile_stats()
         self.count, self.seconds = 0, 0.0
         return self
