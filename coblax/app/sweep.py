@@ -168,7 +168,7 @@ class _Context:
     def base(self, cfg, mi: int, cache_dir: str):
         from coblax.app.experiment import train_base_model
 
-        key = (cfg.seed, mi, cache_dir)
+        key = (repr(cfg), mi, cache_dir)  # the whole config: a Ray worker may outlive one run
         if key not in self.bases:
             data, digest = self.dataset(cfg)
             self.bases = {key: train_base_model(cfg, cfg.models[mi], data, Path(cache_dir), False,
@@ -185,7 +185,7 @@ class _Context:
         from coblax.lowrank.decompose import trace_layers
         from coblax.lowrank.objective import NetworkLoss
 
-        key = (cfg.seed, mi, scheme, cache_dir)
+        key = (repr(cfg), mi, scheme, cache_dir)
         if self.scheme is None or self.scheme[0] != key:
             self.scheme = None  # free the previous one first
             data, _ = self.dataset(cfg)
