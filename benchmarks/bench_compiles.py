@@ -7,7 +7,7 @@ lowering, backend) and the wall time of the records. The base model is trained
 (or loaded from the cache) before counting starts.
 
 ``--pad`` replaces the runner's padding rule (:mod:`coblax.lowrank.padding`: pad
-every factored layer to full rank when that at most doubles the factors' weights)
+every factored layer to full rank when the extra work of fine-tuning is small)
 by ``none`` (every rank its own shape: recompiling), ``pow2`` (the next power of
 two) or ``full`` (always full rank), to measure padding against recompiling.
 
@@ -55,11 +55,11 @@ def padding_policy(how: str):
     from coblax.lowrank.padding import full_rank_of, pad_factors, pad_to_full_rank
 
     if how == "none":
-        return lambda kept: dict(kept)
+        return lambda kept, *a: dict(kept)
     if how == "full":
-        return lambda kept: pad_to_full_rank(kept, max_growth=float("inf"))
+        return lambda kept, *a: pad_to_full_rank(kept)
     if how == "pow2":
-        def pow2(kept):
+        def pow2(kept, *a):
             out = {}
             for n, f in kept.items():
                 r = int(np.shape(f.first)[-1])

@@ -81,7 +81,7 @@ def test_padding_to_full_rank_keeps_the_function_and_shares_the_step():
     results = []
     for k in (2, 3):
         kept = {n: truncate(f, _first(k)(f.sigma.shape[0])) for n, f in full.items()}
-        padded = pad_to_full_rank(kept, max_growth=float("inf"))
+        padded = pad_to_full_rank(kept, examples_seen=64)
         assert all(p.first.shape[-1] == full_rank_of(p) for p in padded.values())
         v0, v1 = factored_variables(params, kept), factored_variables(params, padded)
         np.testing.assert_allclose(T.predict(apply_fn_for(model, padded), v1, x),
@@ -92,6 +92,11 @@ def test_padding_to_full_rank_keeps_the_function_and_shares_the_step():
             assert not np.any(np.take(np.asarray(f["second"]), range(k, f["second"].shape[-2]), axis=-2)), n
         results.append(trained)
     assert T.compiled_steps() == steps_before + 1  # ranks 2 and 3 share the padded step
-    # padding that would more than double the weights is left out
+    # padding whose extra work exceeds the limit is left out
     kept = {n: truncate(f, _first(1)(f.sigma.shape[0])) for n, f in full.items()}
-    assert all(a.first.shape == b.first.shape for a, b in zip(pad_to_full_rank(kept).values(), kept.values()))
+    extra = sum((full_rank_of(f) - 1) * (np.prod(f.first.shape[:-1]) + np.prod(f.second.shape[:-2]) * f.second.shape[-1])
+                for f in kept.values())
+    for seen, padded in ((1e9 / extra * 0.99, True), (1e9 / extra * 1.01, False)):
+        out = pad_to_full_rank(kept, examples_seen=seen)
+        assert all((a.first.shape != b.first.shape) == padded for a, b in zip(out.values(), kept.values())
+                   if full_rank_of(b) > 1)
