@@ -501,9 +501,9 @@ class ParallelSweep:
         ready = [(order[i], i) for i in waiting]
         heapq.heapify(ready)
         attempts = dict.fromkeys(jobs, 0)
+        backend = self._make_backend()
         bar = tqdm(total=plan.total, initial=plan.total - remaining, desc="records", disable=not progress,
                    unit="record")
-        backend = self._make_backend()
         running = 0
 
         def finish(job: Job, records: list[dict]) -> None:
