@@ -123,6 +123,12 @@ def main() -> None:
         summary["ray_over_workers"] = round(walls[keys[2]] / walls[keys[1]], 3)
     print(json.dumps(summary))
     if not equal:
+        for label, recs in records.items():
+            for a, b in zip(records["serial"], recs):
+                if a != b:
+                    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                    print(f"{label}: {a['method']} {a['budget_mac']:g} differs from serial in {diff}",
+                          file=sys.stderr)
         raise SystemExit("bench_sweep: the runs' records differ")
 
 
