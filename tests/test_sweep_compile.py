@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +42,8 @@ def _first(k):
     return lambda R: (np.arange(R) < k).astype(float)
 
 
-def test_finetuning_two_records_of_equal_shapes_compiles_once():
+def test_finetuning_two_records_of_equal_shapes_compiles_once(monkeypatch):
+    monkeypatch.setattr(T, "_STEPS", collections.OrderedDict())  # other tests' steps may fill the LRU
     model, params, full, x, y = _setup()
     steps_before = T.compiled_steps()
     first, _ = _record(model, params, full, x, y, _first(2))
@@ -70,10 +73,11 @@ def test_equal_layouts_compare_equal_and_reuse_is_exact():
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
-def test_padding_to_full_rank_keeps_the_function_and_shares_the_step():
+def test_padding_to_full_rank_keeps_the_function_and_shares_the_step(monkeypatch):
     """Zero triplets up to full rank: same logits, zero gradients keep them zero, one compiled step."""
     from coblax.lowrank.padding import full_rank_of, pad_to_full_rank
 
+    monkeypatch.setattr(T, "_STEPS", collections.OrderedDict())
     model, params, full, x, y = _setup()
     for n, f in full.items():
         assert full_rank_of(f) == f.sigma.shape[0], n  # from the shapes alone
