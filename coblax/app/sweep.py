@@ -375,6 +375,13 @@ class LocalBackend:
             w.conn.close()
 
 
+def _thread_env() -> dict[str, str]:
+    """The BLAS / OpenMP thread settings of this process, as environment variables."""
+    env = {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    return env
+
+
 class RayBackend:
     """Jobs as Ray tasks (one CPU each), on a local instance or the cluster at ``address``."""
 
@@ -385,6 +392,10 @@ class RayBackend:
         self._started = not ray.is_initialized()
         if self._started:
             kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": workers or os.cpu_count()}
+            # Ray gives each worker OMP_NUM_THREADS=1; NumPy's BLAS then sums in another order
+            # than the driver's (the COBLA solver's iterates drift by rounding): give the
+            # workers the driver's thread settings so that records equal a serial run's
+            kwargs["runtime_env"] = {"env_vars": _thread_env()}
             try:
                 with warnings.catch_warnings():  # Ray starts its daemons with fork+exec: harmless
                     warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
