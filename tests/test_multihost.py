@@ -55,7 +55,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_objective_equals_one_device():
+@pytest.mark.slow  # two JAX processes: ~40 s on the shared 2-core machine; tests/test_data_parallel.py
+def test_two_process_objective_equals_one_device():  # covers the same sharded program in one process
     port = _free_port()
     procs = []
     for pid in range(2):
