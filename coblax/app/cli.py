@@ -59,10 +59,12 @@ def _failed_exit(records: list[dict]) -> int:
 def _cmd_run(args) -> int:
     from coblax.app.experiment import plan_run, run_experiment
     from coblax.app.report import format_table
+    from coblax.app.sweep import parallel_spec, sweep_for
 
+    spec = parallel_spec(args.workers, args.ray)  # bad --workers / --ray: exit 2 before any work
     out = Path(args.out) if args.out else _default_out(args.config)
     plan = plan_run(args.config, out, force=args.force)
-    payload = run_experiment(plan.cfg, out, plan=plan, progress=not args.quiet)
+    payload = run_experiment(plan.cfg, out, plan=plan, progress=not args.quiet, sweep=sweep_for(spec))
     print(format_table(payload["records"], "md"))
     if not plan.complete:
         print(f"\nwrote {out / 'results.json'}")
@@ -218,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="start over: discard the results of an earlier run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="run records in N local worker processes (default 1: one at a time); "
+                        "with --ray, the records in flight (default: the cluster's CPUs)")
+    p.add_argument("--ray", nargs="?", const=True, metavar="ADDRESS",
+                   help="run records as Ray tasks: a local Ray instance, or the cluster at ADDRESS "
+                        "(host:port, ray://host:port, auto); needs pip install 'coblax[ray]'")
     p.set_defaults(fn=_cmd_run)
     p = sub.add_parser("check", parents=[common],
                        help="validate a config and everything a run needs, without running")

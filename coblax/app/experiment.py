@@ -75,11 +75,13 @@ from coblax.lowrank.decompose import (
 )
 from coblax.lowrank.factored import factored_variables, truncate_allocation
 from coblax.lowrank.objective import NetworkLoss
+from coblax.lowrank.padding import pad_to_full_rank
 from coblax.lowrank.registry import get_allocator
 from coblax.lowrank.spectra import allocator_spectrum
 from coblax.lowrank.training import attach_trainer
 from coblax.nn import train as T
 from coblax.nn.bn import recalibrate_bn
+from coblax.nn.compiles import compile_stats
 from coblax.nn.data import DataError, Dataset, load_dataset
 from coblax.nn.models import build_model, training_options
 from coblax.util import jsonable, write_json_atomic
@@ -107,7 +109,7 @@ __all__ = [
 RESULTS = "results.json"
 PARTIAL = "results.partial.json"
 #: Record fields that legitimately differ between two runs of the same config.
-VOLATILE_KEYS = ("solve_seconds", "finetune_seconds", "base_cached")
+VOLATILE_KEYS = ("solve_seconds", "finetune_seconds", "base_cached", "compiles", "compile_seconds")
 
 
 def versions() -> dict[str, str]:
@@ -319,6 +321,8 @@ def finetune_factored(cfg: RunConfig, base: BaseModel, data: Dataset, kept: dict
     fine-tuning and before the final evaluation; the accuracy before fine-tuning stays
     the stale one and ``extra["acc_before_finetune_recalibrated"]`` gets the other.
     """
+    # equal shapes across records share one compiled step when the extra work is small (issue 19)
+    kept = pad_to_full_rank(kept, len(data.x_train) * cfg.finetune.epochs)
     variables = factored_variables(base.params, kept)
     apply = apply_fn_for(base.model, kept)
     acc_before = T.evaluate(apply, variables, data.x_test, data.y_test)
@@ -330,8 +334,8 @@ def finetune_factored(cfg: RunConfig, base: BaseModel, data: Dataset, kept: dict
             extra["acc_before_finetune_recalibrated"] = T.evaluate(apply, variables, data.x_test, data.y_test)
     start = time.perf_counter()
     train_kw, fit_kw = training_options(base.model, variables)
-    variables = T.fit(
-        functools.partial(apply, **train_kw), variables, data.x_train, data.y_train,
+    variables = T.fit(  # an apply_fn_for value, not a partial: the compiled step is reused (issue 19)
+        apply_fn_for(base.model, kept, **train_kw), variables, data.x_train, data.y_train,
         epochs=cfg.finetune.epochs, batch_size=cfg.finetune.batch_size,
         learning_rate=cfg.finetune.learning_rate, optimizer=cfg.finetune.optimizer,
         seed=cfg.seed + 1, desc=desc, progress=progress, **fit_kw,
@@ -355,6 +359,7 @@ def run_method(
     progress: bool,
 ) -> dict:
     """One (model, scheme, budget, method) record."""
+    compiled_before = compile_stats()  # compiles and their seconds in this record: issue 19
     options = dict(cfg.method_options.get(method, {}))
     if method == "cobla":
         defaults = {k: getattr(cfg.cobla, k) for k in COBLA_KEYS}
@@ -409,6 +414,8 @@ def run_method(
         "solver_iterations": stats.pop("solver_iterations", None),
         "solve_seconds": solve_seconds,
         "finetune_seconds": finetune_seconds,
+        "compiles": compile_stats()[0] - compiled_before[0],
+        "compile_seconds": compile_stats()[1] - compiled_before[1],
         "diagnostics": jsonable(stats),
     }
 
@@ -717,6 +724,7 @@ def run_experiment(
     plan: RunPlan | None = None,
     force: bool = False,
     log: Callable[[str], None] | None = None,
+    sweep: Callable[..., None] | None = None,
 ) -> dict:
     """Run every model x scheme x budget x method; write ``out_dir/results.json``.
 
@@ -728,6 +736,8 @@ def run_experiment(
     Args:
       plan: a plan from :func:`plan_run` (else one is made from ``cfg``).
       log: where notes go (resumed records, cache repairs); default stderr.
+      sweep: runs the records instead of the serial loop, e.g. in parallel
+        (:class:`coblax.app.sweep.ParallelSweep`); same arguments as ``_sweep_records``.
     Raises:
       ConfigError: anything :func:`plan_from_config` finds.
       RunInterrupted: SIGINT / SIGTERM (after saving every finished record).
@@ -740,11 +750,11 @@ def run_experiment(
             f"{plan.out_dir / RESULTS}; nothing to run (pass --force to redo them)")
         return plan.previous
     with stop_on_signals() as signals, run_lock(plan.out_dir, log):
-        return _run_locked(plan, config_text, progress, on_record, log, signals)
+        return _run_locked(plan, config_text, progress, on_record, log, signals, sweep)
 
 
 def _run_locked(plan: RunPlan, config_text: str, progress: bool, on_record: Callable[[dict], None] | None,
-                log: Callable[[str], None], signals: _Signals) -> dict:
+                log: Callable[[str], None], signals: _Signals, sweep: Callable[..., None] | None = None) -> dict:
     """:func:`run_experiment` once ``plan.out_dir`` is locked for this process."""
     cfg, data, out = plan.cfg, plan.data, plan.out_dir
     partial = out / PARTIAL
@@ -790,7 +800,11 @@ def _run_locked(plan: RunPlan, config_text: str, progress: bool, on_record: Call
                 on_record(record)
 
     try:
-        _sweep_records(plan, cfg, data, progress, done, add, log)
+        (sweep or _sweep_records)(plan, cfg, data, progress, done, add, log)
+        if sweep is not None:  # parallel records finish out of order
+            from coblax.app.sweep import in_serial_order
+            payload["records"] = in_serial_order(cfg, payload["records"])
+        payload["compile_seconds"] = sum(r.get("compile_seconds") or 0.0 for r in payload["records"])
         payload["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         # not held: a signal here leaves the partial file whole, and a rerun completes it
         write_json_atomic(out / RESULTS, payload)

@@ -265,8 +265,9 @@ def truncate(f: Factors, mask: np.ndarray) -> Factors:
     first = np.asarray(f.first)[..., keep] * root
     second = np.take(np.asarray(f.second), keep, axis=-2) * (root * sign)[:, None]
     dt = np.asarray(f.first).dtype
-    return Factors(f.kind, f.scheme, jnp.asarray(first, dt), jnp.asarray(second, dt),
-                   jnp.asarray(s, dt), f.strides, f.pads)
+    # cast on the host: jnp.asarray(x, dt) would compile a conversion per shape (issue 19)
+    return Factors(f.kind, f.scheme, jnp.asarray(first.astype(dt)), jnp.asarray(second.astype(dt)),
+                   jnp.asarray(s.astype(dt)), f.strides, f.pads)
 
 
 def _conv(x, kernel, strides, pads, precision=None):
@@ -368,19 +369,32 @@ def apply_fn_for(model: nn.Module, factors: Mapping[str, Factors], **bound_kwarg
     together while ``batch_stats`` and other state collections ride along.
     ``bound_kwargs`` (e.g. ``train=False``) and the call's own keyword arguments
     go to ``model.apply``.
-    """
-    meta = {n: dataclasses.replace(f, first=None, second=None, sigma=None) for n, f in factors.items()}
 
-    def apply(variables, x, **kwargs):
+    The function is a value (:class:`FactoredApply`): two of equal models, layer
+    layouts (kind, scheme, strides, padding; not the weights or ranks) and bound
+    arguments compare and hash equal, so jitted code keyed on it (evaluation,
+    :func:`coblax.nn.train.fit`'s step) is compiled once for all of them per shape.
+    """
+    meta = tuple((n, dataclasses.replace(f, first=None, second=None, sigma=None)) for n, f in factors.items())
+    return FactoredApply(model, meta, tuple(bound_kwargs.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class FactoredApply:
+    """The apply function of a factored network (see :func:`apply_fn_for`)."""
+
+    model: nn.Module
+    meta: tuple[tuple[str, Factors], ...]
+    bound: tuple[tuple[str, Any], ...] = ()
+
+    def __call__(self, variables, x, **kwargs):
         fs = {
-            n: dataclasses.replace(meta[n], first=variables["factors"][n]["first"],
+            n: dataclasses.replace(m, first=variables["factors"][n]["first"],
                                    second=variables["factors"][n]["second"])
-            for n in meta
+            for n, m in self.meta
         }
         rest = {k: v for k, v in variables.items() if k != "factors"}
-        return factored_apply(model, rest, fs, x, **(bound_kwargs | kwargs))
-
-    return apply
+        return factored_apply(self.model, rest, fs, x, **(dict(self.bound) | kwargs))
 
 
 __all__.append("apply_fn_for")

@@ -16,6 +16,7 @@ garbage weights are never returned, evaluated or cached.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import io
@@ -141,6 +142,39 @@ def fit(
     opt_state = tx.init(params)
 
     extra = () if aux is None else (aux,)
+    step = _cached_step(apply_fn, tx, optimizer, learning_rate, loss_fn, transform_grads, project,
+                        state_names, streams)
+    n = len(x)
+    batch_size = min(batch_size, n)
+    steps_per_epoch = max(1, n // batch_size)
+    rng = np.random.default_rng(seed)
+    base_key = jax.random.PRNGKey(seed)
+    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False)
+    watch = _LossWatch(desc, bar)
+    for epoch in range(epochs):
+        order = rng.permutation(n)
+        losses = []
+        for i in range(steps_per_epoch):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            key = jax.random.fold_in(base_key, epoch * steps_per_epoch + i)
+            params, state, opt_state, loss = step(params, state, opt_state, x[idx], y[idx], key, extra)
+            losses.append(loss)
+            bar.update(1)
+        watch.epoch(losses)  # one transfer per epoch; raises NumericalError
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+    bar.close()
+    if not tree_all_finite(params):
+        raise NumericalError(desc, watch.steps, float("nan"), "the weights are not finite at the end")
+    return {**params, **state} if state_names else params
+
+
+#: Compiled training steps kept for reuse, most recent last (see :func:`_cached_step`).
+_STEPS: collections.OrderedDict = collections.OrderedDict()
+STEP_CACHE_SIZE = 32
+
+
+def _make_step(apply_fn, tx, loss_fn, transform_grads, project, state_names, streams):
+    """The jitted update ``(params, state, opt_state, xb, yb, key, aux) -> (params, state, opt_state, loss)``."""
 
     def forward(p, state, xb, key):
         kwargs: dict[str, Any] = {}
@@ -166,28 +200,43 @@ def fit(
             params = project(params, *aux)
         return params, state, opt_state, loss
 
-    n = len(x)
-    batch_size = min(batch_size, n)
-    steps_per_epoch = max(1, n // batch_size)
-    rng = np.random.default_rng(seed)
-    base_key = jax.random.PRNGKey(seed)
-    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False)
-    watch = _LossWatch(desc, bar)
-    for epoch in range(epochs):
-        order = rng.permutation(n)
-        losses = []
-        for i in range(steps_per_epoch):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            key = jax.random.fold_in(base_key, epoch * steps_per_epoch + i)
-            params, state, opt_state, loss = step(params, state, opt_state, x[idx], y[idx], key, extra)
-            losses.append(loss)
-            bar.update(1)
-        watch.epoch(losses)  # one transfer per epoch; raises NumericalError
-        bar.set_postfix(loss=f"{float(loss):.4f}")
-    bar.close()
-    if not tree_all_finite(params):
-        raise NumericalError(desc, watch.steps, float("nan"), "the weights are not finite at the end")
-    return {**params, **state} if state_names else params
+    return step
+
+
+def _cached_step(apply_fn, tx, optimizer, learning_rate, loss_fn, transform_grads, project, state_names,
+                 streams):
+    """One jitted step per (apply function, optimizer, loss, hooks), reused across :func:`fit` calls.
+
+    The weights, optimizer state and batches are arguments of the step, so jax's own
+    cache then compiles once per shape: fine-tuning two factored networks of equal
+    shapes (an :func:`~coblax.lowrank.decompose.apply_fn_for` of equal models and
+    layer layouts compares equal) compiles once. An optimizer given as an object,
+    or anything unhashable, gets a fresh step (compiled on its first call) as before.
+    """
+    key = None
+    if isinstance(optimizer, str):
+        key = (apply_fn, optimizer, float(learning_rate), loss_fn, transform_grads, project, state_names, streams)
+        try:
+            hash(key)
+        except TypeError:
+            key = None
+    if key is not None and key in _STEPS:
+        _STEPS.move_to_end(key)
+        return _STEPS[key]
+    step = _make_step(apply_fn, tx, loss_fn, transform_grads, project, state_names, streams)
+    if key is not None:
+        _STEPS[key] = step
+        while len(_STEPS) > STEP_CACHE_SIZE:
+            _STEPS.popitem(last=False)
+    return step
+
+
+def compiled_steps() -> int:
+    """Compiled variants held by the cached training steps (one per step and input shapes)."""
+    return sum(int(step._cache_size()) for step in _STEPS.values())
+
+
+__all__ += ["compiled_steps"]
 
 
 class _LossWatch:

@@ -1,0 +1,136 @@
+"""Wall time of one sweep run serially, with ``--workers N`` and on a local Ray instance.
+
+The sweep is ``experiments/compare_lenet5_fashion_cpu.toml`` cut to one seed and
+one scheme (``tai``) with four budgets (0.8 / 0.7 / 0.6 / 0.5): 1 model x 1 scheme
+x 4 budgets x 7 methods = 28 records on 10,000 Fashion-MNIST training images
+(needs ``COBLAX_DATA`` or ``--data-dir``). ``--small`` uses
+``compare_lenet5_digits.toml`` cut the same way on the bundled digits (no files)
+with a shorter COBLA solve (``max_iter = 15``, ``local_search = 5``): a quick check
+of the machinery, not a measurement.
+
+Each configuration runs as its own ``coblax run`` process (startup included, as a
+user sees it) into a fresh output folder; the base model is trained into a shared
+cache first, so the three runs time the records alone. The records of the three
+runs are checked to be equal (timings aside). Prints one table and one JSON line:
+
+    python benchmarks/bench_sweep.py --data-dir ../shared/datasets       # the measurement
+    python benchmarks/bench_sweep.py --small                             # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+EDITS = {
+    "seeds = [0, 1, 2]": "seeds = [0]",
+    'schemes = ["tai", "zhang"]': 'schemes = ["tai"]',
+    "mac = [0.7, 0.6, 0.5]": "mac = [0.8, 0.7, 0.6, 0.5]",
+    "param = [0.7, 0.6, 0.5]": "param = [0.8, 0.7, 0.6, 0.5]",
+}
+SMALL_EDITS = {"max_iter = 60 ": "max_iter = 15 ", "local_search = 20": "local_search = 5"}
+
+
+def sweep_config(small: bool, folder: Path) -> Path:
+    """The cut-down config written into ``folder``."""
+    name = "compare_lenet5_digits" if small else "compare_lenet5_fashion_cpu"
+    text = (REPO / "experiments" / f"{name}.toml").read_text()
+    for old, new in (EDITS | (SMALL_EDITS if small else {})).items():
+        if old not in text:
+            raise SystemExit(f"bench_sweep: {name}.toml no longer contains {old!r}; update EDITS")
+        text = text.replace(old, new, 1)
+    path = folder / f"{name}_sweep.toml"
+    path.write_text(text)
+    return path
+
+
+def warm_cache(config: Path, cache: Path) -> None:
+    """Train (or load) the base model into ``cache`` outside the timed runs."""
+    from coblax.app.experiment import plan_run, train_base_model
+
+    plan = plan_run(config, cache.parent / "warm", force=True)
+    for mc in plan.cfg.models:
+        train_base_model(plan.cfg, mc, plan.data, cache, progress=False)
+
+
+def timed_run(config: Path, out: Path, cache: Path, extra: list[str]) -> float:
+    env = dict(os.environ, COBLAX_CACHE=str(cache), TQDM_DISABLE="1")
+    cmd = [sys.executable, "-m", "coblax.app.cli", "run", str(config), "--out", str(out), "--quiet", *extra]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_sweep: {' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return wall
+
+
+def stable_records(out: Path) -> list[dict]:
+    from coblax.app.experiment import VOLATILE_KEYS
+
+    def stable(r):
+        r = {k: v for k, v in r.items() if k not in VOLATILE_KEYS}
+        if isinstance(r.get("diagnostics"), dict):
+            r["diagnostics"] = {k: v for k, v in r["diagnostics"].items() if k not in VOLATILE_KEYS}
+        return r
+
+    return [stable(r) for r in json.loads((out / "results.json").read_text())["records"]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", action="store_true", help="bundled digits, shorter solves: a quick check")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--data-dir", help="sets COBLAX_DATA (Fashion-MNIST files)")
+    ap.add_argument("--no-ray", action="store_true", help="skip the Ray run")
+    args = ap.parse_args()
+    if args.data_dir:
+        os.environ["COBLAX_DATA"] = str(Path(args.data_dir).resolve())
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
+        folder = Path(tmp)
+        config = sweep_config(args.small, folder)
+        cache = folder / "cache"
+        warm_cache(config, cache)
+        runs = {"serial": [], f"workers {args.workers}": ["--workers", str(args.workers)]}
+        if not args.no_ray:
+            runs[f"ray local ({args.workers})"] = ["--ray", "--workers", str(args.workers)]
+        walls, records = {}, {}
+        for label, extra in runs.items():
+            out = folder / label.replace(" ", "_").replace("(", "").replace(")", "")
+            walls[label] = timed_run(config, out, cache, extra)
+            records[label] = stable_records(out)
+            print(f"{label}: {walls[label]:.1f} s", file=sys.stderr, flush=True)
+    n = len(records["serial"])
+    equal = all(r == records["serial"] for r in records.values())
+    serial = walls["serial"]
+    print(f"\n{config.stem}: {n} records, records equal across runs: {equal}")
+    print("| run | wall s | / serial |")
+    print("|---|---:|---:|")
+    for label, wall in walls.items():
+        print(f"| {label} | {wall:.1f} | {wall / serial:.2f} |")
+    keys = list(walls)
+    summary = {"config": config.stem, "records": n, "equal": equal, "cpus": os.cpu_count(),
+               "wall_s": {k: round(v, 1) for k, v in walls.items()},
+               "workers_over_serial": round(walls[keys[1]] / serial, 3)}
+    if len(keys) > 2:
+        summary["ray_over_workers"] = round(walls[keys[2]] / walls[keys[1]], 3)
+    print(json.dumps(summary))
+    if not equal:
+        for label, recs in records.items():
+            for a, b in zip(records["serial"], recs):
+                if a != b:
+                    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                    print(f"{label}: {a['method']} {a['budget_mac']:g} differs from serial in {diff}",
+                          file=sys.stderr)
+        raise SystemExit("bench_sweep: the runs' records differ")
+
+
+if __name__ == "__main__":
+    main()
