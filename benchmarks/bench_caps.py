@@ -67,11 +67,11 @@ def _big_export(path: Path, mib: int) -> None:
     import numpy as np
 
     sys.path.insert(0, str(REPO / "tests"))
-    from test_safe_load import _result
+    from test_safe_load import make_result
 
     from coblax.lowrank.export import save_factored
 
-    res = _result()
+    res = make_result()
     res.variables["params"]["extra"] = {"w": np.ones((mib, 1 << 18), np.float32)}
     save_factored(path, res)
 
@@ -101,9 +101,9 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        from test_safe_load import _bomb
+        from test_safe_load import make_bomb
 
-        _bomb(tmp / "bomb.npz", 1 << 27)
+        make_bomb(tmp / "bomb.npz", 1 << 27)
         rows["load_factored, deflate bomb (0.5 MB -> 512 MB declared)"] = measure(
             "from test_safe_load import Mlp\nfrom coblax.lowrank.export import load_factored",
             f"load_factored({str(tmp / 'bomb.npz')!r}, Mlp())")

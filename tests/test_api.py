@@ -53,7 +53,7 @@ RULES = [("dw", "skip"), ("conv.*", "tai"), ("fc1|shared", "dense")]
 
 
 @functools.lru_cache(maxsize=1)
-def _trained():
+def trained_lenet():
     data = load_dataset("digits", seed=0)
     model = Net()
     v0 = model.init(jax.random.PRNGKey(0), jnp.asarray(data.x_train[:1]))
@@ -64,7 +64,7 @@ def _trained():
 
 
 def test_fit_updates_state_collections_and_is_reproducible():
-    model, v0, variables, data = _trained()
+    model, v0, variables, data = trained_lenet()
     steps = 3 * (len(data.x_train) // 64)
     assert int(variables["counter"]["steps"]) == steps
     assert not np.allclose(variables["batch_stats"]["bn1"]["mean"], v0["batch_stats"]["bn1"]["mean"])
@@ -80,14 +80,14 @@ def test_fit_updates_state_collections_and_is_reproducible():
 
 
 def test_fit_without_dropout_key_fails_loudly():
-    model, v0, _, data = _trained()
+    model, v0, _, data = trained_lenet()
     with pytest.raises(Exception, match="dropout"):
         fit(functools.partial(model.apply, train=True), v0, data.x_train[:64], data.y_train[:64], epochs=1,
             batch_size=64, progress=False, mutable=("batch_stats", "counter"))
 
 
 def test_shared_layer_decomposed_once_cost_per_call_and_exact_at_m1():
-    model, _, variables, data = _trained()
+    model, _, variables, data = trained_lenet()
     x = jnp.asarray(data.x_test[:16])
     traced = {l.name: l for l in trace_layers(model, variables, x, EVAL)}
     assert traced["shared"].macs == 2 * 24 * 24 and len(traced["shared"].call_shapes) == 2
@@ -104,7 +104,7 @@ def test_shared_layer_decomposed_once_cost_per_call_and_exact_at_m1():
 
 
 def test_allocate_result_costs_and_collections():
-    model, _, variables, data = _trained()
+    model, _, variables, data = trained_lenet()
     result = allocate(model, variables, (data.x_train[:200], data.y_train[:200]), rules=RULES, mac=0.5,
                       param=0.4, method="uniform", apply_kwargs=EVAL)
     assert set(result.ranks) == {"conv1", "conv2", "fc1", "shared"}
@@ -153,7 +153,7 @@ BAND = {"cobla": 0.15}
 
 @pytest.mark.parametrize("method", allocator_names())
 def test_every_allocator_through_allocate(method):
-    model, _, variables, data = _trained()
+    model, _, variables, data = trained_lenet()
     options = {"cobla": {"max_iter": 5, "roundings": 2, "saturation_rounds": 1},
                "lc": {"steps": 2, "l_steps": 5, "lr": 0.01}}.get(method, {})
     result = allocate(model, variables, (data.x_train[:200], data.y_train[:200]), rules=RULES, mac=0.6,
@@ -168,7 +168,7 @@ def test_every_allocator_through_allocate(method):
 
 
 def test_bad_rules_and_budgets_are_named():
-    model, _, variables, data = _trained()
+    model, _, variables, data = trained_lenet()
     obj = (data.x_train[:50], data.y_train[:50])
     call = functools.partial(allocate, model, variables, obj, mac=0.5, param=0.5, method="uniform",
                              apply_kwargs=EVAL)
@@ -187,7 +187,7 @@ def test_bad_rules_and_budgets_are_named():
 
 
 def test_finetune_and_export_reproduce_accuracy(tmp_path):
-    model, _, variables, data = _trained()
+    model, _, variables, data = trained_lenet()
     result = allocate(model, variables, (data.x_train[:300], data.y_train[:300]), rules=RULES, mac=0.4,
                       param=0.4, method=coblax.allocators.cobla(max_iter=10, roundings=3), apply_kwargs=EVAL)
     tuned = finetune(result, data.x_train, data.y_train, train_kwargs={"train": True}, epochs=2,

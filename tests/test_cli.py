@@ -36,7 +36,7 @@ epochs = 1
 """
 
 
-def _write(tmp_path, text):
+def write_config(tmp_path, text):
     path = tmp_path / "cfg.toml"
     path.write_text(text)
     return path
@@ -52,7 +52,7 @@ def _write(tmp_path, text):
     ],
 )
 def test_bad_keys_exit_2_and_write_nothing(tmp_path, capsys, extra_top, section_extra, message):
-    cfg = _write(tmp_path, extra_top + "\n" + TINY.format(extra=section_extra))
+    cfg = write_config(tmp_path, extra_top + "\n" + TINY.format(extra=section_extra))
     out = tmp_path / "out"
     assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -74,7 +74,7 @@ def test_bad_keys_exit_2_and_write_nothing(tmp_path, capsys, extra_top, section_
 def test_bad_values_exit_2(tmp_path, capsys, old, new, message):
     text = TINY.format(extra="").replace(old, new, 1)
     out = tmp_path / "out"
-    assert main(["run", str(_write(tmp_path, text)), "--out", str(out), "--quiet"]) == 2
+    assert main(["run", str(write_config(tmp_path, text)), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert message in err, err
     assert not out.exists()
@@ -84,7 +84,7 @@ def test_budget_below_fixed_cost_names_smallest_feasible(tmp_path, capsys):
     text = TINY.format(extra='basis = "network"').replace("mac = [0.5]", "mac = [0.05]")
     text = text.replace('schemes = ["tai"]', 'schemes = ["tai"]\nlayers = ["fc1"]')
     out = tmp_path / "out"
-    assert main(["run", str(_write(tmp_path, text)), "--out", str(out), "--quiet"]) == 2
+    assert main(["run", str(write_config(tmp_path, text)), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "smallest feasible budget is mac >= " in err
     assert not out.exists()
@@ -97,7 +97,7 @@ def test_missing_config_file(tmp_path, capsys):
 
 def test_quickstart_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["run", str(_write(tmp_path, TINY.format(extra=""))), "--out", str(out), "--quiet"]) == 0
+    assert main(["run", str(write_config(tmp_path, TINY.format(extra=""))), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "| cobla |" in printed and "| uniform |" in printed
     payload = json.loads((out / "results.json").read_text())
@@ -125,7 +125,7 @@ def test_quickstart_end_to_end_tiny(tmp_path, capsys):
     assert "already in" in capsys.readouterr().err
     assert (out / "results.json").read_bytes() == before
     # ... and results of another config are never overwritten without --force
-    _write(tmp_path, TINY.format(extra="").replace("seed = 0", "seed = 1"))
+    write_config(tmp_path, TINY.format(extra="").replace("seed = 0", "seed = 1"))
     assert main(["run", str(tmp_path / "cfg.toml"), "--out", str(out), "--quiet"]) == 2
     assert "different config (differs in seed" in capsys.readouterr().err
     assert (out / "results.json").read_bytes() == before

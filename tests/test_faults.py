@@ -48,7 +48,7 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def _user_error(capsys, *argv) -> str:
+def user_error(capsys, *argv) -> str:
     """Run the CLI, expect exit 2 with one message and no traceback; return the message."""
     code, _, err = _run(capsys, *argv)
     assert code == 2, err
@@ -76,7 +76,7 @@ def _user_error(capsys, *argv) -> str:
 )
 def test_non_finite_and_out_of_range_values_rejected(tmp_path, capsys, key, value, message):
     """Issue: nan/inf learning rates and tolerances passed validation; a seed beyond int64."""
-    err = _user_error(capsys, "check", _config(tmp_path, **{key: value}), "--out", tmp_path / "out")
+    err = user_error(capsys, "check", _config(tmp_path, **{key: value}), "--out", tmp_path / "out")
     assert message in err
     assert not (tmp_path / "out").exists()
 
@@ -84,7 +84,7 @@ def test_non_finite_and_out_of_range_values_rejected(tmp_path, capsys, key, valu
 def test_empty_budget_list_rejected(tmp_path, capsys):
     """Issue: budgets.mac = [] exited 0 with zero records."""
     cfg = _config(tmp_path, budgets__mac="[]")
-    err = _user_error(capsys, "run", cfg, "--out", tmp_path / "out", "--quiet")
+    err = user_error(capsys, "run", cfg, "--out", tmp_path / "out", "--quiet")
     assert "budgets.mac is empty" in err
     assert not (tmp_path / "out").exists()
 
@@ -104,7 +104,7 @@ def test_empty_budget_list_rejected(tmp_path, capsys):
 )
 def test_model_options_checked_against_the_model(tmp_path, capsys, model, message):
     """Issue: model options of the wrong type or value gave a traceback (exit 1)."""
-    err = _user_error(capsys, "check", _config(tmp_path, models=f"[{model}]"), "--out", tmp_path / "out")
+    err = user_error(capsys, "check", _config(tmp_path, models=f"[{model}]"), "--out", tmp_path / "out")
     assert message in err
 
 
@@ -112,7 +112,7 @@ def test_method_options_checked_against_the_allocator(tmp_path, capsys):
     """Issue: unknown method_options keys were found only after training."""
     cfg = _config(tmp_path, method_options__cptv__beta="0.5", method_options__pos_exact__bound="'yes'",
                   method_options__cobla__warm_start="'cobla'")
-    err = _user_error(capsys, "check", cfg, "--out", tmp_path / "o")
+    err = user_error(capsys, "check", cfg, "--out", tmp_path / "o")
     assert "method_options.cptv.beta: unknown option of method 'cptv'; its options: iters" in err
     assert "method_options.pos_exact.bound: expected true or false, got 'yes'" in err
     assert "method_options.cobla.warm_start = 'cobla' is not allowed" in err
@@ -121,7 +121,7 @@ def test_method_options_checked_against_the_allocator(tmp_path, capsys):
 
 def test_every_problem_reported_together_with_its_key(tmp_path, capsys):
     cfg = _config(tmp_path, cobla__tol="nan", train__epochs="-2", methods='["uniform", "svd_magic"]')
-    err = _user_error(capsys, "check", cfg, "--out", tmp_path / "o")
+    err = user_error(capsys, "check", cfg, "--out", tmp_path / "o")
     assert f"{tmp_path / 'cfg.toml'}: 3 problems" in err
     for part in ("methods = 'svd_magic' is not allowed; valid methods: ", "train.epochs = -2 must be >= 0",
                  "cobla.tol = nan must be a finite number"):
@@ -139,7 +139,7 @@ def test_check_validates_without_running(tmp_path, capsys):
 
 def test_budget_infeasible_for_one_model_names_model_and_minimum(tmp_path, capsys):
     cfg = _config(tmp_path, budgets__mac="[0.01]", budgets__basis='"network"')
-    err = _user_error(capsys, "check", cfg, "--out", tmp_path / "o")
+    err = user_error(capsys, "check", cfg, "--out", tmp_path / "o")
     assert "budgets (mlp(hidden=[16]), tai)" in err and "smallest feasible budget" in err
 
 
@@ -148,7 +148,7 @@ def test_budget_infeasible_for_one_model_names_model_and_minimum(tmp_path, capsy
 
 def test_config_that_is_a_folder(tmp_path, capsys):
     """Issue: a folder passed as config was reported as 'does not exist'."""
-    err = _user_error(capsys, "run", tmp_path, "--out", tmp_path / "out")
+    err = user_error(capsys, "run", tmp_path, "--out", tmp_path / "out")
     assert f"{tmp_path} is a folder; expected a TOML config file" in err
 
 
@@ -156,7 +156,7 @@ def test_config_not_utf8_names_the_file(tmp_path, capsys):
     """Issue: a non-UTF-8 config was reported without its path."""
     path = tmp_path / "latin1.toml"
     path.write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
-    err = _user_error(capsys, "check", path)
+    err = user_error(capsys, "check", path)
     assert f"{path}: not UTF-8 text" in err
 
 
@@ -164,13 +164,13 @@ def test_config_unreadable(tmp_path, capsys):
     """Issue: an unreadable config file gave a traceback."""
     fifo_dir = tmp_path / "cfg.toml"
     fifo_dir.mkdir()
-    err = _user_error(capsys, "compress", fifo_dir)
+    err = user_error(capsys, "compress", fifo_dir)
     assert "is a folder" in err
-    err = _user_error(capsys, "check", tmp_path / "missing.toml")
+    err = user_error(capsys, "check", tmp_path / "missing.toml")
     assert "does not exist" in err
     bad = tmp_path / "bad.toml"
     bad.write_text("x = = 1\n")
-    assert f"{bad}: not valid TOML" in _user_error(capsys, "check", bad)
+    assert f"{bad}: not valid TOML" in user_error(capsys, "check", bad)
 
 
 def test_config_permission_denied(tmp_path, capsys, monkeypatch):
@@ -184,7 +184,7 @@ def test_config_permission_denied(tmp_path, capsys, monkeypatch):
         return real(self)
 
     monkeypatch.setattr(Path, "read_bytes", deny)
-    assert f"cannot read config file {cfg}: Permission denied" in _user_error(capsys, "check", cfg)
+    assert f"cannot read config file {cfg}: Permission denied" in user_error(capsys, "check", cfg)
 
 
 # ---------------------------------------------------------------------- folders
@@ -194,11 +194,11 @@ def test_out_that_is_a_file_fails_before_training(tmp_path, capsys):
     """Issue: --out an existing file failed with a traceback after training."""
     out = tmp_path / "out"
     out.write_text("not a folder")
-    err = _user_error(capsys, "run", _config(tmp_path), "--out", out, "--quiet")
+    err = user_error(capsys, "run", _config(tmp_path), "--out", out, "--quiet")
     assert f"output folder {out} is a file" in err
     assert not list((Path(os.environ["COBLAX_CACHE"]) / "models").glob("*.npz"))  # nothing trained
     under = out / "sub"  # a folder below a file cannot be created either
-    err = _user_error(capsys, "check", tmp_path / "cfg.toml", "--out", under)
+    err = user_error(capsys, "check", tmp_path / "cfg.toml", "--out", under)
     assert f"{out} is a file, not a folder" in err
 
 
@@ -207,7 +207,7 @@ def test_out_and_cache_that_cannot_be_written(tmp_path, capsys):
     """Issue: a read-only --out and an unwritable cache_dir failed after training."""
     ro = Path("/proc/coblax-cannot-write-here")  # refused even to root
     cfg = _config(tmp_path, cache_dir=f'"{ro}"')
-    err = _user_error(capsys, "run", cfg, "--out", ro / "out", "--quiet")
+    err = user_error(capsys, "run", cfg, "--out", ro / "out", "--quiet")
     assert "output folder /proc/coblax-cannot-write-here/out: cannot write in /proc" in err
     assert "cache_dir /proc/coblax-cannot-write-here: cannot write in /proc" in err
     assert "2 problems" in err
@@ -215,7 +215,7 @@ def test_out_and_cache_that_cannot_be_written(tmp_path, capsys):
 
 def test_missing_data_folder_fails_before_work(tmp_path, capsys):
     cfg = _config(tmp_path, data__name='"mnist"', data__dir=f'"{tmp_path / "nodata"}"')
-    err = _user_error(capsys, "check", cfg, "--out", tmp_path / "o")
+    err = user_error(capsys, "check", cfg, "--out", tmp_path / "o")
     assert "data: data directory" in err and "does not exist" in err
 
 
@@ -225,7 +225,7 @@ def test_compress_out_that_is_a_file(tmp_path, capsys):
     out.write_text("x")
     cfg = tmp_path / "c.toml"
     cfg.write_text('model = "mlp"\n')
-    err = _user_error(capsys, "compress", cfg, "--out", out)
+    err = user_error(capsys, "compress", cfg, "--out", out)
     assert f"--out {out} is a file, not a folder" in err
 
 
@@ -234,17 +234,17 @@ def test_compress_out_that_is_a_file(tmp_path, capsys):
 
 def test_table_of_missing_empty_or_partial_folder(tmp_path, capsys):
     """Issue: table of an empty or missing folder or one with only a partial file: traceback."""
-    err = _user_error(capsys, "table", tmp_path / "missing")
+    err = user_error(capsys, "table", tmp_path / "missing")
     assert f"{tmp_path / 'missing'}: no such file or folder" in err
     (tmp_path / "empty").mkdir()
-    assert "no results.json in this folder" in _user_error(capsys, "table", tmp_path / "empty")
+    assert "no results.json in this folder" in user_error(capsys, "table", tmp_path / "empty")
     part = tmp_path / "part"
     part.mkdir()
     rec = {"model": "m", "method": "uniform", "scheme": "tai", "budget_mac": 0.5, "budget_param": 0.5,
            "mac_ratio": 0.4, "param_ratio": 0.4, "acc_before_finetune": 0.5, "acc_after_finetune": 0.6,
            "base_acc": 0.9}
     (part / "results.partial.json").write_text(json.dumps({"records": [rec]}))
-    err = _user_error(capsys, "table", part)
+    err = user_error(capsys, "table", part)
     assert "only results.partial.json (an unfinished run)" in err
     code, out, _ = _run(capsys, "table", part / "results.partial.json")  # the file itself is fine
     assert code == 0 and "| uniform |" in out
@@ -263,7 +263,7 @@ def test_table_of_missing_empty_or_partial_folder(tmp_path, capsys):
 def test_corrupt_results_file_names_its_path(tmp_path, capsys, content, message):
     """Issue: a corrupt results file was reported without its path."""
     (tmp_path / "results.json").write_bytes(content)
-    err = _user_error(capsys, "table", tmp_path)
+    err = user_error(capsys, "table", tmp_path)
     assert f"{tmp_path / 'results.json'}: {message}" in err
 
 
@@ -335,12 +335,12 @@ def _cbx(meta=None):
     return data
 
 
-def _recrc(body: bytes | bytearray) -> bytes:
+def recrc(body: bytes | bytearray) -> bytes:
     body = bytes(body[:-4])
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-def _table_entries(data: bytes):
+def table_entries(data: bytes):
     """(offset of the dims, ndim, coded fields offset or None) of each table entry."""
     n_leaves, meta_len, _table_len = struct.unpack_from("<I", data, 12)[0], *struct.unpack_from("<II", data, 20)
     pos, out = HEADER_BYTES + meta_len, []
@@ -361,13 +361,13 @@ def _table_entries(data: bytes):
 def test_crafted_shape_is_refused_before_allocating():
     """Issue: one changed table byte made the reader allocate 18.7 GiB from an 8.7 KB file."""
     data = _cbx()
-    coded = [e for e in _table_entries(data) if e[2] is not None][0]
+    coded = [e for e in table_entries(data) if e[2] is not None][0]
     forged = bytearray(data)
     forged[coded[0] + 3] = 0x40  # the top byte of the first dimension: 60 -> 2^30 + 60
     tracemalloc.start()
     try:
         with pytest.raises(CbxError, match="beyond .* elements"):
-            decode_cbx(_recrc(forged))
+            decode_cbx(recrc(forged))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -387,12 +387,12 @@ def test_crafted_shape_within_limits_is_refused_by_evaluate(tmp_path, capsys):
     params = {"params": {"fc1": {"kernel": w, "bias": np.zeros(20, np.float32)},
                          "fc2": {"kernel": np.ones((20, 10), np.float32), "bias": np.zeros(10, np.float32)}}}
     data, _ = encode_cbx(params, {"params/fc1/kernel": LeafCoding(cb, index_bits=4)}, meta)
-    coded = [e for e in _table_entries(data) if e[2] is not None][0]
+    coded = [e for e in table_entries(data) if e[2] is not None][0]
     forged = bytearray(data)
     forged[coded[0] + 1] = 0x10  # 60 -> 4156 rows
     path = tmp_path / "forged.cbx"
-    path.write_bytes(_recrc(forged))
-    err = _user_error(capsys, "evaluate", path)
+    path.write_bytes(recrc(forged))
+    err = user_error(capsys, "evaluate", path)
     assert "params/fc1/kernel is (4156, 20) in the file, (60, 20) in the model" in err
 
 
@@ -400,7 +400,7 @@ def test_crafted_shape_within_limits_is_refused_by_evaluate(tmp_path, capsys):
 def test_crafted_entry_counts_are_checked_against_the_streams(field, value):
     """Declared entry / nonzero counts / stream lengths cannot make the reader allocate."""
     data = _cbx()
-    coded = [e for e in _table_entries(data) if e[2] is not None][0]
+    coded = [e for e in table_entries(data) if e[2] is not None][0]
     fmt = "<BBBIQQQQ"
     fields = list(struct.unpack_from(fmt, data, coded[2]))
     fields[field] = value
@@ -409,7 +409,7 @@ def test_crafted_entry_counts_are_checked_against_the_streams(field, value):
     tracemalloc.start()
     try:
         with pytest.raises(CbxError):
-            decode_cbx(_recrc(forged))
+            decode_cbx(recrc(forged))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -418,11 +418,11 @@ def test_crafted_entry_counts_are_checked_against_the_streams(field, value):
 
 def test_huge_declared_raw_leaf_refused():
     data = _cbx()
-    raw = [e for e in _table_entries(data) if e[2] is None][0]
+    raw = [e for e in table_entries(data) if e[2] is None][0]
     forged = bytearray(data)
     struct.pack_into("<I", forged, raw[0], 0xFFFFFFFF)
     with pytest.raises(CbxError):
-        decode_cbx(_recrc(forged))
+        decode_cbx(recrc(forged))
     assert MAX_ELEMENTS < 0xFFFFFFFF
 
 
@@ -445,7 +445,7 @@ def test_metadata_types_checked(tmp_path, capsys, meta, message):
         decode_cbx(data)
     path = tmp_path / "m.cbx"
     path.write_bytes(data)
-    assert message in _user_error(capsys, "evaluate", path)
+    assert message in user_error(capsys, "evaluate", path)
 
 
 def test_metadata_as_crafted_text_with_recomputed_crc():
@@ -456,21 +456,21 @@ def test_metadata_as_crafted_text_with_recomputed_crc():
     assert len(new) == len(text)
     data[HEADER_BYTES:HEADER_BYTES + meta_len] = new
     with pytest.raises(CbxError, match="'dataset' must be an object"):
-        decode_cbx(_recrc(data))
+        decode_cbx(recrc(data))
 
 
 def test_evaluate_missing_path_folder_or_foreign_file(tmp_path, capsys):
     """Issue: `coblax evaluate` of a missing path or a folder gave a traceback."""
-    assert f"{tmp_path / 'no.cbx'}: no such file" in _user_error(capsys, "evaluate", tmp_path / "no.cbx")
-    assert "is a folder; expected a .cbx file" in _user_error(capsys, "evaluate", tmp_path)
+    assert f"{tmp_path / 'no.cbx'}: no such file" in user_error(capsys, "evaluate", tmp_path / "no.cbx")
+    assert "is a folder; expected a .cbx file" in user_error(capsys, "evaluate", tmp_path)
     (tmp_path / "x.cbx").write_bytes(b"PK\x03\x04" + b"\0" * 64)
-    assert "not a .cbx file" in _user_error(capsys, "evaluate", tmp_path / "x.cbx")
+    assert "not a .cbx file" in user_error(capsys, "evaluate", tmp_path / "x.cbx")
     (tmp_path / "nometa.cbx").write_bytes(_cbx())
-    assert "metadata lacks 'model'" in _user_error(capsys, "evaluate", tmp_path / "nometa.cbx")
+    assert "metadata lacks 'model'" in user_error(capsys, "evaluate", tmp_path / "nometa.cbx")
     bad_model = {"model": {"name": "mlp", "options": {"hidden": [0]}}, "num_classes": 10,
                  "input_shape": [8, 8, 1], "dataset": {"name": "digits"}}
     (tmp_path / "badmodel.cbx").write_bytes(_cbx(bad_model))
-    assert "layer sizes must be >= 1" in _user_error(capsys, "evaluate", tmp_path / "badmodel.cbx")
+    assert "layer sizes must be >= 1" in user_error(capsys, "evaluate", tmp_path / "badmodel.cbx")
 
 
 # ------------------------------------------------------------------- hypothesis

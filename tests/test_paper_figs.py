@@ -11,7 +11,7 @@ import paper_figs
 from paper_figs.__main__ import main
 
 
-def _run_payload():
+def run_payload():
     recs = []
     for seed in (0, 1):
         for method in ("cobla", "uniform"):
@@ -73,7 +73,7 @@ def _studies():
 @pytest.fixture
 def results(tmp_path):
     paths = []
-    for i, payload in enumerate([_run_payload(), *_studies()]):
+    for i, payload in enumerate([run_payload(), *_studies()]):
         d = tmp_path / f"r{i}"
         d.mkdir()
         (d / "results.json").write_text(json.dumps(payload))
@@ -132,7 +132,7 @@ def test_bad_input(tmp_path, capsys):
 
 def test_relaxed_vs_rounded_names_missing_masks(tmp_path, capsys):
     # Run records, but no COBLA record with the masks (results written before they were saved).
-    payload = _run_payload()
+    payload = run_payload()
     for r in payload["records"]:
         r.pop("diagnostics", None)
     (tmp_path / "results.json").write_text(json.dumps(payload))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from test_paper_figs import _run_payload
+from test_paper_figs import run_payload
 
 from paper_figs.__main__ import main
 
@@ -41,7 +41,7 @@ def test_traversal_and_absolute_run_names_land_under_out(tmp_path, capsys):
 
 def test_failed_record_is_listed_and_every_figure_still_drawn(tmp_path, capsys):
     """Finding 4: one failed record (accuracies null) made paper_figs exit 1 with a TypeError."""
-    payload = _run_payload()
+    payload = run_payload()
     failed = dict(payload["records"][0], status="failed", error="finetune cobla: loss is not finite (nan)",
                   acc_before_finetune=None, acc_after_finetune=None, mac_ratio=None, param_ratio=None, ranks=None)
     payload["records"][0] = failed
@@ -56,7 +56,7 @@ def test_failed_record_is_listed_and_every_figure_still_drawn(tmp_path, capsys):
 
 
 def test_bad_record_schema_exits_2_naming_the_field(tmp_path, capsys):
-    payload = _run_payload()
+    payload = run_payload()
     payload["records"][1]["ranks"] = "48"
     (tmp_path / "results.json").write_text(json.dumps(payload))
     assert main([str(tmp_path / "results.json"), "--out", str(tmp_path / "figs")]) == 2

@@ -6,11 +6,11 @@ import pytest
 from coblax import allocate, finetune
 from coblax.lowrank.decompose import factorize_whitened, get_kernel, input_grams, trace_layers
 from coblax.nn.train import evaluate
-from tests.test_api import EVAL, RULES, _trained
+from tests.test_api import EVAL, RULES, trained_lenet
 
 
 def test_allocate_recalibrates_batchnorm_statistics():
-    model, _, variables, data = _trained()
+    model, _, variables, data = trained_lenet()
     obj = (data.x_train[:256], data.y_train[:256])
     plain = allocate(model, variables, obj, rules=RULES, mac=0.3, param=0.3, method="pos_greedy", apply_kwargs=EVAL)
     recal = allocate(model, variables, obj, rules=RULES, mac=0.3, param=0.3, method="pos_greedy", apply_kwargs=EVAL,
@@ -37,7 +37,7 @@ def _leaves(tree):
 
 @pytest.mark.parametrize("bad", [-1, 2.5])
 def test_recalibrate_bn_must_be_a_batch_count(bad):
-    model, _, variables, data = _trained()
+    model, _, variables, data = trained_lenet()
     with pytest.raises(ValueError, match="recalibrate_bn"):
         allocate(model, variables, (data.x_train[:64], data.y_train[:64]), rules=RULES, mac=0.5, param=0.5,
                  method="uniform", apply_kwargs=EVAL, recalibrate_bn=bad)
@@ -48,7 +48,7 @@ def test_balf_allocates_on_the_whitened_spectrum():
     from coblax.baselines.balf import BALF
     from coblax.lowrank.costs import make_problem, network_cost
 
-    model, _, variables, data = _trained()
+    model, _, variables, data = trained_lenet()
     x, y = data.x_train[:200], data.y_train[:200]
     rules = [("dw", "skip"), ("conv.*", "tai"), ("fc1", "dense")]
     result = allocate(model, variables, (x, y), rules=rules, mac=0.4, param=0.4, method="balf", apply_kwargs=EVAL)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from coblax.app.cli import main
-from tests.test_cli import TINY, _write
+from tests.test_cli import TINY, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bad_peer_options_exit_2(tmp_path, capsys, extra, message):
     text = TINY.format(extra="").replace('methods = ["cobla", "uniform"]', 'methods = ["alds", "lc", "balf"]')
     out = tmp_path / "out"
-    assert main(["run", str(_write(tmp_path, text + extra + "\n")), "--out", str(out), "--quiet"]) == 2
+    assert main(["run", str(write_config(tmp_path, text + extra + "\n")), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert not out.exists()
@@ -35,7 +35,7 @@ def test_bad_peer_options_exit_2(tmp_path, capsys, extra, message):
 def test_negative_recalibrate_bn_exits_2(tmp_path, capsys):
     text = TINY.format(extra="").replace("[finetune]\nepochs = 1", "[finetune]\nepochs = 1\nrecalibrate_bn = -1")
     out = tmp_path / "out"
-    assert main(["run", str(_write(tmp_path, text)), "--out", str(out), "--quiet"]) == 2
+    assert main(["run", str(write_config(tmp_path, text)), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "finetune.recalibrate_bn" in err and "Traceback" not in err, err
 

@@ -40,7 +40,7 @@ class Mlp(nn.Module):
         return nn.Dense(10, name="head")(x)
 
 
-def _result(dtype=np.float32, counter=None):
+def make_result(dtype=np.float32, counter=None):
     counter = np.int32(0) if counter is None else counter
     rng = np.random.default_rng(0)
     params = {"fc1": {"bias": rng.normal(size=16).astype(dtype)},
@@ -54,7 +54,7 @@ def _result(dtype=np.float32, counter=None):
 
 def _saved(tmp_path, **kw) -> Path:
     path = tmp_path / "net.npz"
-    save_factored(path, _result(**kw), meta={"accuracy": 0.5})
+    save_factored(path, make_result(**kw), meta={"accuracy": 0.5})
     return path
 
 
@@ -78,7 +78,7 @@ def test_round_trip_and_shapes_checked_against_the_model(tmp_path):
     path = _saved(tmp_path)
     net = load_factored(path, Mlp(), example=jnp.zeros((1, 8)))
     x = np.random.default_rng(1).normal(size=(4, 8)).astype(np.float32)
-    p = _result().variables
+    p = make_result().variables
     want = np.maximum(x @ p["factors"]["fc1"]["first"] @ p["factors"]["fc1"]["second"] + p["params"]["fc1"]["bias"], 0)
     want = want @ p["params"]["head"]["kernel"]
     np.testing.assert_allclose(np.asarray(net.apply(net.variables, jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)
@@ -88,7 +88,7 @@ def test_bfloat16_leaves_round_trip_exactly(tmp_path):
     """Defect: bfloat16 leaves were stored as raw |V2 and loaded into a TypeError."""
     path = _saved(tmp_path, dtype=ml_dtypes.bfloat16)
     net = load_factored(path, Mlp())
-    want = _result(dtype=ml_dtypes.bfloat16).variables
+    want = make_result(dtype=ml_dtypes.bfloat16).variables
     got = np.asarray(net.variables["params"]["head"]["kernel"])
     assert got.dtype == ml_dtypes.bfloat16
     assert np.array_equal(got.view(np.uint16), want["params"]["head"]["kernel"].view(np.uint16))
@@ -100,15 +100,15 @@ def test_cbx_int64_leaf_is_kept_exactly_with_x64_off(tmp_path):
     from coblax.app.export_cbx import load_factored_cbx, save_factored_cbx
 
     assert not jax.config.jax_enable_x64
-    save_factored_cbx(tmp_path / "net.cbx", _result(counter=np.int64(2**40 + 3)))
+    save_factored_cbx(tmp_path / "net.cbx", make_result(counter=np.int64(2**40 + 3)))
     net = load_factored_cbx(tmp_path / "net.cbx", Mlp())
     steps = net.variables["counter"]["steps"]
     assert steps.dtype == np.int64 and int(steps) == 2**40 + 3
 
 
-def _bomb(path: Path, n_elements: int) -> None:
+def make_bomb(path: Path, n_elements: int) -> None:
     """An export whose ``head/bias`` deflates from ~0.1 % of its size into n_elements float32 zeros."""
-    src = _result()
+    src = make_result()
     save_factored(path, src)
     with np.load(path) as data:
         content = {k: data[k] for k in data.files if k != "params/head/bias"}
@@ -127,7 +127,7 @@ def _bomb(path: Path, n_elements: int) -> None:
 def test_zip_bomb_refused_before_inflating(tmp_path):
     """Finding 1: a ~0.5 MB .npz inflated a 2^27-element bias (512 MB) into Dense(10)."""
     path = tmp_path / "bomb.npz"
-    _bomb(path, 1 << 27)
+    make_bomb(path, 1 << 27)
     assert path.stat().st_size < 1 << 20
     script = textwrap.dedent(f"""
         import sys
@@ -210,7 +210,7 @@ def test_shapes_checked_against_the_model_before_loading(tmp_path):
 def test_cbx_given_to_load_factored_is_named(tmp_path):
     from coblax.app.export_cbx import save_factored_cbx
 
-    save_factored_cbx(tmp_path / "net.cbx", _result())
+    save_factored_cbx(tmp_path / "net.cbx", make_result())
     with pytest.raises(ExportError, match="net.cbx: a .cbx file; read it with"):
         load_factored(tmp_path / "net.cbx", Mlp())
     renamed = tmp_path / "net2.npz"

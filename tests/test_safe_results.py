@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_faults import _recrc, _table_entries, _user_error
+from test_faults import recrc, table_entries, user_error
 
 from coblax.compress.cbx import MAX_DECODED_BYTES, MAX_ELEMENTS, LeafCoding, encode_cbx
 from helpers import tiny_run_config
@@ -41,7 +41,7 @@ _REC = {"model": "m", "method": "uniform", "scheme": "tai", "budget_mac": 0.5, "
 def test_results_file_beyond_limits_or_schema_exits_2(tmp_path, capsys, text, message):
     """Finding 8: RecursionError, OverflowError, inf/nan printed, one table row per character."""
     (tmp_path / "results.json").write_text(text)
-    err = _user_error(capsys, "table", tmp_path)
+    err = user_error(capsys, "table", tmp_path)
     assert f"{tmp_path / 'results.json'}" in err and message in err
 
 
@@ -53,15 +53,15 @@ def test_check_does_not_call_an_overflowing_folder_complete(tmp_path, capsys, mo
     out.mkdir()
     import dataclasses
 
-    from coblax.app.experiment import _fingerprint, plan_run
+    from coblax.app.experiment import config_fingerprint, plan_run
 
     plan = plan_run(cfg, tmp_path / "clean")  # the same config's fingerprint: only the number is wrong
-    payload = {"config": dataclasses.asdict(plan.cfg), "fingerprint": _fingerprint(dataclasses.asdict(plan.cfg),
+    payload = {"config": dataclasses.asdict(plan.cfg), "fingerprint": config_fingerprint(dataclasses.asdict(plan.cfg),
                                                                                      plan.digest),
                "records": [_REC | {"budget_mac": "@"}]}
     text = json.dumps(payload).replace('"@"', "1" + "0" * 400)
     (out / "results.json").write_text(text)
-    err = _user_error(capsys, "check", cfg, "--out", out)
+    err = user_error(capsys, "check", cfg, "--out", out)
     assert "not a valid results file" in err and "complete" not in err
 
 
@@ -82,7 +82,7 @@ def test_cbx_whose_dataset_does_not_fit_its_input_shape_exits_2(tmp_path, capsys
             "input_shape": [6, 10, 1], "dataset": {"name": "digits"}}
     path = tmp_path / "net.cbx"
     path.write_bytes(_mlp_cbx(meta))
-    err = _user_error(capsys, "evaluate", path)
+    err = user_error(capsys, "evaluate", path)
     assert f"{path}: the model expects inputs [6, 10, 1]" in err and "dataset 'digits' has [8, 8, 1]" in err
 
 
@@ -94,13 +94,13 @@ def test_sparse_leaf_amplification_capped_in_real_memory(tmp_path):
     RSS growth under 200 MB (measured in a subprocess).
     """
     data = _mlp_cbx({})
-    coded = [e for e in _table_entries(data) if e[2] is not None][0]
+    coded = [e for e in table_entries(data) if e[2] is not None][0]
     forged = bytearray(data)
     forged[coded[0] + 2] = 0x40  # first dimension 60 -> 60 + 64 * 65536
     rows = 60 + 64 * 65536
     assert rows * 20 < MAX_ELEMENTS and rows * 20 * 4 > MAX_DECODED_BYTES
     path = tmp_path / "sparse.cbx"
-    path.write_bytes(_recrc(forged))
+    path.write_bytes(recrc(forged))
     script = textwrap.dedent(f"""
         from coblax.compress.cbx import CbxError, read_cbx
         def hwm():  # not getrusage: Linux carries pytest's peak into the child

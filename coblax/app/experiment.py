@@ -468,14 +468,14 @@ def record_key(record: dict) -> tuple:
             None if seed is None else int(seed))
 
 
-def _sweep(cfg: RunConfig, mc: ModelConfig, scheme: str | None = None) -> list[tuple]:
+def sweep_keys(cfg: RunConfig, mc: ModelConfig, scheme: str | None = None) -> list[tuple]:
     """The record keys of one model (and scheme) at ``cfg.seed``."""
     schemes = cfg.decompose.schemes if scheme is None else (scheme,)
     return [(mc.label, s, float(mac), float(par), method, cfg.seed)
             for s in schemes for mac, par in cfg.budgets.pairs() for method in cfg.methods]
 
 
-def _fingerprint(config: dict, digest: str | None) -> dict:
+def config_fingerprint(config: dict, digest: str | None) -> dict:
     """The part of a config (as JSON) and data that determines the records."""
     conf = json.loads(json.dumps(jsonable(config)))
     if not isinstance(conf, dict):
@@ -563,7 +563,7 @@ def _check_out_dir(out: Path, fingerprint: dict | None, force: bool, problems: P
             return None, False
         stored = payload.get("fingerprint")
         if not isinstance(stored, dict):  # written before fingerprints: compare the config
-            stored = _fingerprint(payload.get("config"), None)
+            stored = config_fingerprint(payload.get("config"), None)
         diff = _differences(fingerprint["config"], stored.get("config"))
         if stored.get("data_digest") and stored.get("data_digest") != fingerprint["data_digest"]:
             diff.append("the training data")
@@ -606,13 +606,13 @@ def plan_from_config(
     if reason:
         key = "cache_dir" if cfg.cache_dir else "cache folder ($COBLAX_CACHE or ~/.cache/coblax)"
         problems.add("cache_dir", f"{key} {cache_dir}: {reason}")
-    fingerprint = _fingerprint(dataclasses.asdict(cfg), digest) if config_ok and data is not None else None
+    fingerprint = config_fingerprint(dataclasses.asdict(cfg), digest) if config_ok and data is not None else None
     previous, complete = _check_out_dir(out, fingerprint, force, problems)
     if data is not None and not problems.keys & {"models", "decompose", "budgets"}:
         preflight(cfg, data.input_shape, data.num_classes, problems)
     if problems:
         raise problems.error(source)
-    total = sum(len(_sweep(cfg, mc)) for mc in cfg.models) * len(cfg.seed_list)
+    total = sum(len(sweep_keys(cfg, mc)) for mc in cfg.models) * len(cfg.seed_list)
     return RunPlan(cfg, config_text, data, digest, out, cache_dir, force, previous, complete, total)
 
 
@@ -690,7 +690,7 @@ def _remove_temp_files(folder: Path, pattern: str, min_age_s: float = 0.0) -> in
     return remove_stale_temporaries(folder, pattern, min_age_s)
 
 
-def _failed_record(key: tuple, cfg: RunConfig, err: Exception, base: BaseModel | None) -> dict:
+def failed_record(key: tuple, cfg: RunConfig, err: Exception, base: BaseModel | None) -> dict:
     label, scheme, mac, par, method, seed = key
     return {
         "model": label,
@@ -772,7 +772,7 @@ def _run_locked(plan: RunPlan, config_text: str, progress: bool, on_record: Call
     payload: dict = {
         "config": dataclasses.asdict(cfg),
         "config_text": plan.config_text or config_text,
-        "fingerprint": _fingerprint(dataclasses.asdict(cfg), plan.digest),
+        "fingerprint": config_fingerprint(dataclasses.asdict(cfg), plan.digest),
         "seed": cfg.seed_list[0],
         "seeds": list(cfg.seed_list),
         "versions": versions(),
@@ -823,7 +823,7 @@ def _sweep_records(plan: RunPlan, cfg: RunConfig, data: Dataset, progress: bool,
     """Every seed's records, seed outermost (each seed's data subsets are loaded once)."""
     for seed in cfg.seed_list:
         seed_cfg = dataclasses.replace(cfg, seed=seed)
-        keys = [k for mc in cfg.models for k in _sweep(seed_cfg, mc)]
+        keys = [k for mc in cfg.models for k in sweep_keys(seed_cfg, mc)]
         if all(k in done for k in keys):
             for k in keys:
                 add(done[k], False)
@@ -841,7 +841,7 @@ def _sweep_seed(plan: RunPlan, cfg: RunConfig, data: Dataset, digest: str | None
     """The records of one seed (``cfg.seed``) on that seed's ``data``."""
     objective_data, validation_data = split_objective_data(data, cfg)
     for mc in cfg.models:
-        keys = _sweep(cfg, mc)
+        keys = sweep_keys(cfg, mc)
         if all(k in done for k in keys):
             for k in keys:
                 add(done[k], False)
@@ -854,13 +854,13 @@ def _sweep_seed(plan: RunPlan, cfg: RunConfig, data: Dataset, digest: str | None
                 if k in done:
                     add(done[k], False)
                 else:
-                    add(_failed_record(k, cfg, err, None), True)
+                    add(failed_record(k, cfg, err, None), True)
             continue
         x1 = jnp.asarray(data.x_train[:1])
         traced = trace_layers(base.model, base.params, x1)
         chosen = decomposable_layers(traced, cfg)
         for scheme in cfg.decompose.schemes:
-            keys = _sweep(cfg, mc, scheme)
+            keys = sweep_keys(cfg, mc, scheme)
             if all(k in done for k in keys):
                 for k in keys:
                     add(done[k], False)
@@ -880,7 +880,7 @@ def _sweep_seed(plan: RunPlan, cfg: RunConfig, data: Dataset, digest: str | None
                     record = run_method(method, cfg, base, data, traced, net, full, loss, budget, progress)
                 except (NumericalError, BudgetError) as err:
                     log(f"{mc.label}, {scheme}, {budget[0]:g}/{budget[1]:g}, {method}: failed: {err}")
-                    add(_failed_record(key, cfg, err, base), True)
+                    add(failed_record(key, cfg, err, base), True)
                     continue
                 add({"model": mc.label, "scheme": scheme, "seed": cfg.seed,
                      "spectrum": cfg.decompose.spectrum, "base_cached": base.cached} | record, True)

@@ -63,7 +63,7 @@ from coblax.app.config import (
     read_config_text,
 )
 from coblax.app.experiment import (
-    _fingerprint,
+    config_fingerprint,
     default_cache_dir,
     stop_on_signals,
     train_base_model,
@@ -937,7 +937,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, config_text: str = "", p
     datasets = {s: load_dataset(cfg.data.name, cfg.data.dir, seed=s, limit_train=cfg.data.limit_train,
                                 limit_test=cfg.data.limit_test) for s in cfg.seeds}
     preflight_study(cfg, datasets[cfg.seeds[0]])
-    fingerprint = _fingerprint(dataclasses.asdict(cfg), None)
+    fingerprint = config_fingerprint(dataclasses.asdict(cfg), None)
     previous = _previous_partial(out, fingerprint, force)
     payload: dict = {
         "study": cfg.study,

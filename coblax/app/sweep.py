@@ -190,7 +190,7 @@ class _Context:
             self.scheme = None  # free the previous one first
             data, _ = self.dataset(cfg)
             base = self.base(cfg, mi, cache_dir)
-            objective_data, validation_data = E._split(data, cfg)
+            objective_data, validation_data = E.split_objective_data(data, cfg)
             traced = trace_layers(base.model, base.params, jnp.asarray(data.x_train[:1]))
             chosen = E.decomposable_layers(traced, cfg)
             full = E.decompose_layers(cfg, base, chosen, scheme, objective_data[0])
@@ -214,9 +214,9 @@ def _context() -> _Context:
 
 
 def _crash_record(key: tuple, cfg, err: BaseException | None, cause: str, tb: str | None = None) -> dict:
-    from coblax.app.experiment import _failed_record
+    from coblax.app.experiment import failed_record
 
-    record = _failed_record(key, cfg, err or RuntimeError(cause), None)
+    record = failed_record(key, cfg, err or RuntimeError(cause), None)
     record["error"] = cause
     record["failed_stage"] = "worker"
     if tb:
@@ -231,7 +231,7 @@ def run_job(job: Job) -> dict:
     records of its model when training fails (none when it succeeds); a record job
     returns its record (a ``"failed"`` one, with the traceback, for any exception).
     """
-    from coblax.app.experiment import _failed_record, run_method
+    from coblax.app.experiment import failed_record, run_method
     from coblax.lowrank.allocation import BudgetError
     from coblax.util.errors import NumericalError
 
@@ -248,21 +248,21 @@ def run_job(job: Job) -> dict:
                 ctx.base(cfg, mi, job.cache_dir)
             except NumericalError as err:
                 ctx.logs.append(f"{mc.label}: {err}; its records are marked failed")
-                records = [_failed_record(k, cfg, err, None) for k in job.keys]
+                records = [failed_record(k, cfg, err, None) for k in job.keys]
         else:
             (key,) = job.keys
             _, scheme, mac, par, method, _ = key
             try:
                 base = ctx.base(cfg, mi, job.cache_dir)
             except NumericalError as err:  # only if the cache lost the base model in between
-                return {"records": [_failed_record(key, cfg, err, None)], "log": ctx.logs}
+                return {"records": [failed_record(key, cfg, err, None)], "log": ctx.logs}
             traced, net, full, loss = ctx.decomposition(cfg, mi, scheme, job.cache_dir)
             data, _ = ctx.dataset(cfg)
             try:
                 record = run_method(method, cfg, base, data, traced, net, full, loss, (mac, par), False)
             except (NumericalError, BudgetError) as err:
                 ctx.logs.append(f"{mc.label}, {scheme}, {mac:g}/{par:g}, {method}: failed: {err}")
-                records = [_failed_record(key, cfg, err, base)]
+                records = [failed_record(key, cfg, err, base)]
             else:
                 records = [{"model": mc.label, "scheme": scheme, "seed": cfg.seed,
                             "spectrum": cfg.decompose.spectrum, "base_cached": base.cached} | record]
@@ -473,7 +473,7 @@ class ParallelSweep:
                  add: Callable[[dict, bool], None], log: Callable[[str], None]) -> None:
         from tqdm.auto import tqdm
 
-        from coblax.app.experiment import _sweep
+        from coblax.app.experiment import sweep_keys
 
         env = tuple((k, os.environ[k]) for k in _ENV_KEYS if k in os.environ)
         if cfg.data.dir:  # workers may start elsewhere (Ray): absolute paths only
@@ -487,7 +487,7 @@ class ParallelSweep:
         for seed in cfg.seed_list:
             seed_cfg = dataclasses.replace(cfg, seed=seed)
             for mi, mc in enumerate(cfg.models):
-                keys = _sweep(seed_cfg, mc)
+                keys = sweep_keys(seed_cfg, mc)
                 todo = [k for k in keys if k not in done]
                 for k in keys:
                     if k in done:
@@ -584,9 +584,9 @@ __all__ += ["Job", "LocalBackend", "RayBackend", "sweep_for"]
 
 def record_order(cfg) -> dict[tuple, int]:
     """Record key -> position in the serial run's order (seed, model, scheme, budget, method)."""
-    from coblax.app.experiment import _sweep
+    from coblax.app.experiment import sweep_keys
 
-    keys = [k for seed in cfg.seed_list for mc in cfg.models for k in _sweep(dataclasses.replace(cfg, seed=seed), mc)]
+    keys = [k for seed in cfg.seed_list for mc in cfg.models for k in sweep_keys(dataclasses.replace(cfg, seed=seed), mc)]
     return {k: i for i, k in enumerate(keys)}
 
 

@@ -36,6 +36,7 @@ from jax import lax
 
 __all__ = [
     "SCHEMES",
+    "matricize",
     "SPECTRA",
     "input_grams",
     "factorize_whitened",
@@ -191,7 +192,7 @@ def get_kernel(params: Any, name: str) -> jnp.ndarray:
     return node["kernel"]
 
 
-def _matricize(kernel: np.ndarray, kind: str, scheme: str) -> np.ndarray:
+def matricize(kernel: np.ndarray, kind: str, scheme: str) -> np.ndarray:
     if kind == "dense":
         return kernel
     X, Y, C, N = kernel.shape
@@ -229,7 +230,7 @@ def factorize(kernel: np.ndarray, layer: TracedLayer, scheme: str) -> Factors:
     """SVD of the matricized kernel, arranged as two kernels (singular values apart)."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
-    mat = _matricize(np.asarray(kernel, dtype=np.float64), layer.kind, scheme)
+    mat = matricize(np.asarray(kernel, dtype=np.float64), layer.kind, scheme)
     u, s, vt = np.linalg.svd(mat, full_matrices=False)
     return _arrange(u, s, vt, layer, scheme, np.asarray(kernel).dtype)
 
@@ -480,7 +481,7 @@ def factorize_whitened(
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
-    mat = _matricize(np.asarray(kernel, dtype=np.float64), layer.kind, scheme)
+    mat = matricize(np.asarray(kernel, dtype=np.float64), layer.kind, scheme)
     g = np.asarray(gram, np.float64)
     if g.shape != (mat.shape[0], mat.shape[0]):
         raise ValueError(f"layer {layer.name}: Gram matrix {g.shape} does not match the kernel's rows {mat.shape[0]}")

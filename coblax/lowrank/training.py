@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from coblax.lowrank.decompose import _matricize
+from coblax.lowrank.decompose import matricize
 from coblax.util.errors import NumericalError
 
 __all__ = ["NetworkTrainer", "attach_trainer", "unmatricize"]
@@ -112,7 +112,7 @@ class NetworkTrainer:
         """Each decomposable kernel matricized as in the problem (float64)."""
         params = (variables or self.variables)["params"]
         return {
-            n: _matricize(np.asarray(_get(params, n), np.float64), *self.layers[n]) for n in self.names
+            n: matricize(np.asarray(_get(params, n), np.float64), *self.layers[n]) for n in self.names
         }
 
     def to_kernels(self, matrices: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
