@@ -134,8 +134,8 @@ class Compressed:
 
 def allocate(
     model: Any,
-    variables: Mapping[str, Any],
-    objective_data: tuple[np.ndarray, np.ndarray],
+    variables: Mapping[str, Any] | None = None,
+    objective_data: tuple[np.ndarray, np.ndarray] | None = None,
     *,
     rules: Sequence[tuple[str, str]],
     mac: float,
@@ -157,7 +157,9 @@ def allocate(
     or the whole network's (``basis="network"``).
 
     Args:
-      model, variables: any Flax linen model and its variables (all collections).
+      model, variables: any Flax linen model and its variables (all collections), or
+        a ``flax.nnx`` module with ``variables`` omitted (``allocate(model, (x, y),
+        ...)``: it carries its state; see :mod:`coblax.lowrank.nnx_api`).
       objective_data: (x, y) training examples for COBLA's objective E(m); ``x[:1]``
         traces the network.
       rules: ordered (regex, scheme) pairs, see the module docstring.
@@ -183,6 +185,13 @@ def allocate(
     for label, value in (("mac", mac), ("param", param)):
         if not 0.0 < float(value) <= 1.0:
             raise ValueError(f"budget {label}={value!r} must be in (0, 1]")
+    from coblax.lowrank import nnx_api  # flax.nnx models: allocate(model, (x, y), ...)
+
+    variables, objective_data = nnx_api.check_model_args(model, variables, objective_data)
+    if variables is None:
+        return nnx_api.allocate_nnx(model, objective_data, rules=rules, mac=mac, param=param, method=method,
+                                    basis=basis, validation_data=validation_data, apply_kwargs=apply_kwargs,
+                                    seed=seed, min_rank=min_rank, batch_size=batch_size, **method_options)
     apply_kwargs = dict(apply_kwargs or {})
     x_obj = np.asarray(objective_data[0])
     traced = trace_layers(model, variables, jnp.asarray(x_obj[:1]), apply_kwargs)
@@ -248,8 +257,15 @@ def finetune(
     ``train_kwargs`` put the model in training mode (``{"train": True}``); every
     collection other than ``params`` and ``factors`` is state updated by the model
     (BatchNorm's running statistics), and ``rng_streams`` get fresh keys each step.
-    Returns the same result with the fine-tuned variables.
+    Returns the same result with the fine-tuned variables. An nnx result is trained
+    with ``nnx.Optimizer`` (:func:`coblax.lowrank.nnx_api.finetune_nnx`;
+    ``rng_streams`` does not apply: dropout draws from the model's own ``Rngs``).
     """
+    from coblax.lowrank import nnx_api
+
+    if nnx_api.is_nnx_module(result.model):
+        return nnx_api.finetune_nnx(result, x, y, train_kwargs=train_kwargs, epochs=epochs, batch_size=batch_size,
+                                    learning_rate=learning_rate, optimizer=optimizer, seed=seed, progress=progress)
     state = tuple(k for k in result.variables if k not in ("params", "factors"))
     apply = functools.partial(result.apply_fn, **dict(train_kwargs or {}))
     variables = fit(apply, result.variables, x, y, epochs=epochs, batch_size=batch_size,
