@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coblax.lowrank.decompose import _as_tuple, _explicit_pads, layer_key
+from coblax.lowrank.nnx_adapter import is_nnx_module
 from coblax.util import flatten_tree, to_numpy_tree, unflatten_tree, write_bytes_atomic
 
 __all__ = [
@@ -89,6 +90,10 @@ def save_factored(path: str | os.PathLike, result: Any, *, variables: Any = None
     Returns:
       The file's size in bytes.
     """
+    if is_nnx_module(result.model):  # a flax.nnx network: its own format
+        from coblax.lowrank.nnx_export import save_factored_nnx
+
+        return save_factored_nnx(path, result, variables=variables, meta=meta)
     variables = result.variables if variables is None else variables
     header = export_header(result, meta, FORMAT)
     arrays = flatten_tree(to_numpy_tree(exported_variables(variables)))
@@ -166,8 +171,13 @@ def load_factored(path: str | os.PathLike, model: Any) -> Exported:
     """Read a file written by :func:`save_factored` and rebuild the network.
 
     ``model`` is the same Flax model definition that was compressed (its code
-    unchanged); nothing else of the original is needed.
+    unchanged); nothing else of the original is needed. For a flax.nnx model pass a
+    fresh instance (:func:`coblax.lowrank.nnx_export.load_factored_nnx`).
     """
+    if is_nnx_module(model):
+        from coblax.lowrank.nnx_export import load_factored_nnx
+
+        return load_factored_nnx(path, model)
     with np.load(path, allow_pickle=False) as data:
         if _HEADER not in data.files:
             raise ValueError(f"{path}: not a coblax factored export (no {_HEADER} header)")

@@ -47,6 +47,7 @@ __all__ = [
     "LAYER_TYPES",
     "is_nnx_module",
     "find_layers",
+    "replace_layers",
     "hooked_copy",
     "factored_calls",
     "trace_nnx",
@@ -97,7 +98,7 @@ def _edges(root: Any) -> Iterator[tuple[Any, Any, Any]]:
             stack.append(child)
 
 
-def _replace(root: nnx.Module, new: Mapping[int, nnx.Module], names: Mapping[int, str]) -> None:
+def replace_layers(root: nnx.Module, new: Mapping[int, nnx.Module], names: Mapping[int, str]) -> None:
     """Replace, in place, every reference to the nodes ``id -> new node`` in ``root``'s graph.
 
     Raises:
@@ -108,10 +109,10 @@ def _replace(root: nnx.Module, new: Mapping[int, nnx.Module], names: Mapping[int
     for parent, key, child in list(_edges(root)):
         if id(child) not in new:
             continue
-        if isinstance(parent, nnx.Module):
-            setattr(parent, key, new[id(child)])
-        else:
+        if hasattr(parent, "__setitem__"):  # nnx.List, nnx.Dict
             parent[key] = new[id(child)]
+        else:
+            setattr(parent, key, new[id(child)])
         hit.add(id(child))
     missed = [names[i] for i in new if i not in hit]
     if missed:
@@ -151,7 +152,7 @@ def hooked_copy(model: nnx.Module, names: Collection[str] | None = None) -> nnx.
     copy.eval()
     layers = find_layers(copy)
     chosen = {n: l for n, l in layers.items() if names is None or n in names}
-    _replace(copy, {id(l): _Hook(l, n) for n, l in chosen.items()}, {id(l): n for n, l in chosen.items()})
+    replace_layers(copy, {id(l): _Hook(l, n) for n, l in chosen.items()}, {id(l): n for n, l in chosen.items()})
     return copy
 
 
@@ -313,5 +314,5 @@ def build_factored(model: nnx.Module, kept: Mapping[str, Factors]) -> nnx.Module
     copy.eval()
     layers = find_layers(copy)
     new = {id(layers[n]): factored_module(layers[n], f) for n, f in kept.items()}
-    _replace(copy, new, {id(layers[n]): n for n in kept})
+    replace_layers(copy, new, {id(layers[n]): n for n in kept})
     return copy
