@@ -78,15 +78,33 @@ def _same(a, b) -> bool:
 # ---------------------------------------------------------------- the zoo twins
 
 
+def _linen_variables(twin: nnx.Module) -> dict:
+    """The linen twin's variables, by path: ``params`` from the Params, ``batch_stats`` from the BatchStats.
+
+    (Built from the nnx twin: ``linen.init`` of ResNet-20 alone takes ~20 s on the
+    shared machine; :func:`load_linen_variables` is checked to invert this exactly.)
+    """
+    out: dict = {}
+    for kind, collection in ((nnx.Param, "params"), (nnx.BatchStat, "batch_stats")):
+        for path, var in nnx.to_flat_state(nnx.state(twin, kind)):
+            node = out.setdefault(collection, {})
+            for part in path[:-1]:
+                node = node.setdefault(str(part), {})
+            node[str(path[-1])] = var[...]
+    return out
+
+
 def _twins(name: str, x: np.ndarray):
     linen = {"lenet5": zoo.LeNet5(), "resnet20": zoo.ResNet20(blocks=1)}[name]
     cls = {"lenet5": zoo_nnx.LeNet5, "resnet20": functools.partial(zoo_nnx.ResNet20, blocks=1)}[name]
-    variables = linen.init(jax.random.PRNGKey(3), jnp.asarray(x[:1]))
-    # non-trivial running statistics, so that copying them is checked too
-    variables = jax.tree_util.tree_map_with_path(
-        lambda p, v: v + 0.1 * jnp.arange(v.size).reshape(v.shape) / v.size if "batch_stats" in str(p[0]) else v,
-        variables)
+    source = cls(x.shape[1:], rngs=nnx.Rngs(3))
+    for path, var in nnx.to_flat_state(nnx.state(source, nnx.BatchStat)):  # non-trivial running statistics
+        var[...] = var[...] + 0.1 * jnp.arange(var[...].size, dtype=jnp.float32) / var[...].size + 0.05 * len(path)
+    variables = _linen_variables(source)
+    assert jax.tree.structure(variables) == jax.tree.structure(
+        jax.eval_shape(linen.init, jax.random.PRNGKey(0), jnp.asarray(x[:1])))
     twin = zoo_nnx.load_linen_variables(cls(x.shape[1:], rngs=nnx.Rngs(0)), variables)
+    assert _same(nnx.state(twin), nnx.state(source))
     return linen, variables, twin
 
 
