@@ -38,6 +38,7 @@ from coblax.lowrank.costs import NetworkCost, make_problem, network_cost
 from coblax.lowrank.decompose import SCHEMES, Factors, TracedLayer, apply_fn_for, factorize, get_kernel, trace_layers
 from coblax.lowrank.factored import factored_variables, truncate_allocation
 from coblax.lowrank.objective import NetworkLoss
+from coblax.lowrank.rank_multiple import check_rank_multiple, multiple_floor, with_rank_multiple
 from coblax.lowrank.registry import get_allocator
 from coblax.nn.train import fit
 
@@ -147,6 +148,7 @@ def allocate(
     seed: int = 0,
     min_rank: int = 1,
     batch_size: int = 250,
+    rank_multiple: int = 1,
     **method_options: Any,
 ) -> Compressed:
     """Allocate per-layer ranks of ``model`` under MAC and parameter budgets.
@@ -172,6 +174,9 @@ def allocate(
       seed: seeds the allocator's randomness (COBLA's rounding).
       min_rank: the smallest rank any decomposed layer may get.
       batch_size: batch size inside COBLA's jitted objective.
+      rank_multiple: every factored rank a multiple of this (full rank excepted), for
+        every allocator (:mod:`coblax.lowrank.rank_multiple`); ``min_rank`` is rounded
+        up to a multiple. Below 1, or above a decomposed layer's full rank, is a ValueError.
       **method_options: the allocator's own options (``max_iter=``, ``roundings=``...).
 
     Returns:
@@ -191,7 +196,8 @@ def allocate(
     if variables is None:
         return nnx_api.allocate_nnx(model, objective_data, rules=rules, mac=mac, param=param, method=method,
                                     basis=basis, validation_data=validation_data, apply_kwargs=apply_kwargs,
-                                    seed=seed, min_rank=min_rank, batch_size=batch_size, **method_options)
+                                    seed=seed, min_rank=min_rank, batch_size=batch_size,
+                                    rank_multiple=rank_multiple, **method_options)
     apply_kwargs = dict(apply_kwargs or {})
     x_obj = np.asarray(objective_data[0])
     traced = trace_layers(model, variables, jnp.asarray(x_obj[:1]), apply_kwargs)
@@ -205,12 +211,13 @@ def allocate(
     }
     net = network_cost(traced, variables, {n: np.asarray(f.sigma) for n, f in full.items()},
                        {n: f.scheme for n, f in full.items()})
-    problem = make_problem(net, float(mac), float(param), basis, min_rank=min_rank, seed=seed)
+    k = check_rank_multiple(rank_multiple, net.layers)  # ranks in multiples of k (coblax.lowrank.rank_multiple)
+    problem = make_problem(net, float(mac), float(param), basis, min_rank=multiple_floor(min_rank, k), seed=seed)
     loss = NetworkLoss(model, variables, full, (x_obj, np.asarray(objective_data[1])),
                        None if validation_data is None else tuple(np.asarray(a) for a in validation_data),
                        batch_size=batch_size, apply_kwargs=apply_kwargs)
     problem = dataclasses.replace(problem, loss=loss)
-    allocation = get_allocator(method, **method_options)(problem)
+    allocation = with_rank_multiple(get_allocator(method, **method_options), k)(problem)
     if not is_feasible(problem, allocation.ranks):
         raise AssertionError(f"method {method} returned ranks that break the budget: {allocation.ranks}")
     kept, ranks = truncate_allocation(net, full, allocation)

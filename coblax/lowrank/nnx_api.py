@@ -35,6 +35,7 @@ from coblax.lowrank.decompose import SCHEMES, Factors, factorize
 from coblax.lowrank.factored import truncate_allocation
 from coblax.lowrank.nnx_adapter import build_factored, factored_calls, find_layers, hooked_copy, is_nnx_module, trace_nnx
 from coblax.lowrank.objective import NetworkLoss, _batch_stack
+from coblax.lowrank.rank_multiple import check_rank_multiple, multiple_floor, with_rank_multiple
 from coblax.lowrank.registry import get_allocator
 from coblax.nn.train_nnx import NnxApply, fit_nnx
 
@@ -145,6 +146,7 @@ def allocate_nnx(
     seed: int = 0,
     min_rank: int = 1,
     batch_size: int = 250,
+    rank_multiple: int = 1,
     **method_options: Any,
 ) -> Compressed:
     """:func:`coblax.allocate` for an nnx model (see there for the arguments).
@@ -167,12 +169,13 @@ def allocate_nnx(
     }
     net = network_cost(traced, {"params": nnx.state(model, nnx.Param)},
                        {n: np.asarray(f.sigma) for n, f in full.items()}, {n: f.scheme for n, f in full.items()})
-    problem = make_problem(net, float(mac), float(param), basis, min_rank=min_rank, seed=seed)
+    k = check_rank_multiple(rank_multiple, net.layers)  # ranks in multiples of k (coblax.lowrank.rank_multiple)
+    problem = make_problem(net, float(mac), float(param), basis, min_rank=multiple_floor(min_rank, k), seed=seed)
     loss = NnxNetworkLoss(model, full, (x_obj, np.asarray(objective_data[1])),
                           None if validation_data is None else tuple(np.asarray(a) for a in validation_data),
                           batch_size=batch_size, apply_kwargs=apply_kwargs)
     problem = dataclasses.replace(problem, loss=loss)
-    allocation = get_allocator(method, **method_options)(problem)
+    allocation = with_rank_multiple(get_allocator(method, **method_options), k)(problem)
     if not is_feasible(problem, allocation.ranks):
         raise AssertionError(f"method {method} returned ranks that break the budget: {allocation.ranks}")
     kept, ranks = truncate_allocation(net, full, allocation)
