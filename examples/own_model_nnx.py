@@ -12,7 +12,7 @@ as a safe ``.npz``, load it back into a fresh instance of this file's model and 
 the accuracy is the same.
 
 Usage (a few minutes on 2 CPU cores):
-    python examples/own_model_nnx.py [--data-dir DIR] [--out DIR] [--train N] [--budget 0.4]
+    python examples/own_model_nnx.py [--data-dir DIR] [--out DIR] [--train N] [--budget 0.4] [--rank-multiple 8]
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=6000, help="training examples used")
     ap.add_argument("--budget", type=float, default=0.4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rank-multiple", type=int, default=1, help="every factored rank a multiple of this")
     args = ap.parse_args()
     start = time.perf_counter()
     try:
@@ -92,7 +93,7 @@ def main() -> None:
     rows = []
     for method, options in (("cobla", {"max_iter": 40, "roundings": 5}), ("uniform", {})):
         result = allocate(model, objective, rules=RULES, mac=args.budget, param=args.budget, method=method,
-                          validation_data=validation, seed=args.seed, **options)
+                          validation_data=validation, seed=args.seed, rank_multiple=args.rank_multiple, **options)
         before = evaluate(result.apply, result.variables, data.x_test, data.y_test)
         result = finetune(result, data.x_train, data.y_train, epochs=1, learning_rate=3e-4, seed=args.seed)
         after = evaluate(result.apply, result.variables, data.x_test, data.y_test)
