@@ -7,15 +7,21 @@ import math
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import blobs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coblax import allocate
 from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, is_feasible
-from coblax.lowrank.rank_multiple import (GroupedLoss, check_rank_multiple, grouped_layer, grouped_problem,
-                                          multiple_floor, with_rank_multiple)
+from coblax.lowrank.rank_multiple import (
+    GroupedLoss,
+    check_rank_multiple,
+    grouped_layer,
+    grouped_problem,
+    multiple_floor,
+    with_rank_multiple,
+)
 from coblax.lowrank.registry import allocator_names, get_allocator
-from helpers import blobs
 
 
 def _layer(name, rows, cols, spatial=1, seed=0):
@@ -59,7 +65,7 @@ def test_grouped_loss_is_the_chain_rule():
     m = np.array([0.5] * 3 + [1.0] * 3 + [0.2] + [0.9] * 3 + [0.3])
     value, grad = loss.value_and_grad(mg)
     assert value == pytest.approx(np.sum(w * m ** 2))
-    groups = [range(0, 3), range(3, 6), range(6, 7), range(7, 10), range(10, 11)]
+    groups = [range(3), range(3, 6), range(6, 7), range(7, 10), range(10, 11)]
     np.testing.assert_allclose(grad, [sum(2 * w[j] * m[j] for j in g) for g in groups])
     assert not hasattr(loss, "value")  # optional parts stay optional
 

@@ -41,19 +41,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from coblax.lowrank.decompose import Factors, TracedLayer, _apply_factors, _as_tuple, _call_pads, _explicit_pads
+from coblax.lowrank.decompose import (
+    Factors,
+    TracedLayer,
+    _apply_factors,
+    _as_tuple,
+    _call_pads,
+    _explicit_pads,
+)
 
 __all__ = [
     "LAYER_TYPES",
-    "is_nnx_module",
-    "find_layers",
-    "replace_layers",
-    "hooked_copy",
-    "factored_calls",
-    "trace_nnx",
     "Factored",
-    "factored_module",
     "build_factored",
+    "factored_calls",
+    "factored_module",
+    "find_layers",
+    "hooked_copy",
+    "is_nnx_module",
+    "replace_layers",
+    "trace_nnx",
 ]
 
 #: The nnx layers coblax decomposes (and their subclasses), as nn.Dense / nn.Conv in linen.
@@ -287,8 +294,8 @@ def factored_module(layer: nnx.Module, f: Factors) -> Factored:
     ``f.first`` / ``f.second`` become their kernels and the original bias the second's.
     """
     rank = int(np.shape(f.first)[-1])
-    common = dict(dtype=layer.dtype, param_dtype=layer.param_dtype, precision=layer.precision,
-                  rngs=nnx.Rngs(0))
+    common = {"dtype": layer.dtype, "param_dtype": layer.param_dtype, "precision": layer.precision,
+              "rngs": nnx.Rngs(0)}
     if f.kind == "dense":
         first = nnx.Linear(layer.in_features, rank, use_bias=False, **common)
         second = nnx.Linear(rank, layer.out_features, use_bias=layer.use_bias, **common)

@@ -33,13 +33,20 @@ from coblax.lowrank.api import Compressed, select_layers
 from coblax.lowrank.costs import make_problem, network_cost
 from coblax.lowrank.decompose import SCHEMES, Factors, factorize
 from coblax.lowrank.factored import truncate_allocation
-from coblax.lowrank.nnx_adapter import build_factored, factored_calls, find_layers, hooked_copy, is_nnx_module, trace_nnx
+from coblax.lowrank.nnx_adapter import (
+    build_factored,
+    factored_calls,
+    find_layers,
+    hooked_copy,
+    is_nnx_module,
+    trace_nnx,
+)
 from coblax.lowrank.objective import NetworkLoss, _batch_stack
 from coblax.lowrank.rank_multiple import check_rank_multiple, multiple_floor, with_rank_multiple
 from coblax.lowrank.registry import get_allocator
 from coblax.nn.train_nnx import NnxApply, fit_nnx
 
-__all__ = ["check_model_args", "NnxNetworkLoss", "allocate_nnx", "finetune_nnx"]
+__all__ = ["NnxNetworkLoss", "allocate_nnx", "check_model_args", "finetune_nnx"]
 
 
 def _is_pair(obj: Any) -> bool:

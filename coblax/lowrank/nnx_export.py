@@ -36,10 +36,10 @@ from flax import nnx
 
 from coblax.lowrank.decompose import Factors
 from coblax.lowrank.export import Exported, export_header
-from coblax.lowrank.nnx_adapter import factored_module, replace_layers, find_layers
+from coblax.lowrank.nnx_adapter import factored_module, find_layers, replace_layers
 from coblax.util import write_bytes_atomic
 
-__all__ = ["NNX_FORMAT", "NnxExported", "save_factored_nnx", "load_factored_nnx"]
+__all__ = ["NNX_FORMAT", "NnxExported", "load_factored_nnx", "save_factored_nnx"]
 
 NNX_FORMAT = "coblax-factored-nnx-1"
 _HEADER = "__coblax__"

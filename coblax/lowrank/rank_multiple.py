@@ -38,8 +38,15 @@ import numpy as np
 
 from coblax.lowrank.allocation import Allocation, AllocationProblem, Allocator, LayerCost
 
-__all__ = ["check_rank_multiple", "multiple_floor", "grouped_layer", "grouped_problem", "GroupedLoss",
-           "expand_allocation", "with_rank_multiple"]
+__all__ = [
+    "GroupedLoss",
+    "check_rank_multiple",
+    "expand_allocation",
+    "grouped_layer",
+    "grouped_problem",
+    "multiple_floor",
+    "with_rank_multiple",
+]
 
 
 def check_rank_multiple(k: Any, layers: Sequence[LayerCost] = ()) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["LeNet5", "BasicBlock", "ResNet20", "load_linen_variables"]
+__all__ = ["BasicBlock", "LeNet5", "ResNet20", "load_linen_variables"]
 
 
 def _pool(x: jnp.ndarray) -> jnp.ndarray:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from coblax.nn.train import _LossWatch, cross_entropy, evaluate, make_optimizer, tree_all_finite
 from coblax.util.errors import NumericalError
 
-__all__ = ["NnxApply", "fit_nnx", "evaluate_nnx", "eval_apply"]
+__all__ = ["NnxApply", "eval_apply", "evaluate_nnx", "fit_nnx"]
 
 
 @dataclasses.dataclass(frozen=True)
