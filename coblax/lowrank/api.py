@@ -52,6 +52,7 @@ from coblax.lowrank.decompose import (
 )
 from coblax.lowrank.factored import factored_variables, truncate_allocation
 from coblax.lowrank.objective import NetworkLoss
+from coblax.lowrank.rank_multiple import check_rank_multiple, multiple_floor, with_rank_multiple
 from coblax.lowrank.registry import get_allocator
 from coblax.lowrank.spectra import allocator_spectrum, whitened_factors
 from coblax.lowrank.training import attach_trainer
@@ -109,12 +110,16 @@ _STATIC = {"pytree_node": False}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _HeldAllocation(Allocation):
+class HeldAllocation(Allocation):
     """An :class:`Allocation` compared by identity, so that it can be static PyTree
     metadata: its arrays (masks, relaxed m) have no single truth value to compare."""
 
     __eq__ = object.__eq__
     __hash__ = object.__hash__
+
+    @classmethod
+    def of(cls, allocation: Allocation) -> HeldAllocation:
+        return cls(**{f.name: getattr(allocation, f.name) for f in dataclasses.fields(Allocation)})
 
 
 @struct.dataclass(eq=False)
@@ -210,8 +215,8 @@ def _legacy_options_error(options: Mapping[str, Any]) -> TypeError:
 
 def allocate(
     model: Any,
-    variables: Mapping[str, Any],
-    data: tuple[np.ndarray, np.ndarray],
+    variables: Mapping[str, Any] | None = None,
+    data: tuple[np.ndarray, np.ndarray] | None = None,
     *,
     rules: Sequence[tuple[str, str]],
     mac: float,
@@ -225,6 +230,7 @@ def allocate(
     min_rank: int = 1,
     batch_size: int = 250,
     recalibrate_bn: int = 0,
+    rank_multiple: int = 1,
     **unexpected: Any,
 ) -> Compressed:
     """Allocate per-layer ranks of ``model`` under MAC and parameter budgets.
@@ -235,7 +241,9 @@ def allocate(
     or the whole network's (``basis="network"``).
 
     Args:
-      model, variables: any Flax linen model and its variables (all collections).
+      model, variables: any Flax linen model and its variables (all collections), or
+        a ``flax.nnx`` module with ``variables`` omitted (``allocate(model, (x, y),
+        ...)``: it carries its state; see :mod:`coblax.lowrank.nnx_api`).
       data: (x, y) training examples for COBLA's objective E(m); ``x[:1]`` traces
         the network.
       rules: ordered (regex, scheme) pairs, see the module docstring.
@@ -254,6 +262,9 @@ def allocate(
       recalibrate_bn: re-estimate the factored network's BatchNorm statistics on
         this many batches of ``data`` (:func:`coblax.nn.bn.recalibrate_bn`;
         0: keep the original network's).
+      rank_multiple: every factored rank a multiple of this (full rank excepted), for
+        every allocator (:mod:`coblax.lowrank.rank_multiple`); ``min_rank`` is rounded
+        up to a multiple. Below 1, or above a decomposed layer's full rank, is a ValueError.
 
     Returns:
       A :class:`Compressed` network (not fine-tuned; see :func:`finetune`).
@@ -267,6 +278,14 @@ def allocate(
     """
     if unexpected:
         raise _legacy_options_error(unexpected)
+    from coblax.lowrank import nnx_api  # flax.nnx models: allocate(model, (x, y), ...)
+
+    variables, data = nnx_api.check_model_args(model, variables, data)
+    if variables is None:
+        return nnx_api.allocate_nnx(model, data, rules=rules, mac=mac, param=param,
+                                    method=resolve_method(method, method_options), basis=basis,
+                                    validation_data=validation_data, apply_kwargs=apply_kwargs, seed=seed,
+                                    min_rank=min_rank, batch_size=batch_size, rank_multiple=rank_multiple)
     check_allocate_arguments(locals())  # coblax.lowrank.validate: ValueError naming the argument
     for label, value in (("mac", mac), ("param", param)):
         if not 0.0 < float(value) <= 1.0:
@@ -277,7 +296,8 @@ def allocate(
     data = tuple(np.asarray(a) for a in data)
     schemes, full, net = _decompose(model, variables, data[0], rules, apply_kwargs,
                                     allocator_spectrum(allocator), batch_size)
-    problem = make_problem(net, float(mac), float(param), basis, min_rank=min_rank, seed=seed)
+    k = check_rank_multiple(rank_multiple, net.layers)  # ranks in multiples of k (coblax.lowrank.rank_multiple)
+    problem = make_problem(net, float(mac), float(param), basis, min_rank=multiple_floor(min_rank, k), seed=seed)
     if needs_loss(allocator):
         loss = NetworkLoss(model, variables, full, data,
                            None if validation_data is None else tuple(np.asarray(a) for a in validation_data),
@@ -286,7 +306,7 @@ def allocate(
     # Allocators that train the network (lc) find it here; the trainer compiles only when used.
     problem = attach_trainer(problem, model, variables, {n: (f.kind, f.scheme) for n, f in full.items()}, data,
                              seed=seed)
-    allocation = allocator(problem)
+    allocation = with_rank_multiple(allocator, k)(problem)
     if not is_feasible(problem, allocation.ranks):
         raise AssertionError(f"method {allocator.name} returned ranks that break the budget: {allocation.ranks}")
     result = _compressed(model, variables, net, full, allocation, schemes, apply_kwargs, basis, allocator.name)
@@ -344,8 +364,7 @@ def _compressed(model, variables, net: NetworkCost, full: Mapping[str, Factors],
         network_param_ratio=params / net.total_params,
         basis=basis,
         method=method,
-        allocation=_HeldAllocation(**{f.name: getattr(allocation, f.name)
-                                      for f in dataclasses.fields(Allocation)}),
+        allocation=HeldAllocation.of(allocation),
         cost=net,
     )
 
@@ -372,8 +391,15 @@ def finetune(
     (BatchNorm's running statistics), and ``rng_streams`` get fresh keys each step.
     ``recalibrate_bn = N`` re-estimates the BatchNorm statistics of the fine-tuned
     network on N batches of ``x`` at the end (:func:`coblax.nn.bn.recalibrate_bn`).
-    Returns the same result with the fine-tuned variables.
+    Returns the same result with the fine-tuned variables. An nnx result is trained
+    with ``nnx.Optimizer`` (:func:`coblax.lowrank.nnx_api.finetune_nnx`;
+    ``rng_streams`` does not apply: dropout draws from the model's own ``Rngs``).
     """
+    from coblax.lowrank import nnx_api
+
+    if nnx_api.is_nnx_module(result.model):
+        return nnx_api.finetune_nnx(result, x, y, train_kwargs=train_kwargs, epochs=epochs, batch_size=batch_size,
+                                    learning_rate=learning_rate, optimizer=optimizer, seed=seed, progress=progress)
     check_batches(recalibrate_bn)
     check_finetune_arguments(locals())  # coblax.lowrank.validate
     state = tuple(k for k in result.variables if k not in ("params", "factors"))

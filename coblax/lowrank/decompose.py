@@ -275,7 +275,7 @@ def _conv(x, kernel, strides, pads, precision=None):
     return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN, precision=precision)
 
 
-def _apply_factors(f: Factors, x: jnp.ndarray, scale: jnp.ndarray | None, precision: Any = None) -> jnp.ndarray:
+def apply_factors(f: Factors, x: jnp.ndarray, scale: jnp.ndarray | None, precision: Any = None) -> jnp.ndarray:
     """second(scale ⊙ first(x)); ``precision`` as the original layer's (``lax.Precision``)."""
     if f.kind == "dense":
         h = jnp.matmul(x, f.first, precision=precision)
@@ -304,12 +304,12 @@ def _factored_layer(mod: nn.Dense | nn.Conv, f: Factors, x: jnp.ndarray, scale: 
     x, first, second, bias = promote_dtype(x, f.first, f.second, bias, dtype=mod.dtype)
     f = dataclasses.replace(f, first=first, second=second)
     if f.kind == "conv":
-        f = dataclasses.replace(f, pads=_call_pads(mod, f, x))
-    y = _apply_factors(f, x, scale, mod.precision)
+        f = dataclasses.replace(f, pads=call_pads(mod, f, x))
+    y = apply_factors(f, x, scale, mod.precision)
     return y if bias is None else y + bias
 
 
-def _call_pads(mod: nn.Conv, f: Factors, x: jnp.ndarray) -> tuple[tuple[int, int], ...]:
+def call_pads(mod: nn.Conv, f: Factors, x: jnp.ndarray) -> tuple[tuple[int, int], ...]:
     """The layer's explicit padding for this call's input (a shared layer may see several sizes)."""
     kx = int(f.first.shape[0])
     ky = int(f.first.shape[1]) if f.scheme == "zhang" else int(f.second.shape[1])

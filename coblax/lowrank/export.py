@@ -43,6 +43,7 @@ import numpy as np
 from coblax.lowrank.decompose import as_tuple as _as_tuple
 from coblax.lowrank.decompose import explicit_pads as _explicit_pads
 from coblax.lowrank.decompose import layer_key
+from coblax.lowrank.nnx_adapter import is_nnx_module
 from coblax.util import flatten_tree, to_numpy_tree, unflatten_tree, write_bytes_atomic
 from coblax.util.errors import FileLoadError
 from coblax.util.limits import parse_json
@@ -103,6 +104,11 @@ def save_factored(path: str | os.PathLike, result: Any, *, variables: Any = None
     Returns:
       The :class:`~coblax.util.size.SizeRecord` of the file (``total_bytes``: its size).
     """
+    if is_nnx_module(result.model):  # a flax.nnx network: its own format
+        from coblax.lowrank.nnx_export import NNX_FORMAT, save_factored_nnx
+
+        save_factored_nnx(path, result, variables=variables, meta=meta)
+        return SizeRecord.of(path, NNX_FORMAT)
     variables = result.variables if variables is None else variables
     header = export_header(result, meta, FORMAT)
     arrays = flatten_tree(to_numpy_tree(exported_variables(variables)))
@@ -288,7 +294,8 @@ def load_factored(path: str | os.PathLike, model: Any, *, example: Any = None,
     """Read a file written by :func:`save_factored` and rebuild the network.
 
     ``model`` is the same Flax model definition that was compressed (its code
-    unchanged); nothing else of the original is needed.
+    unchanged); nothing else of the original is needed. For a flax.nnx model pass a
+    fresh instance (:func:`coblax.lowrank.nnx_export.load_factored_nnx`).
 
     Nothing is inflated before it is checked: the zip directory's declared sizes
     and each ``.npy`` header against ``max_bytes`` (:mod:`coblax.util.npz`), the
@@ -301,6 +308,10 @@ def load_factored(path: str | os.PathLike, model: Any, *, example: Any = None,
       ExportError: (a ``CoblaxError`` and ``ValueError``) naming the file and the
         field for a missing, damaged, oversized or mismatched file.
     """
+    if is_nnx_module(model):
+        from coblax.lowrank.nnx_export import load_factored_nnx
+
+        return load_factored_nnx(path, model)
     where = os.fspath(path)
     if str(where).endswith(".cbx"):
         raise ExportError(f"{where}: a .cbx file; read it with coblax.app.export_cbx.load_factored_cbx")

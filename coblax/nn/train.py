@@ -150,7 +150,7 @@ def fit(
     rng = np.random.default_rng(seed)
     base_key = jax.random.PRNGKey(seed)
     bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False)
-    watch = _LossWatch(desc, bar)
+    watch = LossWatch(desc, bar)
     for epoch in range(epochs):
         order = rng.permutation(n)
         losses = []
@@ -239,7 +239,7 @@ def compiled_steps() -> int:
 __all__ += ["compiled_steps"]
 
 
-class _LossWatch:
+class LossWatch:
     """Checks each epoch's losses: the first non-finite or diverged one stops training.
 
     Step k's loss is that of the weights before update k; a loss above

@@ -1,0 +1,242 @@
+"""``allocate`` / ``finetune`` for flax.nnx models (reached from :mod:`coblax.lowrank.api`).
+
+    result = allocate(model, (x, y), rules=[("conv.*", "tai"), ("fc.*", "dense")], mac=0.5, param=0.5)
+    logits = result.model(x)                                    # the factored nnx module
+    result = finetune(result, x_train, y_train, epochs=2)       # nnx.Optimizer (optax)
+
+The nnx model is described by the same :class:`~coblax.lowrank.decompose.TracedLayer` s,
+factors, cost vectors and allocation problem as a linen model
+(:mod:`coblax.lowrank.nnx_adapter` traces it), so every allocator, the rules, the
+budgets and their errors are the linen path's. What differs is what comes back:
+``result.model`` is an nnx module whose selected layers are
+:class:`~coblax.lowrank.nnx_adapter.Factored` (two plain nnx layers each),
+``result.variables`` its ``nnx.State`` (every variable type), and ``result.apply_fn``
+``nnx.merge(graphdef, variables)(x, **kwargs)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax import lax
+
+from coblax.lowrank.allocation import is_feasible
+from coblax.lowrank.api import Compressed, HeldAllocation, select_layers
+from coblax.lowrank.costs import make_problem, network_cost
+from coblax.lowrank.decompose import SCHEMES, Factors, factorize
+from coblax.lowrank.factored import truncate_allocation
+from coblax.lowrank.nnx_adapter import (
+    build_factored,
+    factored_calls,
+    find_layers,
+    hooked_copy,
+    is_nnx_module,
+    trace_nnx,
+)
+from coblax.lowrank.objective import NetworkLoss, batch_stack
+from coblax.lowrank.rank_multiple import check_rank_multiple, multiple_floor, with_rank_multiple
+from coblax.lowrank.registry import get_allocator
+from coblax.nn.train_nnx import NnxApply, fit_nnx
+from coblax.util.frozen import frozen
+
+__all__ = ["NnxNetworkLoss", "allocate_nnx", "check_model_args", "finetune_nnx"]
+
+
+def _is_pair(obj: Any) -> bool:
+    return isinstance(obj, (tuple, list)) and len(obj) == 2
+
+
+def check_model_args(model: Any, variables: Any, data: Any) -> tuple[Any, Any]:
+    """(variables, data) for ``allocate``; ``variables`` is None for an nnx model.
+
+    An nnx model carries its state: ``allocate(model, (x, y), ...)`` (or
+    ``data=(x, y)``). A linen model needs its variables:
+    ``allocate(model, variables, (x, y), ...)``.
+
+    Raises:
+      ValueError: naming ``variables`` (given for an nnx model, missing for a linen
+        one) or ``data`` (missing).
+    """
+    if is_nnx_module(model):
+        if data is None:
+            if not _is_pair(variables):
+                raise ValueError("data: an nnx model is allocated as allocate(model, (x, y), ...); "
+                                 f"got {type(variables).__name__} where (x, y) belongs")
+            return None, variables
+        if variables is not None:
+            raise ValueError(f"variables: {type(model).__name__} is a flax.nnx module, which carries its own "
+                             "state; call allocate(model, (x, y), ...) without variables")
+        return None, data
+    if isinstance(model, nn.Module) and (data is None or variables is None):
+        raise ValueError(f"variables: {type(model).__name__} is a flax.linen module, which needs its variables: "
+                         "allocate(model, variables, (x, y), ...)")
+    if data is None:
+        raise ValueError("data: missing; allocate(model, variables, (x, y), ...)")
+    return variables, data
+
+
+class NnxNetworkLoss(NetworkLoss):
+    """COBLA's objective E(m) over an nnx model: :class:`~coblax.lowrank.objective.NetworkLoss`'s
+    oracle (same batching, same one compiled value-and-grad, same methods) with the
+    masked network run by :func:`~coblax.lowrank.nnx_adapter.factored_calls`.
+
+    Args:
+      model: the original nnx model (copied, not changed).
+      factors: layer name -> full SVD :class:`Factors`, in the problem's layer order.
+      objective_data, validation_data, batch_size: as ``NetworkLoss``.
+      apply_kwargs: keyword arguments of the model's call in eval mode (the copy is
+        also put in eval mode with ``Module.eval()``).
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        factors: Mapping[str, Factors],
+        objective_data: tuple[np.ndarray, np.ndarray],
+        validation_data: tuple[np.ndarray, np.ndarray] | None = None,
+        batch_size: int = 250,
+        apply_kwargs: Mapping[str, Any] | None = None,
+    ):
+        self.names = list(factors)
+        self.sizes = [int(factors[n].sigma.shape[0]) for n in self.names]
+        self.dtype = jnp.asarray(next(iter(factors.values())).sigma).dtype
+        self.mesh = None
+        graphdef, self._params = nnx.split(hooked_copy(model, self.names))
+        self._factors = dict(factors)
+        self._obj = batch_stack(*objective_data, batch_size)
+        self._val = batch_stack(*validation_data, batch_size) if validation_data else None
+        splits = np.cumsum(self.sizes)[:-1].tolist()
+        kwargs = dict(apply_kwargs or {})
+
+        def metrics(m, state, factors, xs, ys, ws):
+            blocks = jnp.split(m.astype(self.dtype), splits)
+            scales = {n: b * factors[n].sigma for n, b in zip(self.names, blocks)}
+
+            def body(carry, batch):
+                xb, yb, wb = batch
+                with factored_calls(factors, scales):
+                    logits = nnx.merge(graphdef, state)(xb, **kwargs)
+                ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+                hit = (jnp.argmax(logits, -1) == yb).astype(self.dtype)
+                return (carry[0] + jnp.sum(ce * wb), carry[1] + jnp.sum(hit * wb)), None
+
+            zero = jnp.zeros((), self.dtype)
+            (total, hits), _ = lax.scan(body, (zero, zero), (xs, ys, ws))
+            return total / jnp.sum(ws), hits / jnp.sum(ws)
+
+        def loss(m, state, factors, xs, ys, ws):
+            return metrics(m, state, factors, xs, ys, ws)[0]
+
+        self._value_and_grad = jax.jit(jax.value_and_grad(loss))
+        self._value = jax.jit(loss)
+        self._metrics = jax.jit(metrics)
+
+
+def allocate_nnx(
+    model: nnx.Module,
+    objective_data: tuple[np.ndarray, np.ndarray],
+    *,
+    rules,
+    mac: float,
+    param: float,
+    method: Any = "cobla",
+    basis: str = "decomposed",
+    validation_data: tuple[np.ndarray, np.ndarray] | None = None,
+    apply_kwargs: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    min_rank: int = 1,
+    batch_size: int = 250,
+    rank_multiple: int = 1,
+    **method_options: Any,
+) -> Compressed:
+    """:func:`coblax.allocate` for an nnx model (see there for the arguments).
+
+    Returns a :class:`~coblax.lowrank.api.Compressed` whose ``model`` is the factored
+    nnx module (eval mode), ``variables`` its ``nnx.State`` and ``apply_fn`` an
+    :class:`~coblax.nn.train_nnx.NnxApply`; ``model`` is not changed.
+    """
+    apply_kwargs = dict(apply_kwargs or {})
+    x_obj = np.asarray(objective_data[0])
+    traced = trace_nnx(model, x_obj[:1], apply_kwargs)
+    schemes = select_layers(traced, rules)
+    if not schemes:
+        raise ValueError("the rules select no layer to decompose")
+    by_name = {layer.name: layer for layer in traced}
+    layers = find_layers(model)
+    full = {
+        name: factorize(layers[name].kernel[...], by_name[name], scheme if scheme in SCHEMES else SCHEMES[0])
+        for name, scheme in schemes.items()
+    }
+    net = network_cost(traced, {"params": nnx.state(model, nnx.Param)},
+                       {n: np.asarray(f.sigma) for n, f in full.items()}, {n: f.scheme for n, f in full.items()})
+    k = check_rank_multiple(rank_multiple, net.layers)  # ranks in multiples of k (coblax.lowrank.rank_multiple)
+    problem = make_problem(net, float(mac), float(param), basis, min_rank=multiple_floor(min_rank, k), seed=seed)
+    loss = NnxNetworkLoss(model, full, (x_obj, np.asarray(objective_data[1])),
+                          None if validation_data is None else tuple(np.asarray(a) for a in validation_data),
+                          batch_size=batch_size, apply_kwargs=apply_kwargs)
+    problem = dataclasses.replace(problem, loss=loss)
+    allocator = get_allocator(method, **method_options) if isinstance(method, str) else method
+    allocation = with_rank_multiple(allocator, k)(problem)
+    if not is_feasible(problem, allocation.ranks):
+        raise AssertionError(f"method {allocator.name} returned ranks that break the budget: {allocation.ranks}")
+    kept, ranks = truncate_allocation(net, full, allocation)
+    macs, params = net.cost(ranks)
+    mac_ratio, param_ratio = net.ratios(ranks, basis)
+    factored = build_factored(model, kept)
+    graphdef, variables = nnx.split(factored)
+    return Compressed(
+        model=factored,
+        variables=variables,
+        apply_fn=NnxApply(graphdef),
+        apply_kwargs=frozen(apply_kwargs),
+        ranks=frozen(ranks),
+        full_ranks=frozen({l.name: l.full_rank for l in net.layers}),
+        schemes=frozen(schemes),
+        factors=frozen({n: dataclasses.replace(f, first=None, second=None, sigma=None) for n, f in kept.items()}),
+        macs=macs,
+        params=params,
+        mac_ratio=mac_ratio,
+        param_ratio=param_ratio,
+        network_mac_ratio=macs / net.total_macs,
+        network_param_ratio=params / net.total_params,
+        basis=basis,
+        method=allocator.name,
+        allocation=HeldAllocation.of(allocation),
+        cost=net,
+    )
+
+
+def finetune_nnx(
+    result: Compressed,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    train_kwargs: Mapping[str, Any] | None = None,
+    epochs: int = 1,
+    batch_size: int = 64,
+    learning_rate: float = 1e-4,
+    optimizer: str = "adam",
+    seed: int = 0,
+    progress: bool = False,
+) -> Compressed:
+    """:func:`coblax.finetune` for an nnx result: :func:`~coblax.nn.train_nnx.fit_nnx`
+    (``nnx.Optimizer``) on the network ``result.apply_fn`` / ``result.variables`` describe.
+
+    Every ``nnx.Param`` is trained (factors and the rest); BatchNorm statistics and every
+    other variable are updated by the model in training mode; dropout draws from the
+    model's own ``Rngs``. Returns the result with the new module, state and apply_fn.
+    """
+    start = nnx.merge(result.apply_fn.graphdef, result.variables)
+    model = fit_nnx(start, x, y, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                    optimizer=optimizer, seed=seed, train_kwargs=train_kwargs,
+                    desc=f"finetune {result.method}", progress=progress)
+    graphdef, variables = nnx.split(model)
+    return dataclasses.replace(result, model=model, variables=variables, apply_fn=NnxApply(graphdef))
