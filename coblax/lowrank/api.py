@@ -56,7 +56,7 @@ from coblax.lowrank.rank_multiple import check_rank_multiple, multiple_floor, wi
 from coblax.lowrank.registry import get_allocator
 from coblax.lowrank.spectra import allocator_spectrum, whitened_factors
 from coblax.lowrank.training import attach_trainer
-from coblax.lowrank.validate import check_allocate_arguments, check_finetune_arguments
+from coblax.lowrank.validate import check_allocate_arguments, check_budget, check_finetune_arguments
 from coblax.nn.bn import check_batches
 from coblax.nn.bn import recalibrate_bn as _recalibrate
 from coblax.nn.train import fit
@@ -280,6 +280,8 @@ def allocate(
         raise _legacy_options_error(unexpected)
     from coblax.lowrank import nnx_api  # flax.nnx models: allocate(model, (x, y), ...)
 
+    for label, value in (("mac", mac), ("param", param)):  # both paths, before any work
+        check_budget(label, value)
     variables, data = nnx_api.check_model_args(model, variables, data)
     if variables is None:
         return nnx_api.allocate_nnx(model, data, rules=rules, mac=mac, param=param,
@@ -287,9 +289,6 @@ def allocate(
                                     validation_data=validation_data, apply_kwargs=apply_kwargs, seed=seed,
                                     min_rank=min_rank, batch_size=batch_size, rank_multiple=rank_multiple)
     check_allocate_arguments(locals())  # coblax.lowrank.validate: ValueError naming the argument
-    for label, value in (("mac", mac), ("param", param)):
-        if not 0.0 < float(value) <= 1.0:
-            raise ValueError(f"budget {label}={value!r} must be in (0, 1]")
     check_batches(recalibrate_bn)
     allocator = resolve_method(method, method_options)
     apply_kwargs = dict(apply_kwargs or {})

@@ -95,10 +95,7 @@ def check_allocate_arguments(args: Mapping[str, Any]) -> None:
     basis = args.get("basis", "decomposed")
     if basis not in _BASES:
         raise ValueError(f"basis={basis!r} must be one of {', '.join(_BASES)}")
-    method = args.get("method", "")
-    if not isinstance(method, str) and not callable(method):
-        raise ValueError(f"method={method!r} must be an allocator's name or a configured allocator "
-                         f"(coblax.allocators.<name>(...))")
+    # ``method`` is checked by api.resolve_method (a TypeError naming what it accepts)
     rules = args.get("rules", ())
     if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence) or not all(
             isinstance(r, (tuple, list)) and len(r) == 2 and all(isinstance(p, str) for p in r) for r in rules):
