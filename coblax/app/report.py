@@ -22,6 +22,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from coblax.app.tables import markdown_table, mean_std
 from coblax.util.errors import CoblaxError, FileLoadError
 from coblax.util.limits import parse_json
 
@@ -270,7 +271,8 @@ def format_table(
                         row.append(_MISSING)
                         vals.append(None)
                         continue
-                    mean, std, se = _spread(present)
+                    ms = mean_std(present)
+                    mean, std, se = ms.mean, ms.std, ms.se
                     text = f"{mean:.{digits}f}"
                     if multi and k < 2:
                         text += f" {pm} {std:.{digits}f}" if len(present) > 1 else ""
@@ -367,7 +369,7 @@ def _rank_cell(by_seed: dict[Any, dict[str, Any]], layer: str, pm: str) -> str:
                for v in [r["ranks"].get(layer)] if _is_number(v)]
     if not present:
         return _MISSING
-    mean, std, _ = _spread(present)
+    mean, std, _ = mean_std(present)
     text = f"{present[0]:g}" if len(set(present)) == 1 else f"{mean:.1f} {pm} {std:.1f}"
     return text + (f" (n={len(present)})" if len(present) < len(by_seed) else "")
 
@@ -377,10 +379,8 @@ def _render_ranks(fmt: str, title: str, where: tuple[str, str, str], methods: li
     """One layers x methods table; ``where`` is (model, scheme, budget) for CSV rows."""
     head = ["layer", "full"] + methods
     if fmt == "md":
-        lines = [f"### {title}", "", "| " + " | ".join(head) + " |",
-                 "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-        lines += ["| " + " | ".join([layer] + cells) + " |" for layer, cells in grid.items()]
-        return "\n".join(lines)
+        table = markdown_table(head, [[layer] + cells for layer, cells in grid.items()], right_from=1)
+        return f"### {title}\n\n{table}"
     if fmt == "csv":
         lines = [",".join(_csv_cell(h) for h in ["model", "scheme", "budget"] + head)]
         lines += [",".join(_csv_cell(c) for c in [*where, layer] + cells) for layer, cells in grid.items()]
@@ -397,21 +397,11 @@ def _render_ranks(fmt: str, title: str, where: tuple[str, str, str], methods: li
     return "\n".join(lines)
 
 
-def _spread(values: Sequence[float]) -> tuple[float, float, float]:
-    """(mean, sample standard deviation, standard error s/√n); s = 0 for one value."""
-    n = len(values)
-    mean = math.fsum(values) / n
-    if n < 2:
-        return mean, 0.0, 0.0
-    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, std, std / math.sqrt(n)
-
-
 def _base_text(bases: list[float], scale: float, digits: int, pm: str) -> str:
     """The base accuracy: one value, or mean ± std over the seeds' base models."""
     if not bases:
         return _MISSING
-    mean, std, _ = _spread([b * scale for b in bases])
+    mean, std, _ = mean_std([b * scale for b in bases])
     return f"{mean:.{digits}f}" + (f" {pm} {std:.{digits}f}" if len(bases) > 1 else "")
 
 
@@ -462,14 +452,8 @@ def _render(
     if fmt == "md":
         spread = "" if n_seeds is None else f"; mean ± std over {total_seeds} seeds"
         head = ["method"] + seeds + [f"{label} {sub}" for label in labels for sub in _SUBCOLUMNS]
-        lines = [
-            f"### {model} — {scheme} (base accuracy {base}{spread})",
-            "",
-            "| " + " | ".join(head) + " |",
-            "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
-        ]
-        lines += ["| " + " | ".join(row(m)) + " |" for m in methods]
-        return "\n".join(lines)
+        table = markdown_table(head, [row(m) for m in methods], right_from=1)
+        return f"### {model} — {scheme} (base accuracy {base}{spread})\n\n{table}"
     if fmt == "csv":
         head = ["model", "scheme", "method"] + seeds + [
             f"{label} {sub}" for label in labels for sub in _SUBCOLUMNS
