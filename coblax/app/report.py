@@ -249,55 +249,81 @@ def format_table(
         n_seeds: dict[str, str] = {}
         failures: list[tuple[str, str, str]] = []
         for method in methods:
-            row: list[str] = []
-            vals: list[tuple[float, float] | None] = []
-            own = {s for label in labels for s in cell.get((method, label), {})}
-            n_seeds[method] = str(len(own))
-            for label in labels:
-                by_seed = cell.get((method, label), {})
-                ok = [r for r in by_seed.values() if r.get("status") != _FAILED]
-                for s, r in by_seed.items():
-                    if r.get("status") == _FAILED:
-                        where = f"{label}, seed {s}" if multi else label
-                        failures.append((method, where, str(r.get("error", ""))))
-                if by_seed and not ok:
-                    row += [_FAILED] * 4
-                    vals += [None] * 4
-                    continue
-                for k, key in enumerate(_CELL_KEYS):
-                    scale, digits = (acc_scale, acc_digits) if k < 2 else (1.0, ratio_digits)
-                    present = [v * scale for v in (_num(r[key]) for r in ok) if v is not None]
-                    if not present:
-                        row.append(_MISSING)
-                        vals.append(None)
-                        continue
-                    ms = mean_std(present)
-                    mean, std, se = ms.mean, ms.std, ms.se
-                    text = f"{mean:.{digits}f}"
-                    if multi and k < 2:
-                        text += f" {pm} {std:.{digits}f}" if len(present) > 1 else ""
-                        text += f" (n={len(present)})" if len(present) < len(own) else ""
-                    row.append(text)
-                    vals.append((float(f"{mean:.{digits}f}"), se))
-            grid[method], values[method] = row, vals
-        for col in range(len(labels) * 4):
-            if col % 4 >= 2:
-                continue  # ratios are not scores
-            present = [values[m][col] for m in methods if values[m][col] is not None]
-            if not present:
-                continue
-            best = max(mean for mean, _ in present)
-            se_best = max(se for mean, se in present if mean == best)  # the largest, if tied
-            reach = best - se_best - 1e-9 * max(1.0, abs(best))
-            for m in methods:
-                if values[m][col] is not None and values[m][col][0] >= reach:
-                    grid[m][col] = _mark(grid[m][col], fmt)
+            row, vals, count, fails = _method_cells(method, labels, cell, multi, pm,
+                                                    (acc_scale, acc_digits, ratio_digits))
+            grid[method], values[method], n_seeds[method] = row, vals, count
+            failures += fails
+        _mark_best(grid, values, methods, len(labels) * 4, fmt)
         known = [b for b in bases.values() if b is not None]
         base_txt = _base_text(known, acc_scale, acc_digits, pm)
         tables.append(_render(fmt, model, scheme, base_txt, labels, methods, grid,
                               n_seeds if multi else None, len(seeds))
                       + _failure_notes(fmt, failures))
     return "\n\n".join(tables) + ("\n" if tables else "")
+
+
+def _method_cells(
+    method: str,
+    labels: list[str],
+    cell: dict[tuple[str, str], dict[Any, dict[str, Any]]],
+    multi: bool,
+    pm: str,
+    precision: tuple[float, int, int],
+) -> tuple[list[str], list[tuple[float, float] | None], str, list[tuple[str, str, str]]]:
+    """One method's row of :func:`format_table`: displayed cells, (displayed mean, standard
+    error) of each cell or None, its seed count and its failures.
+
+    ``precision`` is (accuracy scale, accuracy digits, ratio digits).
+    """
+    acc_scale, acc_digits, ratio_digits = precision
+    failures: list[tuple[str, str, str]] = []
+    row: list[str] = []
+    vals: list[tuple[float, float] | None] = []
+    own = {s for label in labels for s in cell.get((method, label), {})}
+    for label in labels:
+        by_seed = cell.get((method, label), {})
+        ok = [r for r in by_seed.values() if r.get("status") != _FAILED]
+        for s, r in by_seed.items():
+            if r.get("status") == _FAILED:
+                where = f"{label}, seed {s}" if multi else label
+                failures.append((method, where, str(r.get("error", ""))))
+        if by_seed and not ok:
+            row += [_FAILED] * 4
+            vals += [None] * 4
+            continue
+        for k, key in enumerate(_CELL_KEYS):
+            scale, digits = (acc_scale, acc_digits) if k < 2 else (1.0, ratio_digits)
+            present = [v * scale for v in (_num(r[key]) for r in ok) if v is not None]
+            if not present:
+                row.append(_MISSING)
+                vals.append(None)
+                continue
+            ms = mean_std(present)
+            mean, std, se = ms.mean, ms.std, ms.se
+            text = f"{mean:.{digits}f}"
+            if multi and k < 2:
+                text += f" {pm} {std:.{digits}f}" if len(present) > 1 else ""
+                text += f" (n={len(present)})" if len(present) < len(own) else ""
+            row.append(text)
+            vals.append((float(f"{mean:.{digits}f}"), se))
+    return row, vals, str(len(own)), failures
+
+
+def _mark_best(grid: dict[str, list[str]], values: dict[str, list[tuple[float, float] | None]],
+               methods: list[str], n_cols: int, fmt: str) -> None:
+    """Mark, in ``grid``, every accuracy cell within one standard error of its column's best."""
+    for col in range(n_cols):
+        if col % 4 >= 2:
+            continue  # ratios are not scores
+        present = [values[m][col] for m in methods if values[m][col] is not None]
+        if not present:
+            continue
+        best = max(mean for mean, _ in present)
+        se_best = max(se for mean, se in present if mean == best)  # the largest, if tied
+        reach = best - se_best - 1e-9 * max(1.0, abs(best))
+        for m in methods:
+            if values[m][col] is not None and values[m][col][0] >= reach:
+                grid[m][col] = _mark(grid[m][col], fmt)
 
 
 def format_ranks(records: Sequence[dict[str, Any]], fmt: str = "md") -> str:
