@@ -7,10 +7,8 @@ Figures are rebuilt from result files only: ``coblax run`` results (records with
 
 from __future__ import annotations
 
-import math
 import os
 import re
-import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from coblax.app.report import REQUIRED_KEYS, read_results  # noqa: E402
+from coblax.app.tables import mean_std  # noqa: E402  (re-exported: the figures' one mean ± std)
 from coblax.util.limits import parse_json  # noqa: E402
 
 __all__ = ["MissingRecords", "load_results", "run_records", "failed_records", "study_records", "save", "style",
@@ -110,14 +109,6 @@ def style(i: int) -> dict[str, Any]:
     return {"marker": _MARKERS[i % len(_MARKERS)], "linestyle": _LINES[i % len(_LINES)],
             "color": _GRAYS[i % len(_GRAYS)], "markerfacecolor": "white" if i % 2 else _GRAYS[i % len(_GRAYS)],
             "markeredgecolor": "black"}
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
-    """Mean, sample standard deviation (0 for one value) and count of non-missing values."""
-    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    if not vals:
-        return math.nan, math.nan, 0
-    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)
 
 
 def label_axes(ax, xlabel: str, ylabel: str, title: str, *, xlog: bool = False, legend: bool = True) -> None:

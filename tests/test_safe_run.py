@@ -294,7 +294,7 @@ def test_study_unwritable_out_fails_before_any_work(tmp_path, capsys):
 
 def test_study_rerun_refused_then_forced_and_resumed_after_sigint(tmp_path, capsys, monkeypatch):
     """Finding 5: a rerun without --force was a traceback; an interrupted study lost everything."""
-    from coblax.app import studies
+    from coblax.app.studies import runner as studies  # where run_study writes its files
 
     cfg, out = _study(tmp_path, '[svd_fc]\nmodel = { name = "mlp", hidden = [16] }\nrank_fractions = [0.5]',
                       seeds="[0, 1]"), tmp_path / "out"

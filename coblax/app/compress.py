@@ -44,6 +44,7 @@ from coblax.compress.pipeline import (
     chain,
 )
 from coblax.util import flatten_tree, jsonable, write_bytes_atomic
+from coblax.util.schema import check_choice
 
 __all__ = [
     "STAGES",
@@ -74,11 +75,6 @@ def _fraction(value: Any, key: str) -> None:
 def _int_in(value: Any, lo: int, hi: int, key: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise ConfigError(f"{key} = {value!r} must be an integer in [{lo}, {hi}]")
-
-
-def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key} = {value!r} is not allowed; valid values: {', '.join(allowed)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,14 +108,14 @@ class PruneStageConfig:
                 _fraction(s, f"{where}.sparsity.{layer}")
         else:
             _fraction(self.sparsity, f"{where}.sparsity")
-        _choice(self.scope, ("layer", "global"), f"{where}.scope")
-        _choice(self.schedule, ("geometric", "linear"), f"{where}.schedule")
+        check_choice(self.scope, ("layer", "global"), f"{where}.scope")
+        check_choice(self.schedule, ("geometric", "linear"), f"{where}.schedule")
         _int_in(self.steps, 1, 1000, f"{where}.steps")
         _int_in(self.retrain_epochs, 0, 10_000, f"{where}.retrain_epochs")
         _int_in(self.batch_size, 1, 1 << 30, f"{where}.batch_size")
         if not self.learning_rate > 0:
             raise ConfigError(f"{where}.learning_rate = {self.learning_rate!r} must be > 0")
-        _choice(self.optimizer, ("adam", "sgd", "momentum"), f"{where}.optimizer")
+        check_choice(self.optimizer, ("adam", "sgd", "momentum"), f"{where}.optimizer")
         if not self.weight_decay >= 0:
             raise ConfigError(f"{where}.weight_decay = {self.weight_decay!r} must be >= 0")
 
@@ -153,7 +149,7 @@ class QuantizeStageConfig:
         for layer, b in self.layer_bits.items():
             _int_in(b, 0, _MAX_BITS, f"{where}.layer_bits.{layer}")
         _int_in(self.bias_bits, 0, _MAX_BITS, f"{where}.bias_bits")
-        _choice(self.init, ("linear", "density", "random"), f"{where}.init")
+        check_choice(self.init, ("linear", "density", "random"), f"{where}.init")
         _int_in(self.iters, 0, 100_000, f"{where}.iters")
         _int_in(self.finetune_epochs, 0, 10_000, f"{where}.finetune_epochs")
         _int_in(self.batch_size, 1, 1 << 30, f"{where}.batch_size")
@@ -191,7 +187,7 @@ class EncodeConfig:
     order: str = "out_major"
 
     def validate(self, where: str) -> None:
-        _choice(self.order, ("out_major", "stored"), f"{where}.order")
+        check_choice(self.order, ("out_major", "stored"), f"{where}.order")
         _int_in(self.index_bits, 1, 16, f"{where}.index_bits")
         for layer, b in self.layer_index_bits.items():
             _int_in(b, 1, 16, f"{where}.layer_index_bits.{layer}")
@@ -237,7 +233,7 @@ class CompressConfig:
             )
         from coblax.nn.models import MODEL_NAMES
 
-        _choice(self.model.name, MODEL_NAMES, "model.name")
+        check_choice(self.model.name, MODEL_NAMES, "model.name")
 
 
 def _deep_merge(base: dict, over: Mapping[str, Any]) -> dict:

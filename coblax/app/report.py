@@ -22,6 +22,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from coblax.app.tables import markdown_table, mean_std
 from coblax.util.errors import CoblaxError, FileLoadError
 from coblax.util.limits import parse_json
 
@@ -248,54 +249,81 @@ def format_table(
         n_seeds: dict[str, str] = {}
         failures: list[tuple[str, str, str]] = []
         for method in methods:
-            row: list[str] = []
-            vals: list[tuple[float, float] | None] = []
-            own = {s for label in labels for s in cell.get((method, label), {})}
-            n_seeds[method] = str(len(own))
-            for label in labels:
-                by_seed = cell.get((method, label), {})
-                ok = [r for r in by_seed.values() if r.get("status") != _FAILED]
-                for s, r in by_seed.items():
-                    if r.get("status") == _FAILED:
-                        where = f"{label}, seed {s}" if multi else label
-                        failures.append((method, where, str(r.get("error", ""))))
-                if by_seed and not ok:
-                    row += [_FAILED] * 4
-                    vals += [None] * 4
-                    continue
-                for k, key in enumerate(_CELL_KEYS):
-                    scale, digits = (acc_scale, acc_digits) if k < 2 else (1.0, ratio_digits)
-                    present = [v * scale for v in (_num(r[key]) for r in ok) if v is not None]
-                    if not present:
-                        row.append(_MISSING)
-                        vals.append(None)
-                        continue
-                    mean, std, se = _spread(present)
-                    text = f"{mean:.{digits}f}"
-                    if multi and k < 2:
-                        text += f" {pm} {std:.{digits}f}" if len(present) > 1 else ""
-                        text += f" (n={len(present)})" if len(present) < len(own) else ""
-                    row.append(text)
-                    vals.append((float(f"{mean:.{digits}f}"), se))
-            grid[method], values[method] = row, vals
-        for col in range(len(labels) * 4):
-            if col % 4 >= 2:
-                continue  # ratios are not scores
-            present = [values[m][col] for m in methods if values[m][col] is not None]
-            if not present:
-                continue
-            best = max(mean for mean, _ in present)
-            se_best = max(se for mean, se in present if mean == best)  # the largest, if tied
-            reach = best - se_best - 1e-9 * max(1.0, abs(best))
-            for m in methods:
-                if values[m][col] is not None and values[m][col][0] >= reach:
-                    grid[m][col] = _mark(grid[m][col], fmt)
+            row, vals, count, fails = _method_cells(method, labels, cell, multi, pm,
+                                                    (acc_scale, acc_digits, ratio_digits))
+            grid[method], values[method], n_seeds[method] = row, vals, count
+            failures += fails
+        _mark_best(grid, values, methods, len(labels) * 4, fmt)
         known = [b for b in bases.values() if b is not None]
         base_txt = _base_text(known, acc_scale, acc_digits, pm)
         tables.append(_render(fmt, model, scheme, base_txt, labels, methods, grid,
                               n_seeds if multi else None, len(seeds))
                       + _failure_notes(fmt, failures))
     return "\n\n".join(tables) + ("\n" if tables else "")
+
+
+def _method_cells(
+    method: str,
+    labels: list[str],
+    cell: dict[tuple[str, str], dict[Any, dict[str, Any]]],
+    multi: bool,
+    pm: str,
+    precision: tuple[float, int, int],
+) -> tuple[list[str], list[tuple[float, float] | None], str, list[tuple[str, str, str]]]:
+    """One method's row of :func:`format_table`: displayed cells, (displayed mean, standard
+    error) of each cell or None, its seed count and its failures.
+
+    ``precision`` is (accuracy scale, accuracy digits, ratio digits).
+    """
+    acc_scale, acc_digits, ratio_digits = precision
+    failures: list[tuple[str, str, str]] = []
+    row: list[str] = []
+    vals: list[tuple[float, float] | None] = []
+    own = {s for label in labels for s in cell.get((method, label), {})}
+    for label in labels:
+        by_seed = cell.get((method, label), {})
+        ok = [r for r in by_seed.values() if r.get("status") != _FAILED]
+        for s, r in by_seed.items():
+            if r.get("status") == _FAILED:
+                where = f"{label}, seed {s}" if multi else label
+                failures.append((method, where, str(r.get("error", ""))))
+        if by_seed and not ok:
+            row += [_FAILED] * 4
+            vals += [None] * 4
+            continue
+        for k, key in enumerate(_CELL_KEYS):
+            scale, digits = (acc_scale, acc_digits) if k < 2 else (1.0, ratio_digits)
+            present = [v * scale for v in (_num(r[key]) for r in ok) if v is not None]
+            if not present:
+                row.append(_MISSING)
+                vals.append(None)
+                continue
+            ms = mean_std(present)
+            mean, std, se = ms.mean, ms.std, ms.se
+            text = f"{mean:.{digits}f}"
+            if multi and k < 2:
+                text += f" {pm} {std:.{digits}f}" if len(present) > 1 else ""
+                text += f" (n={len(present)})" if len(present) < len(own) else ""
+            row.append(text)
+            vals.append((float(f"{mean:.{digits}f}"), se))
+    return row, vals, str(len(own)), failures
+
+
+def _mark_best(grid: dict[str, list[str]], values: dict[str, list[tuple[float, float] | None]],
+               methods: list[str], n_cols: int, fmt: str) -> None:
+    """Mark, in ``grid``, every accuracy cell within one standard error of its column's best."""
+    for col in range(n_cols):
+        if col % 4 >= 2:
+            continue  # ratios are not scores
+        present = [values[m][col] for m in methods if values[m][col] is not None]
+        if not present:
+            continue
+        best = max(mean for mean, _ in present)
+        se_best = max(se for mean, se in present if mean == best)  # the largest, if tied
+        reach = best - se_best - 1e-9 * max(1.0, abs(best))
+        for m in methods:
+            if values[m][col] is not None and values[m][col][0] >= reach:
+                grid[m][col] = _mark(grid[m][col], fmt)
 
 
 def format_ranks(records: Sequence[dict[str, Any]], fmt: str = "md") -> str:
@@ -367,7 +395,7 @@ def _rank_cell(by_seed: dict[Any, dict[str, Any]], layer: str, pm: str) -> str:
                for v in [r["ranks"].get(layer)] if _is_number(v)]
     if not present:
         return _MISSING
-    mean, std, _ = _spread(present)
+    mean, std, _ = mean_std(present)
     text = f"{present[0]:g}" if len(set(present)) == 1 else f"{mean:.1f} {pm} {std:.1f}"
     return text + (f" (n={len(present)})" if len(present) < len(by_seed) else "")
 
@@ -377,10 +405,8 @@ def _render_ranks(fmt: str, title: str, where: tuple[str, str, str], methods: li
     """One layers x methods table; ``where`` is (model, scheme, budget) for CSV rows."""
     head = ["layer", "full"] + methods
     if fmt == "md":
-        lines = [f"### {title}", "", "| " + " | ".join(head) + " |",
-                 "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-        lines += ["| " + " | ".join([layer] + cells) + " |" for layer, cells in grid.items()]
-        return "\n".join(lines)
+        table = markdown_table(head, [[layer] + cells for layer, cells in grid.items()], right_from=1)
+        return f"### {title}\n\n{table}"
     if fmt == "csv":
         lines = [",".join(_csv_cell(h) for h in ["model", "scheme", "budget"] + head)]
         lines += [",".join(_csv_cell(c) for c in [*where, layer] + cells) for layer, cells in grid.items()]
@@ -397,21 +423,11 @@ def _render_ranks(fmt: str, title: str, where: tuple[str, str, str], methods: li
     return "\n".join(lines)
 
 
-def _spread(values: Sequence[float]) -> tuple[float, float, float]:
-    """(mean, sample standard deviation, standard error s/√n); s = 0 for one value."""
-    n = len(values)
-    mean = math.fsum(values) / n
-    if n < 2:
-        return mean, 0.0, 0.0
-    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, std, std / math.sqrt(n)
-
-
 def _base_text(bases: list[float], scale: float, digits: int, pm: str) -> str:
     """The base accuracy: one value, or mean ± std over the seeds' base models."""
     if not bases:
         return _MISSING
-    mean, std, _ = _spread([b * scale for b in bases])
+    mean, std, _ = mean_std([b * scale for b in bases])
     return f"{mean:.{digits}f}" + (f" {pm} {std:.{digits}f}" if len(bases) > 1 else "")
 
 
@@ -462,14 +478,8 @@ def _render(
     if fmt == "md":
         spread = "" if n_seeds is None else f"; mean ± std over {total_seeds} seeds"
         head = ["method"] + seeds + [f"{label} {sub}" for label in labels for sub in _SUBCOLUMNS]
-        lines = [
-            f"### {model} — {scheme} (base accuracy {base}{spread})",
-            "",
-            "| " + " | ".join(head) + " |",
-            "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
-        ]
-        lines += ["| " + " | ".join(row(m)) + " |" for m in methods]
-        return "\n".join(lines)
+        table = markdown_table(head, [row(m) for m in methods], right_from=1)
+        return f"### {model} — {scheme} (base accuracy {base}{spread})\n\n{table}"
     if fmt == "csv":
         head = ["model", "scheme", "method"] + seeds + [
             f"{label} {sub}" for label in labels for sub in _SUBCOLUMNS

@@ -4,7 +4,7 @@ Every error that a user can cause with a config, a command-line argument, a data
 file or a ``.cbx`` file derives from :class:`CoblaxError`; the CLI turns exactly
 these into exit status 2 and one message, and lets every other exception (a bug)
 keep its traceback. The subclasses live next to the code that raises them
-(``ConfigError`` in :mod:`coblax.app.config`, ``DataError`` in
+(``ConfigError`` in :mod:`coblax.util.schema`, ``DataError`` in
 :mod:`coblax.nn.data`, ``BudgetError`` in :mod:`coblax.lowrank.allocation`,
 ``CbxError`` in :mod:`coblax.compress.cbx`...) and also derive from ``ValueError``
 where they did before, so existing ``except ValueError`` code keeps working.
