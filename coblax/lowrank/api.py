@@ -62,7 +62,8 @@ from coblax.nn.bn import recalibrate_bn as _recalibrate
 from coblax.nn.train import fit
 from coblax.util.frozen import FrozenMap, frozen
 
-__all__ = ["RULE_SCHEMES", "Compressed", "select_layers", "resolve_method", "needs_loss", "allocate", "finetune"]
+__all__ = ["RULE_SCHEMES", "Compressed", "select_layers", "resolve_method", "needs_loss", "allocate", "finetune",
+           "compressed_result"]
 
 RULE_SCHEMES = ("dense", "tai", "zhang", "skip")
 
@@ -342,14 +343,23 @@ def _decompose(model: Any, variables: Mapping[str, Any], x: np.ndarray, rules: S
 def _compressed(model, variables, net: NetworkCost, full: Mapping[str, Factors], allocation: Allocation,
                 schemes: Mapping[str, str], apply_kwargs: Mapping[str, Any], basis: str,
                 method: str) -> Compressed:
-    """The :class:`Compressed` network of an allocation: truncated factors and costs."""
+    """The :class:`Compressed` linen network of an allocation: truncated factors and costs."""
     kept, ranks = truncate_allocation(net, full, allocation)
+    return compressed_result(model, factored_variables(variables, kept), apply_fn_for(model, kept), net, kept,
+                             ranks, allocation, schemes, apply_kwargs, basis, method)
+
+
+def compressed_result(model, variables, apply_fn, net: NetworkCost, kept: Mapping[str, Factors],
+                      ranks: Mapping[str, int], allocation: Allocation, schemes: Mapping[str, str],
+                      apply_kwargs: Mapping[str, Any], basis: str, method: str) -> Compressed:
+    """A :class:`Compressed` from the factored network (``model``, ``variables``, ``apply_fn``:
+    linen or nnx) and its allocation: the costs and ratios come from ``net`` at ``ranks``."""
     macs, params = net.cost(ranks)
     mac_ratio, param_ratio = net.ratios(ranks, basis)
     return Compressed(
-        variables=factored_variables(variables, kept),
+        variables=variables,
         model=model,
-        apply_fn=apply_fn_for(model, kept),
+        apply_fn=apply_fn,
         apply_kwargs=frozen(apply_kwargs),
         ranks=frozen(ranks),
         full_ranks=frozen({l.name: l.full_rank for l in net.layers}),

@@ -29,7 +29,7 @@ from flax import nnx
 from jax import lax
 
 from coblax.lowrank.allocation import is_feasible
-from coblax.lowrank.api import Compressed, HeldAllocation, select_layers
+from coblax.lowrank.api import Compressed, compressed_result, select_layers
 from coblax.lowrank.costs import make_problem, network_cost
 from coblax.lowrank.decompose import SCHEMES, Factors, factorize
 from coblax.lowrank.factored import truncate_allocation
@@ -45,7 +45,6 @@ from coblax.lowrank.objective import NetworkLoss, batch_stack
 from coblax.lowrank.rank_multiple import check_rank_multiple, multiple_floor, with_rank_multiple
 from coblax.lowrank.registry import get_allocator
 from coblax.nn.train_nnx import NnxApply, fit_nnx
-from coblax.util.frozen import frozen
 
 __all__ = ["NnxNetworkLoss", "allocate_nnx", "check_model_args", "finetune_nnx"]
 
@@ -188,30 +187,10 @@ def allocate_nnx(
     if not is_feasible(problem, allocation.ranks):
         raise AssertionError(f"method {allocator.name} returned ranks that break the budget: {allocation.ranks}")
     kept, ranks = truncate_allocation(net, full, allocation)
-    macs, params = net.cost(ranks)
-    mac_ratio, param_ratio = net.ratios(ranks, basis)
     factored = build_factored(model, kept)
     graphdef, variables = nnx.split(factored)
-    return Compressed(
-        model=factored,
-        variables=variables,
-        apply_fn=NnxApply(graphdef),
-        apply_kwargs=frozen(apply_kwargs),
-        ranks=frozen(ranks),
-        full_ranks=frozen({l.name: l.full_rank for l in net.layers}),
-        schemes=frozen(schemes),
-        factors=frozen({n: dataclasses.replace(f, first=None, second=None, sigma=None) for n, f in kept.items()}),
-        macs=macs,
-        params=params,
-        mac_ratio=mac_ratio,
-        param_ratio=param_ratio,
-        network_mac_ratio=macs / net.total_macs,
-        network_param_ratio=params / net.total_params,
-        basis=basis,
-        method=allocator.name,
-        allocation=HeldAllocation.of(allocation),
-        cost=net,
-    )
+    return compressed_result(factored, variables, NnxApply(graphdef), net, kept, ranks, allocation, schemes,
+                             apply_kwargs, basis, allocator.name)
 
 
 def finetune_nnx(
