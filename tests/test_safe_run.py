@@ -200,7 +200,11 @@ def _early_sigint_trials(tmp_path: Path, n: int, seed: int) -> list[tuple[float,
     rng = random.Random(seed)
     results = []
     for i in range(n):
-        proc = _start(cfg, tmp_path / f"o{i}", tmp_path / f"cache{i}")
+        # As at a terminal: SIGINT at its default in the child, even where this test runs
+        # with SIGINT ignored (a background job: the child would inherit SIG_IGN, keep
+        # ignoring it by design and finish with 0, as one CI-like run here did).
+        proc = _start(cfg, tmp_path / f"o{i}", tmp_path / f"cache{i}",
+                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         delay = rng.uniform(0.3, 4.0)  # from when our code runs (interpreter start-up takes ~0.1 s)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
