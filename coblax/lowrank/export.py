@@ -104,7 +104,7 @@ def save_factored(path: str | os.PathLike, result: Any, *, variables: Any = None
     Returns:
       The :class:`~coblax.util.size.SizeRecord` of the file (``total_bytes``: its size).
     """
-    if is_nnx_module(result.model):  # a flax.nnx network: its own format
+    if is_nnx_module(getattr(result, "model", None)):  # a flax.nnx network: its own format
         from coblax.lowrank.nnx_export import NNX_FORMAT, save_factored_nnx
 
         save_factored_nnx(path, result, variables=variables, meta=meta)
