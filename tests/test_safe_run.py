@@ -202,9 +202,14 @@ def _early_sigint_trials(tmp_path: Path, n: int, seed: int) -> list[tuple[float,
     for i in range(n):
         # As at a terminal: SIGINT at its default in the child, even where this test runs
         # with SIGINT ignored (a background job: the child would inherit SIG_IGN, keep
-        # ignoring it by design and finish with 0, as one CI-like run here did).
-        proc = _start(cfg, tmp_path / f"o{i}", tmp_path / f"cache{i}",
-                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        # ignoring it by design and finish with 0, as one CI-like run here did). A Python
+        # handler in the parent becomes SIG_DFL in the child at exec (no preexec_fn: no
+        # code between fork and exec in a process with JAX's threads).
+        before = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            proc = _start(cfg, tmp_path / f"o{i}", tmp_path / f"cache{i}")
+        finally:
+            signal.signal(signal.SIGINT, before)
         delay = rng.uniform(0.3, 4.0)  # from when our code runs (interpreter start-up takes ~0.1 s)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
