@@ -21,12 +21,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
-from jax import lax
 
 from coblax.lowrank.allocation import is_feasible
 from coblax.lowrank.api import Compressed, compressed_result, select_layers
@@ -41,7 +38,7 @@ from coblax.lowrank.nnx_adapter import (
     is_nnx_module,
     trace_nnx,
 )
-from coblax.lowrank.objective import NetworkLoss, batch_stack
+from coblax.lowrank.objective import NetworkLoss, batch_stack, masked_metrics
 from coblax.lowrank.rank_multiple import check_rank_multiple, multiple_floor, with_rank_multiple
 from coblax.lowrank.registry import get_allocator
 from coblax.nn.train_nnx import NnxApply, fit_nnx
@@ -115,28 +112,11 @@ class NnxNetworkLoss(NetworkLoss):
         splits = np.cumsum(self.sizes)[:-1].tolist()
         kwargs = dict(apply_kwargs or {})
 
-        def metrics(m, state, factors, xs, ys, ws):
-            blocks = jnp.split(m.astype(self.dtype), splits)
-            scales = {n: b * factors[n].sigma for n, b in zip(self.names, blocks)}
+        def logits(state, factors, xb, scales):
+            with factored_calls(factors, scales):
+                return nnx.merge(graphdef, state)(xb, **kwargs)
 
-            def body(carry, batch):
-                xb, yb, wb = batch
-                with factored_calls(factors, scales):
-                    logits = nnx.merge(graphdef, state)(xb, **kwargs)
-                ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-                hit = (jnp.argmax(logits, -1) == yb).astype(self.dtype)
-                return (carry[0] + jnp.sum(ce * wb), carry[1] + jnp.sum(hit * wb)), None
-
-            zero = jnp.zeros((), self.dtype)
-            (total, hits), _ = lax.scan(body, (zero, zero), (xs, ys, ws))
-            return total / jnp.sum(ws), hits / jnp.sum(ws)
-
-        def loss(m, state, factors, xs, ys, ws):
-            return metrics(m, state, factors, xs, ys, ws)[0]
-
-        self._value_and_grad = jax.jit(jax.value_and_grad(loss))
-        self._value = jax.jit(loss)
-        self._metrics = jax.jit(metrics)
+        self._compile(masked_metrics(logits, self.names, splits, self.dtype))
 
 
 def allocate_nnx(

@@ -15,7 +15,7 @@ to summation order (tested under ``--xla_force_host_platform_device_count=2``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from coblax.lowrank.decompose import Factors, factored_apply
 
-__all__ = ["NetworkLoss", "batch_stack"]
+__all__ = ["NetworkLoss", "batch_stack", "masked_metrics"]
 
 
 def batch_stack(x: np.ndarray, y: np.ndarray, batch_size: int, mesh: Mesh | None = None):
@@ -57,6 +57,29 @@ def batch_stack(x: np.ndarray, y: np.ndarray, batch_size: int, mesh: Mesh | None
     sharding = NamedSharding(mesh, PartitionSpec(None, "batch"))
     # from a callback so that a multi-process mesh (TPU slice, several hosts) works too
     return tuple(jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx]) for a in stacks)
+
+
+def masked_metrics(logits: Callable, names: Sequence[str], splits: Sequence[int], dtype: Any) -> Callable:
+    """``metrics(m, params, factors, xs, ys, ws)``: (mean cross-entropy, accuracy) of the
+    masked network on the stacked batches, the masks m split per layer at ``splits`` and
+    scaled by σ; ``logits(params, factors, xb, scales)`` runs the network (linen or nnx)."""
+
+    def metrics(m, params, factors, xs, ys, ws):
+        blocks = jnp.split(m.astype(dtype), splits)
+        scales = {n: b * factors[n].sigma for n, b in zip(names, blocks)}
+
+        def body(carry, batch):
+            xb, yb, wb = batch
+            out = logits(params, factors, xb, scales)
+            ce = optax.softmax_cross_entropy_with_integer_labels(out, yb)
+            hit = (jnp.argmax(out, -1) == yb).astype(dtype)
+            return (carry[0] + jnp.sum(ce * wb), carry[1] + jnp.sum(hit * wb)), None
+
+        zero = jnp.zeros((), dtype)
+        (total, hits), _ = lax.scan(body, (zero, zero), (xs, ys, ws))
+        return total / jnp.sum(ws), hits / jnp.sum(ws)
+
+    return metrics
 
 
 class NetworkLoss:
@@ -100,21 +123,13 @@ class NetworkLoss:
         splits = np.cumsum(self.sizes)[:-1].tolist()
         apply_kwargs = dict(apply_kwargs or {})
 
-        def metrics(m, params, factors, xs, ys, ws):
-            """(mean cross-entropy, accuracy) of the masked network on the stacked batches."""
-            blocks = jnp.split(m.astype(self.dtype), splits)
-            scales = {n: b * factors[n].sigma for n, b in zip(self.names, blocks)}
+        def logits(params, factors, xb, scales):
+            return factored_apply(model, params, factors, xb, scales, **apply_kwargs)
 
-            def body(carry, batch):
-                xb, yb, wb = batch
-                logits = factored_apply(model, params, factors, xb, scales, **apply_kwargs)
-                ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-                hit = (jnp.argmax(logits, -1) == yb).astype(self.dtype)
-                return (carry[0] + jnp.sum(ce * wb), carry[1] + jnp.sum(hit * wb)), None
+        self._compile(masked_metrics(logits, self.names, splits, self.dtype))
 
-            zero = jnp.zeros((), self.dtype)
-            (total, hits), _ = lax.scan(body, (zero, zero), (xs, ys, ws))
-            return total / jnp.sum(ws), hits / jnp.sum(ws)
+    def _compile(self, metrics: Callable) -> None:
+        """The jitted value-and-grad, value and metrics of ``metrics(m, params, factors, xs, ys, ws)``."""
 
         def loss(m, params, factors, xs, ys, ws):
             return metrics(m, params, factors, xs, ys, ws)[0]
