@@ -48,6 +48,13 @@ VARIANTS: dict[str, dict] = {
     "start:constant": {"warm_start": "constant"},
     "start:pos_greedy": {"warm_start": "pos_greedy"},
     "start:pos_exact": {"warm_start": "pos_exact"},
+    # issue 17, the rounding gap of the constant start: the rounding before "best" and polish
+    "constant:relaxed": {"warm_start": "constant", "mask_values": "relaxed", "polish": 0},
+    "constant+best": {"warm_start": "constant", "mask_values": "best", "polish": 0},
+    "constant+polish": {"warm_start": "constant", "mask_values": "relaxed", "polish": 50},
+    "constant+best+polish": {"warm_start": "constant", "mask_values": "best", "polish": 50},
+    "constant+polish10": {"warm_start": "constant", "polish": 10},
+    "constant+polish15": {"warm_start": "constant", "polish": 15},
 }
 
 
@@ -100,6 +107,8 @@ def main() -> None:
                                 row[k] = d[k]
                         if "rounding" in d:
                             row["chosen"] = d["rounding"].get("chosen")
+                            if "polish" in d["rounding"]:
+                                row["polish"] = d["rounding"]["polish"]
                         if "solves" in d:
                             row["solves"] = [(v["stage"], v["status"], v.get("criterion"), v["iterations"])
                                              for v in d["solves"]]

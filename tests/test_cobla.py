@@ -309,3 +309,27 @@ def test_saturation_skips_the_resolve_when_the_freed_budget_is_below_one_rank():
     assert [s["status"] for s in stages] == ["skipped"]
     assert sorted(alloc.stats["saturated_layers"]) == ["s0", "s1"]
     assert len(alloc.stats["solves"]) == 2  # the relaxed solve and the skipped round
+
+
+def test_polish_refits_the_kept_masks_to_the_quadratic_optimum():
+    """Ranks fixed, E(m) = Σ w σ² (1 - m)² is minimized at m = 1 on the support.
+
+    The rounded masks start at m̂ (≤ 1) and the polish must bring every kept triplet to
+    1 (the closed-form optimum within the box), leave dropped triplets at 0 and the
+    ranks (so both costs) unchanged, and report the score it improved.
+    """
+    from coblax.lowrank.cobla import polish_masks
+
+    layers = (_dense("a", 20, 20, 0.2), _dense("b", 20, 20, 0.1))
+    loss = QuadraticLoss(layers, [np.ones(20), np.ones(20)])
+    problem = AllocationProblem(layers, 1e9, 1e9, loss=loss)
+    masks = {"a": np.r_[np.full(4, 0.5), np.zeros(16)], "b": np.r_[0.3, 0.9, np.zeros(18)]}
+    score = lambda m: (loss.value(m),)  # noqa: E731
+    out, info = polish_masks(problem, masks, score, max_iter=50)
+    assert info["kept"] and info["score_after"][0] < info["score_before"][0]
+    np.testing.assert_allclose(out["a"][:4], 1.0, atol=1e-6)
+    np.testing.assert_allclose(out["b"][:2], 1.0, atol=1e-6)
+    assert np.all(out["a"][4:] == 0) and np.all(out["b"][2:] == 0)
+    # A score that prefers the unpolished masks keeps them.
+    same, info2 = polish_masks(problem, masks, lambda m: (-loss.value(m),), max_iter=50)
+    assert not info2["kept"] and same is masks

@@ -96,3 +96,31 @@ def test_picks_the_candidate_with_the_best_score():
     assert len(seen) >= 2  # distinct candidates, each scored once
     assert ranks == {"a": 13, "b": 12}  # every candidate refilled to 25 ranks
     assert not has_room(problem, ranks)
+
+
+def test_best_values_scores_each_rank_vector_both_ways_and_keeps_the_better():
+    """``values="best"``: the same ranks under m̂-scaled and plain masks, the better kept.
+
+    The score below is the squared distance of the kept multipliers from 1 (a network
+    that wants plain truncation), so plain must win although m̂ ranks the draws.
+    """
+    rng = np.random.default_rng(5)
+    a = dense("a", 30, 20, rng)
+    problem = AllocationProblem((a,), 6 * 50, 6 * 50)  # room for 6 ranks
+    m_hat = {"a": np.r_[np.full(8, 0.7), np.zeros(12)]}  # Σ = 5.6: ranks 5 or 6, refilled to 6
+
+    def score(m):
+        kept = m[m > 0]
+        return float(np.sum((1 - kept) ** 2))
+
+    ranks, masks, info = round_masks(problem, m_hat, draws=4, seed=0, score=score, values="best")
+    assert ranks == {"a": 6}
+    assert info["values"] == "plain"
+    np.testing.assert_array_equal(masks["a"], np.r_[np.ones(6), np.zeros(14)])  # top 6 by σ at 1
+    modes = {c["values"] for c in info["candidates"]}
+    assert modes == {"relaxed", "plain"}
+    # Under "relaxed" alone, the kept multipliers are m̂ = 0.7: score 6 · 0.09.
+    _, masks_r, info_r = round_masks(problem, m_hat, draws=4, seed=0, score=score, values="relaxed")
+    assert info_r["score"] == pytest.approx([6 * 0.09])
+    with pytest.raises(ValueError, match="best"):
+        round_masks(problem, m_hat, draws=1, seed=0, score=score, values="bogus")

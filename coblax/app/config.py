@@ -280,7 +280,8 @@ class CoblaConfig:
     continuation: tuple[float, ...] = setting((), ge=0)
     local_search: int = setting(60, ge=0)
     select: str = setting("accuracy", choices=("accuracy", "loss"))
-    mask_values: str = setting("relaxed", choices=("relaxed", "ones", "plain"))
+    mask_values: str = setting("best", choices=("relaxed", "ones", "plain", "best"))
+    polish: int = setting(30, ge=0)
     solver: str = setting("structured", choices=("slsqp", "structured"))
     window: int | None = setting(None, ge=1)
     data_parallel: bool = False

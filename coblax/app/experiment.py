@@ -296,7 +296,7 @@ def split_objective_data(data: Dataset, cfg: RunConfig):
 
 
 COBLA_KEYS = ("max_iter", "tol", "rtol", "atol", "roundings", "warm_start", "saturation_rounds", "monotone",
-              "continuation", "local_search", "select", "mask_values", "solver", "window")
+              "continuation", "local_search", "select", "mask_values", "polish", "solver", "window")
 
 
 def decompose_layers(cfg: RunConfig, base: BaseModel, chosen, scheme: str, objective_x) -> dict[str, Factors]:

@@ -34,6 +34,7 @@ from coblax.lowrank.allocation import (
 
 __all__ = [
     "MASK_VALUES",
+    "VALUE_CHOICES",
     "masks_for_ranks",
     "stochastic_ranks",
     "round_masks",
@@ -43,6 +44,9 @@ __all__ = [
 ]
 
 MASK_VALUES = ("relaxed", "ones", "plain")
+# What ``round_masks(values=...)`` accepts: one mask rule, or "best" (every rank vector
+# scored under "relaxed" and "plain", the better kept).
+VALUE_CHOICES = MASK_VALUES + ("best",)
 
 Score = Callable[[np.ndarray], tuple[float, ...]]
 """Score of a flat multiplier vector; lower (lexicographically) is better."""
@@ -213,7 +217,11 @@ def round_masks(
         tuple compared lexicographically, e.g. (-accuracy, loss)); None keeps the
         first candidate.
       values: masks of the draws: ``"relaxed"`` (kept multipliers m̂), ``"ones"``
-        or ``"plain"`` (see :func:`masks_for_ranks`).
+        or ``"plain"`` (see :func:`masks_for_ranks`), or ``"best"``: every draw's ranks
+        scored under both ``"relaxed"`` and ``"plain"``. Measured on MNIST LeNet-300-100
+        at 3 % of the MACs, the same ranks scored 47.8 % test accuracy with m̂-scaled
+        triplets and 49.6 % as plain truncation: once the rounding drops the partial
+        triplets, the m̂ that balanced them no longer fit.
       extra: (label, ranks) candidates added to the pool (e.g. the warm start),
         evaluated as plain truncations, the way their allocator's ranks are used.
       local_search_evals: evaluation budget of :func:`local_search` (0 = off).
@@ -223,19 +231,28 @@ def round_masks(
       ``values`` (its mask values), ``repaired`` (the chosen candidate needed the
       descent), ``local_search``.
     """
+    if values not in VALUE_CHOICES:
+        raise ValueError(f"mask values {values!r}; valid: {', '.join(VALUE_CHOICES)}")
     rng = np.random.default_rng(seed)
     importance = {v: triplet_importance(problem, m_hat, v) for v in MASK_VALUES}
+    modes = ("relaxed", "plain") if values == "best" else (values,)
     # (label, ranks, mask values, repaired)
     pool: list[tuple[str, dict[str, int], str, bool]] = []
     feasible_draws = 0
+
+    def add(label: str, raw: Mapping[str, int]) -> None:
+        ok = is_feasible(problem, raw)
+        ranks = _maximal(problem, raw, importance[modes[0]])
+        for mode in modes:
+            tag = label if len(modes) == 1 else f"{label}:{mode}"
+            pool.append((tag, ranks, mode, not ok))
+
     for k in range(draws):
         raw = stochastic_ranks(problem, m_hat, rng)
-        ok = is_feasible(problem, raw)
-        feasible_draws += ok
-        pool.append((f"draw{k}", _maximal(problem, raw, importance[values]), values, not ok))
+        feasible_draws += is_feasible(problem, raw)
+        add(f"draw{k}", raw)
     floor = {l.name: int(np.floor(np.sum(m_hat[l.name]) + 1e-9)) for l in problem.layers}
-    floor = clip_ranks(problem, floor)
-    pool.append(("floor", _maximal(problem, floor, importance[values]), values, not is_feasible(problem, floor)))
+    add("floor", clip_ranks(problem, floor))
     for label, ranks in extra:  # an allocator's ranks: plain truncation, as that allocator uses them
         ranks = clip_ranks(problem, ranks)
         pool.append((label, _maximal(problem, ranks, importance["plain"]), "plain", not is_feasible(problem, ranks)))
