@@ -425,7 +425,7 @@ class COBLA:
         if not is_feasible(problem, ranks):  # pragma: no cover - rounding guarantees it
             raise AssertionError("COBLA rounding produced an infeasible allocation")
         if self.polish > 0:
-            masks, info["polish"] = polish_masks(problem, masks, score, self.polish)
+            masks, info["polish"] = polish_masks(problem, masks, score, self.polish, rtol=self.rtol)
         value = getattr(problem.loss, "value", None)
         m_rounded = flat_mask(problem, masks)
         relaxed_blocks = blocks(m_relaxed)
@@ -472,12 +472,16 @@ class COBLA:
 
 
 def polish_masks(problem: AllocationProblem, masks: dict[str, np.ndarray], score, max_iter: int,
-                 ) -> tuple[dict[str, np.ndarray], dict]:
+                 rtol: float = 0.0) -> tuple[dict[str, np.ndarray], dict]:
     """Minimize E over the kept triplets' masks, ranks fixed; keep it if ``score`` improves.
 
     The support (nonzero entries of the factored layers' masks) and so the ranks and
     both costs are unchanged; the kept masks move in [1e-6, 1] (a kept triplet stays
-    kept: "nonzero = paid for"). L-BFGS-B: the problem has box bounds only.
+    kept: "nonzero = paid for"). L-BFGS-B: the problem has box bounds only. E is
+    divided by its value at the rounded masks, so that L-BFGS-B's ``ftol`` = ``rtol``
+    stops the fit once an iteration lowers E by less than ``rtol`` of the rounded E
+    (the relaxed solve's own rule; where the rounding lost little, the fit ends in a
+    few evaluations).
     """
     from scipy.optimize import minimize
 
@@ -493,14 +497,20 @@ def polish_masks(problem: AllocationProblem, masks: dict[str, np.ndarray], score
     if idx.size == 0:
         return masks, info
 
+    scale = 1.0
+
     def fun(x):
         m = m0.copy()
         m[idx] = x
         value, grad = problem.loss.value_and_grad(m)
-        return float(value), np.asarray(grad, np.float64)[idx]
+        return float(value) / scale, np.asarray(grad, np.float64)[idx] / scale
 
+    scale = abs(fun(m0[idx])[0]) or 1.0
+    options = {"maxiter": max_iter, "maxfun": 2 * max_iter}
+    if rtol > 0:
+        options["ftol"] = rtol
     res = minimize(fun, m0[idx], jac=True, method="L-BFGS-B", bounds=[(1e-6, 1.0)] * idx.size,
-                   options={"maxiter": max_iter, "maxfun": 2 * max_iter})
+                   options=options)
     m1 = m0.copy()
     m1[idx] = res.x
     before, after = score(m0), score(m1)
