@@ -74,12 +74,9 @@ class _Context:
     def decomposition(self, cfg, mi: int, scheme: str, cache_dir: str):
         """(traced, net, full factors, loss) of (seed, model, scheme), as the serial runner builds them."""
         import jax.numpy as jnp
-        import numpy as np
 
         from coblax.app import experiment as E
-        from coblax.lowrank.costs import network_cost
         from coblax.lowrank.decompose import trace_layers
-        from coblax.lowrank.objective import NetworkLoss
 
         key = (repr(cfg), mi, scheme, cache_dir)
         if self.scheme is None or self.scheme[0] != key:
@@ -89,12 +86,7 @@ class _Context:
             objective_data, validation_data = E.split_objective_data(data, cfg)
             traced = trace_layers(base.model, base.params, jnp.asarray(data.x_train[:1]))
             chosen = E.decomposable_layers(traced, cfg)
-            full = E.decompose_layers(cfg, base, chosen, scheme, objective_data[0])
-            net = network_cost(traced, base.params, {n: np.asarray(f.sigma) for n, f in full.items()}, scheme)
-            loss = None
-            if "cobla" in cfg.methods:
-                loss = NetworkLoss(base.model, base.params, full, objective_data, validation_data,
-                                   batch_size=cfg.cobla.batch_size, data_parallel=cfg.cobla.data_parallel)
+            full, net, loss = E.scheme_inputs(cfg, base, traced, chosen, scheme, objective_data, validation_data)
             self.scheme = (key, (traced, net, full, loss))
         return self.scheme[1]
 
