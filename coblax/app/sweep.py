@@ -88,39 +88,12 @@ class ParallelSweep:
                  add: Callable[[dict, bool], None], log: Callable[[str], None]) -> None:
         from tqdm.auto import tqdm
 
-        from coblax.app.experiment import sweep_keys
 
         env = tuple((k, os.environ[k]) for k in ENV_KEYS if k in os.environ)
         if cfg.data.dir:  # workers may start elsewhere (Ray): absolute paths only
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(Path(cfg.data.dir).resolve())))
         cache_dir = str(Path(plan.cache_dir).expanduser().resolve())
-        jobs: dict[int, Job] = {}
-        order: dict[int, float] = {}
-        waiting: dict[int, list[int]] = {}  # base job id -> its record job ids
-        ids = itertools.count()
-        position = 0
-        for seed in cfg.seed_list:
-            seed_cfg = dataclasses.replace(cfg, seed=seed)
-            for mi, mc in enumerate(cfg.models):
-                keys = sweep_keys(seed_cfg, mc)
-                todo = [k for k in keys if k not in done]
-                for k in keys:
-                    if k in done:
-                        add(done[k], False)
-                if not todo:
-                    position += len(keys)
-                    continue
-                base_id = next(ids)
-                jobs[base_id] = Job("base", seed_cfg, mi, tuple(todo), cache_dir, env)
-                order[base_id] = position - 0.5
-                waiting[base_id] = []
-                for k in keys:
-                    if k not in done:
-                        rid = next(ids)
-                        jobs[rid] = Job("record", seed_cfg, mi, (k,), cache_dir, env)
-                        order[rid] = position
-                        waiting[base_id].append(rid)
-                    position += 1
+        jobs, order, waiting = _job_graph(cfg, done, add, cache_dir, env)
         if not jobs:
             return
         remaining = sum(len(j.keys) for j in jobs.values() if j.kind == "record")
@@ -187,6 +160,45 @@ class ParallelSweep:
             return f"the base model {job.cfg.models[job.model_index].label} (seed {job.cfg.seed})"
         label, scheme, mac, par, method, seed = job.keys[0]
         return f"{label}, {scheme}, {mac:g}/{par:g}, {method}, seed {seed}"
+
+
+def _job_graph(cfg, done: dict, add: Callable[[dict, bool], None], cache_dir: str,
+               env: tuple) -> tuple[dict[int, Job], dict[int, float], dict[int, list[int]]]:
+    """(jobs by id, each job's place in the serial order, base job id -> its record job ids).
+
+    One base job per (seed, model) with unfinished records, placed just before them;
+    finished records go to ``add`` at once, in order.
+    """
+    from coblax.app.experiment import sweep_keys
+
+    jobs: dict[int, Job] = {}
+    order: dict[int, float] = {}
+    waiting: dict[int, list[int]] = {}  # base job id -> its record job ids
+    ids = itertools.count()
+    position = 0
+    for seed in cfg.seed_list:
+        seed_cfg = dataclasses.replace(cfg, seed=seed)
+        for mi, mc in enumerate(cfg.models):
+            keys = sweep_keys(seed_cfg, mc)
+            todo = [k for k in keys if k not in done]
+            for k in keys:
+                if k in done:
+                    add(done[k], False)
+            if not todo:
+                position += len(keys)
+                continue
+            base_id = next(ids)
+            jobs[base_id] = Job("base", seed_cfg, mi, tuple(todo), cache_dir, env)
+            order[base_id] = position - 0.5
+            waiting[base_id] = []
+            for k in keys:
+                if k not in done:
+                    rid = next(ids)
+                    jobs[rid] = Job("record", seed_cfg, mi, (k,), cache_dir, env)
+                    order[rid] = position
+                    waiting[base_id].append(rid)
+                position += 1
+    return jobs, order, waiting
 
 
 def sweep_for(spec: ParallelSpec) -> ParallelSweep | None:
