@@ -28,6 +28,7 @@ __all__ = [
     "check_floor",
     "smallest_feasible_multiplier",
     "cost_ratios",
+    "ok_allocation",
     "threshold_allocation",
 ]
 
@@ -37,6 +38,14 @@ def cost_ratios(problem: AllocationProblem, ranks: Mapping[str, int]) -> tuple[f
     macs, params = ranks_cost(problem.layers, ranks)
     o_mac, o_par = problem.original_cost()
     return macs / o_mac, params / o_par
+
+
+def ok_allocation(problem: AllocationProblem, ranks: dict[str, int], stats: Mapping[str, object],
+                  status: str = "ok") -> Allocation:
+    """An :class:`Allocation` of ``ranks`` whose stats are ``stats`` plus ``mac_ratio`` / ``param_ratio``
+    (:func:`cost_ratios`): what every budget-mode baseline returns."""
+    mac_r, par_r = cost_ratios(problem, ranks)
+    return Allocation(ranks=ranks, status=status, stats={**stats, "mac_ratio": mac_r, "param_ratio": par_r})
 
 
 def check_floor(problem: AllocationProblem, method: str) -> dict[str, int]:
@@ -113,15 +122,11 @@ def threshold_allocation(
     natural = clip_ranks(problem, _ranks_above(ratios, 1.0))
     nat_mac, nat_par = cost_ratios(problem, natural)
     t, ranks = smallest_feasible_multiplier(problem, ratios, method)
-    mac_r, par_r = cost_ratios(problem, ranks)
     stats: dict[str, object] = {
         "threshold_multiplier": t,
         "thresholds": {name: float(v) for name, v in thresholds.items()},
         "natural_ranks": natural,
         "natural_mac_ratio": nat_mac,
         "natural_param_ratio": nat_par,
-        "mac_ratio": mac_r,
-        "param_ratio": par_r,
     }
-    stats.update(extra_stats or {})
-    return Allocation(ranks=ranks, status="ok", stats=stats)
+    return ok_allocation(problem, ranks, {**stats, **(extra_stats or {})})

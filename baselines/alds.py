@@ -52,7 +52,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from coblax.baselines._budget import check_floor, clip_ranks, cost_ratios
+from coblax.baselines._budget import check_floor, clip_ranks, ok_allocation
 from coblax.lowrank.allocation import (
     Allocation,
     AllocationProblem,
@@ -147,16 +147,9 @@ class ALDS:
     def __call__(self, problem: AllocationProblem) -> Allocation:
         eps, ranks = alds_ranks(problem, self.name)
         errors = {layer.name: relative_errors(layer) for layer in problem.layers}
-        mac_r, par_r = cost_ratios(problem, ranks)
-        return Allocation(
-            ranks=ranks,
-            status="ok",
-            stats={
-                "eps": eps,
-                "max_relative_error": max_relative_error(problem, ranks, errors),
-                "layer_errors": {n: float(errors[n][r]) for n, r in ranks.items()},
-                "mac_ratio": mac_r,
-                "param_ratio": par_r,
-                "slices": self.slices,
-            },
-        )
+        return ok_allocation(problem, ranks, {
+            "eps": eps,
+            "max_relative_error": max_relative_error(problem, ranks, errors),
+            "layer_errors": {n: float(errors[n][r]) for n, r in ranks.items()},
+            "slices": self.slices,
+        })

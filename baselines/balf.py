@@ -46,7 +46,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from coblax.baselines._budget import check_floor, clip_ranks, cost_ratios
+from coblax.baselines._budget import check_floor, clip_ranks, ok_allocation
 from coblax.lowrank.allocation import (
     Allocation,
     AllocationProblem,
@@ -166,15 +166,8 @@ class BALF:
         if self.refill:
             ranks = refill(problem, ranks, lambda layer, r, new_r, current=None:
                            normalized_energy(layer, new_r) - normalized_energy(layer, r))
-        mac_r, par_r = cost_ratios(problem, ranks)
-        return Allocation(
-            ranks=ranks,
-            status="ok",
-            stats={
-                "multiplier": lam,
-                "objective": balf_objective(problem, ranks),
-                "lagrangian_objective": lagrangian,
-                "mac_ratio": mac_r,
-                "param_ratio": par_r,
-            },
-        )
+        return ok_allocation(problem, ranks, {
+            "multiplier": lam,
+            "objective": balf_objective(problem, ranks),
+            "lagrangian_objective": lagrangian,
+        })

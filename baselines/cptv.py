@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from coblax.baselines._budget import check_floor, cost_ratios
+from coblax.baselines._budget import check_floor, ok_allocation
 from coblax.lowrank.allocation import Allocation, AllocationProblem, LayerCost, largest_feasible
 
 __all__ = ["CPTV", "cptv_rank"]
@@ -70,12 +70,7 @@ class CPTV:
         beta, ranks = largest_feasible(
             problem, ranks_at, 0.0, 1.0, iters=self.iters, method=self.name
         )
-        mac_r, par_r = cost_ratios(problem, ranks)
-        return Allocation(
-            ranks=ranks,
-            status="ok",
-            stats={"beta": float(beta), "mac_ratio": mac_r, "param_ratio": par_r},
-        )
+        return ok_allocation(problem, ranks, {"beta": float(beta)})
 
 
 def _layer_rank(layer: LayerCost, beta: float) -> int:

@@ -47,7 +47,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from coblax.baselines._budget import check_floor, clip_ranks, cost_ratios
+from coblax.baselines._budget import check_floor, clip_ranks, ok_allocation
 from coblax.lowrank.allocation import Allocation, AllocationProblem, LayerCost, is_feasible
 
 __all__ = ["LC", "c_step", "c_step_rank", "tail_energies"]
@@ -208,6 +208,4 @@ class LC:
 
     def _result(self, problem: AllocationProblem, ranks: dict[str, int], status: str, stats: dict,
                 start: float) -> Allocation:
-        mac_r, par_r = cost_ratios(problem, ranks)
-        stats = dict(stats, mac_ratio=mac_r, param_ratio=par_r, lc_seconds=time.perf_counter() - start)
-        return Allocation(ranks=ranks, status=status, stats=stats)
+        return ok_allocation(problem, ranks, dict(stats, lc_seconds=time.perf_counter() - start), status)

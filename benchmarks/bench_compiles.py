@@ -78,6 +78,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from coblax.app import experiment as E
+    from coblax.app import record as R  # finetune_factored pads the ranks
     from coblax.app.config import load_run_config
 
     cfg = load_run_config(REPO / "experiments" / "compare_squeezenet_digits.toml")
@@ -87,9 +88,9 @@ def main() -> None:
     )
     policy = padding_policy(args.pad)
     if policy is not None:
-        if not hasattr(E, "pad_to_full_rank"):
+        if not hasattr(R, "pad_to_full_rank"):
             raise SystemExit("bench_compiles: this checkout has no rank padding; use --pad product")
-        E.pad_to_full_rank = policy
+        R.pad_to_full_rank = policy
     with tempfile.TemporaryDirectory() as out:
         plan = E.plan_from_config(cfg, out)
         E.train_base_model(cfg, cfg.models[0], plan.data, plan.cache_dir, False)  # outside the count

@@ -1,6 +1,7 @@
 """Compress your own Flax model: BatchNorm, dropout, layer rules, two allocators, export.
 
-Everything model-specific is in this file; coblax sees the model only through
+The model is in this file (its layer rules, the command line and the printing are
+in ``example_common.py`` beside it); coblax sees the model only through
 ``coblax.allocate``. Steps: train the model briefly on Fashion-MNIST (the bundled
 8x8 digits when no Fashion-MNIST files are found), allocate per-layer ranks under
 40 % of the decomposed layers' MACs and parameters with COBLA and with the
@@ -14,19 +15,25 @@ Usage (a few minutes on 2 CPU cores):
 
 from __future__ import annotations
 
-import argparse
 import functools
-import os
 import time
 from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from example_common import (  # the walk-throughs' shared plumbing and layer rules
+    METHODS,
+    RULES,
+    example_data,
+    objective_and_validation,
+    parse_args,
+    print_table,
+    result_cells,
+)
 
 from coblax import allocate, finetune, load_factored, save_factored
 from coblax.app.export_cbx import load_factored_cbx, save_factored_cbx
-from coblax.nn.data import DataError, load_dataset
 from coblax.nn.train import evaluate, fit
 
 
@@ -48,28 +55,10 @@ class MyNet(nn.Module):
         return nn.Dense(self.num_classes, name="head")(x)
 
 
-RULES = [
-    (r"conv1", "skip"),  # 9 input taps: nothing to gain
-    (r"conv\d+", "tai"),
-    (r"fc\d+|head", "dense"),
-]
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", default=os.environ.get("COBLAX_DATA"))
-    ap.add_argument("--out", default="runs/own_model")
-    ap.add_argument("--train", type=int, default=6000, help="training examples used")
-    ap.add_argument("--budget", type=float, default=0.4)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = parse_args(__doc__.splitlines()[0], "runs/own_model")
     start = time.perf_counter()
-    try:
-        data = load_dataset("fashion_mnist", args.data_dir, seed=args.seed, limit_train=args.train, limit_test=2000)
-    except DataError as err:
-        print(f"Fashion-MNIST not found ({err}); using the bundled 8x8 digits")
-        data = load_dataset("digits", seed=args.seed)
-    print(f"data: {data.name}, {len(data.x_train)} train / {len(data.x_test)} test")
+    data = example_data(args)
 
     model = MyNet(num_classes=data.num_classes)
     variables = model.init(jax.random.PRNGKey(args.seed), jnp.asarray(data.x_train[:1]))
@@ -80,12 +69,10 @@ def main() -> None:
     base_acc = evaluate(eval_apply, variables, data.x_test, data.y_test)
     print(f"base model: test accuracy {100 * base_acc:.2f} %")
 
-    n_obj = min(1000, len(data.x_train) // 2)
-    objective = (data.x_train[:n_obj], data.y_train[:n_obj])
-    validation = (data.x_train[n_obj:n_obj + 500], data.y_train[n_obj:n_obj + 500])
+    objective, validation = objective_and_validation(data)
     out = Path(args.out)
     rows = []
-    for method, options in (("cobla", {"max_iter": 40, "roundings": 5}), ("uniform", {})):
+    for method, options in METHODS:
         result = allocate(model, variables, objective, rules=RULES, mac=args.budget, param=args.budget,
                           method=method, validation_data=validation, apply_kwargs={"train": False},
                           seed=args.seed, method_options=options)
@@ -102,16 +89,9 @@ def main() -> None:
         cbx = save_factored_cbx(out / f"{method}.cbx", result, prune=0.5, bits=4)
         packed = load_factored_cbx(out / f"{method}.cbx", MyNet(num_classes=data.num_classes))
         cbx_acc = evaluate(packed.apply, packed.variables, data.x_test, data.y_test)
-        rows.append((method, result, before, after, size, cbx.total_bytes, cbx_acc))
-    print(f"\nbudget {args.budget:g} of the decomposed layers' MACs and parameters; base {100 * base_acc:.2f} %")
-    print("| method | ranks | MAC ratio | param ratio | acc before FT | acc after FT | export bytes "
-          "| N_M×4 | .cbx bytes (prune 0.5, 4 bit) | .cbx acc |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for method, r, before, after, size, cbx_bytes, cbx_acc in rows:
-        ranks = ", ".join(f"{k}={v}" for k, v in r.ranks.items())
-        print(f"| {method} | {ranks} | {r.mac_ratio:.3f} | {r.param_ratio:.3f} | {100 * before:.2f} | "
-              f"{100 * after:.2f} | {size:,} | {int(4 * r.params):,} | {cbx_bytes:,} | "
-              f"{100 * cbx_acc:.2f} |")
+        rows.append(result_cells(method, result, before, after, size) + [f"{cbx.total_bytes:,}",
+                                                                          f"{100 * cbx_acc:.2f}"])
+    print_table(args.budget, base_acc, rows, extra=[".cbx bytes (prune 0.5, 4 bit)", ".cbx acc"])
     print(f"\nexports in {out}/ reload to the same accuracy; {time.perf_counter() - start:.0f} s in all")
 
 

@@ -17,15 +17,21 @@ Usage (a few minutes on 2 CPU cores):
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 from pathlib import Path
 
+from example_common import (  # the walk-throughs' shared plumbing and layer rules
+    METHODS,
+    RULES,
+    example_data,
+    objective_and_validation,
+    parse_args,
+    print_table,
+    result_cells,
+)
 from flax import nnx
 
 from coblax import allocate, finetune, load_factored, save_factored
-from coblax.nn.data import DataError, load_dataset
 from coblax.nn.train import evaluate
 from coblax.nn.train_nnx import evaluate_nnx, fit_nnx
 
@@ -54,29 +60,10 @@ class MyNet(nnx.Module):
         return self.head(self.dropout(x))
 
 
-RULES = [
-    (r"conv1", "skip"),  # 9 input taps: nothing to gain
-    (r"conv\d+", "tai"),
-    (r"fc\d+|head", "dense"),
-]
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", default=os.environ.get("COBLAX_DATA"))
-    ap.add_argument("--out", default="runs/own_model_nnx")
-    ap.add_argument("--train", type=int, default=6000, help="training examples used")
-    ap.add_argument("--budget", type=float, default=0.4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rank-multiple", type=int, default=1, help="every factored rank a multiple of this")
-    args = ap.parse_args()
+    args = parse_args(__doc__.splitlines()[0], "runs/own_model_nnx", rank_multiple=True)
     start = time.perf_counter()
-    try:
-        data = load_dataset("fashion_mnist", args.data_dir, seed=args.seed, limit_train=args.train, limit_test=2000)
-    except DataError as err:
-        print(f"Fashion-MNIST not found ({err}); using the bundled 8x8 digits")
-        data = load_dataset("digits", seed=args.seed)
-    print(f"data: {data.name}, {len(data.x_train)} train / {len(data.x_test)} test")
+    data = example_data(args)
 
     def fresh() -> MyNet:  # the model code alone: what a user has when loading an export
         return MyNet(data.x_train.shape[1:], data.num_classes, rngs=nnx.Rngs(args.seed))
@@ -86,30 +73,23 @@ def main() -> None:
     base_acc = evaluate_nnx(model, data.x_test, data.y_test)
     print(f"base model: test accuracy {100 * base_acc:.2f} %")
 
-    n_obj = min(1000, len(data.x_train) // 2)
-    objective = (data.x_train[:n_obj], data.y_train[:n_obj])
-    validation = (data.x_train[n_obj:n_obj + 500], data.y_train[n_obj:n_obj + 500])
+    objective, validation = objective_and_validation(data)
     out = Path(args.out)
     rows = []
-    for method, options in (("cobla", {"max_iter": 40, "roundings": 5}), ("uniform", {})):
+    for method, options in METHODS:
         result = allocate(model, objective, rules=RULES, mac=args.budget, param=args.budget, method=method,
-                          validation_data=validation, seed=args.seed, rank_multiple=args.rank_multiple, method_options=options)
+                          validation_data=validation, seed=args.seed, rank_multiple=args.rank_multiple,
+                          method_options=options)
         before = evaluate(result.apply, result.variables, data.x_test, data.y_test)
         result = finetune(result, data.x_train, data.y_train, epochs=1, learning_rate=3e-4, seed=args.seed)
         after = evaluate(result.apply, result.variables, data.x_test, data.y_test)
         path = out / f"{method}.npz"
-        size = save_factored(path, result, meta={"accuracy": after, "ranks": result.ranks})
+        size = save_factored(path, result, meta={"accuracy": after, "ranks": result.ranks}).total_bytes
         loaded = load_factored(path, fresh())
         reloaded = evaluate(loaded.apply, loaded.variables, data.x_test, data.y_test)
         assert reloaded == after, (reloaded, after)
-        rows.append((method, result, before, after, size))
-    print(f"\nbudget {args.budget:g} of the decomposed layers' MACs and parameters; base {100 * base_acc:.2f} %")
-    print("| method | ranks | MAC ratio | param ratio | acc before FT | acc after FT | export bytes | N_M×4 |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for method, r, before, after, size in rows:
-        ranks = ", ".join(f"{k}={v}" for k, v in r.ranks.items())
-        print(f"| {method} | {ranks} | {r.mac_ratio:.3f} | {r.param_ratio:.3f} | {100 * before:.2f} | "
-              f"{100 * after:.2f} | {size:,} | {int(4 * r.params):,} |")
+        rows.append(result_cells(method, result, before, after, size))
+    print_table(args.budget, base_acc, rows)
     print(f"\nexports in {out}/ reload to the same accuracy; {time.perf_counter() - start:.0f} s in all")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 import paper_figs
@@ -166,3 +167,61 @@ def test_two_runs_of_one_study_get_a_figure_each(tmp_path, capsys):
     payloads = paper_figs.load_results(paths)
     drawn = paper_figs.draw("kd_temperature", payloads[:1], tmp_path / "one")  # one run: no subfolder
     assert drawn[0].parent == tmp_path / "one"
+
+
+def _drawn(monkeypatch, module_name: str):
+    """The figures a paper_figs module saves, kept open instead of written (their axes are inspected)."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    figs = []
+
+    def keep(fig, out_dir, stem):  # noqa: ARG001 - save's signature
+        figs.append(fig)
+        return []
+
+    monkeypatch.setattr(module, "save", keep)
+    return figs
+
+
+def _saved_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps(run_payload()))
+    return json.loads((tmp_path / "run" / "results.json").read_text())["records"]
+
+
+def test_accuracy_vs_budget_draws_the_result_files_numbers(tmp_path, monkeypatch):
+    """Each plotted point is the seeds' mean of the accuracy in results.json (x100), its error bar
+    their sample standard deviation: computed here from the file, not by paper_figs."""
+    saved = _saved_run(tmp_path)
+    figs = _drawn(monkeypatch, "paper_figs.accuracy_vs_budget")
+    paper_figs.FIGURES["accuracy_vs_budget"](paper_figs.load_results([tmp_path / "run"]), tmp_path / "figs")
+    (fig,) = figs
+    for ax, key in zip(fig.axes, ("acc_before_finetune", "acc_after_finetune"), strict=True):
+        drawn = {c.get_label(): c for c in ax.containers}
+        assert sorted(drawn) == ["cobla", "uniform"]
+        for method, container in drawn.items():
+            budgets = sorted({r["budget_mac"] for r in saved if r["method"] == method})
+            values = [[100 * r[key] for r in saved if r["method"] == method and r["budget_mac"] == b]
+                      for b in budgets]
+            means = [(v[0] + v[1]) / 2 for v in values]  # two seeds each
+            stds = [abs(v[0] - v[1]) / 2 ** 0.5 for v in values]  # sample std of two values
+            line, (low, high), _ = container.lines
+            np.testing.assert_allclose(line.get_xdata(), budgets)
+            np.testing.assert_allclose(line.get_ydata(), means)
+            np.testing.assert_allclose(low.get_ydata(), np.subtract(means, stds))
+            np.testing.assert_allclose(high.get_ydata(), np.add(means, stds))
+            assert min(stds) > 0  # the bars are really drawn (the seeds differ)
+
+
+def test_rank_bars_are_the_recorded_ranks(tmp_path, monkeypatch):
+    saved = _saved_run(tmp_path)
+    figs = _drawn(monkeypatch, "paper_figs.accuracy_vs_budget")
+    paper_figs.FIGURES["rank_bars"](paper_figs.load_results([tmp_path / "run"]), tmp_path / "figs")
+    (fig,) = figs
+    budgets = sorted({r["budget_mac"] for r in saved}, reverse=True)
+    for ax, b in zip(fig.axes, budgets, strict=True):
+        drawn = {c.get_label(): [bar.get_height() for bar in c] for c in ax.containers}
+        want = {m: [np.mean([r["ranks"][layer] for r in saved if r["method"] == m and r["budget_mac"] == b])
+                    for layer in ("fc1", "fc2")] for m in ("cobla", "uniform")}
+        assert drawn == want

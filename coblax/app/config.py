@@ -1,18 +1,10 @@
 """The run's config: frozen dataclasses validated by :mod:`coblax.util.schema`.
 
-``parse_dataclass`` (in :mod:`coblax.util.schema`, re-exported here) is the one validator. Each dataclass declares every key in one
-place, its field: the type annotation says what type a value must have and
-:func:`setting` what range or choices it must respect, e.g.
-
-    tol: float = setting(1e-4, gt=0, le=0.1)
-    optimizer: str = setting("adam", choices=("adam", "sgd", "momentum"))
-
-Unknown keys, wrong types, non-finite numbers (NaN, inf), integers beyond
-``INT_MAX`` and values outside their range or choices are all collected and
-reported together by one :class:`ConfigError`, each problem naming its key
-(``budgets.mac``) and what is allowed. A ``validate(where)`` method, if any, adds
-the checks that relate several keys. Every key of an experiment config is
-documented in the README.
+Each dataclass below declares every key of one config table in its fields, with
+:func:`setting` giving a value's range or choices; :mod:`coblax.util.schema` says
+how they are checked (``parse_dataclass``, re-exported here, the one validator)
+and how every problem is reported together by one :class:`ConfigError`. Every key
+of an experiment config is documented in the README.
 """
 
 from __future__ import annotations

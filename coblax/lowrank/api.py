@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from coblax.lowrank.allocation import Allocation, Allocator, is_feasible
+from coblax.lowrank.allocation import Allocation, AllocationProblem, Allocator, is_feasible
 from coblax.lowrank.costs import NetworkCost, make_problem, network_cost
 from coblax.lowrank.decompose import (
     SCHEMES,
@@ -205,6 +205,25 @@ def needs_loss(allocator: Allocator) -> bool:
     return bool(getattr(allocator, "needs_loss", False))
 
 
+def budget_problem(net: NetworkCost, mac: float, param: float, basis: str, min_rank: int, rank_multiple: int,
+                   seed: int) -> tuple[AllocationProblem, int]:
+    """(the allocation problem of ``net`` under the budgets, the rank multiple k) for linen and nnx models.
+
+    Ranks come in multiples of k (:mod:`coblax.lowrank.rank_multiple`), so ``min_rank``
+    is rounded up to one; no loss is attached (see :func:`needs_loss`).
+    """
+    k = check_rank_multiple(rank_multiple, net.layers)
+    return make_problem(net, float(mac), float(param), basis, min_rank=multiple_floor(min_rank, k), seed=seed), k
+
+
+def run_allocator(allocator: Allocator, problem: AllocationProblem, k: int) -> Allocation:
+    """``allocator``'s ranks for ``problem`` in multiples of ``k``, checked against the budgets."""
+    allocation = with_rank_multiple(allocator, k)(problem)
+    if not is_feasible(problem, allocation.ranks):
+        raise AssertionError(f"method {allocator.name} returned ranks that break the budget: {allocation.ranks}")
+    return allocation
+
+
 def _legacy_options_error(options: Mapping[str, Any]) -> TypeError:
     names = ", ".join(sorted(options))
     return TypeError(
@@ -240,6 +259,9 @@ def allocate(
     (seed Eq. 2 relaxed for COBLA; each baseline its own way), with N_C,O, N_M,O
     the decomposed layers' original cost (``basis="decomposed"``, Li & Shi 2018)
     or the whole network's (``basis="network"``).
+
+    (One piece at over 80 lines: the public entry point, whose signature and argument
+    list are most of it; the work is in the helpers it calls, about 25 lines.)
 
     Args:
       model, variables: any Flax linen model and its variables (all collections), or
@@ -296,24 +318,30 @@ def allocate(
     data = tuple(np.asarray(a) for a in data)
     schemes, full, net = _decompose(model, variables, data[0], rules, apply_kwargs,
                                     allocator_spectrum(allocator), batch_size)
-    k = check_rank_multiple(rank_multiple, net.layers)  # ranks in multiples of k (coblax.lowrank.rank_multiple)
-    problem = make_problem(net, float(mac), float(param), basis, min_rank=multiple_floor(min_rank, k), seed=seed)
+    problem, k = budget_problem(net, mac, param, basis, min_rank, rank_multiple, seed)
+    problem = _with_loss_and_trainer(problem, allocator, model, variables, full, data, validation_data,
+                                     batch_size, apply_kwargs, seed)
+    allocation = run_allocator(allocator, problem, k)
+    result = _compressed(model, variables, net, full, allocation, schemes, apply_kwargs, basis, allocator.name)
+    if recalibrate_bn:
+        result = result.replace(variables=_recalibrate(result.apply, result.variables, data[0],
+                                                       batches=recalibrate_bn, batch_size=batch_size, seed=seed))
+    return result
+
+
+def _with_loss_and_trainer(problem: AllocationProblem, allocator: Allocator, model: Any,
+                           variables: Mapping[str, Any], full: Mapping[str, Factors], data: tuple,
+                           validation_data: tuple | None, batch_size: int, apply_kwargs: Mapping[str, Any],
+                           seed: int) -> AllocationProblem:
+    """``problem`` with the network objective E(m) (only for allocators that read it) and the trainer."""
     if needs_loss(allocator):
         loss = NetworkLoss(model, variables, full, data,
                            None if validation_data is None else tuple(np.asarray(a) for a in validation_data),
                            batch_size=batch_size, apply_kwargs=apply_kwargs)
         problem = dataclasses.replace(problem, loss=loss)
     # Allocators that train the network (lc) find it here; the trainer compiles only when used.
-    problem = attach_trainer(problem, model, variables, {n: (f.kind, f.scheme) for n, f in full.items()}, data,
-                             seed=seed)
-    allocation = with_rank_multiple(allocator, k)(problem)
-    if not is_feasible(problem, allocation.ranks):
-        raise AssertionError(f"method {allocator.name} returned ranks that break the budget: {allocation.ranks}")
-    result = _compressed(model, variables, net, full, allocation, schemes, apply_kwargs, basis, allocator.name)
-    if recalibrate_bn:
-        result = result.replace(variables=_recalibrate(result.apply, result.variables, data[0],
-                                                       batches=recalibrate_bn, batch_size=batch_size, seed=seed))
-    return result
+    return attach_trainer(problem, model, variables, {n: (f.kind, f.scheme) for n, f in full.items()}, data,
+                          seed=seed)
 
 
 def _decompose(model: Any, variables: Mapping[str, Any], x: np.ndarray, rules: Sequence[tuple[str, str]],

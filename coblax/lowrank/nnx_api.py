@@ -25,9 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from coblax.lowrank.allocation import is_feasible
-from coblax.lowrank.api import Compressed, compressed_result, select_layers
-from coblax.lowrank.costs import make_problem, network_cost
+from coblax.lowrank.api import (
+    Compressed,
+    budget_problem,
+    compressed_result,
+    needs_loss,
+    resolve_method,
+    run_allocator,
+    select_layers,
+)
+from coblax.lowrank.costs import network_cost
 from coblax.lowrank.decompose import SCHEMES, Factors, factorize
 from coblax.lowrank.factored import truncate_allocation
 from coblax.lowrank.nnx_adapter import (
@@ -39,8 +46,6 @@ from coblax.lowrank.nnx_adapter import (
     trace_nnx,
 )
 from coblax.lowrank.objective import NetworkLoss, batch_stack, masked_metrics
-from coblax.lowrank.rank_multiple import check_rank_multiple, multiple_floor, with_rank_multiple
-from coblax.lowrank.registry import get_allocator
 from coblax.nn.train_nnx import NnxApply, fit_nnx
 
 __all__ = ["NnxNetworkLoss", "allocate_nnx", "check_model_args", "finetune_nnx"]
@@ -134,7 +139,7 @@ def allocate_nnx(
     min_rank: int = 1,
     batch_size: int = 250,
     rank_multiple: int = 1,
-    **method_options: Any,
+    method_options: Mapping[str, Any] | None = None,
 ) -> Compressed:
     """:func:`coblax.allocate` for an nnx model (see there for the arguments).
 
@@ -156,16 +161,14 @@ def allocate_nnx(
     }
     net = network_cost(traced, {"params": nnx.state(model, nnx.Param)},
                        {n: np.asarray(f.sigma) for n, f in full.items()}, {n: f.scheme for n, f in full.items()})
-    k = check_rank_multiple(rank_multiple, net.layers)  # ranks in multiples of k (coblax.lowrank.rank_multiple)
-    problem = make_problem(net, float(mac), float(param), basis, min_rank=multiple_floor(min_rank, k), seed=seed)
-    loss = NnxNetworkLoss(model, full, (x_obj, np.asarray(objective_data[1])),
-                          None if validation_data is None else tuple(np.asarray(a) for a in validation_data),
-                          batch_size=batch_size, apply_kwargs=apply_kwargs)
-    problem = dataclasses.replace(problem, loss=loss)
-    allocator = get_allocator(method, **method_options) if isinstance(method, str) else method
-    allocation = with_rank_multiple(allocator, k)(problem)
-    if not is_feasible(problem, allocation.ranks):
-        raise AssertionError(f"method {allocator.name} returned ranks that break the budget: {allocation.ranks}")
+    problem, k = budget_problem(net, mac, param, basis, min_rank, rank_multiple, seed)
+    allocator = resolve_method(method, method_options)
+    if needs_loss(allocator):  # the objective copies the data to the device and compiles: only when read
+        loss = NnxNetworkLoss(model, full, (x_obj, np.asarray(objective_data[1])),
+                              None if validation_data is None else tuple(np.asarray(a) for a in validation_data),
+                              batch_size=batch_size, apply_kwargs=apply_kwargs)
+        problem = dataclasses.replace(problem, loss=loss)
+    allocation = run_allocator(allocator, problem, k)
     kept, ranks = truncate_allocation(net, full, allocation)
     factored = build_factored(model, kept)
     graphdef, variables = nnx.split(factored)

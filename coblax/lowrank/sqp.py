@@ -41,6 +41,21 @@ class SQPResult:
     trace: list[dict]
 
 
+class _LatestPoint:
+    """``fun_and_grad`` that remembers its latest point: SLSQP asks for it again (the
+    callback, the result), and only for the latest one. ``calls`` counts the evaluations."""
+
+    def __init__(self, fun_and_grad: Callable[[np.ndarray], tuple[float, np.ndarray]]) -> None:
+        self.fun_and_grad, self.key, self.value, self.calls = fun_and_grad, None, None, 0
+
+    def __call__(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        key = x.tobytes()
+        if key != self.key:
+            self.calls += 1
+            self.value, self.key = self.fun_and_grad(x), key
+        return self.value
+
+
 def solve_slsqp(
     fun_and_grad: Callable[[np.ndarray], tuple[float, np.ndarray]],
     x0: np.ndarray,
@@ -73,19 +88,7 @@ def solve_slsqp(
     hi = np.broadcast_to(np.asarray(upper, dtype=np.float64), (n,))
     x0 = np.clip(np.asarray(x0, dtype=np.float64), lo, hi)
 
-    cache: dict[bytes, tuple[float, np.ndarray]] = {}
-    counts = {"fun": 0}
-
-    def evaluate(x: np.ndarray) -> tuple[float, np.ndarray]:
-        key = x.tobytes()
-        hit = cache.get(key)
-        if hit is None:
-            counts["fun"] += 1
-            hit = fun_and_grad(x)
-            cache.clear()  # SLSQP re-asks only for the latest point
-            cache[key] = hit
-        return hit
-
+    evaluate = _LatestPoint(fun_and_grad)
     trace = [] if trace is None else trace
 
     def record(x: np.ndarray) -> None:
@@ -117,8 +120,8 @@ def solve_slsqp(
         status=int(res.status),
         message=str(res.message),
         iterations=int(res.nit),
-        n_fun=counts["fun"],
-        n_jac=int(getattr(res, "njev", counts["fun"]) or counts["fun"]),
+        n_fun=evaluate.calls,
+        n_jac=int(getattr(res, "njev", evaluate.calls) or evaluate.calls),
         seconds=seconds,
         trace=trace,
     )

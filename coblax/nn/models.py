@@ -164,6 +164,18 @@ def _bn(train: bool, name: str) -> nn.BatchNorm:
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
+def option_a_shortcut(x: jnp.ndarray, features: int, strides: int) -> jnp.ndarray:
+    """He et al.'s parameter-free shortcut (option A, CIFAR): identity, or ``x`` subsampled
+    by ``strides`` with its channels zero-padded (evenly on both sides) to ``features``."""
+    if strides == 1 and x.shape[-1] == features:
+        return x
+    extra = features - x.shape[-1]
+    return jnp.pad(x[:, ::strides, ::strides, :], ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+
+
+__all__.append("option_a_shortcut")
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, ReLU.
 
@@ -181,11 +193,7 @@ class BasicBlock(nn.Module):
         h = nn.relu(_bn(train, "bn1")(h))
         h = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, name="conv2")(h)
         h = _bn(train, "bn2")(h)
-        short = x
-        if self.strides != 1 or x.shape[-1] != self.features:
-            short = x[:, :: self.strides, :: self.strides, :]
-            extra = self.features - x.shape[-1]
-            short = jnp.pad(short, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+        short = option_a_shortcut(x, self.features, self.strides)
         return nn.relu(h + short)
 
 

@@ -17,6 +17,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from coblax.nn.models import option_a_shortcut
+
 __all__ = ["BasicBlock", "LeNet5", "ResNet20", "load_linen_variables"]
 
 
@@ -72,11 +74,7 @@ class BasicBlock(nnx.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         h = nnx.relu(self.bn1(self.conv1(x)))
         h = self.bn2(self.conv2(h))
-        short = x
-        if self.strides != 1 or x.shape[-1] != self.features:
-            short = x[:, :: self.strides, :: self.strides, :]
-            extra = self.features - x.shape[-1]
-            short = jnp.pad(short, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+        short = option_a_shortcut(x, self.features, self.strides)
         return nnx.relu(h + short)
 
 

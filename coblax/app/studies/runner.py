@@ -22,7 +22,7 @@ from coblax.app.experiment import (
     versions,
     writable_problem,
 )
-from coblax.app.report import ResultsError
+from coblax.app.results import ResultsError
 from coblax.app.studies.config import (
     StudyConfig,
     load_study_config,
