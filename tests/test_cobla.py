@@ -318,7 +318,7 @@ def test_polish_refits_the_kept_masks_to_the_quadratic_optimum():
     1 (the closed-form optimum within the box), leave dropped triplets at 0 and the
     ranks (so both costs) unchanged, and report the score it improved.
     """
-    from coblax.lowrank.cobla import polish_masks
+    from coblax.lowrank.polish import polish_masks
 
     layers = (_dense("a", 20, 20, 0.2), _dense("b", 20, 20, 0.1))
     loss = QuadraticLoss(layers, [np.ones(20), np.ones(20)])

@@ -34,10 +34,7 @@ Closing the rounding gap (options, measured in ``experiments/README.md``):
 * ``select`` — rounding candidates scored by validation accuracy (then loss) or loss;
 * ``mask_values = "best"`` — every rounded rank vector scored with its triplets scaled
   by m̂ and as plain truncation;
-* ``polish`` — after rounding, E(m) minimized again over the kept triplets' masks
-  (box 0 < m <= 1, L-BFGS-B, ranks and budgets unchanged), kept when the validation
-  score improves: the m̂ the relaxed solve balanced against partial triplets no
-  longer fit once those are dropped;
+* ``polish`` — the kept masks refitted, ranks fixed (:mod:`coblax.lowrank.polish`);
 * the warm start's own allocation is always among the rounding candidates.
 """
 
@@ -50,6 +47,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from coblax.lowrank.allocation import Allocation, AllocationProblem, is_feasible
+from coblax.lowrank.polish import polish_masks
 from coblax.lowrank.registry import get_allocator
 from coblax.lowrank.rounding import VALUE_CHOICES, flat_mask, round_masks
 from coblax.lowrank.solve import SolveResult, check_tolerances, solve
@@ -469,57 +467,6 @@ class COBLA:
             masks=masks,
             stats=stats,
         )
-
-
-def polish_masks(problem: AllocationProblem, masks: dict[str, np.ndarray], score, max_iter: int,
-                 rtol: float = 0.0) -> tuple[dict[str, np.ndarray], dict]:
-    """Minimize E over the kept triplets' masks, ranks fixed; keep it if ``score`` improves.
-
-    The support (nonzero entries of the factored layers' masks) and so the ranks and
-    both costs are unchanged; the kept masks move in [1e-6, 1] (a kept triplet stays
-    kept: "nonzero = paid for"). L-BFGS-B: the problem has box bounds only. E is
-    divided by its value at the rounded masks, so that L-BFGS-B's ``ftol`` = ``rtol``
-    stops the fit once an iteration lowers E by less than ``rtol`` of the rounded E
-    (the relaxed solve's own rule; where the rounding lost little, the fit ends in a
-    few evaluations).
-    """
-    from scipy.optimize import minimize
-
-    offsets = problem.offsets()
-    m0 = flat_mask(problem, masks)
-    support = np.zeros(m0.size, bool)
-    for i in range(len(problem.layers)):
-        block = m0[offsets[i]:offsets[i + 1]]
-        if not np.all(block == 1.0):  # an original layer stays original
-            support[offsets[i]:offsets[i + 1]] = block > 0
-    idx = np.flatnonzero(support)
-    info: dict = {"variables": int(idx.size), "kept": False}
-    if idx.size == 0:
-        return masks, info
-
-    scale = 1.0
-
-    def fun(x):
-        m = m0.copy()
-        m[idx] = x
-        value, grad = problem.loss.value_and_grad(m)
-        return float(value) / scale, np.asarray(grad, np.float64)[idx] / scale
-
-    scale = abs(fun(m0[idx])[0]) or 1.0
-    options = {"maxiter": max_iter, "maxfun": 2 * max_iter}
-    if rtol > 0:
-        options["ftol"] = rtol
-    res = minimize(fun, m0[idx], jac=True, method="L-BFGS-B", bounds=[(1e-6, 1.0)] * idx.size,
-                   options=options)
-    m1 = m0.copy()
-    m1[idx] = res.x
-    before, after = score(m0), score(m1)
-    info.update(iterations=int(res.nit), evaluations=int(res.nfev), score_before=list(before),
-                score_after=list(after), kept=bool(after < before))
-    if not after < before:
-        return masks, info
-    out = {l.name: m1[offsets[i]:offsets[i + 1]].copy() for i, l in enumerate(problem.layers)}
-    return out, info
 
 
 def _scatter(v: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
