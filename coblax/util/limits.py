@@ -28,7 +28,8 @@ import numpy as np
 
 from coblax.util.errors import FileLoadError
 
-__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_JSON_INT_DIGITS", "json_depth", "parse_json"]
+__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_JSON_INT_DIGITS", "aligned_empty", "json_depth",
+           "parse_json"]
 
 MAX_JSON_BYTES = 64 << 20
 MAX_JSON_DEPTH = 64
@@ -37,6 +38,26 @@ _INT_LIMIT = 2**63
 # A JSON string literal (escapes included): removed before counting brackets, so
 # that brackets inside strings do not count as nesting.
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+#: Byte alignment of the buffers the readers decode into: JAX's CPU client wraps a
+#: NumPy array aligned to 64 bytes without copying it (``jax.device_put``), so a
+#: decoded leaf lives in memory once, not twice.
+ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...] | int, dtype: np.typing.DTypeLike, *,
+                  zero: bool = False) -> np.ndarray:
+    """A C-contiguous array whose data starts on an :data:`ALIGNMENT`-byte boundary.
+
+    ``zero=True`` zero-fills it through ``np.zeros`` (``calloc``: pages that are
+    never written are never made resident).
+    """
+    dtype = np.dtype(dtype)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = (np.zeros if zero else np.empty)(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def json_depth(blob: bytes) -> int:

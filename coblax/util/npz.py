@@ -32,6 +32,7 @@ from collections.abc import Callable
 import numpy as np
 
 from coblax.util.errors import FileLoadError
+from coblax.util.limits import aligned_empty
 
 __all__ = ["MAX_NPZ_BYTES", "MAX_NPZ_MEMBERS", "MAX_NPZ_RATIO", "NpyEntry", "npz_layout", "read_npz"]
 
@@ -151,7 +152,8 @@ def read_npz(
             for name, entry in layout.items():
                 if only is not None and name not in only:
                     continue
-                buf = np.empty(entry.nbytes, np.uint8)  # filled in place: no second copy
+                # filled in place (no second copy), aligned so that JAX can wrap it uncopied
+                buf = aligned_empty(entry.nbytes, np.uint8)
                 with zf.open(entry.member) as fh:
                     _header(fh, f"{path}: member {entry.member!r}")
                     view, filled = memoryview(buf), 0
