@@ -104,10 +104,16 @@ def _read_fixed(reader: BitReader, count: int, nbits: int, out: np.ndarray | Non
 
 
 def _positions(gaps: np.ndarray, numel: int) -> np.ndarray:
-    """Entry j's flat position sum_{i<=j} (gap_i + 1) - 1 (relative indexing), checked < ``numel``."""
+    """Entry j's flat position sum_{i<=j} (gap_i + 1) - 1 (relative indexing), checked < ``numel``.
+
+    Computed in ``gaps``'s own buffer (int64).
+    """
     if gaps.size and gaps.min() < 0:
         raise BitstreamError("negative gap in relative index")
-    positions = np.cumsum(gaps + 1) - 1
+    positions = gaps  # in place: no second array of entries
+    positions += 1
+    np.cumsum(positions, out=positions)
+    positions -= 1
     if positions.size and positions[-1] >= numel:
         raise BitstreamError(f"relative index points at {positions[-1]}, past the end ({numel})")
     return positions
@@ -124,6 +130,8 @@ def _place(values: np.ndarray, positions: np.ndarray | None, shape: tuple[int, .
     transposed copy of the whole leaf is made: the decoded leaf exists once.
     """
     identity = list(axes) == list(range(len(shape)))
+    if positions is None and identity and dtype == values.dtype:
+        return values.reshape(shape)  # decoded in place (``values`` is aligned)
     out = aligned_empty(shape, dtype, zero=positions is not None)
     flat = out.reshape(-1)
     if positions is None:
@@ -191,13 +199,13 @@ def _decode_leaf(name: str, shape, fields, axes, cb_cur: _Cursor, st_cur: _Curso
     i_reader = BitReader(st_cur.take(_ceil8(ibits)), ibits)
     # Values are decoded as float32 (the codebook's type, or raw bit patterns), one
     # entry per stored value; a dense leaf's values go straight into one buffer.
-    values = np.empty(n_entries, np.float32)
-    if huff_w:
-        symbols = huffman_decode(w_reader, w_lengths, n_entries)
-        if symbols.size and symbols.max() >= k:
-            raise CbxError(f"corrupt .cbx: leaf {name!r} has a weight code >= codebook size {k}")
-        np.take(codebook, symbols, out=values)
-        del symbols
+    values = aligned_empty(n_entries, np.float32)
+    if huff_w:  # in chunks: the symbols are int64, twice the values' size
+        for start in range(0, n_entries, READ_CHUNK):
+            symbols = huffman_decode(w_reader, w_lengths, min(READ_CHUNK, n_entries - start))
+            if symbols.size and symbols.max() >= k:
+                raise CbxError(f"corrupt .cbx: leaf {name!r} has a weight code >= codebook size {k}")
+            values[start:start + symbols.size] = codebook[symbols]
     else:
         try:
             _read_fixed(w_reader, n_entries, width, out=values, table=codebook if k else None)
@@ -207,7 +215,6 @@ def _decode_leaf(name: str, shape, fields, axes, cb_cur: _Cursor, st_cur: _Curso
     if b:
         gaps = huffman_decode(i_reader, g_lengths, n_entries) if huff_i else _read_fixed(i_reader, n_entries, b)
         positions = _positions(gaps, numel)
-        del gaps
     if w_reader.remaining or i_reader.remaining:
         raise CbxError(
             f"corrupt .cbx: leaf {name!r} streams have {w_reader.remaining + i_reader.remaining} "
