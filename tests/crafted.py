@@ -61,3 +61,28 @@ def write_mlp_cbx(path: Path, hidden: int, *, every: int = 9, index_bits: int = 
             "input_shape": [8, 8, 1], "dataset": {"name": "digits"}}
     write_cbx(path, params, coding, meta)
     return 4 * sum(a.size for layer in params["params"].values() for a in layer.values())
+
+
+def write_deflated_export(path: Path, mib: int, spacing: int = 90) -> int:
+    """A ``save_factored`` export of ``test_safe_load.Mlp`` with an extra float32 leaf of
+    ``mib`` MiB, rewritten deflated; the leaf holds one random value per ``spacing``
+    zeros, so the file inflates ~58x (``spacing=90``): just under ``MAX_NPZ_RATIO``, the
+    most an export may amplify. Returns the declared (inflated) bytes."""
+    import zipfile
+
+    from coblax.lowrank.export import save_factored
+    from test_safe_load import make_result
+
+    res = make_result()
+    extra = np.zeros(mib << 18, np.float32)
+    extra[::spacing] = np.random.default_rng(0).normal(size=extra[::spacing].size)
+    res.variables["params"]["extra"] = {"w": extra}
+    save_factored(path, res)
+    with np.load(path) as data:
+        content = {k: data[k] for k in data.files}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        for k, v in content.items():
+            with zf.open(k + ".npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, v)
+    with zipfile.ZipFile(path) as zf:
+        return sum(i.file_size for i in zf.infolist())

@@ -44,7 +44,8 @@ MAX_NPZ_RATIO = 64
 MAX_NPZ_MEMBERS = 100_000
 _MAX_NDIM = 8
 _MAX_HEADER = 1 << 16
-_ALLOWED_KINDS = "biuf"  # bool, signed, unsigned, float
+_ALLOWED_KINDS = "biuf"
+_READ_STEP = 1 << 20  # bool, signed, unsigned, float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +159,9 @@ def read_npz(
                     _header(fh, f"{path}: member {entry.member!r}")
                     view, filled = memoryview(buf), 0
                     while filled < entry.nbytes:
-                        got = fh.readinto(view[filled:])
+                        # in 1 MiB steps: ZipExtFile.readinto reads into a new bytes object
+                        # and copies it, so one call for the whole member doubled its peak
+                        got = fh.readinto(view[filled:filled + _READ_STEP])
                         if not got:
                             raise FileLoadError(f"{path}: member {entry.member!r} is truncated")
                         filled += got
