@@ -124,8 +124,8 @@ def _cmd_compress(args) -> int:
 #: example needs more is refused.
 MAX_ACTIVATION_BYTES = 1 << 28
 #: Below :data:`MAX_ACTIVATION_BYTES`, a batch's activations stay within the larger of
-#: this and the file's decoded parameter bytes, so that the memory of evaluating a
-#: small file stays proportional to it (README, "Resource caps").
+#: this and an eighth of the file's decoded parameter bytes, so that the memory of
+#: evaluating a file stays proportional to it (README, "Resource caps").
 MIN_ACTIVATION_BYTES = 1 << 24
 
 
