@@ -118,9 +118,9 @@ def main() -> None:
     if args.quick:
         args.npz_mib, args.hidden = args.npz_mib // 8, args.hidden // 8
     from crafted import write_deflated_export, write_mlp_cbx
+    from test_safe_load import make_bomb
 
     from coblax.compress.cbx import MAX_DECODED_BYTES
-    from test_safe_load import make_bomb
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -70,8 +70,9 @@ def write_deflated_export(path: Path, mib: int, spacing: int = 90) -> int:
     most an export may amplify. Returns the declared (inflated) bytes."""
     import zipfile
 
-    from coblax.lowrank.export import save_factored
     from test_safe_load import make_result
+
+    from coblax.lowrank.export import save_factored
 
     res = make_result()
     extra = np.zeros(mib << 18, np.float32)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from crafted import write_mlp_cbx
 
 from coblax.compress import encode as E
 from coblax.compress.cbx import MAX_DECODED_RATIO, CbxError, decoded_cap, read_cbx
-from crafted import write_mlp_cbx
 
 REPO = Path(__file__).resolve().parents[1]
 MB_PER_MB = 200
