@@ -1,10 +1,12 @@
 """Issue 22, finding 5: ``coblax study`` saves partial results per finished piece and a
 resumed run skips the finished pieces.
 
-A tiny ``prune_quant`` (the 64-16-8-10 MLP of ``test_studies_prune_quant``) is stopped
-by SIGTERM's exception (:class:`RunInterrupted`, raised where the fourth part, DNS,
-starts); the partial file must hold the three parts finished before it, the rerun must
-compute only the parts not finished, and its records must equal an uninterrupted run's.
+A tiny study is stopped by SIGTERM's exception (:class:`RunInterrupted`, raised where
+piece k + 1 starts); the partial file must hold the k pieces finished before it, the
+rerun must compute only the pieces not finished, and its records must equal an
+uninterrupted run's. ``svd_fc`` (a piece per layer of the 64-16-8-10 MLP) in the default
+suite; ``prune_quant`` (a piece per part, the study whose 38-minute run an unwritable
+``--out`` used to lose) with ``-m slow``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from coblax.app.studies import load_study_config, prune_quant, run_study
+from coblax.app.studies import load_study_config, prune_quant, run_study, svd_fc
 from coblax.app.studies.pieces import Pieces
 from coblax.app.studies.runner import PARTIAL
 from coblax.util.errors import RunInterrupted
@@ -56,6 +58,7 @@ def _records(out: Path) -> list[dict]:
     return json.loads((out / "results.json").read_text())["records"]
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_pieces_and_equals_uninterrupted(tmp_path, monkeypatch):
     cfg = _tiny(tmp_path)
     whole: list[str] = []
@@ -85,6 +88,53 @@ def test_resume_skips_finished_pieces_and_equals_uninterrupted(tmp_path, monkeyp
     assert _records(tmp_path / "out") == _records(tmp_path / "whole")
     assert not (tmp_path / "out" / PARTIAL).exists()
     assert "pieces" not in json.loads((tmp_path / "out" / "results.json").read_text())
+
+
+SVD = Path(__file__).resolve().parents[1] / "experiments" / "studies" / "svd_fc_quick.toml"
+
+
+def _count_layers(monkeypatch, calls: list[str], fail_on_call: int | None = None) -> None:
+    """Wrap svd_fc's per-layer piece: record each layer it computes; raise SIGTERM's exception on call k."""
+    original = svd_fc._layer_records
+
+    def wrapped(sv, mc, base, layer, data):
+        if len(calls) + 1 == fail_on_call:
+            raise RunInterrupted(signal.SIGTERM)
+        calls.append(layer.name)
+        return original(sv, mc, base, layer, data)
+
+    monkeypatch.setattr(svd_fc, "_layer_records", wrapped)
+
+
+def test_svd_fc_resume_skips_finished_layers_and_equals_uninterrupted(tmp_path, monkeypatch):
+    cfg = load_study_config(SVD)
+    sv = dataclasses.replace(cfg.svd_fc, model={"name": "mlp", "hidden": [16, 8]}, layers=(),
+                             rank_fractions=(0.25, 0.5))
+    cfg = dataclasses.replace(cfg, seeds=(0, 1), cache_dir=str(tmp_path / "cache"), svd_fc=sv,
+                              train=dataclasses.replace(cfg.train, epochs=1),
+                              data=dataclasses.replace(cfg.data, limit_train=200, limit_test=100))
+    whole: list[str] = []
+    with monkeypatch.context() as m:
+        _count_layers(m, whole)
+        run_study(cfg, tmp_path / "whole", progress=False)
+    layers = whole[:3]
+    assert whole == layers * 2  # three dense layers, two seeds
+
+    first: list[str] = []
+    with monkeypatch.context() as m:  # seed 0 finished, seed 1 stopped where its second layer starts
+        _count_layers(m, first, fail_on_call=5)
+        with pytest.raises(RunInterrupted):
+            run_study(cfg, tmp_path / "out", progress=False)
+    assert first == layers + layers[:1]
+    partial = json.loads((tmp_path / "out" / PARTIAL).read_text())
+    assert partial["done_seeds"] == [0] and list(partial["pieces"]["1"]) == [f"layer {layers[0]}"]
+
+    second: list[str] = []
+    with monkeypatch.context() as m:
+        _count_layers(m, second)
+        run_study(cfg, tmp_path / "out", progress=False)
+    assert second == layers[1:]  # seed 0 and seed 1's first layer are not computed again
+    assert _records(tmp_path / "out") == _records(tmp_path / "whole")
 
 
 def test_pieces_run_each_key_once_and_return_copies():

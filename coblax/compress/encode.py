@@ -368,7 +368,7 @@ def huffman_decode(reader: BitReader, lengths: ArrayLike, count: int) -> np.ndar
 
     The per-bit arrays take ~25 bytes per bit of stream, so a long stream is decoded
     in spans of :data:`_SPAN_BITS` bits (a span ends before the first code that
-    crosses its end, where the next one starts): the temporaries stay below ~30 MB
+    crosses its end, where the next one starts): the temporaries stay below ~15 MB
     whatever the stream's length.
     """
     lens = _check_lengths(lengths)
@@ -390,7 +390,7 @@ def huffman_decode(reader: BitReader, lengths: ArrayLike, count: int) -> np.ndar
     return out
 
 
-_SPAN_BITS = 1 << 20
+_SPAN_BITS = 1 << 19
 
 
 def _code_tables(lens: np.ndarray, present: np.ndarray) -> dict:
