@@ -394,13 +394,13 @@ def probe_study(tmp: Path) -> list[Row]:
     rows.append(("5 study: SIGTERM after the first finished piece", "exit 143; finished pieces saved",
                  f"exit {proc.returncode}; partial holds {n_pieces} piece(s)/seed(s); {_short(err.strip(), 50)}",
                  proc.returncode == 143 and n_pieces >= 1 and "Traceback" not in err,
-                 "test_study_pieces::test_resume_skips_finished_pieces_and_equals_uninterrupted"))
+                 "test_study_pieces::test_svd_fc_resume_skips_finished_layers_and_equals_uninterrupted"))
     resumed = cli(tmp, "study", cfg, "--out", out, "--quiet")
     said = next((l for l in resumed.stderr.splitlines() if "resuming" in l), "")
     rows.append(("5 study: rerun of the interrupted study", "exit 0; skips the finished pieces",
                  f"exit {resumed.returncode}: {_short(said.replace(str(tmp), 'TMP'), 80)}",
                  resumed.returncode == 0 and "already finished" in said,
-                 "test_study_pieces::test_resume_skips_finished_pieces_and_equals_uninterrupted"))
+                 "test_study_pieces::test_svd_fc_resume_skips_finished_layers_and_equals_uninterrupted"))
     obs, ok = user_error(cli(tmp, "study", cfg, "--out", out), str(out / "results.json"), "--force")
     rows.append(("5 study: rerun without --force", "exit 2 naming results.json and --force", obs, ok,
                  "test_safe_run::test_study_rerun_refused_then_forced_and_resumed_after_sigint"))
