@@ -318,12 +318,15 @@ def test_study_rerun_refused_then_forced_and_resumed_after_sigint(tmp_path, caps
     assert main(["study", str(cfg), "--out", str(out), "--quiet"]) == 130
     assert "interrupted by SIGINT; 1 finished record(s) are saved" in capsys.readouterr().err
     first = json.loads((out / "results.partial.json").read_text())
-    assert first["done_seeds"] == [0] and {r["seed"] for r in first["records"]} == {0}
+    # saved per finished piece: the first layer of seed 0 (one rank fraction: one record)
+    assert first["done_seeds"] == [] and first["records"] == []
+    (piece, piece_records), = first["pieces"]["0"].items()
+    assert piece == "layer fc1" and len(piece_records) == 1
     monkeypatch.setattr(studies, "write_json_atomic", real)
     assert main(["study", str(cfg), "--out", str(out), "--quiet"]) == 0
-    assert "seed(s) 0 already finished with this config; skipping them" in capsys.readouterr().err
+    assert "seed(s) (none) and 1 piece(s) of the others already finished" in capsys.readouterr().err
     done = json.loads((out / "results.json").read_text())
-    assert [r for r in done["records"] if r["seed"] == 0] == first["records"]
+    assert [r for r in done["records"] if r["seed"] == 0][:1] == [{"study": "svd_fc", "seed": 0} | piece_records[0]]
     assert {r["seed"] for r in done["records"]} == {0, 1} and not (out / "results.partial.json").exists()
     assert "exists; pass --force" in _exit2(capsys, "study", cfg, "--out", out)
     assert main(["study", str(cfg), "--out", str(out), "--quiet", "--force"]) == 0

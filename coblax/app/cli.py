@@ -123,6 +123,10 @@ def _cmd_compress(args) -> int:
 #: size of ``coblax evaluate`` is chosen to stay below it, and a model whose single
 #: example needs more is refused.
 MAX_ACTIVATION_BYTES = 1 << 28
+#: Below :data:`MAX_ACTIVATION_BYTES`, a batch's activations stay within the larger of
+#: this and an eighth of the file's decoded parameter bytes, so that the memory of
+#: evaluating a file stays proportional to it (README, "Resource caps").
+MIN_ACTIVATION_BYTES = 1 << 24
 
 
 def _check_cbx_for_evaluation(path: Path) -> int:
@@ -175,14 +179,17 @@ def _check_cbx_for_evaluation(path: Path) -> int:
     if per_example > MAX_ACTIVATION_BYTES:
         raise CbxError(f"{path}: the model its metadata names needs {per_example:,} bytes of activations per "
                        f"example, more than the {MAX_ACTIVATION_BYTES:,}-byte cap of coblax evaluate")
-    return int(max(1, min(1000, MAX_ACTIVATION_BYTES // max(per_example, 1))))
+    budget = min(MAX_ACTIVATION_BYTES, max(MIN_ACTIVATION_BYTES, sum(map(math.prod, shapes.values())) // 2))
+    return int(max(1, min(1000, budget // max(per_example, 1))))
 
 
 def _cmd_evaluate(args) -> int:
     import json
 
     from coblax.app.compress import evaluate_file
+    from coblax.util.limits import return_large_frees
 
+    return_large_frees()  # memory proportional to the file (README, "Resource caps")
     batch_size = _check_cbx_for_evaluation(Path(args.file))
     result = evaluate_file(args.file, data_dir=args.data_dir, batch_size=batch_size)
     print(json.dumps(result, indent=1))

@@ -12,14 +12,16 @@ Reference: Han, Mao & Dally (2016) "Deep Compression", ICLR, Sec. 2-4.
 
 from __future__ import annotations
 
-from coblax.compress.cbx_decode import decode_cbx, read_cbx, read_cbx_layout
+from coblax.compress.cbx_decode import decode_cbx, decoded_cap, read_cbx, read_cbx_layout
 from coblax.compress.cbx_encode import encode_cbx, write_cbx
 from coblax.compress.cbx_format import (
     CRC_BYTES,
     HEADER_BYTES,
     MAGIC,
     MAX_DECODED_BYTES,
+    MAX_DECODED_RATIO,
     MAX_ELEMENTS,
+    RATIO_FREE_BYTES,
     VERSION,
     CbxError,
     CbxSizeInfo,
@@ -43,4 +45,7 @@ __all__ = [
     "read_cbx_layout",
     "MAX_ELEMENTS",
     "MAX_DECODED_BYTES",
+    "MAX_DECODED_RATIO",
+    "RATIO_FREE_BYTES",
+    "decoded_cap",
 ]

@@ -29,28 +29,27 @@ from coblax.compress.cbx_format import (
     LEAF_HUFFMAN_WEIGHTS,
     MAGIC,
     MAX_DECODED_BYTES,
+    MAX_DECODED_RATIO,
     MAX_ELEMENTS,
     MAX_INDEX_BITS,
+    RATIO_FREE_BYTES,
     RAW_WIDTH,
     READ_CHUNK,
     VERSION,
     CbxError,
     numpy_dtype,
-    raw_values,
-    restore_dtype,
 )
 from coblax.compress.encode import (
     BitReader,
     BitstreamError,
     huffman_decode,
-    relative_index_decode,
 )
 from coblax.util import unflatten_tree
 from coblax.util.bits import ceil_bytes as _ceil8
 from coblax.util.errors import FileLoadError
-from coblax.util.limits import parse_json
+from coblax.util.limits import aligned_empty, parse_json
 
-__all__ = ["decode_cbx", "read_cbx", "read_cbx_layout"]
+__all__ = ["decode_cbx", "decoded_cap", "read_cbx", "read_cbx_layout"]
 
 class _Cursor:
     """Bounds-checked reads from a byte section."""
@@ -73,16 +72,88 @@ class _Cursor:
         return s.unpack(self.take(s.size))
 
 
-def _read_fixed(reader: BitReader, count: int, nbits: int) -> np.ndarray:
-    """``reader.read_array`` in chunks, so its per-bit temporary stays small."""
-    out = np.empty(count, dtype=np.int64)
-    for start in range(0, count, READ_CHUNK):
-        stop = min(count, start + READ_CHUNK)
-        out[start:stop] = reader.read_array(stop - start, nbits)
+#: Bits read per chunk by :func:`_read_fixed`: ``BitReader.read_array`` spends 9 bytes
+#: per bit (one unpacked byte and one int64), so a chunk costs at most ~38 MB whatever
+#: the field width.
+_CHUNK_BITS = 1 << 22
+
+
+def _read_fixed(reader: BitReader, count: int, nbits: int, out: np.ndarray | None = None,
+                table: np.ndarray | None = None) -> np.ndarray:
+    """``count`` fixed-width codes, read in chunks so that the per-bit temporary stays small.
+
+    With ``table``, each code c is stored as ``table[c]`` (checked < ``len(table)``);
+    without, as its ``uint32`` bit pattern viewed as ``out``'s dtype when ``out`` is
+    given, else as int64.
+    """
+    if out is None:
+        out = np.empty(count, dtype=np.int64)
+    step = max(1, min(READ_CHUNK, _CHUNK_BITS // max(nbits, 1)))
+    for start in range(0, count, step):
+        stop = min(count, start + step)
+        codes = reader.read_array(stop - start, nbits)
+        if table is not None:
+            if codes.size and codes.max() >= len(table):
+                raise CbxError(f"a weight code >= codebook size {len(table)}")
+            out[start:stop] = table[codes]
+        elif out.dtype == np.int64:
+            out[start:stop] = codes
+        else:
+            out[start:stop] = codes.astype(np.uint32).view(out.dtype)
     return out
 
 
-def _decode_leaf(name: str, shape, fields, axes, cb_cur: _Cursor, st_cur: _Cursor) -> np.ndarray:
+def _positions(gaps: np.ndarray, numel: int) -> np.ndarray:
+    """Entry j's flat position sum_{i<=j} (gap_i + 1) - 1 (relative indexing), checked < ``numel``.
+
+    Computed in ``gaps``'s own buffer (int64).
+    """
+    if gaps.size and gaps.min() < 0:
+        raise BitstreamError("negative gap in relative index")
+    positions = gaps  # in place: no second array of entries
+    positions += 1
+    np.cumsum(positions, out=positions)
+    positions -= 1
+    if positions.size and positions[-1] >= numel:
+        raise BitstreamError(f"relative index points at {positions[-1]}, past the end ({numel})")
+    return positions
+
+
+def _place(values: np.ndarray, positions: np.ndarray | None, shape: tuple[int, ...], axes,
+           dtype: np.dtype) -> np.ndarray:
+    """The leaf in its final dtype and C order, in one aligned buffer.
+
+    The stream holds the leaf transposed to ``axes`` and flattened; entry j sits at
+    ``positions[j]`` of that order (every position when ``positions`` is None). A
+    sparse leaf's positions are mapped to the original order and scattered into
+    zeros, so its zeros are never written (``calloc`` pages stay shared) and no
+    transposed copy of the whole leaf is made: the decoded leaf exists once.
+    """
+    identity = list(axes) == list(range(len(shape)))
+    if positions is None and identity and dtype == values.dtype:
+        return values.reshape(shape)  # decoded in place (``values`` is aligned)
+    out = aligned_empty(shape, dtype, zero=positions is not None)
+    flat = out.reshape(-1)
+    if positions is None:
+        if identity:
+            flat[:] = values
+        else:
+            permuted = values.reshape([shape[a] for a in axes])
+            out[...] = np.transpose(permuted, np.argsort(axes))
+        return out
+    if not identity and positions.size:
+        coords = np.unravel_index(positions, [shape[a] for a in axes])
+        original = [None] * len(shape)
+        for j, a in enumerate(axes):
+            original[a] = coords[j]
+        positions = np.ravel_multi_index(original, shape)
+    flat[positions] = values
+    return out
+
+
+def _decode_leaf(name: str, shape, fields, axes, cb_cur: _Cursor, st_cur: _Cursor,
+                 dtype: np.dtype) -> np.ndarray:
+    """One coded leaf, checked field by field, as an aligned array of ``dtype`` and ``shape``."""
     flags, b, width, k, nnz, n_entries, wbits, ibits = fields
     if sorted(axes) != list(range(len(shape))):
         raise CbxError(
@@ -126,35 +197,42 @@ def _decode_leaf(name: str, shape, fields, axes, cb_cur: _Cursor, st_cur: _Curso
     g_lengths = np.frombuffer(cb_cur.take(1 << b), dtype=np.uint8) if huff_i and b else None
     w_reader = BitReader(st_cur.take(_ceil8(wbits)), wbits)
     i_reader = BitReader(st_cur.take(_ceil8(ibits)), ibits)
-    if huff_w:
-        symbols = huffman_decode(w_reader, w_lengths, n_entries)
+    # Values are decoded as float32 (the codebook's type, or raw bit patterns), one
+    # entry per stored value; a dense leaf's values go straight into one buffer.
+    values = aligned_empty(n_entries, np.float32)
+    if huff_w:  # in chunks: the symbols are int64, twice the values' size
+        for start in range(0, n_entries, READ_CHUNK):
+            symbols = huffman_decode(w_reader, w_lengths, min(READ_CHUNK, n_entries - start))
+            if symbols.size and symbols.max() >= k:
+                raise CbxError(f"corrupt .cbx: leaf {name!r} has a weight code >= codebook size {k}")
+            values[start:start + symbols.size] = codebook[symbols]
     else:
-        symbols = _read_fixed(w_reader, n_entries, width)
-    if k:
-        if symbols.size and symbols.max() >= k:
-            raise CbxError(f"corrupt .cbx: leaf {name!r} has a weight code >= codebook size {k}")
-        values = codebook[symbols]
-    else:
-        values = symbols.astype(np.uint32).view(np.float32)
+        try:
+            _read_fixed(w_reader, n_entries, width, out=values, table=codebook if k else None)
+        except CbxError as err:
+            raise CbxError(f"corrupt .cbx: leaf {name!r} has {err}") from None
+    positions = None
     if b:
-        if huff_i:
-            gaps = huffman_decode(i_reader, g_lengths, n_entries)
-        else:
-            gaps = _read_fixed(i_reader, n_entries, b)
-        flat = relative_index_decode(gaps, values, numel)
-    else:
-        flat = values.astype(np.float32)
+        gaps = huffman_decode(i_reader, g_lengths, n_entries) if huff_i else _read_fixed(i_reader, n_entries, b)
+        positions = _positions(gaps, numel)
     if w_reader.remaining or i_reader.remaining:
         raise CbxError(
             f"corrupt .cbx: leaf {name!r} streams have {w_reader.remaining + i_reader.remaining} "
             "unread bits"
         )
-    if int(np.count_nonzero(flat)) != nnz:
-        raise CbxError(
-            f"corrupt .cbx: leaf {name!r} decodes to {np.count_nonzero(flat)} nonzeros, table "
-            f"says {nnz}"
-        )
-    return np.transpose(flat.reshape([shape[a] for a in axes]), np.argsort(axes))
+    # Positions are strictly increasing, so the leaf's nonzeros are its values' nonzeros.
+    found = int(np.count_nonzero(values))
+    if found != nnz:
+        raise CbxError(f"corrupt .cbx: leaf {name!r} decodes to {found} nonzeros, table says {nnz}")
+    return _place(values, positions, shape, axes, dtype)
+
+
+def _raw_leaf(data: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A raw leaf's little-endian values, copied once into an aligned array."""
+    out = aligned_empty(shape, dtype)
+    n = dtype.itemsize
+    out.reshape(-1).view(f"u{n}")[:] = np.frombuffer(data, dtype=f"<u{n}")
+    return out
 
 
 def _check_frame(data: bytes) -> tuple:
@@ -260,10 +338,20 @@ def _parse_meta(raw: bytes) -> dict[str, Any]:
     return meta
 
 
-def _parse_table(table: _Cursor, n_leaves: int, n_coded: int) -> list[tuple]:
+def decoded_cap(file_bytes: int) -> int:
+    """Most bytes the leaves of a ``file_bytes``-byte file may decode to.
+
+    min(:data:`MAX_DECODED_BYTES`, max(:data:`RATIO_FREE_BYTES`,
+    :data:`MAX_DECODED_RATIO` x ``file_bytes``)).
+    """
+    return min(MAX_DECODED_BYTES, max(RATIO_FREE_BYTES, MAX_DECODED_RATIO * file_bytes))
+
+
+def _parse_table(table: _Cursor, n_leaves: int, n_coded: int, file_bytes: int) -> list[tuple]:
     """(name, dtype, shape, coded fields or None, axes or None) of every table entry."""
     entries = []
     total_elements = total_bytes = 0
+    cap = decoded_cap(file_bytes)
     for _ in range(n_leaves):
         (name_len,) = table.unpack("<H")
         name = table.take(name_len).decode("utf-8")
@@ -278,10 +366,11 @@ def _parse_table(table: _Cursor, n_leaves: int, n_coded: int) -> list[tuple]:
                 f"{MAX_ELEMENTS:,} elements (the reader's limit)"
             )
         total_bytes += math.prod(shape) * (4 if kind == KIND_CODED else numpy_dtype(dtype).itemsize)
-        if total_bytes > MAX_DECODED_BYTES:
+        if total_bytes > cap:
             raise CbxError(
                 f"corrupt .cbx: leaf {name!r} of shape {tuple(shape)} takes the decoded file beyond "
-                f"{MAX_DECODED_BYTES:,} bytes (the reader's limit)"
+                f"{cap:,} bytes (the reader's limit for a {file_bytes:,}-byte file: at most "
+                f"{MAX_DECODED_BYTES:,} bytes and {MAX_DECODED_RATIO} x the file size)"
             )
         fields = axes = None
         if kind == KIND_CODED:
@@ -299,7 +388,8 @@ def _decode_body(data, n_leaves, n_coded, meta_len, table_len, payload_len):
     pos = HEADER_BYTES
     meta = _parse_meta(data[pos : pos + meta_len])
     pos += meta_len
-    entries = _parse_table(_Cursor(data[pos : pos + table_len], "layer table"), n_leaves, n_coded)
+    entries = _parse_table(_Cursor(data[pos : pos + table_len], "layer table"), n_leaves, n_coded,
+                           len(data))
     pos += table_len
     coded = [e for e in entries if e[3] is not None]
     cb_len = sum(
@@ -324,10 +414,9 @@ def _decode_body(data, n_leaves, n_coded, meta_len, table_len, payload_len):
             raise CbxError(f"corrupt .cbx: leaf {name!r} appears twice")
         if fields is None:
             size = numpy_dtype(dtype).itemsize * math.prod(shape)
-            flat[name] = raw_values(raw_cur.take(size), dtype, shape)
+            flat[name] = _raw_leaf(raw_cur.take(size), numpy_dtype(dtype), shape)
         else:
-            values = _decode_leaf(name, shape, fields, axes, cb_cur, st_cur)
-            flat[name] = restore_dtype(values, dtype)
+            flat[name] = _decode_leaf(name, shape, fields, axes, cb_cur, st_cur, numpy_dtype(dtype))
     return unflatten_tree(flat), meta
 
 
@@ -363,7 +452,7 @@ def read_cbx_layout(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         meta = _parse_meta(data[HEADER_BYTES : HEADER_BYTES + meta_len])
         start = HEADER_BYTES + meta_len
         table = _Cursor(data[start : start + table_len], "layer table")
-        entries = _parse_table(table, n_leaves, n_coded)
+        entries = _parse_table(table, n_leaves, n_coded, len(data))
     except CbxError as err:
         raise CbxError(f"{path}: {err}") from None
     except (struct.error, UnicodeDecodeError) as err:

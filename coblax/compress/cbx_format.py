@@ -53,6 +53,8 @@ __all__ = [
     "CbxSizeInfo",
     "MAX_ELEMENTS",
     "MAX_DECODED_BYTES",
+    "MAX_DECODED_RATIO",
+    "RATIO_FREE_BYTES",
 ]
 
 MAGIC = b"\x89CBX\r\n\x1a\n"  # PNG-style: catches 7-bit and newline-mangling transfers
@@ -82,6 +84,16 @@ MAX_ELEMENTS = 1 << 28
 #: ``coblax evaluate``; this caps the real memory (measured in the README,
 #: "Resource caps").
 MAX_DECODED_BYTES = 1 << 28
+#: Most decoded bytes per byte of the file, for a file decoding to more than
+#: :data:`RATIO_FREE_BYTES`. The absolute cap still let a 3 KB file of sparse
+#: leaves (one 17-bit filler entry per 65,536 zeros) decode to 256 MiB; with this,
+#: evaluating a file costs at most ~130 MB per MB of file beyond the fixed cost
+#: (README, "Resource caps"). Deep Compression reaches 35-49x on whole networks
+#: (Han et al. 2016, Table 1), well below it.
+MAX_DECODED_RATIO = 64
+#: Decoded bytes a file may always have, whatever its ratio (tiny models and
+#: all-zero test leaves compress beyond 64x, and 1 MiB costs nothing to decode).
+RATIO_FREE_BYTES = 1 << 20
 #: Entries read from a fixed-width stream per step: bounds the bit-unpacking
 #: temporary (8 bytes per bit) whatever the leaf's size.
 READ_CHUNK = 1 << 20

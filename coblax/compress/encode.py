@@ -365,6 +365,11 @@ def huffman_decode(reader: BitReader, lengths: ArrayLike, count: int) -> np.ndar
     The positions where codes really start are then followed from bit 0
     (:func:`_follow`). Raises BitstreamError on an invalid code or a read past the
     end.
+
+    The per-bit arrays take ~25 bytes per bit of stream, so a long stream is decoded
+    in spans of :data:`_SPAN_BITS` bits (a span ends before the first code that
+    crosses its end, where the next one starts): the temporaries stay below ~15 MB
+    whatever the stream's length.
     """
     lens = _check_lengths(lengths)
     out = np.zeros(count, dtype=np.int64)
@@ -373,10 +378,26 @@ def huffman_decode(reader: BitReader, lengths: ArrayLike, count: int) -> np.ndar
     present = np.flatnonzero(lens > 0)
     if present.size == 0:
         raise BitstreamError("cannot decode symbols with an empty code")
+    code = _code_tables(lens, present)
+    done = 0
+    while done < count:
+        span = min(reader.remaining, _SPAN_BITS)
+        last = span == reader.remaining
+        symbols, used = _decode_span(reader._data, reader._pos, span, code, count - done, last, done, count)
+        out[done:done + symbols.size] = symbols
+        done += symbols.size
+        reader._pos += used
+    return out
+
+
+_SPAN_BITS = 1 << 19
+
+
+def _code_tables(lens: np.ndarray, present: np.ndarray) -> dict:
+    """The lookup structures of the canonical code of ``lens`` (see :func:`huffman_decode`)."""
     ordered = np.array(sorted(present.tolist(), key=lambda s: (lens[s], s)), dtype=np.int64)
     top = int(lens.max())
-    nbits = reader.remaining
-    win = _windows(reader._data, reader._pos, nbits, top)
+    code = {"ordered": ordered, "top": top}
     if top <= _TABLE_BITS:
         # entries [c << (L - l), (c + 1) << (L - l)) decode to the symbol of code c
         span = np.left_shift(1, top - lens[ordered])
@@ -385,19 +406,36 @@ def huffman_decode(reader: BitReader, lengths: ArrayLike, count: int) -> np.ndar
         used = int(span.sum())
         tab_len[:used] = np.repeat(lens[ordered], span)
         tab_sym[:used] = np.repeat(ordered, span)
-        length = tab_len[win]
+        code.update(tab_len=tab_len, tab_sym=tab_sym)
     else:
         n_of_len = np.bincount(lens[present], minlength=top + 1)
         first_code, first_index = np.zeros(top + 1, np.int64), np.zeros(top + 1, np.int64)
-        code = index = 0
+        c = index = 0
         for ln in range(1, top + 1):
-            code = (code + int(n_of_len[ln - 1])) << 1 if ln > 1 else 0
-            first_code[ln], first_index[ln] = code, index
+            c = (c + int(n_of_len[ln - 1])) << 1 if ln > 1 else 0
+            first_code[ln], first_index[ln] = c, index
             index += int(n_of_len[ln])
         limits = np.array([(int(first_code[ln]) + int(n_of_len[ln])) << (top - ln)
                            for ln in range(1, top + 1)], dtype=np.uint64)
-        slot = np.searchsorted(limits, win, side="right")  # length - 1; top: invalid
+        code.update(first_code=first_code, first_index=first_index, limits=limits)
+    return code
+
+
+def _decode_span(data: np.ndarray, start: int, nbits: int, code: dict, want: int, last: bool,
+                 done: int, count: int) -> tuple[np.ndarray, int]:
+    """Up to ``want`` symbols from bits [start, start + nbits): (symbols, bits used).
+
+    In the stream's ``last`` span every symbol must be there; in an earlier one the
+    span stops before the first code that does not fit in it.
+    """
+    top = code["top"]
+    win = _windows(data, start, nbits, top)
+    if "tab_len" in code:
+        length = code["tab_len"][win]
+    else:
+        slot = np.searchsorted(code["limits"], win, side="right")  # length - 1; top: invalid
         length = np.where(slot < top, slot + 1, 0)
+        del slot
     ok = length > 0
     pos_t = np.int32 if nbits < 2**31 - 2 else np.int64
     # Near the end: a code needing bits past the end, or no code in what is left.
@@ -409,23 +447,30 @@ def huffman_decode(reader: BitReader, lengths: ArrayLike, count: int) -> np.ndar
     nxt = np.empty(nbits + 2, dtype=pos_t)
     nxt[:nbits] = np.where(ok, np.arange(nbits, dtype=pos_t) + length, nbits + 1)
     nxt[nbits], nxt[nbits + 1] = nbits, nbits + 1
-    chain = _follow(nxt, nbits, top)[:count]
+    chain = _follow(nxt, nbits, top)[:want]
+    del nxt
     bad = np.flatnonzero(~ok[chain])
     if bad.size:
         i = int(bad[0])
-        if ended[chain[i]]:
-            raise BitstreamError(f"stream ended inside symbol {i} of {count}")
-        raise BitstreamError(f"invalid Huffman code at symbol {i}")
-    if chain.size < count:
-        raise BitstreamError(f"stream ended inside symbol {chain.size} of {count}")
-    lc = length[chain].astype(np.int64)
-    if top <= _TABLE_BITS:
-        out[:] = tab_sym[win[chain]]
+        if not ended[chain[i]]:
+            raise BitstreamError(f"invalid Huffman code at symbol {done + i}")
+        if last:
+            raise BitstreamError(f"stream ended inside symbol {done + i} of {count}")
+        chain = chain[:i]  # the next span starts at the code that did not fit
+        stop = int(chain[-1] + length[chain[-1]]) if i else 0
+    elif chain.size < want and last:
+        raise BitstreamError(f"stream ended inside symbol {done + chain.size} of {count}")
     else:
-        offsets = (win[chain] >> (top - lc).astype(np.uint64)).astype(np.int64) - first_code[lc]
-        out[:] = ordered[first_index[lc] + offsets]
-    reader._pos += int(chain[-1] + lc[-1])
-    return out
+        stop = int(chain[-1] + length[chain[-1]]) if chain.size else 0
+    if not chain.size and not last:
+        raise BitstreamError(f"no Huffman code fits {nbits} bits at symbol {done}")
+    lc = length[chain].astype(np.int64)
+    if "tab_sym" in code:
+        symbols = code["tab_sym"][win[chain]]
+    else:
+        offsets = (win[chain] >> (top - lc).astype(np.uint64)).astype(np.int64) - code["first_code"][lc]
+        symbols = code["ordered"][code["first_index"][lc] + offsets]
+    return symbols, stop
 
 
 # ------------------------------------------------------------------ relative index

@@ -348,6 +348,9 @@ def device_leaves(flat: dict[str, np.ndarray]) -> dict[str, Any]:
     leaf is kept as a NumPy array of its own dtype (JAX converts it only where the
     network computes with it). ``flat`` is emptied leaf by leaf, so that each NumPy
     buffer can be freed once its copy exists (peak: the arrays once, plus one leaf).
+    On the CPU, ``jax.device_put`` of a 64-byte aligned buffer (as the bounded
+    readers allocate them) wraps it without a copy; ``jnp.asarray`` would copy it,
+    transiently twice.
     """
     import jax
 
@@ -355,6 +358,6 @@ def device_leaves(flat: dict[str, np.ndarray]) -> dict[str, Any]:
     for key in list(flat):
         value = flat.pop(key)
         same = jax.dtypes.canonicalize_dtype(value.dtype) == value.dtype
-        out[key] = jnp.asarray(value) if same else np.asarray(value)
+        out[key] = jax.device_put(value) if same else np.asarray(value)
         del value
     return out

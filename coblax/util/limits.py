@@ -28,7 +28,8 @@ import numpy as np
 
 from coblax.util.errors import FileLoadError
 
-__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_JSON_INT_DIGITS", "json_depth", "parse_json"]
+__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_JSON_INT_DIGITS", "aligned_empty", "json_depth",
+           "parse_json", "return_large_frees"]
 
 MAX_JSON_BYTES = 64 << 20
 MAX_JSON_DEPTH = 64
@@ -37,6 +38,50 @@ _INT_LIMIT = 2**63
 # A JSON string literal (escapes included): removed before counting brackets, so
 # that brackets inside strings do not count as nesting.
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+#: Byte alignment of the buffers the readers decode into: JAX's CPU client wraps a
+#: NumPy array aligned to 64 bytes without copying it (``jax.device_put``), so a
+#: decoded leaf lives in memory once, not twice.
+ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...] | int, dtype: np.typing.DTypeLike, *,
+                  zero: bool = False) -> np.ndarray:
+    """A C-contiguous array whose data starts on an :data:`ALIGNMENT`-byte boundary.
+
+    ``zero=True`` zero-fills it through ``np.zeros`` (``calloc``: pages that are
+    never written are never made resident).
+    """
+    dtype = np.dtype(dtype)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = (np.zeros if zero else np.empty)(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+#: Allocations from this size up get their own mapping (see :func:`return_large_frees`).
+MMAP_THRESHOLD = 1 << 20
+
+
+def return_large_frees() -> bool:
+    """Make glibc give every allocation of :data:`MMAP_THRESHOLD` bytes or more back on free.
+
+    glibc raises its mmap threshold after each large free (up to 32 MiB), so the
+    next batches' buffers come from per-thread heaps that keep them: ``coblax
+    evaluate`` grew by one batch of activations per XLA thread, ~1x the decoded
+    parameters more than it needs. A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``)
+    maps them anew each time and returns them. Process-wide, so only the short
+    ``evaluate`` command sets it. Returns False where it does not apply (not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def json_depth(blob: bytes) -> int:

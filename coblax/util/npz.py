@@ -32,6 +32,7 @@ from collections.abc import Callable
 import numpy as np
 
 from coblax.util.errors import FileLoadError
+from coblax.util.limits import aligned_empty
 
 __all__ = ["MAX_NPZ_BYTES", "MAX_NPZ_MEMBERS", "MAX_NPZ_RATIO", "NpyEntry", "npz_layout", "read_npz"]
 
@@ -43,7 +44,8 @@ MAX_NPZ_RATIO = 64
 MAX_NPZ_MEMBERS = 100_000
 _MAX_NDIM = 8
 _MAX_HEADER = 1 << 16
-_ALLOWED_KINDS = "biuf"  # bool, signed, unsigned, float
+_ALLOWED_KINDS = "biuf"
+_READ_STEP = 1 << 20  # bool, signed, unsigned, float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,12 +153,15 @@ def read_npz(
             for name, entry in layout.items():
                 if only is not None and name not in only:
                     continue
-                buf = np.empty(entry.nbytes, np.uint8)  # filled in place: no second copy
+                # filled in place (no second copy), aligned so that JAX can wrap it uncopied
+                buf = aligned_empty(entry.nbytes, np.uint8)
                 with zf.open(entry.member) as fh:
                     _header(fh, f"{path}: member {entry.member!r}")
                     view, filled = memoryview(buf), 0
                     while filled < entry.nbytes:
-                        got = fh.readinto(view[filled:])
+                        # in 1 MiB steps: ZipExtFile.readinto reads into a new bytes object
+                        # and copies it, so one call for the whole member doubled its peak
+                        got = fh.readinto(view[filled:filled + _READ_STEP])
                         if not got:
                             raise FileLoadError(f"{path}: member {entry.member!r} is truncated")
                         filled += got

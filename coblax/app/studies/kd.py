@@ -16,6 +16,7 @@ from coblax.app.studies.config import (
     StudyConfig,
     study_model,
 )
+from coblax.app.studies.pieces import Pieces
 from coblax.lowrank.costs import count_params
 from coblax.nn import train as T
 from coblax.nn.data import Dataset
@@ -29,7 +30,11 @@ __all__ = ["study_kd"]
 KD_FIT_EXAMPLES = 10_000
 
 
-def study_kd(cfg: StudyConfig, data: Dataset, seed: int, progress: bool) -> list[dict]:
+def study_kd(cfg: StudyConfig, data: Dataset, seed: int, progress: bool,
+             pieces: Pieces | None = None) -> list[dict]:
+    """Teacher, student alone, and a distilled student per temperature: one piece each
+    (:class:`~coblax.app.studies.pieces.Pieces`; the teacher itself is a cached base model)."""
+    pieces = pieces or Pieces()
     kd: KDConfig = cfg.kd
     teacher_mc, student_mc = study_model(kd.teacher, "kd.teacher"), study_model(kd.student, "kd.student")
     teacher = train_base_model(base_run_config(cfg, seed), teacher_mc, data, study_cache(cfg), progress)
@@ -49,24 +54,32 @@ def study_kd(cfg: StudyConfig, data: Dataset, seed: int, progress: bool) -> list
     fit_x, fit_y = x_tr[:KD_FIT_EXAMPLES], y_tr[:KD_FIT_EXAMPLES]
     teacher_logits = np.asarray(T.predict(teacher.model.apply, teacher.params, fit_x))
     common = {"teacher": teacher_mc.label, "student": student_mc.label, "transfer_size": len(pick)}
-    records = [common | {"role": "teacher", "temperature": None, "alpha": None, "acc": teacher.accuracy,
-                         "train_acc": float(np.mean(np.argmax(teacher_logits, -1) == fit_y)),
-                         "params": count_params(teacher.params)}]
-    # The same initial student (key seed + 1) and batches for "alone" and every distilled run.
-    alone, acc_alone = train_module(student, transfer, tc, seed + 1, progress, "student alone")
-    records.append(common | {"role": "student_alone", "temperature": None, "alpha": 0.0, "acc": acc_alone,
-                             "train_acc": T.evaluate(student.apply, alone, fit_x, fit_y),
-                             "params": count_params(alone)})
+    records = pieces.run("teacher", lambda: [common | {
+        "role": "teacher", "temperature": None, "alpha": None, "acc": teacher.accuracy,
+        "train_acc": float(np.mean(np.argmax(teacher_logits, -1) == fit_y)),
+        "params": count_params(teacher.params)}])
+
+    def alone() -> list[dict]:
+        # The same initial student (key seed + 1) and batches for "alone" and every distilled run.
+        p, acc_alone = train_module(student, transfer, tc, seed + 1, progress, "student alone")
+        return [common | {"role": "student_alone", "temperature": None, "alpha": 0.0, "acc": acc_alone,
+                          "train_acc": T.evaluate(student.apply, p, fit_x, fit_y), "params": count_params(p)}]
+
+    records += pieces.run("student_alone", alone)
     init = student.init(jax.random.key(seed + 1), jnp.asarray(x_tr[:1]))
-    for t in kd.temperatures:
+
+    def distilled(t: float) -> list[dict]:
         p = distill(student.apply, init, x_tr, y_tr, teacher_apply=teacher.model.apply,
                     teacher_params=teacher.params, temperature=t, alpha=kd.alpha, epochs=tc.epochs,
                     batch_size=tc.batch_size, learning_rate=tc.learning_rate, optimizer=tc.optimizer,
                     seed=seed + 1, progress=progress)
         soft = np.asarray(softmax_t(teacher_logits, t))
-        records.append(common | {"role": "student_kd", "temperature": t, "alpha": kd.alpha,
-                                 "acc": T.evaluate(student.apply, p, data.x_test, data.y_test),
-                                 "train_acc": T.evaluate(student.apply, p, fit_x, fit_y),
-                                 "soft_off_label": float(1.0 - soft[np.arange(len(fit_y)), fit_y].mean()),
-                                 "params": count_params(p)})
+        return [common | {"role": "student_kd", "temperature": t, "alpha": kd.alpha,
+                          "acc": T.evaluate(student.apply, p, data.x_test, data.y_test),
+                          "train_acc": T.evaluate(student.apply, p, fit_x, fit_y),
+                          "soft_off_label": float(1.0 - soft[np.arange(len(fit_y)), fit_y].mean()),
+                          "params": count_params(p)}]
+
+    for t in kd.temperatures:
+        records += pieces.run(f"student_kd T={t!r}", lambda t=t: distilled(t))
     return records

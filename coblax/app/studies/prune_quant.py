@@ -23,6 +23,7 @@ from coblax.app.studies.config import (
     StudyConfig,
     study_model,
 )
+from coblax.app.studies.pieces import Pieces
 from coblax.compress import prune as P
 from coblax.compress import quantize as Q
 from coblax.compress.transforms import keep_pruned
@@ -79,8 +80,13 @@ class _PQRun:
                      desc=desc, progress=self.progress)
 
 
-def study_prune_quant(cfg: StudyConfig, data: Dataset, seed: int, progress: bool) -> list[dict]:
-    """Every part of the study against one trained base model, in the order of the tables."""
+def study_prune_quant(cfg: StudyConfig, data: Dataset, seed: int, progress: bool,
+                      pieces: Pieces | None = None) -> list[dict]:
+    """Every part of the study against one trained base model, in the order of the tables.
+
+    Each part is one piece (:class:`~coblax.app.studies.pieces.Pieces`): saved when it
+    finishes, skipped when a resumed run finds it done.
+    """
     pq: PruneQuantConfig = cfg.prune_quant
     mc = study_model(pq.model, "prune_quant.model")
     base = train_base_model(base_run_config(cfg, seed), mc, data, study_cache(cfg), progress)
@@ -93,8 +99,13 @@ def study_prune_quant(cfg: StudyConfig, data: Dataset, seed: int, progress: bool
                                      "macs": sum(macs.values()), "kernel_bits": 32.0 * total}]
     run = _PQRun(cfg, data, seed, progress, model, params, common, macs)
     hist_layer = _hist_layer(pq, kern)  # a misnamed layer fails now, not after the pruning runs
-    return (records + _pq_magnitude(run) + _pq_fixed_point(run) + _pq_codebooks(run) + _pq_dns(run)
-            + _pq_saliency(run) + _pq_binary(run) + _pq_kmeans_hist(run, hist_layer))
+    parts: list[tuple[str, Callable[[], list[dict]]]] = [
+        ("base", lambda: records), ("magnitude", lambda: _pq_magnitude(run)),
+        ("fixed_point", lambda: _pq_fixed_point(run)), ("codebooks", lambda: _pq_codebooks(run)),
+        ("dns", lambda: _pq_dns(run)), ("saliency", lambda: _pq_saliency(run)),
+        ("binary", lambda: _pq_binary(run)), ("kmeans_hist", lambda: _pq_kmeans_hist(run, hist_layer))]
+    pieces = pieces or Pieces()
+    return [rec for key, part in parts for rec in pieces.run(key, part)]
 
 
 def _pq_magnitude(run: _PQRun) -> list[dict]:

@@ -29,6 +29,7 @@ from coblax.app.studies.config import (
     study_model,
 )
 from coblax.app.studies.kd import study_kd
+from coblax.app.studies.pieces import Pieces
 from coblax.app.studies.prune_quant import study_prune_quant
 from coblax.app.studies.small_arch import study_small_arch
 from coblax.app.studies.svd_fc import study_svd_fc
@@ -40,7 +41,8 @@ from coblax.util.runlock import run_lock
 
 __all__ = ["RUNNERS", "PARTIAL", "preflight_study", "run_study", "run_study_file"]
 
-RUNNERS: dict[str, Callable[[StudyConfig, Dataset, int, bool], list[dict]]] = {
+#: study -> runner(cfg, data, seed, progress, pieces=None) -> the seed's records.
+RUNNERS: dict[str, Callable[..., list[dict]]] = {
     "kd": study_kd,
     "small_arch": study_small_arch,
     "svd_fc": study_svd_fc,
@@ -111,7 +113,27 @@ def _read_study_payload(path: Path) -> dict:
           and isinstance(data.get("done_seeds", []), list))
     if not ok:
         raise ResultsError(f"{path}: expected a study results object with 'records' and 'done_seeds' lists")
+    pieces = data.get("pieces", {})
+    ok = isinstance(pieces, dict) and all(
+        isinstance(seed_pieces, dict) and all(
+            isinstance(recs, list) and all(isinstance(r, dict) for r in recs) for recs in seed_pieces.values())
+        for seed_pieces in pieces.values())
+    if not ok:
+        raise ResultsError(f"{path}: 'pieces' must map each seed to an object of piece -> list of records")
     return data
+
+
+def _resume(payload: dict, previous: dict, cfg: StudyConfig, out: Path, log: Callable[[str], None]) -> None:
+    """Carry an interrupted run's finished seeds and pieces into ``payload``, and say so."""
+    done = [s for s in previous["done_seeds"] if s in cfg.seeds]
+    payload["records"] = [r for r in previous["records"] if r.get("seed") in done]
+    payload["done_seeds"] = done
+    payload["pieces"] = {k: v for k, v in previous.get("pieces", {}).items()
+                         if k in map(str, cfg.seeds) and int(k) not in done}
+    payload["started"] = previous.get("started", payload["started"])
+    n_pieces = sum(map(len, payload["pieces"].values()))
+    log(f"resuming {out}: seed(s) {', '.join(map(str, done)) or '(none)'} and {n_pieces} piece(s) of the "
+        "others already finished with this config; skipping them")
 
 
 def run_study(cfg: StudyConfig, out_dir: str | Path, *, config_text: str = "", progress: bool = True,
@@ -126,9 +148,11 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, config_text: str = "", p
     table built on the data's input shape and the KD transfer set
     (:func:`preflight_study`). Then, like ``coblax run``:
 
-    * each seed's records are saved in ``results.partial.json`` as soon as the seed
-      is finished; a rerun of the same config resumes after the finished seeds
-      (``force`` starts over; a partial file of another config is refused);
+    * each piece of a seed (:mod:`coblax.app.studies.pieces`: a part of
+      ``prune_quant``, a network of ``small_arch``, a layer of ``svd_fc``, a student
+      of ``kd``) is saved in ``results.partial.json`` as soon as it is finished, and
+      each finished seed; a rerun of the same config skips the finished seeds and
+      pieces (``force`` starts over; a partial file of another config is refused);
     * SIGINT / SIGTERM raise :class:`RunInterrupted` with every finished seed saved
       (a signal during a save waits for it);
     * the folder is locked for the run (:mod:`coblax.util.runlock`).
@@ -160,30 +184,40 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, config_text: str = "", p
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "records": [],
         "done_seeds": [],
+        "pieces": {},  # seed -> piece -> records, for the seeds not finished yet
     }
     if previous is not None:
-        done = [s for s in previous["done_seeds"] if s in cfg.seeds]
-        payload["records"] = [r for r in previous["records"] if r.get("seed") in done]
-        payload["done_seeds"] = done
-        payload["started"] = previous.get("started", payload["started"])
-        log(f"resuming {out}: seed(s) {', '.join(map(str, done)) or '(none)'} already finished with this "
-            "config; skipping them")
+        _resume(payload, previous, cfg, out, log)
     partial = out / PARTIAL
     with stop_on_signals() as signals, run_lock(out, log):
+
+        def save() -> None:
+            with signals.saving():
+                write_json_atomic(partial, payload)
+
         try:
             for seed in cfg.seeds:
                 if seed in payload["done_seeds"]:
                     continue
+                done = payload["pieces"].setdefault(str(seed), {})
+
+                def save_piece(key: str, records: list[dict], done: dict = done) -> None:
+                    done[key] = records
+                    save()
+
+                pieces = Pieces(done=dict(done), save=save_piece)
                 recs = [{"study": cfg.study, "seed": seed} | rec
-                        for rec in RUNNERS[cfg.study](cfg, datasets[seed], seed, progress)]
+                        for rec in RUNNERS[cfg.study](cfg, datasets[seed], seed, progress, pieces=pieces)]
                 payload["records"] += recs
                 payload["done_seeds"].append(seed)
-                with signals.saving():
-                    write_json_atomic(partial, payload)
+                del payload["pieces"][str(seed)]
+                save()
         except RunInterrupted as err:
-            err.saved = len(payload["done_seeds"]) if partial.exists() else 0
+            in_pieces = sum(len(r) for seed in payload["pieces"].values() for r in seed.values())
+            err.saved = len(payload["records"]) + in_pieces if partial.exists() else 0
             err.partial = partial
             raise
+        payload.pop("pieces")
         payload["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         payload["wall_seconds"] = time.perf_counter() - start
         write_json_atomic(out / "results.json", payload)

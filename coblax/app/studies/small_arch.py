@@ -10,13 +10,17 @@ from coblax.app.studies.config import (
     SmallArchConfig,
     StudyConfig,
 )
+from coblax.app.studies.pieces import Pieces
 from coblax.lowrank.costs import count_params
 from coblax.nn.data import Dataset
 from coblax.nn.small import BlockNet, FireNet, block_net_cost, fire_net_cost
 
 __all__ = ["study_small_arch"]
 
-def study_small_arch(cfg: StudyConfig, data: Dataset, seed: int, progress: bool) -> list[dict]:
+def study_small_arch(cfg: StudyConfig, data: Dataset, seed: int, progress: bool,
+                     pieces: Pieces | None = None) -> list[dict]:
+    """Every network of the sweeps, one piece each (:class:`~coblax.app.studies.pieces.Pieces`)."""
+    pieces = pieces or Pieces()
     sa: SmallArchConfig = cfg.small_arch
     shape = data.input_shape
     variants: list[tuple[str, str, Any, Any]] = []
@@ -32,16 +36,22 @@ def study_small_arch(cfg: StudyConfig, data: Dataset, seed: int, progress: bool)
     records = []
     trained: dict[str, tuple] = {}  # the two Fire sweeps share their centre point: train it once
     for family, label, net, cost in variants:
-        start = time.perf_counter()
-        if repr(net) not in trained:
-            trained[repr(net)] = train_module(net, data, cfg.train, seed, progress, f"{family} {label}")
-        params, acc = trained[repr(net)]
-        rec = {"family": family, "variant": label, "params": cost.params, "macs": cost.macs,
-               "traced_macs": traced_macs(net, params, data), "counted_params": count_params(params),
-               "acc": acc, "train_seconds": time.perf_counter() - start}
-        if isinstance(net, FireNet):
-            rec |= {"squeeze_ratio": net.squeeze_ratio, "pct3x3": net.pct3x3}
-        else:
-            rec |= {"block": net.block}
-        records.append(rec)
+        records += pieces.run(f"{family} {label}", lambda f=family, la=label, n=net, c=cost:
+                              [_variant_record(f, la, n, c, trained, cfg, data, seed, progress)])
     return records
+
+
+def _variant_record(family: str, label: str, net: Any, cost: Any, trained: dict, cfg: StudyConfig,
+                    data: Dataset, seed: int, progress: bool) -> dict:
+    start = time.perf_counter()
+    if repr(net) not in trained:
+        trained[repr(net)] = train_module(net, data, cfg.train, seed, progress, f"{family} {label}")
+    params, acc = trained[repr(net)]
+    rec = {"family": family, "variant": label, "params": cost.params, "macs": cost.macs,
+           "traced_macs": traced_macs(net, params, data), "counted_params": count_params(params),
+           "acc": acc, "train_seconds": time.perf_counter() - start}
+    if isinstance(net, FireNet):
+        rec |= {"squeeze_ratio": net.squeeze_ratio, "pct3x3": net.pct3x3}
+    else:
+        rec |= {"block": net.block}
+    return rec
