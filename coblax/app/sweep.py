@@ -239,6 +239,9 @@ def run_job(job: Job) -> dict:
 
     for name, value in job.env:
         os.environ[name] = value
+    from coblax.app.workers import pin_worker
+
+    pin_worker()  # this worker's share of the cores, once
     ctx = _context()
     ctx.logs = []
     cfg, mi = job.cfg, job.model_index
@@ -476,9 +479,11 @@ class ParallelSweep:
         from tqdm.auto import tqdm
 
         from coblax.app.experiment import sweep_keys
-        from coblax.app.workers import base_priority, record_priority
+        from coblax.app.workers import base_priority, make_slots, record_priority, remove_slots
 
         env = tuple((k, os.environ[k]) for k in _ENV_KEYS if k in os.environ)
+        if not self.spec.address:  # workers on this machine: one share of the cores each
+            env += (make_slots(self.spec.workers or os.cpu_count() or 1),)
         if cfg.data.dir:  # workers may start elsewhere (Ray): absolute paths only
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(Path(cfg.data.dir).resolve())))
         cache_dir = str(Path(plan.cache_dir).expanduser().resolve())
@@ -511,12 +516,17 @@ class ParallelSweep:
                     position += 1
                 block += 1
         if not jobs:
+            remove_slots(env)
             return
         remaining = sum(len(j.keys) for j in jobs.values() if j.kind == "record")
         ready = [(order[i], i) for i in waiting]
         heapq.heapify(ready)
         attempts = dict.fromkeys(jobs, 0)
-        backend = self._make_backend()
+        try:
+            backend = self._make_backend()
+        except BaseException:
+            remove_slots(env)
+            raise
         bar = tqdm(total=plan.total, initial=plan.total - remaining, desc="records", disable=not progress,
                    unit="record")
         running = 0
@@ -569,6 +579,7 @@ class ParallelSweep:
         finally:
             bar.close()
             backend.close()
+            remove_slots(env)
 
     @staticmethod
     def _describe(job: Job) -> str:

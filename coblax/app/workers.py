@@ -1,4 +1,4 @@
-"""The order in which a parallel sweep hands out its jobs (issue 19).
+"""How a parallel sweep shares the machine: the order of its jobs and each worker's cores (issue 19).
 
 A sweep of N records on W workers ends when its last record does. Handing the
 records out in the serial run's order (budget by budget, each budget's methods
@@ -23,10 +23,17 @@ processing time first* rule does (Graham 1969: the makespan is then within
 The order changes nothing in the records (each is computed from its own config,
 data, seed and cached base model); the driver still writes them in the serial
 order.
+
+Cores. Each worker confines itself to its share of the cores (:func:`pin_worker`)
+after its XLA client has sized its thread pool from all of them, so that workers
+do not wait on each other's threads and the records stay equal to a serial run's.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 
 __all__ = ["SLOW_METHODS", "base_priority", "record_priority"]
@@ -76,3 +83,90 @@ def dispatch_order(keys: Iterable[tuple], schemes: Sequence[str]) -> list[tuple]
 
 
 __all__ += ["dispatch_order", "is_slow"]
+
+
+# -- one share of the cores per worker
+
+#: ``"<folder>:<n>"``: the slot folder of this run and its number of workers (set by the driver).
+SLOTS_ENV = "COBLAX_WORKER_SLOTS"
+_slot: dict = {}  # this process's claimed slot: {"index": i, "fd": open lock file}
+
+
+def make_slots(n: int) -> tuple[str, str]:
+    """A fresh slot folder for ``n`` workers: the ``(name, value)`` of :data:`SLOTS_ENV` for the jobs."""
+    folder = tempfile.mkdtemp(prefix="coblax-slots-")
+    return SLOTS_ENV, f"{folder}:{int(n)}"
+
+
+def remove_slots(env: Sequence[tuple[str, str]]) -> None:
+    """Remove the slot folder named in a job environment (the driver, after the run)."""
+    for name, value in env:
+        if name == SLOTS_ENV:
+            shutil.rmtree(value.rsplit(":", 1)[0], ignore_errors=True)
+
+
+def _claim(folder: str, n: int) -> int | None:
+    """The first free slot of ``folder`` (an flock held for this process's life, released at its death)."""
+    import fcntl
+
+    for i in range(n):
+        fd = os.open(os.path.join(folder, f"slot-{i}"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        _slot.update(index=i, fd=fd)
+        return i
+    return None
+
+
+def cores_of(index: int, n: int, cores: Sequence[int]) -> list[int]:
+    """The cores of worker ``index`` of ``n``: a contiguous 1/n share, or one core when n > cores."""
+    cores = sorted(cores)
+    if n > len(cores):
+        return [cores[index % len(cores)]]
+    return cores[index * len(cores) // n:(index + 1) * len(cores) // n]
+
+
+def pin_worker() -> list[int] | None:
+    """Confine this worker process to its share of the cores, once; returns them (None: not pinned).
+
+    Why: each worker's XLA runs its operations on a pool of threads sized by the
+    machine's cores, so W workers on C cores run W x C busy threads, and a
+    parallel operation waits for its slowest piece whenever another worker's
+    thread holds that core. Each worker claims a slot (``n`` of them, named by
+    :data:`SLOTS_ENV`) and every thread of it is moved onto the slot's cores.
+    The XLA CPU client is created first, with every core in view, so that its
+    thread pool, and with it the split of every operation and the order of its
+    sums, is the driver's: the records stay bit-equal to a serial run's (a pool
+    sized by one core changes the last bits of the fine-tuned weights).
+    Does nothing where the platform cannot pin threads, when no slot is free, or
+    without :data:`SLOTS_ENV`.
+    """
+    if "tried" in _slot:
+        return _slot.get("cores")
+    _slot["tried"] = True
+    spec = os.environ.get(SLOTS_ENV, "")
+    if ":" not in spec or not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"):
+        return None
+    folder, n = spec.rsplit(":", 1)
+    if not os.path.isdir(folder):
+        return None
+    index = _claim(folder, int(n))
+    if index is None:
+        return None
+    import jax.numpy as jnp
+
+    jnp.ones(3).block_until_ready()  # the CPU client and its thread pool, sized with every core in view
+    mine = cores_of(index, int(n), os.sched_getaffinity(0))
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), mine)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    _slot["cores"] = mine
+    return mine
+
+
+__all__ += ["SLOTS_ENV", "cores_of", "make_slots", "pin_worker", "remove_slots"]

@@ -135,7 +135,14 @@ class FrozenFactorsApply:
             for n, f in variables["factors"].items()
         }
         rest = {k: v for k, v in variables.items() if k not in ("factors", "frozen")}
-        return self.inner({**rest, "factors": factors}, x, **kwargs)
+        mutable = kwargs.get("mutable")
+        if not mutable or isinstance(mutable, bool):
+            return self.inner({**rest, "factors": factors}, x, **kwargs)
+        # a training call whose state collections include the flags (a model with BatchNorm):
+        # the model never sees them; they come back unchanged with the updated state
+        kwargs["mutable"] = [m for m in mutable if m != "frozen"]
+        logits, updated = self.inner({**rest, "factors": factors}, x, **kwargs)
+        return logits, {**updated, "frozen": frozen}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +204,7 @@ def finetune_layout(kept: Mapping[str, Factors], full: Mapping[str, Factors], pa
     missing = [n for n in full if n not in kept]
     extra = sum(weights(f, full_rank_of(f)) - weights(f, int(np.shape(f.first)[-1])) for f in kept.values())
     extra += sum(weights(full[n], full_rank_of(full[n])) - int(np.size(get_kernel(params, n))) for n in missing)
-    if not missing or not full or extra * float(examples_seen) > max_extra_work:
+    if not full or extra * float(examples_seen) > max_extra_work:  # (no layer original: frozen flags all 0)
         return FinetuneLayout(pad_to_full_rank(kept, examples_seen, max_extra_work))
     factors, frozen = {}, {}
     for n, like in full.items():  # the order of full: one tree structure for every record
