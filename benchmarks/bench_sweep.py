@@ -69,12 +69,24 @@ def warm_cache(config: Path, cache: Path) -> None:
         train_base_model(plan.cfg, mc, plan.data, cache, progress=False)
 
 
+#: CPU seconds (user + system) of each timed run's process and the workers it waited for, by out folder.
+CPU_SECONDS: dict[str, float] = {}
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def timed_run(config: Path, out: Path, cache: Path, extra: list[str]) -> float:
     env = dict(os.environ, COBLAX_CACHE=str(cache), TQDM_DISABLE="1")
     cmd = [sys.executable, "-m", "coblax.app.cli", "run", str(config), "--out", str(out), "--quiet", *extra]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
+    CPU_SECONDS[str(out)] = _children_cpu() - cpu
     if proc.returncode != 0:
         raise SystemExit(f"bench_sweep: {' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return wall
@@ -97,11 +109,12 @@ def data_dir(given: str | None) -> Path | None:
 def stable_records(out: Path) -> list[dict]:
     from coblax.app.experiment import VOLATILE_KEYS
 
-    def stable(r):
-        r = {k: v for k, v in r.items() if k not in VOLATILE_KEYS}
-        if isinstance(r.get("diagnostics"), dict):
-            r["diagnostics"] = {k: v for k, v in r["diagnostics"].items() if k not in VOLATILE_KEYS}
-        return r
+    def stable(node):  # timings at any depth (COBLA's diagnostics["solves"][i]["seconds"])
+        if isinstance(node, dict):
+            return {k: stable(v) for k, v in node.items() if k not in VOLATILE_KEYS and k != "seconds"}
+        if isinstance(node, list):
+            return [stable(v) for v in node]
+        return node
 
     return [stable(r) for r in json.loads((out / "results.json").read_text())["records"]]
 
@@ -127,27 +140,29 @@ def main() -> None:
         runs = {"serial": [], f"workers {args.workers}": ["--workers", str(args.workers)]}
         if not args.no_ray:
             runs[f"ray local ({args.workers})"] = ["--ray", "--workers", str(args.workers)]
-        walls, records, own = {}, {}, {}
+        walls, records, own, cpu = {}, {}, {}, {}
         for label, extra in runs.items():
             out = folder / label.replace(" ", "_").replace("(", "").replace(")", "")
             walls[label] = timed_run(config, out, cache, extra)
             records[label] = stable_records(out)
             own[label] = record_seconds(out)
+            cpu[label] = CPU_SECONDS[str(out)]
             print(f"{label}: {walls[label]:.1f} s", file=sys.stderr, flush=True)
     n = len(records["serial"])
     equal = all(r == records["serial"] for r in records.values())
     serial = walls["serial"]
     print(f"\n{config.stem}: {n} records, records equal across runs: {equal}")
-    print("| run | wall s | / serial | records' own s |")
-    print("|---|---:|---:|---:|")
+    print("| run | wall s | / serial | records' own s | CPU s (run + local workers) |")
+    print("|---|---:|---:|---:|---:|")
     for label, wall in walls.items():
-        print(f"| {label} | {wall:.1f} | {wall / serial:.2f} | {own[label]:.1f} |")
+        print(f"| {label} | {wall:.1f} | {wall / serial:.2f} | {own[label]:.1f} | {cpu[label]:.1f} |")
     keys = list(walls)
     ratio = walls[keys[1]] / serial
     verdicts = [f"{keys[1]} / serial = {ratio:.3f} (<= {WORKERS_LIMIT}): {'PASS' if ratio <= WORKERS_LIMIT else 'FAIL'}"]
     summary = {"config": config.stem, "records": n, "equal": equal, "cpus": os.cpu_count(),
                "wall_s": {k: round(v, 1) for k, v in walls.items()},
                "record_seconds": {k: round(v, 1) for k, v in own.items()},
+               "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()},
                "workers_over_serial": round(ratio, 3)}
     if len(keys) > 2:
         ray = walls[keys[2]] / walls[keys[1]]
@@ -161,6 +176,9 @@ def main() -> None:
             for a, b in zip(records["serial"], recs):
                 if a != b:
                     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                    if diff == ["diagnostics"]:
+                        da, db = a["diagnostics"], b["diagnostics"]
+                        diff = [f"diagnostics.{k}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
                     print(f"{label}: {a['method']} {a['budget_mac']:g} differs from serial in {diff}",
                           file=sys.stderr)
         raise SystemExit("bench_sweep: the runs' records differ")

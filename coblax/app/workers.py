@@ -89,6 +89,8 @@ __all__ += ["dispatch_order", "is_slow"]
 
 #: ``"<folder>:<n>"``: the slot folder of this run and its number of workers (set by the driver).
 SLOTS_ENV = "COBLAX_WORKER_SLOTS"
+#: Set to ``0`` to leave the workers unpinned.
+PIN_ENV = "COBLAX_PIN_WORKERS"
 _slot: dict = {}  # this process's claimed slot: {"index": i, "fd": open lock file}
 
 
@@ -141,14 +143,14 @@ def pin_worker() -> list[int] | None:
     thread pool, and with it the split of every operation and the order of its
     sums, is the driver's: the records stay bit-equal to a serial run's (a pool
     sized by one core changes the last bits of the fine-tuned weights).
-    Does nothing where the platform cannot pin threads, when no slot is free, or
-    without :data:`SLOTS_ENV`.
+    Does nothing where the platform cannot pin threads, when no slot is free,
+    without :data:`SLOTS_ENV`, or with ``COBLAX_PIN_WORKERS=0`` (:data:`PIN_ENV`).
     """
     if "tried" in _slot:
         return _slot.get("cores")
     _slot["tried"] = True
     spec = os.environ.get(SLOTS_ENV, "")
-    if ":" not in spec or not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"):
+    if os.environ.get(PIN_ENV, "1") == "0" or ":" not in spec or not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"):
         return None
     folder, n = spec.rsplit(":", 1)
     if not os.path.isdir(folder):
@@ -169,4 +171,4 @@ def pin_worker() -> list[int] | None:
     return mine
 
 
-__all__ += ["SLOTS_ENV", "cores_of", "make_slots", "pin_worker", "remove_slots"]
+__all__ += ["PIN_ENV", "SLOTS_ENV", "cores_of", "make_slots", "pin_worker", "remove_slots"]
