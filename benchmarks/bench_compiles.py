@@ -6,10 +6,12 @@ prints the number of XLA compilations, the seconds spent compiling (tracing,
 lowering, backend) and the wall time of the records. The base model is trained
 (or loaded from the cache) before counting starts.
 
-``--pad`` replaces the runner's padding rule (:mod:`coblax.lowrank.padding`: pad
-every factored layer to full rank when the extra work of fine-tuning is small)
+``--pad`` replaces the runner's layout rule (:func:`coblax.lowrank.padding.finetune_layout`:
+every decomposable layer factored at full rank, the ones a record keeps original as
+exact factors with a frozen identity, when the extra work of fine-tuning is small)
 by ``none`` (every rank its own shape: recompiling), ``pow2`` (the next power of
-two) or ``full`` (always full rank), to measure padding against recompiling.
+two) or ``full`` (the kept layers at full rank, original layers left original: the
+rule before the shared layout), to measure padding against recompiling.
 
     python benchmarks/bench_compiles.py                 # this checkout
     PYTHONPATH=/path/to/old/checkout python benchmarks/bench_compiles.py   # before
@@ -49,36 +51,36 @@ def _listen(event, duration, **kwargs):  # the same accounting as coblax.nn.comp
 
 
 def padding_policy(how: str):
-    """A replacement for the runner's ``pad_to_full_rank`` (``product``: keep the runner's own)."""
+    """A replacement for the runner's ``finetune_layout`` (``product``: keep the runner's own)."""
     if how == "product":
         return None
-    from coblax.lowrank.padding import full_rank_of, pad_factors, pad_to_full_rank
+    from coblax.lowrank.padding import FinetuneLayout, full_rank_of, pad_factors, pad_to_full_rank
 
     if how == "none":
-        return lambda kept, *a: dict(kept)
-    if how == "full":
-        return lambda kept, *a: pad_to_full_rank(kept)
+        return lambda kept, *a: FinetuneLayout(dict(kept))
+    if how == "full":  # every kept layer at full rank; layers kept original stay original
+        return lambda kept, full, params, seen: FinetuneLayout(pad_to_full_rank(kept, seen))
     if how == "pow2":
         def pow2(kept, *a):
             out = {}
             for n, f in kept.items():
                 r = int(np.shape(f.first)[-1])
                 out[n] = pad_factors(f, min(1 << max(0, (r - 1).bit_length()), full_rank_of(f)))
-            return out
+            return FinetuneLayout(out)
         return pow2
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pad", choices=("product", "none", "pow2", "full"), default="product",
-                    help="rank padding before fine-tuning: the runner's own rule (product), none, "
-                         "to the next power of two, to full rank")
+                    help="layout before fine-tuning: the runner's own rule (product: one shared layout), "
+                         "none, kept layers to the next power of two, kept layers to full rank")
     ap.add_argument("--budget", type=float, default=0.6)
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "coblax-bench-compiles-cache"))
     args = ap.parse_args()
 
     from coblax.app import experiment as E
-    from coblax.app import record as R  # finetune_factored pads the ranks
+    from coblax.app import record as R  # finetune_factored builds the layout
     from coblax.app.config import load_run_config
 
     cfg = load_run_config(REPO / "experiments" / "compare_squeezenet_digits.toml")
@@ -88,9 +90,9 @@ def main() -> None:
     )
     policy = padding_policy(args.pad)
     if policy is not None:
-        if not hasattr(R, "pad_to_full_rank"):
-            raise SystemExit("bench_compiles: this checkout has no rank padding; use --pad product")
-        R.pad_to_full_rank = policy
+        if not hasattr(R, "finetune_layout"):
+            raise SystemExit("bench_compiles: this checkout has no shared layout; use --pad product")
+        R.finetune_layout = policy
     with tempfile.TemporaryDirectory() as out:
         plan = E.plan_from_config(cfg, out)
         E.train_base_model(cfg, cfg.models[0], plan.data, plan.cache_dir, False)  # outside the count

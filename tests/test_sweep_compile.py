@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -104,3 +105,63 @@ def test_padding_to_full_rank_keeps_the_function_and_shares_the_step(monkeypatch
         out = pad_to_full_rank(kept, examples_seen=seen)
         assert all((a.first.shape != b.first.shape) == padded for a, b in zip(out.values(), kept.values())
                    if full_rank_of(b) > 1)
+
+
+
+def _product(f) -> np.ndarray:
+    """The matricized kernel that factors ``f`` multiply to (dense and zhang: U V)."""
+    u = np.asarray(f.first, np.float64).reshape(-1, f.first.shape[-1])
+    v = np.asarray(f.second, np.float64).reshape(f.second.shape[-2], -1) if f.kind != "dense" else np.asarray(f.second)
+    return u @ v
+
+
+def test_shared_layout_is_exact_freezes_the_identity_and_compiles_once(monkeypatch):
+    """Layers kept original become exact factors (W = I·W or W·I): the same logits as the
+    record's own network, the identity never moves in fine-tuning, the original kernel trains
+    as it does unfactored, and records keeping different layers original share one step."""
+    from coblax.lowrank.decompose import matricize
+    from coblax.lowrank.padding import exact_factors, finetune_layout
+
+    monkeypatch.setattr(T, "_STEPS", collections.OrderedDict())
+    model, params, full, x, y = _setup()
+    zhang = {n: factorize(get_kernel(params, n), l, "zhang") for n, l in
+             ((l.name, l) for l in trace_layers(model, params, jnp.asarray(x[:1])) if l.decomposable)}
+    for n, like in zhang.items():  # U V is the kernel bit for bit (one product and zeros per entry)
+        f, identity = exact_factors(get_kernel(params, n), like)
+        assert f.first.shape[:-1] == like.first.shape[:-1] and f.first.shape[-1] == min(_product(like).shape)
+        np.testing.assert_array_equal(_product(f), matricize(np.asarray(get_kernel(params, n), np.float64),
+                                                             f.kind, "zhang"))
+        assert identity == ("first" if f.first.shape[-1] == np.prod(f.first.shape[:-1]) else "second")
+    names = list(full)
+    steps_before = T.compiled_steps()
+    layouts = []
+    for original, k in ((names[0], 2), (names[-1], 3)):  # other layers original, other ranks
+        kept = {n: truncate(f, _first(k)(f.sigma.shape[0])) for n, f in full.items() if n != original}
+        layout = finetune_layout(kept, full, params, examples_seen=64)
+        assert set(layout.factors) == set(full) and layout.frozen is not None
+        variables = layout.variables(params)
+        reference = factored_variables(params, kept)  # the record's own network
+        np.testing.assert_allclose(T.predict(layout.apply_fn(model), variables, x),
+                                   T.predict(apply_fn_for(model, kept), reference, x), rtol=1e-5, atol=1e-5)
+        trained = T.fit(layout.apply_fn(model), variables, x, y, epochs=1, batch_size=16, progress=False)
+        (frozen,) = [kk for kk, v in layout.frozen[original].items() if v]
+        np.testing.assert_array_equal(np.asarray(trained["factors"][original][frozen]),
+                                      np.asarray(variables["factors"][original][frozen]))  # the identity
+        moving = "second" if frozen == "first" else "first"
+        assert not np.array_equal(np.asarray(trained["factors"][original][moving]),
+                                  np.asarray(variables["factors"][original][moving]))  # W trains
+        layouts.append((original, kept, layout, variables, reference))
+    assert T.compiled_steps() == steps_before + 1  # both records: one compiled step
+    # one Adam step on W inside the shared layout = one Adam step on the original kernel
+    original, kept, layout, variables, reference = layouts[1]
+    direct = T.fit(apply_fn_for(model, kept), reference, x[:16], y[:16], epochs=1, batch_size=16, progress=False)
+    shared = T.fit(layout.apply_fn(model), variables, x[:16], y[:16], epochs=1, batch_size=16, progress=False)
+    f = dataclasses.replace(layout.factors[original], first=shared["factors"][original]["first"],
+                            second=shared["factors"][original]["second"])
+    assert f.kind == "dense"  # the small CNN's last layer: W is the trained factor itself
+    np.testing.assert_allclose(_product(f), np.asarray(get_kernel(direct, original), np.float64),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(T.predict(layout.apply_fn(model), shared, x),
+                               T.predict(apply_fn_for(model, kept), direct, x), rtol=1e-4, atol=1e-5)
+    # a long fine-tuning falls back to the record's own layout
+    assert finetune_layout(kept, full, params, examples_seen=1e12).frozen is None

@@ -32,7 +32,7 @@ from coblax.lowrank.decompose import (
 )
 from coblax.lowrank.factored import factored_variables, truncate_allocation
 from coblax.lowrank.objective import NetworkLoss
-from coblax.lowrank.padding import pad_to_full_rank
+from coblax.lowrank.padding import finetune_layout, pad_to_full_rank  # noqa: F401 - pad_to_full_rank: benchmarks replace it
 from coblax.lowrank.registry import get_allocator
 from coblax.lowrank.spectra import allocator_spectrum
 from coblax.lowrank.training import attach_trainer
@@ -110,7 +110,7 @@ def scheme_inputs(cfg: RunConfig, base: BaseModel, traced, chosen, scheme: str, 
 
 def finetune_factored(cfg: RunConfig, base: BaseModel, data: Dataset, kept: dict[str, Factors],
                       desc: str = "finetune", progress: bool = False,
-                      extra: dict | None = None) -> tuple[float, float, float]:
+                      extra: dict | None = None, full: dict[str, Factors] | None = None) -> tuple[float, float, float]:
     """Test accuracy of the factored network ``kept`` before and after ``cfg.finetune``, and its seconds.
 
     The fine-tuning is seeded with ``cfg.seed + 1`` on ``data``'s training images, so a
@@ -118,11 +118,13 @@ def finetune_factored(cfg: RunConfig, base: BaseModel, data: Dataset, kept: dict
     ``finetune.recalibrate_bn`` the BatchNorm statistics are re-estimated before
     fine-tuning and before the final evaluation; the accuracy before fine-tuning stays
     the stale one and ``extra["acc_before_finetune_recalibrated"]`` gets the other.
+    ``full`` (every decomposable layer's factors) lets all records of a (model, scheme)
+    share one layout (:func:`~coblax.lowrank.padding.finetune_layout`).
     """
-    # equal shapes across records share one compiled step when the extra work is small (issue 19)
-    kept = pad_to_full_rank(kept, len(data.x_train) * cfg.finetune.epochs)
-    variables = factored_variables(base.params, kept)
-    apply = apply_fn_for(base.model, kept)
+    # one layout, one compiled step for the records of a (model, scheme) when the extra work is small (issue 19)
+    layout = finetune_layout(kept, full or {}, base.params, len(data.x_train) * cfg.finetune.epochs)
+    variables = layout.variables(base.params)
+    apply = layout.apply_fn(base.model)
     acc_before = T.evaluate(apply, variables, data.x_test, data.y_test)
     recal = functools.partial(recalibrate_bn, apply, x=data.x_train, batches=cfg.finetune.recalibrate_bn,
                               batch_size=cfg.finetune.batch_size, seed=cfg.seed + 1)
@@ -133,7 +135,7 @@ def finetune_factored(cfg: RunConfig, base: BaseModel, data: Dataset, kept: dict
     start = time.perf_counter()
     train_kw, fit_kw = training_options(base.model, variables)
     variables = T.fit(  # an apply_fn_for value, not a partial: the compiled step is reused (issue 19)
-        apply_fn_for(base.model, kept, **train_kw), variables, data.x_train, data.y_train,
+        layout.apply_fn(base.model, **train_kw), variables, data.x_train, data.y_train,
         epochs=cfg.finetune.epochs, batch_size=cfg.finetune.batch_size,
         learning_rate=cfg.finetune.learning_rate, optimizer=cfg.finetune.optimizer,
         seed=cfg.seed + 1, desc=desc, progress=progress, **fit_kw,
@@ -181,7 +183,7 @@ def run_method(
     kept, ranks = truncate_allocation(net, full, allocation)
     extra: dict = {}
     acc_before, acc_after, finetune_seconds = finetune_factored(cfg, base, data, kept, f"finetune {method}", progress,
-                                                                extra)
+                                                                extra, full)
     macs, params = net.cost(ranks)
     mac_ratio, param_ratio = net.ratios(ranks, cfg.budgets.basis)
     stats = dict(allocation.stats)

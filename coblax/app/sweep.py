@@ -13,9 +13,11 @@ Scheduling. The work is a small graph: one *base job* per (seed, model) trains
 the base model (or loads it) into the model cache, and each record of that model
 becomes ready when its base job has finished, so a base model is never trained
 twice at once; a worker that runs a record loads it from the cache. Ready jobs
-go out in the serial run's order. Each worker keeps the last data set, base
-model and decomposition it built (records of one (model, scheme) mostly land on
-workers that already hold them).
+go out base models first, then block by block (seed, model, scheme) with the
+slow methods of each block first (:mod:`coblax.app.workers`: longest processing
+time first). Each worker keeps the last data set, base model and decomposition
+it built (records of one (model, scheme) mostly land on workers that already
+hold them).
 
 Faults. A job never raises: an exception in a worker (a model that raises, a
 bug) becomes that record's ``"failed"`` entry with the exception and its
@@ -89,18 +91,27 @@ class ParallelSweep:
         from tqdm.auto import tqdm
 
 
+        from coblax.app.workers import make_slots, remove_slots
+
         env = tuple((k, os.environ[k]) for k in ENV_KEYS if k in os.environ)
+        if not self.spec.address:  # workers on this machine: one share of the cores each
+            env += (make_slots(self.spec.workers or os.cpu_count() or 1),)
         if cfg.data.dir:  # workers may start elsewhere (Ray): absolute paths only
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(Path(cfg.data.dir).resolve())))
         cache_dir = str(Path(plan.cache_dir).expanduser().resolve())
         jobs, order, waiting = _job_graph(cfg, done, add, cache_dir, env)
         if not jobs:
+            remove_slots(env)
             return
         remaining = sum(len(j.keys) for j in jobs.values() if j.kind == "record")
         ready = [(order[i], i) for i in waiting]
         heapq.heapify(ready)
         attempts = dict.fromkeys(jobs, 0)
-        backend = self._make_backend()
+        try:
+            backend = self._make_backend()
+        except BaseException:
+            remove_slots(env)
+            raise
         bar = tqdm(total=plan.total, initial=plan.total - remaining, desc="records", disable=not progress,
                    unit="record")
         running = 0
@@ -153,6 +164,7 @@ class ParallelSweep:
         finally:
             bar.close()
             backend.close()
+            remove_slots(env)
 
     @staticmethod
     def _describe(job: Job) -> str:
@@ -163,19 +175,20 @@ class ParallelSweep:
 
 
 def _job_graph(cfg, done: dict, add: Callable[[dict, bool], None], cache_dir: str,
-               env: tuple) -> tuple[dict[int, Job], dict[int, float], dict[int, list[int]]]:
+               env: tuple) -> tuple[dict[int, Job], dict[int, tuple], dict[int, list[int]]]:
     """(jobs by id, each job's place in the serial order, base job id -> its record job ids).
 
     One base job per (seed, model) with unfinished records, placed just before them;
     finished records go to ``add`` at once, in order.
     """
     from coblax.app.experiment import sweep_keys
+    from coblax.app.workers import base_priority, record_priority
 
     jobs: dict[int, Job] = {}
-    order: dict[int, float] = {}
+    order: dict[int, tuple] = {}
     waiting: dict[int, list[int]] = {}  # base job id -> its record job ids
     ids = itertools.count()
-    position = 0
+    position = block = 0
     for seed in cfg.seed_list:
         seed_cfg = dataclasses.replace(cfg, seed=seed)
         for mi, mc in enumerate(cfg.models):
@@ -189,15 +202,16 @@ def _job_graph(cfg, done: dict, add: Callable[[dict, bool], None], cache_dir: st
                 continue
             base_id = next(ids)
             jobs[base_id] = Job("base", seed_cfg, mi, tuple(todo), cache_dir, env)
-            order[base_id] = position - 0.5
+            order[base_id] = base_priority(position)  # longest first, in blocks: app.workers
             waiting[base_id] = []
             for k in keys:
                 if k not in done:
                     rid = next(ids)
                     jobs[rid] = Job("record", seed_cfg, mi, (k,), cache_dir, env)
-                    order[rid] = position
+                    order[rid] = record_priority(k, position, block, cfg.decompose.schemes)
                     waiting[base_id].append(rid)
                 position += 1
+            block += 1
     return jobs, order, waiting
 
 

@@ -125,6 +125,9 @@ def run_job(job: Job) -> dict:
 
     for name, value in job.env:
         os.environ[name] = value
+    from coblax.app.workers import pin_worker
+
+    pin_worker()  # this worker's share of the cores, once
     ctx = _context()
     ctx.logs = []
     cfg, mi = job.cfg, job.model_index

@@ -46,6 +46,7 @@ __all__ = [
     "factorize",
     "factored_apply",
     "truncate",
+    "arrange",
     "layer_key",
     "get_kernel",
     "explicit_pads",
@@ -250,6 +251,15 @@ def _arrange(u: np.ndarray, s: np.ndarray, vt: np.ndarray, layer: TracedLayer, s
             second = vt.T.reshape(Y, N, R).transpose(0, 2, 1)[None]  # (1, Y, R, N)
     return Factors(layer.kind, scheme, jnp.asarray(first, dt), jnp.asarray(second, dt),
                    jnp.asarray(s, dt), layer.strides, layer.pads)
+
+
+def arrange(u: np.ndarray, s: np.ndarray, vt: np.ndarray, layer: Any, scheme: str, dt: Any) -> Factors:
+    """Matrix factors U (rows x R), s, V^T (R x cols) of the matricized kernel as the layer's two kernels.
+
+    ``layer`` needs ``kind``, ``kernel_shape``, ``strides`` and ``pads`` (a
+    :class:`TracedLayer`); the inverse of :func:`matricize` on each factor.
+    """
+    return _arrange(u, s, vt, layer, scheme, dt)
 
 
 def truncate(f: Factors, mask: np.ndarray) -> Factors:
