@@ -1,0 +1,216 @@
+"""Measuring latency tables with ``jax.jit`` on the current device, cached on disk.
+
+One timing procedure serves the per-layer tables and the end-to-end network times
+(:func:`time_calls`): every function is compiled and warmed up (two calls), each
+sample runs the function n times back to back (n chosen so a sample lasts at least
+``min_sample_s``: a layer of a few microseconds is not timed at the resolution of
+the clock and of one dispatch) and divides by n, the functions of one table are
+sampled round-robin (a load change of a shared machine hits all of them alike),
+and each function's time is the median of ``repeats`` samples.
+
+Per decomposable layer (:func:`measure_layer`): the original layer (kernel + bias,
+the layer's own strides and padding; every call of a shared layer) and the
+factored layer (:func:`coblax.lowrank.decompose.apply_factors` + bias) at a grid of
+ranks 1 = r_1 < ... < r_G = r_cap, with r_cap the smallest of the full rank and the
+MAC/parameter saturation rank (above it the layer is original whatever its latency),
+all on a batch of ``batch`` random inputs. Times depend on shapes, not on values:
+the kernels are random. A table is cached as JSON under
+``$COBLAX_CACHE/latency`` (default ``~/.cache/coblax/latency``, the project's cache
+folder) keyed by device kind, the layer's geometry, scheme, dtype, batch, grid and
+the jax version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from coblax.lowrank.allocation import LayerCost
+from coblax.lowrank.decompose import Factors, TracedLayer, apply_factors
+from coblax.lowrank.latency import LatencyCurve, NetworkLatency
+from coblax.util.errors import CoblaxError
+
+__all__ = [
+    "LatencyError",
+    "TimingOptions",
+    "default_latency_cache",
+    "rank_grid",
+    "time_calls",
+    "measure_layer",
+    "measure_network",
+    "check_can_time",
+]
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+class LatencyError(CoblaxError, ValueError):
+    """A latency budget that cannot be measured here (jit disabled, a failed timing...)."""
+
+
+def default_latency_cache() -> Path:
+    """``$COBLAX_CACHE/latency`` or ``~/.cache/coblax/latency`` (the project's cache folder)."""
+    return Path(os.environ.get("COBLAX_CACHE", Path.home() / ".cache" / "coblax")) / "latency"
+
+
+class TimingOptions:
+    """How tables are timed: ``repeats`` samples per function (median), each at least
+    ``min_sample_s`` long, ``warmup`` calls first, ``grid`` rank points per table."""
+
+    def __init__(self, repeats: int = 15, warmup: int = 2, min_sample_s: float = 2e-3, grid: int = 8):
+        if repeats < 1 or warmup < 1 or grid < 2 or not min_sample_s > 0:
+            raise ValueError("timing: repeats >= 1, warmup >= 1, grid >= 2 and min_sample_s > 0 are required")
+        self.repeats, self.warmup, self.min_sample_s, self.grid = int(repeats), int(warmup), float(min_sample_s), int(grid)
+
+
+def check_can_time(what: str = "latency") -> None:
+    """Raise :class:`LatencyError` naming ``what`` when compiled code cannot be timed here."""
+    if jax.config.jax_disable_jit:
+        raise LatencyError(f"{what}: a latency budget needs latency tables measured with jax.jit, but jit is "
+                           "disabled here (jax.disable_jit / JAX_DISABLE_JIT); use the mac/param budgets or "
+                           "enable jit")
+
+
+def time_calls(fns: Sequence[Callable[[], Any]], *, repeats: int = 15, warmup: int = 2,
+               min_sample_s: float = 2e-3) -> list[float]:
+    """Median seconds per call of each no-argument function (see the module docstring).
+
+    Raises:
+      LatencyError: jit disabled, or a time that is not finite and positive.
+    """
+    check_can_time()
+    for fn in fns:
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+    inner = []
+    for fn in fns:  # calls per sample, from one more warm call
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        once = time.perf_counter() - start
+        inner.append(int(min(1000, max(1, math.ceil(min_sample_s / max(once, 1e-7))))))
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            out = None
+            for _ in range(inner[i]):
+                out = fn()
+            jax.block_until_ready(out)
+            samples[i].append((time.perf_counter() - start) / inner[i])
+    times = [statistics.median(s) for s in samples]
+    if not all(math.isfinite(t) and t > 0 for t in times):
+        raise LatencyError(f"latency: a timing came out {times}; the device cannot be timed")
+    return times
+
+
+def rank_grid(layer: LayerCost, points: int) -> list[int]:
+    """1 = r_1 < ... < r_G = r_cap, evenly spaced (see the module docstring)."""
+    cap = max(1, min(layer.full_rank, layer.saturation_rank))
+    return sorted({int(round(r)) for r in np.linspace(1, cap, max(2, points))})
+
+
+def _factors_at(traced: TracedLayer, scheme: str, rank: int, dtype, key) -> Factors:
+    k1, k2 = jax.random.split(key)
+    if traced.kind == "dense":
+        n_in, n_out = traced.kernel_shape
+        first, second = (n_in, rank), (rank, n_out)
+    else:
+        X, Y, C, N = traced.kernel_shape
+        first, second = ((X, Y, C, rank), (1, 1, rank, N)) if scheme == "zhang" else ((X, 1, C, rank), (1, Y, rank, N))
+    return Factors(traced.kind, scheme, jax.random.normal(k1, first, dtype), jax.random.normal(k2, second, dtype),
+                   None, traced.strides, traced.pads)
+
+
+def _original_fn(traced: TracedLayer, kernel, bias):
+    if traced.kind == "dense":
+        return lambda x: jnp.matmul(x, kernel) + bias
+    return lambda x: lax.conv_general_dilated(x, kernel, traced.strides, traced.pads, dimension_numbers=_DN) + bias
+
+
+def _layer_key(traced: TracedLayer, scheme: str, dtype, batch: int, grid: Sequence[int]) -> str:
+    fields = {
+        "device": jax.devices()[0].device_kind, "platform": jax.default_backend(), "jax": jax.__version__,
+        "kind": traced.kind, "scheme": scheme if traced.kind == "conv" else "dense",
+        "kernel": list(traced.kernel_shape), "calls": [[list(i), list(o)] for i, o in traced.call_shapes],
+        "strides": list(traced.strides), "pads": [list(p) for p in traced.pads], "dtype": str(np.dtype(dtype)),
+        "batch": int(batch), "grid": list(grid),
+    }
+    return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def measure_layer(traced: TracedLayer, layer: LayerCost, scheme: str, *, batch: int, dtype=jnp.float32,
+                  options: TimingOptions | None = None, cache: Path | None = None) -> LatencyCurve:
+    """The latency table of one layer (original and factored at :func:`rank_grid`), cached."""
+    options = options or TimingOptions()
+    grid = rank_grid(layer, options.grid)
+    path = None
+    if cache is not None:
+        path = Path(cache) / f"{_layer_key(traced, scheme, dtype, batch, grid)}.json"
+        try:
+            data = json.loads(path.read_text())
+            return LatencyCurve(tuple(data["ranks"]), tuple(data["times"]), float(data["original"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # absent or unreadable: measure
+    check_can_time()
+    key = jax.random.PRNGKey(0)
+    kernel = jax.random.normal(key, traced.kernel_shape, dtype)
+    bias = jnp.zeros((traced.kernel_shape[-1],), dtype)
+    fns = []
+    for in_shape, _ in traced.call_shapes:  # a shared layer costs every call
+        x = jax.random.normal(jax.random.PRNGKey(1), (batch, *in_shape), dtype)
+        calls = [jax.jit(_original_fn(traced, kernel, bias))]
+        for r in grid:
+            f = _factors_at(traced, scheme, r, dtype, jax.random.PRNGKey(r))
+            calls.append(jax.jit(lambda x, f=f: apply_factors(f, x, None) + bias))
+        fns.append([(lambda c=c, x=x: c(x)) for c in calls])
+    per_call = [time_calls(group, repeats=options.repeats, warmup=options.warmup,
+                           min_sample_s=options.min_sample_s) for group in fns]
+    times = np.sum(np.asarray(per_call), axis=0)
+    curve = LatencyCurve(tuple(grid), tuple(float(t) for t in times[1:]), float(times[0]))
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"ranks": grid, "times": list(curve.times), "original": curve.original,
+                                       "layer": traced.name, "batch": batch}))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache only costs a re-measurement
+    return curve
+
+
+def measure_network(apply_fn: Callable[[Any, Any], Any], variables: Any, example_shape: Sequence[int],
+                    traced: Mapping[str, TracedLayer], layers: Sequence[LayerCost], schemes: Mapping[str, str], *,
+                    batch: int, dtype=jnp.float32, options: TimingOptions | None = None,
+                    cache: Path | bool | None = True) -> NetworkLatency:
+    """The latency model of a network: one table per layer in ``layers`` and the end-to-end time.
+
+    Args:
+      apply_fn: ``apply_fn(variables, x)`` of the original network in eval mode (jitted here).
+      example_shape: one input's shape, without the batch axis.
+      traced, layers, schemes: the decomposed layers' traces, cost vectors and schemes.
+      batch: the batch size every time is measured at.
+      cache: a folder, True (:func:`default_latency_cache`) or None/False (always measure).
+    """
+    check_can_time()
+    options = options or TimingOptions()
+    folder = default_latency_cache() if cache is True else (Path(cache) if cache else None)
+    curves = {l.name: measure_layer(traced[l.name], l, schemes[l.name], batch=batch, dtype=dtype,
+                                    options=options, cache=folder) for l in layers}
+    x = jax.random.normal(jax.random.PRNGKey(2), (batch, *example_shape), dtype)
+    fn = jax.jit(apply_fn)
+    total = time_calls([lambda: fn(variables, x)], repeats=options.repeats, warmup=options.warmup,
+                       min_sample_s=options.min_sample_s)[0]
+    return NetworkLatency(curves, float(total), int(batch), jax.devices()[0].device_kind)
