@@ -4,12 +4,14 @@ A decomposable layer i has a measured latency table (see
 :mod:`coblax.lowrank.latency_measure`): the original layer's time T_i,O and the
 factored layer's time t_i(r_g) at a grid of ranks r_1 = 1 < ... < r_G = R_i, each
 the median of warm ``jax.jit`` calls at one batch size. Between grid points the
-factored time is interpolated linearly on the running maximum of the table,
+factored time is interpolated linearly on the isotonic (least-squares
+non-decreasing, pool-adjacent-violators) fit τ_g of the table,
 
-    t_i(r) = interp(r; r_g, max_{h <= g} t_i(r_h)),
+    t_i(r) = interp(r; r_g, τ_g),   τ = argmin_{τ_1 <= ... <= τ_G} Σ_g (τ_g − t_i(r_g))²,
 
 so t_i is non-decreasing in r (a noisy table cannot make a larger rank cheaper,
-which would break the monotonicity every greedy and bisection relies on).
+which would break the monotonicity every greedy and bisection relies on); unlike
+a running maximum, one slow outlier does not lift every larger rank.
 The layer costs t_i(r) in factored form and T_i,O in original form; as with MACs
 and parameters (:class:`coblax.lowrank.allocation.LayerCost`), it is kept original
 once t_i(r) >= T_i,O, so a layer whose factored form is never faster stays original.
@@ -39,6 +41,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from sklearn.isotonic import isotonic_regression
 
 __all__ = ["LatencyCurve", "NetworkLatency", "fit_quality"]
 
@@ -74,8 +77,9 @@ class LatencyCurve:
 
     @functools.cached_property
     def monotone_times(self) -> np.ndarray:
-        """The table's running maximum: the values interpolated."""
-        return np.maximum.accumulate(np.asarray(self.times, np.float64))
+        """The table's isotonic (non-decreasing least-squares) fit: the values interpolated."""
+        t = np.asarray(self.times, np.float64)
+        return np.maximum.accumulate(isotonic_regression(t, increasing=True)) if t.size > 1 else t
 
     def at(self, rank: float) -> float:
         """Factored time at ``rank`` (in units of ``unit``): monotone linear interpolation."""
@@ -122,8 +126,9 @@ class LatencyCurve:
 
 
 def fit_quality(curve: LatencyCurve, below: int | None = None) -> float:
-    """Largest relative error |a + s·r − t(r)| / t(r) of :meth:`LatencyCurve.line` on the
-    grid ranks it was fitted to (below ``below``)."""
+    """Largest error |a + s·r − t(r)| / T_O of :meth:`LatencyCurve.line` on the grid ranks it
+    was fitted to (below ``below``), relative to the original layer's time T_O (the scale
+    the budget trades in; relative to t(r) itself a microsecond miss at rank 1 looks huge)."""
     a, s = curve.line(below)
     r = np.asarray(curve.ranks, np.float64) / curve.unit
     t = curve.monotone_times
@@ -131,7 +136,7 @@ def fit_quality(curve: LatencyCurve, below: int | None = None) -> float:
     if keep.sum() < 2:
         keep = np.zeros(r.size, bool)
         keep[: min(2, r.size)] = True
-    return float(np.max(np.abs(a + s * r[keep] - t[keep]) / np.maximum(t[keep], 1e-15)))
+    return float(np.max(np.abs(a + s * r[keep] - t[keep])) / max(curve.original, 1e-15))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,3 +168,25 @@ class NetworkLatency:
     def predict(self, times: Sequence[float]) -> float:
         """Network time T_rest + Σ layer times (one per decomposed layer)."""
         return self.rest + float(sum(times))
+
+
+def latency_report(layers: Sequence, timing: NetworkLatency, ranks: dict) -> dict:
+    """What an allocation measures under the model: the predicted network latency ratio
+    T(r) / T_net,O, the batch, T_net,O and T_rest (ms), and each layer's line-fit error.
+
+    ``layers`` are the problem's :class:`~coblax.lowrank.allocation.LayerCost` s with their curves.
+    """
+    times = [layer.latency_at(int(ranks[layer.name])) for layer in layers]
+    return {
+        "predicted_ratio": timing.predict(times) / timing.total,
+        "batch": timing.batch,
+        "device": timing.device,
+        "network_ms": timing.total * 1e3,
+        "rest_ms": timing.rest * 1e3,
+        "layer_ms": {layer.name: t * 1e3 for layer, t in zip(layers, times)},
+        "line_fit_max_rel_error": {layer.name: fit_quality(layer.latency, layer.saturation_rank)
+                                   for layer in layers},
+    }
+
+
+__all__.append("latency_report")

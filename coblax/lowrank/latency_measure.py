@@ -209,8 +209,61 @@ def measure_network(apply_fn: Callable[[Any, Any], Any], variables: Any, example
     folder = default_latency_cache() if cache is True else (Path(cache) if cache else None)
     curves = {l.name: measure_layer(traced[l.name], l, schemes[l.name], batch=batch, dtype=dtype,
                                     options=options, cache=folder) for l in layers}
+    # One round-robin group times the network and every layer's original form together, so
+    # T_net,O and the T_i,O (hence T_rest) come from the same minutes of a machine whose load
+    # drifts; each table keeps its own factored/original ratios (timed together in its group).
     x = jax.random.normal(jax.random.PRNGKey(2), (batch, *example_shape), dtype)
     fn = jax.jit(apply_fn)
-    total = time_calls([lambda: fn(variables, x)], repeats=options.repeats, warmup=options.warmup,
-                       min_sample_s=options.min_sample_s)[0]
+    group = [lambda: fn(variables, x)]
+    for l in layers:
+        group += _original_calls(traced[l.name], batch, dtype)
+    times = time_calls(group, repeats=options.repeats, warmup=options.warmup, min_sample_s=options.min_sample_s)
+    total, pos = times[0], 1
+    for l in layers:
+        n = len(traced[l.name].call_shapes)
+        original = float(sum(times[pos:pos + n]))
+        pos += n
+        c = curves[l.name]
+        scale = original / c.original if c.original > 0 else 1.0
+        curves[l.name] = LatencyCurve(c.ranks, tuple(t * scale for t in c.times), original)
     return NetworkLatency(curves, float(total), int(batch), jax.devices()[0].device_kind)
+
+
+def _original_calls(traced: TracedLayer, batch: int, dtype) -> list[Callable[[], Any]]:
+    """No-argument calls of a layer's original form, one per call shape (as in :func:`measure_layer`)."""
+    kernel = jax.random.normal(jax.random.PRNGKey(0), traced.kernel_shape, dtype)
+    bias = jnp.zeros((traced.kernel_shape[-1],), dtype)
+    fn = jax.jit(_original_fn(traced, kernel, bias))
+    out = []
+    for in_shape, _ in traced.call_shapes:
+        x = jax.random.normal(jax.random.PRNGKey(1), (batch, *in_shape), dtype)
+        out.append(lambda x=x: fn(x))
+    return out
+
+
+def latency_model(apply_fn: Callable[[Any, Any], Any], variables: Any, example: np.ndarray,
+                  traced: Sequence[TracedLayer], layers: Sequence[LayerCost], schemes: Mapping[str, str], *,
+                  batch: int, tables: NetworkLatency | None = None, options: TimingOptions | None = None,
+                  cache: Path | bool | None = True) -> NetworkLatency:
+    """The latency model ``allocate`` uses: ``tables`` if given (checked to cover the layers),
+    else :func:`measure_network` on inputs shaped like one ``example``.
+
+    Raises:
+      LatencyError: jit disabled (naming ``latency``); ValueError: ``tables`` missing a layer.
+    """
+    if tables is not None:
+        if not isinstance(tables, NetworkLatency):
+            raise ValueError(f"latency_tables must be a NetworkLatency (coblax.lowrank.latency), got "
+                             f"{type(tables).__name__}")
+        missing = [l.name for l in layers if l.name not in tables.curves]
+        if missing:
+            raise ValueError(f"latency_tables: no table for the decomposed layers {missing}")
+        return tables
+    check_can_time()
+    by_name = {t.name: t for t in traced}
+    dtype = np.asarray(example).dtype if np.issubdtype(np.asarray(example).dtype, np.floating) else np.float32
+    return measure_network(apply_fn, variables, tuple(np.shape(example)[1:]), by_name, layers, schemes,
+                           batch=batch, dtype=dtype, options=options, cache=cache)
+
+
+__all__.append("latency_model")

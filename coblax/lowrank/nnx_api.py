@@ -26,10 +26,11 @@ import numpy as np
 from flax import nnx
 
 from coblax.lowrank.allocation import is_feasible
-from coblax.lowrank.api import Compressed, compressed_result, select_layers
+from coblax.lowrank.api import Compressed, compressed_result, select_layers, table_schemes, with_latency_stats
 from coblax.lowrank.costs import make_problem, network_cost
 from coblax.lowrank.decompose import SCHEMES, Factors, factorize
 from coblax.lowrank.factored import truncate_allocation
+from coblax.lowrank.latency_measure import latency_model
 from coblax.lowrank.nnx_adapter import (
     build_factored,
     factored_calls,
@@ -134,6 +135,9 @@ def allocate_nnx(
     min_rank: int = 1,
     batch_size: int = 250,
     rank_multiple: int = 1,
+    latency: float | None = None,
+    latency_batch: int = 64,
+    latency_tables: Any = None,
     **method_options: Any,
 ) -> Compressed:
     """:func:`coblax.allocate` for an nnx model (see there for the arguments).
@@ -157,7 +161,18 @@ def allocate_nnx(
     net = network_cost(traced, {"params": nnx.state(model, nnx.Param)},
                        {n: np.asarray(f.sigma) for n, f in full.items()}, {n: f.scheme for n, f in full.items()})
     k = check_rank_multiple(rank_multiple, net.layers)  # ranks in multiples of k (coblax.lowrank.rank_multiple)
-    problem = make_problem(net, float(mac), float(param), basis, min_rank=multiple_floor(min_rank, k), seed=seed)
+    timing = None
+    if latency is not None:  # per-layer tables and the network's time (coblax.lowrank.latency_measure)
+        graphdef, state = nnx.split(hooked_copy(model, ()))  # an eval-mode copy, no layer hooked
+
+        def apply(state, x):
+            return nnx.merge(graphdef, state)(x, **apply_kwargs)
+
+        timing = latency_model(apply, state, x_obj, traced, net.layers, table_schemes(full),
+                               batch=latency_batch, tables=latency_tables)
+    problem = make_problem(net, float(mac), float(param), basis, min_rank=multiple_floor(min_rank, k), seed=seed,
+                           latency=latency, timing=timing)
+    net = dataclasses.replace(net, layers=problem.layers)  # with their tables: "original" includes "not faster"
     loss = NnxNetworkLoss(model, full, (x_obj, np.asarray(objective_data[1])),
                           None if validation_data is None else tuple(np.asarray(a) for a in validation_data),
                           batch_size=batch_size, apply_kwargs=apply_kwargs)
@@ -166,6 +181,7 @@ def allocate_nnx(
     allocation = with_rank_multiple(allocator, k)(problem)
     if not is_feasible(problem, allocation.ranks):
         raise AssertionError(f"method {allocator.name} returned ranks that break the budget: {allocation.ranks}")
+    allocation = with_latency_stats(allocation, problem, timing)
     kept, ranks = truncate_allocation(net, full, allocation)
     factored = build_factored(model, kept)
     graphdef, variables = nnx.split(factored)
