@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coblax.app.budget_extras import record_problem, restricted, with_latency_stats
 from coblax.app.config import (
     INT_MAX,
     ConfigError,
@@ -76,6 +77,7 @@ from coblax.lowrank.decompose import (
 from coblax.lowrank.factored import factored_variables, truncate_allocation
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.padding import pad_to_full_rank
+from coblax.lowrank.rank_multiple import check_rank_multiple, multiple_floor
 from coblax.lowrank.registry import get_allocator
 from coblax.lowrank.spectra import allocator_spectrum
 from coblax.lowrank.training import attach_trainer
@@ -271,8 +273,9 @@ def preflight(cfg: RunConfig, data_shape: tuple, num_classes: int, problems: Pro
             net = network_cost(traced, params, sig, scheme)
             for mac, par in cfg.budgets.pairs():
                 try:
-                    make_problem(net, mac, par, cfg.budgets.basis, min_rank=cfg.budgets.min_rank)
-                except BudgetError as err:
+                    k = check_rank_multiple(cfg.budgets.rank_multiple, net.layers)
+                    make_problem(net, mac, par, cfg.budgets.basis, min_rank=multiple_floor(cfg.budgets.min_rank, k))
+                except (BudgetError, ValueError) as err:  # ValueError: rank_multiple above a full rank
                     own.add("budgets", f"budgets ({mc.label}, {scheme}): {err}")
     if problems is None and own:
         raise own.error()
@@ -371,8 +374,10 @@ def run_method(
         scheme = next(iter(full.values())).scheme
         full = decompose_layers(own, base, [l for l in traced if l.name in full], scheme, split_objective_data(data, cfg)[0][0])
         net = network_cost(traced, base.params, {n: np.asarray(f.sigma) for n, f in full.items()}, scheme)
-    problem = make_problem(net, budget[0], budget[1], cfg.budgets.basis, min_rank=cfg.budgets.min_rank,
-                           loss=None if loss is None else _FiniteLoss(loss), seed=cfg.seed)
+    # budgets.latency and budgets.rank_multiple (coblax.app.budget_extras)
+    problem, net, timing = record_problem(cfg, base, traced, net, full, data.x_train, budget,
+                                          loss=None if loss is None else _FiniteLoss(loss), seed=cfg.seed)
+    allocator = restricted(cfg, allocator)
     problem = attach_trainer(problem, base.model, base.params, {n: (f.kind, f.scheme) for n, f in full.items()},
                              (data.x_train, data.y_train), seed=cfg.seed)
     start = time.perf_counter()
@@ -380,6 +385,7 @@ def run_method(
     solve_seconds = time.perf_counter() - start
     if not is_feasible(problem, allocation.ranks):
         raise AssertionError(f"method {method} returned ranks that break the budget: {allocation.ranks}")
+    allocation = with_latency_stats(allocation, problem, timing)
     kept, ranks = truncate_allocation(net, full, allocation)
     extra: dict = {}
     acc_before, acc_after, finetune_seconds = finetune_factored(cfg, base, data, kept, f"finetune {method}", progress,
@@ -395,6 +401,8 @@ def run_method(
         "status": allocation.status,
         "budget_mac": budget[0],
         "budget_param": budget[1],
+        "budget_latency": cfg.budgets.latency,
+        "rank_multiple": cfg.budgets.rank_multiple,
         "basis": cfg.budgets.basis,
         "ranks": ranks,
         "full_ranks": {l.name: l.full_rank for l in net.layers},
