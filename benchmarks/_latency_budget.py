@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coblax.lowrank.allocation import Allocation, BudgetError
-from coblax.lowrank.api import _compressed, _decompose, table_schemes
+from coblax.lowrank.api import _compressed, _decompose, factored_builder, table_schemes
 from coblax.lowrank.costs import make_problem
 from coblax.lowrank.decompose import trace_layers
 from coblax.lowrank.latency import NetworkLatency, fit_quality
@@ -143,12 +143,14 @@ def bench_model(name: str, s: Settings) -> list[dict]:
         start = time.perf_counter()
         timing = measure_network(lambda v, xb: model.apply(v, xb, **kwargs), variables, x.shape[1:], traced,
                                  net.layers, table_schemes(full), batch=batch,
-                                 options=TimingOptions(repeats=s.repeats, grid=s.grid), cache=None)
+                                 options=TimingOptions(repeats=s.repeats, grid=s.grid), cache=None,
+                                 factored=factored_builder(model, variables, net, full, kwargs))
         table_s = time.perf_counter() - start
         fits = {n: fit_quality(c, None) for n, c in timing.curves.items()}
         print(f"{name} b{batch}: tables in {table_s:.0f} s; network {timing.total * 1e3:.2f} ms, rest "
-              f"{timing.rest * 1e3:.2f} ms; line fit max |err|/T_O: {max(fits.values()):.3f} "
-              f"(median {np.median(list(fits.values())):.3f})", flush=True)
+              f"{timing.rest * 1e3:.2f} ms; in-network savings scale c = {timing.scale:.3f} (predicted/measured "
+              f"ms: {', '.join(f'{p * 1e3:.2f}/{m * 1e3:.2f}' for p, m in timing.probes)}); line fit max "
+              f"|err|/T_O: {max(fits.values()):.3f} (median {np.median(list(fits.values())):.3f})", flush=True)
         chosen = []
         for lam in s.budgets:
             try:
@@ -188,6 +190,8 @@ def bench_model(name: str, s: Settings) -> list[dict]:
                                          x_test, y_test, batch_size=250),
                 "latency_ranks": dict(lat_net.ranks), "mac_ranks": dict(mac_net.ranks),
                 "fit_max_error": max(fits.values()), "rest_ms": timing.rest * 1e3, "table_seconds": table_s,
+                "calibration_scale": timing.scale, "calibration_probes_ms": [(p * 1e3, m * 1e3) for p, m in
+                                                                             timing.probes],
             }
             rows.append(row)
             print(table([row], header=False), flush=True)

@@ -266,3 +266,12 @@ def test_timing_under_disable_jit_is_named():
     with jax.disable_jit():
         with pytest.raises(LatencyError, match="jit"):
             time_calls([lambda: 1.0])
+
+
+def test_savings_scale_is_the_least_squares_slope_through_the_origin():
+    from coblax.lowrank.latency_measure import savings_scale
+
+    # hand: (1*0.5 + 2*1.1) / (1 + 4) = 0.54
+    assert savings_scale([1.0, 2.0], [0.5, 1.1], total=10.0) == pytest.approx(0.54)
+    assert savings_scale([0.1, 0.15], [5.0, 5.0], total=10.0) == 1.0  # below 2 % of the network: no scale
+    assert savings_scale([1.0], [-3.0], total=10.0) == 0.2  # clipped

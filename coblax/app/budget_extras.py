@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from coblax.lowrank.allocation import AllocationProblem, Allocator
-from coblax.lowrank.api import table_schemes, with_latency_stats
+from coblax.lowrank.api import factored_builder, table_schemes, with_latency_stats
 from coblax.lowrank.costs import NetworkCost, make_problem
 from coblax.lowrank.latency import NetworkLatency
 from coblax.lowrank.latency_measure import latency_model
@@ -30,7 +30,8 @@ def _timing(cfg: Any, base: Any, traced, net: NetworkCost, full, x: np.ndarray) 
     key = (id(base.params), tuple(sorted(full)), tuple(f.scheme for f in full.values()), cfg.budgets.latency_batch)
     if key not in _TIMINGS:
         _TIMINGS[key] = latency_model(base.model.apply, base.params, np.asarray(x[:1]), traced, net.layers,
-                                      table_schemes(full), batch=cfg.budgets.latency_batch)
+                                      table_schemes(full), batch=cfg.budgets.latency_batch,
+                                      factored=factored_builder(base.model, base.params, net, full, {}))
     return _TIMINGS[key]
 
 

@@ -317,7 +317,8 @@ def allocate(
     if latency is not None:  # per-layer tables and the network's time (coblax.lowrank.latency_measure)
         traced = trace_layers(model, variables, jnp.asarray(data[0][:1]), apply_kwargs)
         timing = latency_model(lambda v, x: model.apply(v, x, **apply_kwargs), variables, data[0], traced,
-                               net.layers, table_schemes(full), batch=latency_batch, tables=latency_tables)
+                               net.layers, table_schemes(full), batch=latency_batch, tables=latency_tables,
+                               factored=factored_builder(model, variables, net, full, apply_kwargs))
     problem = make_problem(net, float(mac), float(param), basis, min_rank=multiple_floor(min_rank, k), seed=seed,
                            latency=latency, timing=timing)
     net = dataclasses.replace(net, layers=problem.layers)  # with their tables: "original" includes "not faster"
@@ -357,6 +358,18 @@ def check_latency_arguments(latency: Any, batch: Any, tables: Any) -> None:
 def table_schemes(full: Mapping[str, Factors]) -> dict[str, str]:
     """Layer -> the form its latency table times: ``dense`` or the conv scheme."""
     return {n: "dense" if f.kind == "dense" else f.scheme for n, f in full.items()}
+
+
+def factored_builder(model, variables, net: NetworkCost, full: Mapping[str, Factors],
+                     apply_kwargs: Mapping[str, Any]) -> Callable:
+    """``build(ranks) -> (apply_fn, variables)`` of the linen network factored at ``ranks``
+    (top triplets; full rank = original form): the latency model's in-network calibration."""
+
+    def build(ranks: Mapping[str, int]):
+        kept, _ = truncate_allocation(net, full, Allocation(ranks=dict(ranks)))
+        return apply_fn_for(model, kept, **dict(apply_kwargs)), factored_variables(variables, kept)
+
+    return build
 
 
 def with_latency_stats(allocation: Allocation, problem, timing) -> Allocation:

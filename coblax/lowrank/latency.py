@@ -25,6 +25,9 @@ nothing else can be timed apart without changing the network (the rest of a
 network is not a network), and because then the model is exact at the original
 network (T(full) = T_net,O). A budget fraction λ of the original network's latency
 is the absolute budget on the decomposed layers Σ_i T_i(r_i) <= λ T_net,O − T_rest.
+A layer timed alone need not save inside the network what it saves alone; the
+measurement therefore scales every table's savings by one factor measured in the
+network (:func:`coblax.lowrank.latency_measure.measure_network`, ``scale``).
 
 Relaxed problem (COBLA): t_i is replaced by a least-squares line a_i + s_i r fitted
 to the table points below the layer's saturation rank; with r_i = Σ_j m_ij the
@@ -148,12 +151,17 @@ class NetworkLatency:
       total: the original network's measured end-to-end time T_net,O (seconds).
       batch: the batch size every time was measured at.
       device: ``jax.devices()[0].device_kind`` it was measured on.
+      scale: the in-network calibration c of the tables' savings (1: none;
+        :func:`coblax.lowrank.latency_measure.measure_network`).
+      probes: (predicted, measured) savings (s) of the calibration networks.
     """
 
     curves: dict[str, LatencyCurve]
     total: float
     batch: int
     device: str = ""
+    scale: float = 1.0
+    probes: tuple = ()
 
     @property
     def rest(self) -> float:
@@ -183,6 +191,7 @@ def latency_report(layers: Sequence, timing: NetworkLatency, ranks: dict) -> dic
         "device": timing.device,
         "network_ms": timing.total * 1e3,
         "rest_ms": timing.rest * 1e3,
+        "calibration_scale": timing.scale,
         "layer_ms": {layer.name: t * 1e3 for layer, t in zip(layers, times)},
         "line_fit_max_rel_error": {layer.name: fit_quality(layer.latency, layer.saturation_rank)
                                    for layer in layers},

@@ -43,6 +43,8 @@ from coblax.lowrank.latency import LatencyCurve, NetworkLatency
 from coblax.util.errors import CoblaxError
 
 __all__ = [
+    "CALIBRATION",
+    "savings_scale",
     "LatencyError",
     "TimingOptions",
     "default_latency_cache",
@@ -194,8 +196,21 @@ def measure_layer(traced: TracedLayer, layer: LayerCost, scheme: str, *, batch: 
 def measure_network(apply_fn: Callable[[Any, Any], Any], variables: Any, example_shape: Sequence[int],
                     traced: Mapping[str, TracedLayer], layers: Sequence[LayerCost], schemes: Mapping[str, str], *,
                     batch: int, dtype=jnp.float32, options: TimingOptions | None = None,
-                    cache: Path | bool | None = True) -> NetworkLatency:
+                    cache: Path | bool | None = True,
+                    factored: Callable[[dict[str, int]], tuple[Callable, Any]] | None = None) -> NetworkLatency:
     """The latency model of a network: one table per layer in ``layers`` and the end-to-end time.
+
+    In-network calibration (when ``factored`` is given): a layer timed alone need not
+    save inside the network what it saves alone (XLA fuses a layer with its neighbours
+    differently, and two calls cost another pass over memory), so the tables' savings
+    are scaled by one factor c measured in the network itself: the networks with every
+    layer at ``CALIBRATION`` fractions of its factored range (a layer whose table is
+    no faster there stays original) are timed in the same round-robin group as the
+    original, their measured savings S_m = T_net,O − T(r) regressed on the predicted
+    S_p = Σ_i (T_i,O − t_i(r_i)) through the origin, c = Σ S_m S_p / Σ S_p², clipped
+    to [0.2, 2]; every table becomes t'_i(r) = T_i,O − c (T_i,O − t_i(r)) (floored at
+    0; still non-decreasing). c = 1 (no calibration) without ``factored`` or when the
+    predicted savings are below 2 % of the network.
 
     Args:
       apply_fn: ``apply_fn(variables, x)`` of the original network in eval mode (jitted here).
@@ -203,6 +218,8 @@ def measure_network(apply_fn: Callable[[Any, Any], Any], variables: Any, example
       traced, layers, schemes: the decomposed layers' traces, cost vectors and schemes.
       batch: the batch size every time is measured at.
       cache: a folder, True (:func:`default_latency_cache`) or None/False (always measure).
+      factored: ``factored(ranks) -> (apply_fn, variables)`` of the network factored at
+        ``ranks`` (a rank >= full rank: original form), for the calibration.
     """
     check_can_time()
     options = options or TimingOptions()
@@ -217,6 +234,11 @@ def measure_network(apply_fn: Callable[[Any, Any], Any], variables: Any, example
     group = [lambda: fn(variables, x)]
     for l in layers:
         group += _original_calls(traced[l.name], batch, dtype)
+    probes = [] if factored is None else [_probe_ranks(curves, layers, rho) for rho in CALIBRATION]
+    for ranks in probes:
+        p_fn, p_vars = factored(ranks)
+        p_jit = jax.jit(p_fn)
+        group.append(lambda p_jit=p_jit, p_vars=p_vars: p_jit(p_vars, x))
     times = time_calls(group, repeats=options.repeats, warmup=options.warmup, min_sample_s=options.min_sample_s)
     total, pos = times[0], 1
     for l in layers:
@@ -226,7 +248,42 @@ def measure_network(apply_fn: Callable[[Any, Any], Any], variables: Any, example
         c = curves[l.name]
         scale = original / c.original if c.original > 0 else 1.0
         curves[l.name] = LatencyCurve(c.ranks, tuple(t * scale for t in c.times), original)
-    return NetworkLatency(curves, float(total), int(batch), jax.devices()[0].device_kind)
+    measured = [total - t for t in times[pos:]]
+    predicted = [sum(curves[l.name].original - curves[l.name].at(r[l.name]) for l in layers
+                     if r[l.name] < l.full_rank) for r in probes]
+    c = savings_scale(predicted, measured, total)
+    if c != 1.0:
+        curves = {n: LatencyCurve(k.ranks, tuple(max(0.0, k.original - c * (k.original - t)) for t in k.times),
+                                  k.original) for n, k in curves.items()}
+    return NetworkLatency(curves, float(total), int(batch), jax.devices()[0].device_kind, scale=c,
+                          probes=tuple(zip(predicted, measured)))
+
+
+#: Fractions of each layer's factored range at which the network is timed to calibrate the tables.
+CALIBRATION = (0.25, 0.6)
+
+
+def _probe_ranks(curves: Mapping[str, LatencyCurve], layers: Sequence[LayerCost], rho: float) -> dict[str, int]:
+    """Every layer at ``rho`` of its factored range 1..min(R, saturation) − 1, or original
+    (full rank) where its table is no faster there."""
+    out = {}
+    for l in layers:
+        top = max(1, min(l.full_rank, l.saturation_rank) - 1)
+        r = max(1, int(round(rho * top)))
+        curve = curves[l.name]
+        out[l.name] = r if r < l.full_rank and curve.at(r) < curve.original else l.full_rank
+    return out
+
+
+def savings_scale(predicted: Sequence[float], measured: Sequence[float], total: float) -> float:
+    """c = Σ S_m S_p / Σ S_p² clipped to [0.2, 2]; 1 when the predicted savings are all
+    below 2 % of the network's time (too small to measure a scale from)."""
+    pairs = [(p, m) for p, m in zip(predicted, measured) if p > 0.02 * total]
+    if not pairs:
+        return 1.0
+    num = sum(p * m for p, m in pairs)
+    den = sum(p * p for p, _ in pairs)
+    return float(min(2.0, max(0.2, num / den)))
 
 
 def _original_calls(traced: TracedLayer, batch: int, dtype) -> list[Callable[[], Any]]:
@@ -244,7 +301,7 @@ def _original_calls(traced: TracedLayer, batch: int, dtype) -> list[Callable[[],
 def latency_model(apply_fn: Callable[[Any, Any], Any], variables: Any, example: np.ndarray,
                   traced: Sequence[TracedLayer], layers: Sequence[LayerCost], schemes: Mapping[str, str], *,
                   batch: int, tables: NetworkLatency | None = None, options: TimingOptions | None = None,
-                  cache: Path | bool | None = True) -> NetworkLatency:
+                  cache: Path | bool | None = True, factored: Callable | None = None) -> NetworkLatency:
     """The latency model ``allocate`` uses: ``tables`` if given (checked to cover the layers),
     else :func:`measure_network` on inputs shaped like one ``example``.
 
@@ -263,7 +320,7 @@ def latency_model(apply_fn: Callable[[Any, Any], Any], variables: Any, example: 
     by_name = {t.name: t for t in traced}
     dtype = np.asarray(example).dtype if np.issubdtype(np.asarray(example).dtype, np.floating) else np.float32
     return measure_network(apply_fn, variables, tuple(np.shape(example)[1:]), by_name, layers, schemes,
-                           batch=batch, dtype=dtype, options=options, cache=cache)
+                           batch=batch, dtype=dtype, options=options, cache=cache, factored=factored)
 
 
 __all__.append("latency_model")

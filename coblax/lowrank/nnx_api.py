@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from coblax.lowrank.allocation import is_feasible
+from coblax.lowrank.allocation import Allocation, is_feasible
 from coblax.lowrank.api import Compressed, compressed_result, select_layers, table_schemes, with_latency_stats
 from coblax.lowrank.costs import make_problem, network_cost
 from coblax.lowrank.decompose import SCHEMES, Factors, factorize
@@ -168,8 +168,13 @@ def allocate_nnx(
         def apply(state, x):
             return nnx.merge(graphdef, state)(x, **apply_kwargs)
 
+        def factored(ranks):  # the in-network calibration's networks (coblax.lowrank.latency_measure)
+            kept, _ = truncate_allocation(net, full, Allocation(ranks=dict(ranks)))
+            g, st = nnx.split(build_factored(model, kept))
+            return (lambda s, x: nnx.merge(g, s)(x, **apply_kwargs)), st
+
         timing = latency_model(apply, state, x_obj, traced, net.layers, table_schemes(full),
-                               batch=latency_batch, tables=latency_tables)
+                               batch=latency_batch, tables=latency_tables, factored=factored)
     problem = make_problem(net, float(mac), float(param), basis, min_rank=multiple_floor(min_rank, k), seed=seed,
                            latency=latency, timing=timing)
     net = dataclasses.replace(net, layers=problem.layers)  # with their tables: "original" includes "not faster"
