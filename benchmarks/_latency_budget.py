@@ -174,9 +174,9 @@ def bench_model(name: str, s: Settings) -> list[dict]:
         xb = jnp.asarray(np.resize(x, (batch, *x.shape[1:])))
         fns = [jax.jit(apply)] + [jax.jit(r.apply) for _, r in networks[1:]]
         trees = [variables] + [r.variables for _, r in networks[1:]]
-        ms = [t * 1e3 for t in time_calls([(lambda f=f, v=v: f(v, xb)) for f, v in zip(fns, trees)],
+        ms = [t * 1e3 for t in time_calls([(lambda f=f, v=v, xb=xb: f(v, xb)) for f, v in zip(fns, trees)],
                                           repeats=s.repeats)]
-        for i, (lam, timed_net, lat_alloc, target, mac_f, mac_alloc) in enumerate(chosen):
+        for i, (lam, _, _, target, mac_f, mac_alloc) in enumerate(chosen):
             lat_net, mac_net = networks[1 + 2 * i][1], networks[2 + 2 * i][1]
             row = {
                 "model": name, "batch": batch, "latency_budget": lam, "original_ms": ms[0],

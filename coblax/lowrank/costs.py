@@ -32,7 +32,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, ranks_cost, ranks_latency
+from coblax.lowrank.allocation import (
+    AllocationProblem,
+    BudgetError,
+    LayerCost,
+    ranks_cost,
+    ranks_latency,
+)
 from coblax.lowrank.decompose import TracedLayer
 from coblax.lowrank.latency import NetworkLatency
 

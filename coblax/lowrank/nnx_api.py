@@ -26,7 +26,13 @@ import numpy as np
 from flax import nnx
 
 from coblax.lowrank.allocation import Allocation, is_feasible
-from coblax.lowrank.api import Compressed, compressed_result, select_layers, table_schemes, with_latency_stats
+from coblax.lowrank.api import (
+    Compressed,
+    compressed_result,
+    select_layers,
+    table_schemes,
+    with_latency_stats,
+)
 from coblax.lowrank.costs import make_problem, network_cost
 from coblax.lowrank.decompose import SCHEMES, Factors, factorize
 from coblax.lowrank.factored import truncate_allocation
