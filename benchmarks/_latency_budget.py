@@ -9,8 +9,8 @@ padded by 2 pixels) and each batch size (1, 64):
    per-layer tables, and the network with every layer's original form in one
    round-robin group; the rest of the network is a constant by difference);
 3. for each latency budget λ (0.7 / 0.5 / 0.3) allocate with ``--method`` (default
-   ``pos_exact``, data-free and exact, so that the two budgets are compared with the
-   same allocator) under the latency budget alone (mac = param = 1);
+   ``pos_greedy``, data-free and fast, so that the two budgets are compared with the
+   same allocator; ``pos_exact``'s MILP takes minutes on VGG-16-BN) under the latency budget alone (mac = param = 1);
 4. the MAC-budgeted comparison at the same latency: the MAC fraction whose allocation
    (same method, mac = f, param = 1) the tables predict to take the same latency as
    the latency-budgeted one, found by bisection on f (``--bisect`` steps, on the
