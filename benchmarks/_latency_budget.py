@@ -198,7 +198,7 @@ def bench_model(name: str, s: Settings) -> list[dict]:
             }
             rows.append(row)
             print(table([row], header=False), flush=True)
-    return rows
+    return sorted(rows, key=lambda r: (r["batch"], -r["latency_budget"]))  # infeasible rows were added first
 
 
 def _matching_mac(net, allocator, timing: NetworkLatency, target: float, steps: int):
