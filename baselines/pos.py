@@ -233,8 +233,11 @@ def pos_milp(
     maximize  sum_i sum_{r in R_i} x_ir log(E_i(r) + EPS E_i(full))
     s.t.      sum_{r in R_i} x_ir = 1  (each i),   x_ir in {0, 1},
               sum_ir x_ir N_C,i(r) <= N_C,max,   sum_ir x_ir N_M,i(r) <= N_M,max,
+              [sum_ir x_ir T_i(r) <= T_max   with a latency budget: T_i the measured table]
 
     with R_i the ranks of distinct cost (min_rank..saturation_rank-1 and full rank).
+    The latency row is exact: x_ir picks one rank, so the table's value at that rank
+    (interpolated, :mod:`coblax.lowrank.latency`) is its cost, no linearization.
 
     Returns:
       (ranks, objective) with objective = :func:`pos_objective` of the ranks.
@@ -250,10 +253,12 @@ def pos_milp(
     weight = np.zeros(n)
     c_mac = np.zeros(n)
     c_par = np.zeros(n)
+    c_lat = np.zeros(n)
     select = np.zeros((len(cands), n))
     pos = 0
     s_mac = _budget_scale(problem.mac_max)
     s_par = _budget_scale(problem.param_max)
+    s_lat = _budget_scale(problem.latency_max) if problem.has_latency else 1.0
     for i, (layer, ranks_i) in enumerate(zip(problem.layers, cands)):
         full = _total(layer)
         for r in ranks_i:
@@ -261,6 +266,7 @@ def pos_milp(
                 weight[pos] = math.log(_energy(layer, r) / full + EPS)
             c_mac[pos] = layer.macs(r) / s_mac
             c_par[pos] = layer.params(r) / s_par
+            c_lat[pos] = layer.latency_at(r) / s_lat
             select[i, pos] = 1.0
             pos += 1
     x = cp.Variable(n, boolean=True)
@@ -273,6 +279,9 @@ def pos_milp(
             c_mac @ x <= rhs_c * (1 - shrink),
             c_par @ x <= rhs_m * (1 - shrink),
         ]
+        if problem.has_latency:
+            rhs_l = problem.latency_max / s_lat
+            cons.append(c_lat @ x <= rhs_l - shrink * abs(rhs_l))
         prob = cp.Problem(cp.Maximize(weight @ x), cons)
         with _quiet_native_stdout():
             prob.solve(
@@ -311,7 +320,8 @@ def pos_relaxation_bound(problem: AllocationProblem, *, solver: str = "CLARABEL"
 
     Every integer allocation is feasible in it with the same objective (factored rank
     r: m = first r ones, z = 0; original form: m = 0, z = 1), so its optimum bounds
-    the MILP from above. Concave objective, linear constraints: a convex program.
+    the MILP from above. A latency budget is left out: dropping a constraint keeps
+    the bound valid (the measured latency is not linear in m). Concave objective, linear constraints: a convex program.
 
     Returns:
       the bound, in the units of :func:`pos_objective`.

@@ -14,6 +14,14 @@ parameters, ``params`` collection only).
 
 Usage: python benchmarks/bench_latency.py [--models lenet5 vgg16_bn resnet20]
        [--budgets 0.7 0.5 0.3] [--repeats 20] [--repeats64 5] [--out DIR]
+
+``--mode latency`` is the latency-budget mode (issue 21; see ``benchmarks/_latency_budget.py``):
+latency budgets 0.7 / 0.5 / 0.3 at batch 1 and 64, measured latency ratio of the
+allocated network, and test accuracy on Fashion-MNIST beside the MAC-budgeted
+allocation matched to the same latency. ``--quick`` sizes it down to check that it runs.
+
+       python benchmarks/bench_latency.py --mode latency [--quick] [--models ...] [--batches 1 64]
+       [--method pos_greedy] [--train N] [--epochs E] [--test N] [--repeats R] [--data-dir DIR]
 """
 
 from __future__ import annotations
@@ -122,12 +130,27 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["lenet5", "resnet20", "vgg16_bn"])
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.3])
-    ap.add_argument("--repeats", type=int, default=20, help="timed calls at batch 1")
+    ap.add_argument("--mode", choices=("mac", "latency"), default="mac",
+                    help="mac: uniform MAC=param budgets (the original table); latency: latency budgets")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls at batch 1 (mac mode: 20) / "
+                    "samples per network and table entry (latency mode: 15, --quick 3)")
     ap.add_argument("--repeats64", type=int, default=3, help="timed calls at batch 64")
     ap.add_argument("--out", default=os.environ.get("BENCH_OUT", "runs/bench_latency"))
+    ap.add_argument("--quick", action="store_true", help="latency mode: tiny training, few repeats (a smoke run)")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 64], help="latency mode: batch sizes")
+    ap.add_argument("--method", default="pos_greedy", help="latency mode: the allocator of both budgets "
+                    "(pos_greedy: data-free and fast; pos_exact's MILP is slow on VGG-16-BN's ~8k candidates)")
+    ap.add_argument("--train", type=int, default=None, help="latency mode: training examples per model")
+    ap.add_argument("--epochs", type=int, default=None, help="latency mode: base training epochs")
+    ap.add_argument("--test", type=int, default=None, help="latency mode: test examples")
+    ap.add_argument("--data-dir", default=os.environ.get("COBLAX_DATA", "/work/shared/datasets"),
+                    help="latency mode: the Fashion-MNIST folder's parent")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.mode == "latency":
+        return latency_main(args, out)
+    args.repeats = args.repeats or 20
     rows = []
     for name in args.models:
         rows += bench_model(name, args.budgets, args.repeats, args.repeats64, out)
@@ -138,6 +161,27 @@ def main() -> None:
     print(text)
     write_json_atomic(out / "latency.json", {"rows": rows, "cpus": os.cpu_count(), "jax": jax.__version__,
                                              "loadavg": os.getloadavg()})
+
+
+def latency_main(args, out: Path) -> None:
+    """``--mode latency``: the latency-budget table (``benchmarks/_latency_budget.py``)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import _latency_budget as lb
+
+    start = time.perf_counter()
+    settings = lb.settings_for(args)
+    rows = []
+    for name in settings.models:
+        rows += lb.bench_model(name, settings)
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}, jax {jax.__version__}, {time.perf_counter() - start:.0f} s\n")
+    print(lb.table(rows))
+    print("\n" + "\n".join(lb.done_when(rows)))
+    write_json_atomic(out / "latency_budget.json", {"rows": rows, "cpus": os.cpu_count(), "jax": jax.__version__,
+                                                    "loadavg": os.getloadavg(), "quick": bool(args.quick),
+                                                    "seconds": time.perf_counter() - start})
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from coblax.lowrank.allocation import (  # noqa: E402
 )
 from coblax.lowrank.api import Compressed, allocate, finetune  # noqa: E402
 from coblax.lowrank.export import load_factored, save_factored  # noqa: E402
+from coblax.lowrank.latency import LatencyCurve, NetworkLatency  # noqa: E402
+from coblax.lowrank.latency_measure import LatencyError, measure_network  # noqa: E402
 from coblax.lowrank.registry import allocator_names, get_allocator, register_allocator  # noqa: E402
 from coblax.lowrank.solve import NonFiniteError, SolveResult, solve  # noqa: E402
 from coblax.util.errors import CoblaxError, NumericalError  # noqa: E402
@@ -62,4 +64,8 @@ __all__ = [
     "save_factored",
     "load_factored",
     "SizeRecord",
+    "LatencyCurve",
+    "NetworkLatency",
+    "LatencyError",
+    "measure_network",
 ]

@@ -237,6 +237,10 @@ class BudgetConfig:
     param: tuple[float, ...] = setting((0.5,), gt=0.0, le=1.0, nonempty=True)
     basis: str = setting("decomposed", choices=("decomposed", "network"))
     min_rank: int = setting(1, ge=1)
+    # a third budget beside every pair: a fraction of the measured latency (coblax.app.budget_extras)
+    latency: float | None = setting(None, gt=0.0, le=1.0)
+    latency_batch: int = setting(64, ge=1)
+    rank_multiple: int = setting(1, ge=1)
 
     def validate(self, where: str) -> None:
         if len(self.mac) != len(self.param) and 1 not in (len(self.mac), len(self.param)):

@@ -37,6 +37,7 @@ from coblax.app.results import ResultsError, read_results
 from coblax.lowrank.allocation import BudgetError
 from coblax.lowrank.costs import make_problem, network_cost
 from coblax.lowrank.decompose import trace_layers
+from coblax.lowrank.rank_multiple import check_rank_multiple, multiple_floor
 from coblax.nn import train as T
 from coblax.nn.data import DataError, Dataset, load_dataset
 from coblax.nn.models import build_model
@@ -86,8 +87,9 @@ def preflight(cfg: RunConfig, data_shape: tuple, num_classes: int, problems: Pro
             net = network_cost(traced, params, sig, scheme)
             for mac, par in cfg.budgets.pairs():
                 try:
-                    make_problem(net, mac, par, cfg.budgets.basis, min_rank=cfg.budgets.min_rank)
-                except BudgetError as err:
+                    k = check_rank_multiple(cfg.budgets.rank_multiple, net.layers)
+                    make_problem(net, mac, par, cfg.budgets.basis, min_rank=multiple_floor(cfg.budgets.min_rank, k))
+                except (BudgetError, ValueError) as err:  # ValueError: rank_multiple above a full rank
                     own.add("budgets", f"budgets ({mc.label}, {scheme}): {err}")
     if problems is None and own:
         raise own.error()

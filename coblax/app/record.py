@@ -19,18 +19,18 @@ from typing import Any
 import numpy as np
 
 from coblax.app.base_model import BaseModel
+from coblax.app.budget_extras import record_problem, restricted, with_latency_stats
 from coblax.app.config import ConfigError, RunConfig
 from coblax.lowrank.allocation import Allocation, has_room, is_feasible
-from coblax.lowrank.costs import NetworkCost, make_problem, network_cost
+from coblax.lowrank.costs import NetworkCost, network_cost
 from coblax.lowrank.decompose import (
     Factors,
-    apply_fn_for,
     factorize,
     factorize_whitened,
     get_kernel,
     input_grams,
 )
-from coblax.lowrank.factored import factored_variables, truncate_allocation
+from coblax.lowrank.factored import truncate_allocation
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.padding import finetune_layout, pad_to_full_rank  # noqa: F401 - pad_to_full_rank: benchmarks replace it
 from coblax.lowrank.registry import get_allocator
@@ -171,8 +171,10 @@ def run_method(
         scheme = next(iter(full.values())).scheme
         full = decompose_layers(own, base, [l for l in traced if l.name in full], scheme, split_objective_data(data, cfg)[0][0])
         net = network_cost(traced, base.params, {n: np.asarray(f.sigma) for n, f in full.items()}, scheme)
-    problem = make_problem(net, budget[0], budget[1], cfg.budgets.basis, min_rank=cfg.budgets.min_rank,
-                           loss=None if loss is None else _FiniteLoss(loss), seed=cfg.seed)
+    # budgets.latency and budgets.rank_multiple (coblax.app.budget_extras)
+    problem, net, timing = record_problem(cfg, base, traced, net, full, data.x_train, budget,
+                                          loss=None if loss is None else _FiniteLoss(loss), seed=cfg.seed)
+    allocator = restricted(cfg, allocator)
     problem = attach_trainer(problem, base.model, base.params, {n: (f.kind, f.scheme) for n, f in full.items()},
                              (data.x_train, data.y_train), seed=cfg.seed)
     start = time.perf_counter()
@@ -180,6 +182,7 @@ def run_method(
     solve_seconds = time.perf_counter() - start
     if not is_feasible(problem, allocation.ranks):
         raise AssertionError(f"method {method} returned ranks that break the budget: {allocation.ranks}")
+    allocation = with_latency_stats(allocation, problem, timing)
     kept, ranks = truncate_allocation(net, full, allocation)
     extra: dict = {}
     acc_before, acc_after, finetune_seconds = finetune_factored(cfg, base, data, kept, f"finetune {method}", progress,
@@ -195,6 +198,8 @@ def run_method(
         "status": allocation.status,
         "budget_mac": budget[0],
         "budget_param": budget[1],
+        "budget_latency": cfg.budgets.latency,
+        "rank_multiple": cfg.budgets.rank_multiple,
         "basis": cfg.budgets.basis,
         "ranks": ranks,
         "full_ranks": {l.name: l.full_rank for l in net.layers},

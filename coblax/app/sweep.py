@@ -90,7 +90,6 @@ class ParallelSweep:
                  add: Callable[[dict, bool], None], log: Callable[[str], None]) -> None:
         from tqdm.auto import tqdm
 
-
         from coblax.app.workers import make_slots, remove_slots
 
         env = tuple((k, os.environ[k]) for k in ENV_KEYS if k in os.environ)

@@ -15,6 +15,12 @@ code; it keeps every layer's cost monotone in r and never above the original.
 Budgets in the problem are absolute and refer to the decomposable layers only: the
 caller has already subtracted the cost of the layers that are not decomposed.
 
+Optional third budget, latency (:mod:`coblax.lowrank.latency`): a layer with a
+measured :class:`~coblax.lowrank.latency.LatencyCurve` costs t_i(r) (the table,
+interpolated monotonically) in factored form and T_i,O in original form, and is kept
+original also once t_i(r) >= T_i,O; ``problem.latency_max`` (None: no latency
+budget) bounds Σ_i of those. Every loop here treats it as a third budget row.
+
 Two loops shared by every allocator that lowers or raises ranks greedily:
 :func:`descend` (the excess-weighted greedy of Zhang et al.: POS greedy and the
 repair of roundings) and :func:`refill` (raise ranks while both budgets hold), after
@@ -31,6 +37,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from coblax.lowrank.latency import LatencyCurve
 from coblax.util.errors import CoblaxError
 
 __all__ = [
@@ -43,6 +50,7 @@ __all__ = [
     "budget_error",
     "clip_ranks",
     "ranks_cost",
+    "ranks_latency",
     "is_feasible",
     "largest_feasible",
     "greedy_repair",
@@ -74,6 +82,8 @@ class LayerCost:
       original_macs: MACs per example of the unfactored layer (kernel only).
       original_params: parameters of the unfactored kernel (bias excluded: it is
         a fixed cost, identical in both forms).
+      latency: the layer's measured :class:`~coblax.lowrank.latency.LatencyCurve`
+        (None: no latency model; then :meth:`latency_at` is 0).
     """
 
     name: str
@@ -84,6 +94,7 @@ class LayerCost:
     param_per_rank: float
     original_macs: float
     original_params: float
+    latency: LatencyCurve | None = None
 
     @functools.cached_property
     def full_rank(self) -> int:
@@ -93,14 +104,16 @@ class LayerCost:
     # fields are frozen, so the value never goes stale).
     @functools.cached_property
     def saturation_rank(self) -> int:
-        """Smallest r whose factored form costs >= the original in MACs or params.
+        """Smallest r whose factored form costs >= the original in MACs, params or
+        (with a latency curve) measured latency.
 
         Ranks at or above it mean "keep the original layer". May exceed full_rank
         (then the factored form is cheaper even at full rank).
         """
         r_c = math.ceil(self.original_macs / self.mac_per_rank - 1e-12)
         r_m = math.ceil(self.original_params / self.param_per_rank - 1e-12)
-        return max(1, min(r_c, r_m))
+        r_l = math.inf if self.latency is None else self.latency.first_not_faster(self.full_rank)
+        return max(1, int(min(r_c, r_m, r_l)))
 
     def is_original(self, rank: int) -> bool:
         """Whether a layer at ``rank`` is kept in its original form."""
@@ -115,6 +128,26 @@ class LayerCost:
         if self.is_original(rank):
             return float(self.original_params)
         return float(rank) * self.param_per_rank
+
+    @functools.cached_property
+    def latency_line(self) -> tuple[float, float]:
+        """(a, s): the line a + s·r fitted to the latency table below the saturation rank
+        (COBLA's relaxed row; :meth:`coblax.lowrank.latency.LatencyCurve.line`)."""
+        return self.latency.line(self.saturation_rank)
+
+    def latency_at(self, rank: int) -> float:
+        """Measured latency (s) at ``rank``: the table's t(r), or T_O in original form."""
+        if self.latency is None:
+            return 0.0
+        if self.is_original(rank):
+            return float(self.latency.original)
+        return float(self._factored_times[rank])
+
+    @functools.cached_property
+    def _factored_times(self) -> np.ndarray:
+        # t(r) for r = 0..full_rank, interpolated once: the greedy loops ask per step.
+        ranks = np.arange(self.full_rank + 1, dtype=np.float64) * self.latency.unit
+        return np.interp(ranks, np.asarray(self.latency.ranks, np.float64), self.latency.monotone_times)
 
 
 @runtime_checkable
@@ -142,7 +175,9 @@ class LossOracle(Protocol):
 class AllocationProblem:
     """Layers, budgets and (optionally) a loss oracle.
 
-    ``mac_max`` / ``param_max`` bound the summed cost of the decomposable layers.
+    ``mac_max`` / ``param_max`` bound the summed cost of the decomposable layers;
+    ``latency_max`` (seconds, None: no latency budget) their summed measured latency
+    (every layer then carries a :class:`~coblax.lowrank.latency.LatencyCurve`).
     ``min_rank`` is the smallest rank any layer may get (a rank-0 layer would cut
     the network). ``seed`` drives any randomness of an allocator. ``training``
     (optional) gives allocators that train the network (LC) its weights and data:
@@ -156,6 +191,21 @@ class AllocationProblem:
     loss: LossOracle | None = None
     seed: int = 0
     training: Any = None
+    latency_max: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.latency_max is not None:
+            missing = [layer.name for layer in self.layers if layer.latency is None]
+            if missing:
+                raise ValueError(f"latency_max is set but layers {missing} have no latency table")
+
+    @property
+    def has_latency(self) -> bool:
+        return self.latency_max is not None
+
+    def original_latency(self) -> float:
+        """Σ_i T_i,O over the decomposable layers (0 without latency tables)."""
+        return float(sum(layer.latency.original for layer in self.layers if layer.latency is not None))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -221,20 +271,31 @@ def ranks_cost(layers: tuple[LayerCost, ...], ranks: Mapping[str, int]) -> tuple
     return float(macs), float(params)
 
 
+def ranks_latency(layers: tuple[LayerCost, ...], ranks: Mapping[str, int]) -> float:
+    """Total measured latency (s) of the decomposable layers at the given ranks (0 without tables)."""
+    return float(sum(layer.latency_at(int(ranks[layer.name])) for layer in layers))
+
+
 def is_feasible(problem: AllocationProblem, ranks: Mapping[str, int]) -> bool:
-    """Both budgets met (with a relative slack of 1e-9 for float sums)."""
+    """Every budget met (MACs, params, latency if set; relative slack 1e-9 for float sums)."""
     macs, params = ranks_cost(problem.layers, ranks)
-    return macs <= problem.mac_max * (1 + 1e-9) and params <= problem.param_max * (1 + 1e-9)
+    lat = ranks_latency(problem.layers, ranks) if problem.has_latency else 0.0
+    return _fits(problem, macs, params, lat)
 
 
 def budget_error(problem: AllocationProblem, ranks: Mapping[str, int], method: str) -> BudgetError:
     """The :class:`BudgetError` for a method whose cheapest allocation is ``ranks``."""
     macs, params = ranks_cost(problem.layers, ranks)
     o_mac, o_par = problem.original_cost()
+    lat = ""
+    if problem.has_latency:
+        o_lat = problem.original_latency() or 1.0
+        lat = (f"; latency {ranks_latency(problem.layers, ranks) / o_lat:.4f} of the decomposed layers' "
+               f"measured latency (budget {problem.latency_max / o_lat:.4f})")
     return BudgetError(
         f"method {method} cannot meet the budget: its smallest allocation costs "
         f"{macs / o_mac:.4f} of the decomposable MACs and {params / o_par:.4f} of the "
-        f"parameters (budget {problem.mac_max / o_mac:.4f} / {problem.param_max / o_par:.4f})"
+        f"parameters (budget {problem.mac_max / o_mac:.4f} / {problem.param_max / o_par:.4f}){lat}"
     )
 
 
@@ -327,7 +388,8 @@ def descend(
     the move with the smallest ``loss(layer, r, new_r) / saved`` (``loss`` alone when
     not ``per_cost``), where saved = w_C ΔN_C / N_C,orig + w_M ΔN_M / N_M,orig and
     w_b = max(0, N_b / N_b,max - 1) weighs each budget by how far it is exceeded
-    (Zhang et al. 2016, Sec. 3.4, with two budgets). Both :func:`greedy_repair` and
+    (Zhang et al. 2016, Sec. 3.4, with two budgets; with a latency budget a third term
+    w_L ΔT / T_O alike). Both :func:`greedy_repair` and
     the POS greedy (``baselines.pos``) are this loop with their own ``loss``.
 
     Raises:
@@ -337,14 +399,19 @@ def descend(
     if not is_feasible(problem, floor):
         raise budget_error(problem, floor, method)
     o_mac, o_par = problem.original_cost()
+    o_lat = problem.original_latency() or 1.0
+    timed = problem.has_latency
     current = clip_ranks(problem, ranks)
     by_name = {layer.name: layer for layer in problem.layers}
     macs, params = ranks_cost(problem.layers, current)  # kept up to date step by step
-    while not _fits(problem, macs, params) or not is_feasible(problem, current):
-        if _fits(problem, macs, params):  # rounding drift of the running sums: recount
+    lat = ranks_latency(problem.layers, current) if timed else 0.0
+    while not _fits(problem, macs, params, lat) or not is_feasible(problem, current):
+        if _fits(problem, macs, params, lat):  # rounding drift of the running sums: recount
             macs, params = ranks_cost(problem.layers, current)
+            lat = ranks_latency(problem.layers, current) if timed else 0.0
             continue
         w_c, w_m = _excess(macs, problem.mac_max), _excess(params, problem.param_max)
+        w_l = _excess(lat, problem.latency_max) if timed else 0.0
         best: tuple[float, str, int] | None = None
         for layer in problem.layers:
             r = current[layer.name]
@@ -352,6 +419,8 @@ def descend(
                 saved = w_c * (layer.macs(r) - layer.macs(new_r)) / o_mac + w_m * (
                     layer.params(r) - layer.params(new_r)
                 ) / o_par
+                if w_l:
+                    saved += w_l * (layer.latency_at(r) - layer.latency_at(new_r)) / o_lat
                 if saved <= 0.0:  # helps no exceeded budget
                     continue
                 lost = max(0.0, float(loss(layer, r, new_r)))
@@ -363,12 +432,16 @@ def descend(
         layer, r = by_name[best[1]], current[best[1]]
         macs += layer.macs(best[2]) - layer.macs(r)
         params += layer.params(best[2]) - layer.params(r)
+        if timed:
+            lat += layer.latency_at(best[2]) - layer.latency_at(r)
         current[best[1]] = best[2]
     return current
 
 
-def _fits(problem: AllocationProblem, macs: float, params: float) -> bool:
-    """:func:`is_feasible` on costs already summed."""
+def _fits(problem: AllocationProblem, macs: float, params: float, lat: float = 0.0) -> bool:
+    """:func:`is_feasible` on costs already summed (``lat`` is ignored without a latency budget)."""
+    if problem.latency_max is not None and lat > problem.latency_max + 1e-9 * abs(problem.latency_max):
+        return False
     return macs <= problem.mac_max * (1 + 1e-9) and params <= problem.param_max * (1 + 1e-9)
 
 
@@ -384,11 +457,11 @@ def refill(
     *,
     exclude: Collection[str] = (),
 ) -> dict[str, int]:
-    """Raise ranks while both budgets hold, best gain per unit of budget first.
+    """Raise ranks while every budget holds, best gain per unit of budget first.
 
     Each step raises, among the layers (not in ``exclude``) whose :func:`up_target`
-    fits both budgets, the one with the largest
-    ``gain(layer, r, new_r, current) / (ΔN_C / N_C,max + ΔN_M / N_M,max)``.
+    fits every budget, the one with the largest
+    ``gain(layer, r, new_r, current) / (ΔN_C / N_C,max + ΔN_M / N_M,max [+ ΔT / T_max])``.
     Costs are monotone in rank, so at the end no layer that is not full (nor
     excluded) can take one more rank without breaking a budget (:func:`has_room`).
     Start from a feasible point.
@@ -398,17 +471,26 @@ def refill(
         raise ValueError("refill needs a feasible allocation to start from")
     s_mac = problem.mac_max if problem.mac_max > 0 else 1.0
     s_par = problem.param_max if problem.param_max > 0 else 1.0
+    timed = problem.has_latency
+    s_lat = problem.latency_max if timed and problem.latency_max > 0 else 1.0
     by_name = {layer.name: layer for layer in problem.layers}
     macs, params = ranks_cost(problem.layers, current)  # kept up to date step by step
+    lat = ranks_latency(problem.layers, current) if timed else 0.0
+
+    def d_lat(layer: LayerCost, r: int, new_r: int) -> float:
+        return layer.latency_at(new_r) - layer.latency_at(r) if timed else 0.0
+
     while True:
         best: tuple[float, float, str, int] | None = None
         for layer in problem.layers:
             r = current[layer.name]
             new_r = None if layer.name in exclude else up_target(layer, r)
             if new_r is None or not _fits(problem, macs + layer.macs(new_r) - layer.macs(r),
-                                          params + layer.params(new_r) - layer.params(r)):
+                                          params + layer.params(new_r) - layer.params(r),
+                                          lat + d_lat(layer, r, new_r)):
                 continue
             used = (layer.macs(new_r) - layer.macs(r)) / s_mac + (layer.params(new_r) - layer.params(r)) / s_par
+            used += d_lat(layer, r, new_r) / s_lat
             value = float(gain(layer, r, new_r, current))
             score = math.inf if used <= 0 else value / used
             key = (score, -used)  # ties: the cheaper step
@@ -420,17 +502,19 @@ def refill(
         trial = {**current, best[2]: best[3]}
         if not is_feasible(problem, trial):  # rounding drift of the running sums: recount
             macs, params = ranks_cost(problem.layers, current)
+            lat = ranks_latency(problem.layers, current) if timed else 0.0
             if not _fits(problem, macs + layer.macs(best[3]) - layer.macs(r),
-                         params + layer.params(best[3]) - layer.params(r)):
+                         params + layer.params(best[3]) - layer.params(r), lat + d_lat(layer, r, best[3])):
                 continue
             return current  # pragma: no cover - the exact and running sums disagree at the limit
         macs += layer.macs(best[3]) - layer.macs(r)
         params += layer.params(best[3]) - layer.params(r)
+        lat += d_lat(layer, r, best[3])
         current = trial
 
 
 def has_room(problem: AllocationProblem, ranks: Mapping[str, int]) -> list[str]:
-    """Layers that are not full and could take one more rank within both budgets."""
+    """Layers that are not full and could take one more rank within every budget."""
     out = []
     for layer in problem.layers:
         new_r = up_target(layer, int(ranks[layer.name]))

@@ -51,6 +51,8 @@ from coblax.lowrank.decompose import (
     trace_layers,
 )
 from coblax.lowrank.factored import factored_variables, truncate_allocation
+from coblax.lowrank.latency import latency_report
+from coblax.lowrank.latency_measure import latency_model
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.rank_multiple import check_rank_multiple, multiple_floor, with_rank_multiple
 from coblax.lowrank.registry import get_allocator
@@ -206,22 +208,25 @@ def needs_loss(allocator: Allocator) -> bool:
 
 
 def budget_problem(net: NetworkCost, mac: float, param: float, basis: str, min_rank: int, rank_multiple: int,
-                   seed: int) -> tuple[AllocationProblem, int]:
+                   seed: int, latency: float | None = None, timing: Any = None) -> tuple[AllocationProblem, int]:
     """(the allocation problem of ``net`` under the budgets, the rank multiple k) for linen and nnx models.
 
     Ranks come in multiples of k (:mod:`coblax.lowrank.rank_multiple`), so ``min_rank``
-    is rounded up to one; no loss is attached (see :func:`needs_loss`).
+    is rounded up to one; no loss is attached (see :func:`needs_loss`). ``latency`` with
+    ``timing`` (the measured tables) adds the third budget row.
     """
     k = check_rank_multiple(rank_multiple, net.layers)
-    return make_problem(net, float(mac), float(param), basis, min_rank=multiple_floor(min_rank, k), seed=seed), k
+    return make_problem(net, float(mac), float(param), basis, min_rank=multiple_floor(min_rank, k), seed=seed,
+                        latency=latency, timing=timing), k
 
 
-def run_allocator(allocator: Allocator, problem: AllocationProblem, k: int) -> Allocation:
-    """``allocator``'s ranks for ``problem`` in multiples of ``k``, checked against the budgets."""
+def run_allocator(allocator: Allocator, problem: AllocationProblem, k: int, timing: Any = None) -> Allocation:
+    """``allocator``'s ranks for ``problem`` in multiples of ``k``, checked against the budgets
+    (with ``stats["latency"]`` when ``timing`` is given)."""
     allocation = with_rank_multiple(allocator, k)(problem)
     if not is_feasible(problem, allocation.ranks):
         raise AssertionError(f"method {allocator.name} returned ranks that break the budget: {allocation.ranks}")
-    return allocation
+    return with_latency_stats(allocation, problem, timing)
 
 
 def _legacy_options_error(options: Mapping[str, Any]) -> TypeError:
@@ -239,8 +244,8 @@ def allocate(
     data: tuple[np.ndarray, np.ndarray] | None = None,
     *,
     rules: Sequence[tuple[str, str]],
-    mac: float,
-    param: float,
+    mac: float = 1.0,
+    param: float = 1.0,
     method: str | Allocator = "cobla",
     method_options: Mapping[str, Any] | None = None,
     basis: str = "decomposed",
@@ -251,6 +256,9 @@ def allocate(
     batch_size: int = 250,
     recalibrate_bn: int = 0,
     rank_multiple: int = 1,
+    latency: float | None = None,
+    latency_batch: int = 64,
+    latency_tables: Any = None,
     **unexpected: Any,
 ) -> Compressed:
     """Allocate per-layer ranks of ``model`` under MAC and parameter budgets.
@@ -270,7 +278,7 @@ def allocate(
       data: (x, y) training examples for COBLA's objective E(m); ``x[:1]`` traces
         the network.
       rules: ordered (regex, scheme) pairs, see the module docstring.
-      mac, param: budget fractions in (0, 1].
+      mac, param: budget fractions in (0, 1] (default 1: no budget).
       method: a registered allocator's name (``coblax.allocator_names()``) or a
         configured allocator object (``coblax.allocators.cobla(max_iter=50)``).
       method_options: the options of a ``method`` given by name (``{"max_iter": 50}``);
@@ -288,6 +296,15 @@ def allocate(
       rank_multiple: every factored rank a multiple of this (full rank excepted), for
         every allocator (:mod:`coblax.lowrank.rank_multiple`); ``min_rank`` is rounded
         up to a multiple. Below 1, or above a decomposed layer's full rank, is a ValueError.
+      latency: a third budget, a fraction in (0, 1] of the original network's latency
+        measured with ``jax.jit`` on this device at batch ``latency_batch``
+        (:mod:`coblax.lowrank.latency`: per-layer tables, cached under
+        ``$COBLAX_CACHE/latency``; the rest of the network a constant by difference).
+        None: no latency budget. ``result.allocation.stats["latency"]`` reports the
+        predicted latency ratio and the tables' line-fit errors.
+      latency_batch: the batch size the latency is measured (and budgeted) at.
+      latency_tables: a :class:`~coblax.lowrank.latency.NetworkLatency` measured
+        before (or synthetic) to use instead of measuring.
 
     Returns:
       A :class:`Compressed` network (not fine-tuned; see :func:`finetune`).
@@ -305,12 +322,14 @@ def allocate(
 
     for label, value in (("mac", mac), ("param", param)):  # both paths, before any work
         check_budget(label, value)
+    check_latency_arguments(latency, latency_batch, latency_tables)
     variables, data = nnx_api.check_model_args(model, variables, data)
     if variables is None:
         return nnx_api.allocate_nnx(model, data, rules=rules, mac=mac, param=param,
                                     method=resolve_method(method, method_options), basis=basis,
                                     validation_data=validation_data, apply_kwargs=apply_kwargs, seed=seed,
-                                    min_rank=min_rank, batch_size=batch_size, rank_multiple=rank_multiple)
+                                    min_rank=min_rank, batch_size=batch_size, rank_multiple=rank_multiple,
+                                    latency=latency, latency_batch=latency_batch, latency_tables=latency_tables)
     check_allocate_arguments(locals())  # coblax.lowrank.validate: ValueError naming the argument
     check_batches(recalibrate_bn)
     allocator = resolve_method(method, method_options)
@@ -318,10 +337,17 @@ def allocate(
     data = tuple(np.asarray(a) for a in data)
     schemes, full, net = _decompose(model, variables, data[0], rules, apply_kwargs,
                                     allocator_spectrum(allocator), batch_size)
-    problem, k = budget_problem(net, mac, param, basis, min_rank, rank_multiple, seed)
+    timing = None
+    if latency is not None:  # per-layer tables and the network's time (coblax.lowrank.latency_measure)
+        traced = trace_layers(model, variables, jnp.asarray(data[0][:1]), apply_kwargs)
+        timing = latency_model(lambda v, x: model.apply(v, x, **apply_kwargs), variables, data[0], traced,
+                               net.layers, table_schemes(full), batch=latency_batch, tables=latency_tables,
+                               factored=factored_builder(model, variables, net, full, apply_kwargs))
+    problem, k = budget_problem(net, mac, param, basis, min_rank, rank_multiple, seed, latency, timing)
+    net = dataclasses.replace(net, layers=problem.layers)  # with their tables: "original" includes "not faster"
     problem = _with_loss_and_trainer(problem, allocator, model, variables, full, data, validation_data,
                                      batch_size, apply_kwargs, seed)
-    allocation = run_allocator(allocator, problem, k)
+    allocation = run_allocator(allocator, problem, k, timing)
     result = _compressed(model, variables, net, full, allocation, schemes, apply_kwargs, basis, allocator.name)
     if recalibrate_bn:
         result = result.replace(variables=_recalibrate(result.apply, result.variables, data[0],
@@ -342,6 +368,45 @@ def _with_loss_and_trainer(problem: AllocationProblem, allocator: Allocator, mod
     # Allocators that train the network (lc) find it here; the trainer compiles only when used.
     return attach_trainer(problem, model, variables, {n: (f.kind, f.scheme) for n, f in full.items()}, data,
                           seed=seed)
+
+
+def check_latency_arguments(latency: Any, batch: Any, tables: Any) -> None:
+    """``latency`` a fraction in (0, 1] or None, ``latency_batch`` an int >= 1; a latency budget
+    without ``latency_tables`` needs jit (:class:`~coblax.lowrank.latency_measure.LatencyError`)."""
+    from coblax.lowrank.latency_measure import check_can_time
+    from coblax.lowrank.validate import check_int
+
+    if latency is None:
+        return
+    check_budget("latency", latency)
+    check_int("latency_batch", batch, 1)
+    if tables is None:
+        check_can_time("latency")
+
+
+def table_schemes(full: Mapping[str, Factors]) -> dict[str, str]:
+    """Layer -> the form its latency table times: ``dense`` or the conv scheme."""
+    return {n: "dense" if f.kind == "dense" else f.scheme for n, f in full.items()}
+
+
+def factored_builder(model, variables, net: NetworkCost, full: Mapping[str, Factors],
+                     apply_kwargs: Mapping[str, Any]) -> Callable:
+    """``build(ranks) -> (apply_fn, variables)`` of the linen network factored at ``ranks``
+    (top triplets; full rank = original form): the latency model's in-network calibration."""
+
+    def build(ranks: Mapping[str, int]):
+        kept, _ = truncate_allocation(net, full, Allocation(ranks=dict(ranks)))
+        return apply_fn_for(model, kept, **dict(apply_kwargs)), factored_variables(variables, kept)
+
+    return build
+
+
+def with_latency_stats(allocation: Allocation, problem, timing) -> Allocation:
+    """The allocation with ``stats["latency"]`` (:func:`~coblax.lowrank.latency.latency_report`)."""
+    if timing is None:
+        return allocation
+    return dataclasses.replace(allocation, stats={**allocation.stats,
+                                                  "latency": latency_report(problem.layers, timing, allocation.ranks)})
 
 
 def _decompose(model: Any, variables: Mapping[str, Any], x: np.ndarray, rules: Sequence[tuple[str, str]],

@@ -3,7 +3,9 @@
 Relaxed problem (seed, Eq. 2):
     minimize_m  E(m)   s.t.  N_C(m) <= N_C,max,  N_M(m) <= N_M,max,  0 <= m <= 1,
 with E the network's mean cross-entropy on a fixed objective subset and N_C, N_M
-affine in m (see :mod:`coblax.lowrank.costs`). It is solved by SQP (scipy SLSQP) over
+affine in m (see :mod:`coblax.lowrank.costs`). A latency budget adds the third row
+Σ_i s_i Σ_j m_ij <= T_max − Σ_i a_i, the line a_i + s_i r fitted to each layer's
+measured table (:mod:`coblax.lowrank.latency`); rounding uses the table itself. It is solved by SQP (scipy SLSQP) over
 jitted JAX callbacks, then rounded (:mod:`coblax.lowrank.rounding`).
 
 Where the paper is silent we follow the authors' public code (chongli-uw/cobla):
@@ -75,6 +77,10 @@ def warm_start_point(problem: AllocationProblem, how: str, ranks: dict[str, int]
         c_full = sum(l.mac_per_rank * l.full_rank for l in problem.layers)
         m_full = sum(l.param_per_rank * l.full_rank for l in problem.layers)
         alpha = min(1.0, problem.mac_max / c_full, problem.param_max / m_full)
+        if problem.has_latency:  # the relaxed latency row: Σ s_i Σ m <= T_max − Σ a_i
+            lines = [l.latency_line for l in problem.layers]
+            t_full = sum(s * l.full_rank for l, (_, s) in zip(problem.layers, lines))
+            alpha = min(alpha, max(0.0, problem.latency_max - sum(a for a, _ in lines)) / t_full)
         return np.concatenate([np.full(l.full_rank, alpha) for l in problem.layers])
     ranks = warm_start_ranks(problem, how) if ranks is None else ranks
     blocks = []
@@ -200,13 +206,15 @@ class COBLA:
         layers = problem.layers
         offsets = problem.offsets()
         idx = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in active]) if active else np.zeros(0, int)
-        rows = [np.zeros(idx.size), np.zeros(idx.size)]
+        rows = [np.zeros(idx.size) for _ in range(_budget_rows(problem))]
         pos = 0
         mono = []
         for i in active:
             R = layers[i].full_rank
             rows[0][pos:pos + R] = layers[i].mac_per_rank
             rows[1][pos:pos + R] = layers[i].param_per_rank
+            if problem.has_latency:  # the fitted line's slope; its intercept goes to b below
+                rows[2][pos:pos + R] = layers[i].latency_line[1]
             if self.monotone and self.solver == "slsqp":  # the structured solver projects instead
                 for j in range(R - 1):  # m_{j+1} - m_j <= 0
                     row = np.zeros(idx.size)
@@ -216,7 +224,11 @@ class COBLA:
         fixed_mac = sum(l.original_macs for l in layers if l.name in saturated)
         fixed_par = sum(l.original_params for l in layers if l.name in saturated)
         A = np.stack(rows + mono)
-        b = np.concatenate([[problem.mac_max - fixed_mac, problem.param_max - fixed_par], np.zeros(len(mono))])
+        budgets = [problem.mac_max - fixed_mac, problem.param_max - fixed_par]
+        if problem.has_latency:
+            budgets.append(problem.latency_max - sum(l.latency.original for l in layers if l.name in saturated)
+                           - sum(layers[i].latency_line[0] for i in active))
+        b = np.concatenate([budgets, np.zeros(len(mono))])
         return idx, A, b
 
     @staticmethod
@@ -227,10 +239,10 @@ class COBLA:
         return bool(np.all((A @ x - b) / scale <= _FEAS_TOL))
 
     @staticmethod
-    def _shrink_into(x: np.ndarray, A: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Scale x down (towards 0, keeping its order) until the two budget rows hold."""
+    def _shrink_into(x: np.ndarray, A: np.ndarray, b: np.ndarray, rows: int = 2) -> np.ndarray:
+        """Scale x down (towards 0, keeping its order) until the ``rows`` budget rows hold."""
         alpha = 1.0
-        for row, bound in zip(A[:2], b[:2]):
+        for row, bound in zip(A[:rows], b[:rows]):
             used = float(row @ x)
             if used > bound > 0:
                 alpha = min(alpha, bound / used)
@@ -245,7 +257,7 @@ class COBLA:
             return m
         x0 = m[idx]
         if not self._feasible_point(x0, A, b):
-            x0 = self._shrink_into(x0, A, b)
+            x0 = self._shrink_into(x0, A, b, _budget_rows(problem))
 
         def fun_and_grad(x, idx=idx):
             full = m.copy()
@@ -306,6 +318,9 @@ class COBLA:
                     problem.param_max - sum(l.original_params for l in fixed))
             floor = (sum(min(problem.min_rank, l.full_rank) * l.mac_per_rank for l in rest),
                      sum(min(problem.min_rank, l.full_rank) * l.param_per_rank for l in rest))
+            if problem.has_latency:
+                left += (problem.latency_max - sum(l.latency.original for l in fixed),)
+                floor += (sum(l.latency_at(problem.min_rank) for l in rest),)
             if all(need <= have * (1 + 1e-9) for need, have in zip(floor, left)):
                 chosen.append(i)
                 names = trial
@@ -319,9 +334,12 @@ class COBLA:
         x = m[idx]
         if not self._feasible_point(x, A, b):
             return False
-        slack = b[:2] - A[:2] @ x
+        n = _budget_rows(problem)
+        slack = b[:n] - A[:n] @ x
         cheapest = (min(problem.layers[i].mac_per_rank for i in active),
                     min(problem.layers[i].param_per_rank for i in active))
+        if problem.has_latency:
+            cheapest += (min(problem.layers[i].latency_line[1] for i in active),)
         return any(s < c for s, c in zip(slack, cheapest))
 
     def _relaxed(self, problem: AllocationProblem, m0: np.ndarray, tick,
@@ -400,6 +418,9 @@ class COBLA:
         start_saturated = ()
         if warm_ranks is not None and self.saturation_rounds > 0:
             start_saturated = tuple(l.name for l in layers if l.is_original(warm_ranks[l.name]))
+        if problem.has_latency:  # a layer whose factored form is never faster stays original
+            start_saturated += tuple(l.name for l in layers
+                                     if l.is_original(problem.min_rank) and l.name not in start_saturated)
         state, m_relaxed = self._relaxed(problem, m0, tick, start_saturated)
         bar.close()
 
@@ -467,6 +488,11 @@ class COBLA:
             masks=masks,
             stats=stats,
         )
+
+
+def _budget_rows(problem: AllocationProblem) -> int:
+    """Budget rows of the relaxed system: MACs, params and (with a latency budget) latency."""
+    return 3 if problem.has_latency else 2
 
 
 def _scatter(v: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:

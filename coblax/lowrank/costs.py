@@ -32,10 +32,18 @@ from typing import Any
 import jax
 import numpy as np
 
-from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, ranks_cost
+from coblax.lowrank.allocation import (
+    AllocationProblem,
+    BudgetError,
+    LayerCost,
+    ranks_cost,
+    ranks_latency,
+)
 from coblax.lowrank.decompose import TracedLayer
+from coblax.lowrank.latency import NetworkLatency
 
-__all__ = ["layer_cost", "count_params", "NetworkCost", "network_cost", "make_problem", "BUDGET_BASES"]
+__all__ = ["layer_cost", "count_params", "NetworkCost", "network_cost", "make_problem", "with_latency",
+           "BUDGET_BASES"]
 
 BUDGET_BASES = ("decomposed", "network")
 
@@ -151,8 +159,17 @@ def make_problem(
     min_rank: int = 1,
     loss=None,
     seed: int = 0,
+    latency: float | None = None,
+    timing: NetworkLatency | None = None,
 ) -> AllocationProblem:
-    """The allocation problem for budget fractions, or a BudgetError naming the minimum."""
+    """The allocation problem for budget fractions, or a BudgetError naming the minimum.
+
+    ``latency`` (a fraction of the original network's measured latency, always on the
+    whole network) needs ``timing``, the measured model
+    (:func:`coblax.lowrank.latency_measure.measure_network`): each layer gets its
+    table and the budget on the decomposed layers is λ T_net,O − T_rest
+    (:meth:`~coblax.lowrank.latency.NetworkLatency.budget`).
+    """
     if basis not in BUDGET_BASES:
         raise ValueError(f"unknown budget basis {basis!r}; valid: {', '.join(BUDGET_BASES)}")
     mac_max, param_max = net.budgets(mac_fraction, param_fraction, basis)
@@ -164,4 +181,28 @@ def make_problem(
             f"network costs with rank {min_rank} in every decomposed layer and every other layer intact: "
             f"the smallest feasible budget is mac >= {min_mac:.4f}, param >= {min_par:.4f}"
         )
-    return AllocationProblem(net.layers, mac_max, param_max, min_rank=min_rank, loss=loss, seed=seed)
+    layers, latency_max = net.layers, None
+    if latency is not None:
+        layers, latency_max = with_latency(net.layers, timing, latency, min_rank)
+    return AllocationProblem(layers, mac_max, param_max, min_rank=min_rank, loss=loss, seed=seed,
+                             latency_max=latency_max)
+
+
+def with_latency(layers: tuple[LayerCost, ...], timing: NetworkLatency | None, fraction: float,
+                 min_rank: int = 1) -> tuple[tuple[LayerCost, ...], float]:
+    """(layers carrying their latency tables, absolute latency budget), or a BudgetError
+    naming the smallest feasible latency fraction."""
+    if timing is None:
+        raise ValueError("latency budget: no measured latency model (timing) was given")
+    missing = [l.name for l in layers if l.name not in timing.curves]
+    if missing:
+        raise ValueError(f"latency budget: no latency table for layers {missing}")
+    timed = tuple(dataclasses.replace(l, latency=timing.curves[l.name]) for l in layers)
+    floor = {l.name: min(min_rank, l.full_rank) for l in timed}
+    smallest = (timing.rest + ranks_latency(timed, floor)) / timing.total
+    if fraction < smallest * (1 - 1e-12):
+        raise BudgetError(f"budget latency={fraction:g} is below what the network measures with rank {min_rank} "
+                          f"in every decomposed layer (or its original form where that is faster): the smallest "
+                          f"feasible latency budget is {smallest:.4f} of the original network's "
+                          f"{timing.total * 1e3:.3g} ms at batch {timing.batch}")
+    return timed, timing.budget(fraction)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from coblax.lowrank.allocation import Allocation
 from coblax.lowrank.api import (
     Compressed,
     budget_problem,
@@ -33,10 +34,12 @@ from coblax.lowrank.api import (
     resolve_method,
     run_allocator,
     select_layers,
+    table_schemes,
 )
 from coblax.lowrank.costs import network_cost
 from coblax.lowrank.decompose import SCHEMES, Factors, factorize
 from coblax.lowrank.factored import truncate_allocation
+from coblax.lowrank.latency_measure import latency_model
 from coblax.lowrank.nnx_adapter import (
     build_factored,
     factored_calls,
@@ -140,6 +143,9 @@ def allocate_nnx(
     batch_size: int = 250,
     rank_multiple: int = 1,
     method_options: Mapping[str, Any] | None = None,
+    latency: float | None = None,
+    latency_batch: int = 64,
+    latency_tables: Any = None,
 ) -> Compressed:
     """:func:`coblax.allocate` for an nnx model (see there for the arguments).
 
@@ -161,14 +167,29 @@ def allocate_nnx(
     }
     net = network_cost(traced, {"params": nnx.state(model, nnx.Param)},
                        {n: np.asarray(f.sigma) for n, f in full.items()}, {n: f.scheme for n, f in full.items()})
-    problem, k = budget_problem(net, mac, param, basis, min_rank, rank_multiple, seed)
+    timing = None
+    if latency is not None:  # per-layer tables and the network's time (coblax.lowrank.latency_measure)
+        graphdef, state = nnx.split(hooked_copy(model, ()))  # an eval-mode copy, no layer hooked
+
+        def apply(state, x):
+            return nnx.merge(graphdef, state)(x, **apply_kwargs)
+
+        def factored(ranks):  # the in-network calibration's networks (coblax.lowrank.latency_measure)
+            kept, _ = truncate_allocation(net, full, Allocation(ranks=dict(ranks)))
+            g, st = nnx.split(build_factored(model, kept))
+            return (lambda s, x: nnx.merge(g, s)(x, **apply_kwargs)), st
+
+        timing = latency_model(apply, state, x_obj, traced, net.layers, table_schemes(full),
+                               batch=latency_batch, tables=latency_tables, factored=factored)
+    problem, k = budget_problem(net, mac, param, basis, min_rank, rank_multiple, seed, latency, timing)
+    net = dataclasses.replace(net, layers=problem.layers)  # with their tables: "original" includes "not faster"
     allocator = resolve_method(method, method_options)
     if needs_loss(allocator):  # the objective copies the data to the device and compiles: only when read
         loss = NnxNetworkLoss(model, full, (x_obj, np.asarray(objective_data[1])),
                               None if validation_data is None else tuple(np.asarray(a) for a in validation_data),
                               batch_size=batch_size, apply_kwargs=apply_kwargs)
         problem = dataclasses.replace(problem, loss=loss)
-    allocation = run_allocator(allocator, problem, k)
+    allocation = run_allocator(allocator, problem, k, timing)
     kept, ranks = truncate_allocation(net, full, allocation)
     factored = build_factored(model, kept)
     graphdef, variables = nnx.split(factored)

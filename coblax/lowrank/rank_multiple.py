@@ -13,6 +13,7 @@ Grouped problem (layer with full rank R, U = ceil(R / k) groups):
   the original cost is unchanged, so grouped rank u costs exactly what rank
   min(uk, R) costs, and it is the original form exactly when rank min(uk, R) is
   (u ≥ ceil(a / k) ⇔ uk ≥ a for the saturation rank a; u = U ⇔ rank R);
+* a measured latency curve is asked at real rank min(uk, R) (``LatencyCurve.grouped``);
 * ``min_rank`` becomes ceil(min_rank / k) groups;
 * a loss oracle sees grouped masks m' through :class:`GroupedLoss`:
   E'(m') = E(expand(m')) with expand repeating m'_u over its group, and
@@ -78,8 +79,9 @@ def grouped_layer(layer: LayerCost, k: int) -> LayerCost:
     """The layer in units of ``k`` triplets (see the module docstring)."""
     sigma = np.asarray(layer.sigma, np.float64)
     energy = np.add.reduceat(sigma ** 2, np.arange(0, len(sigma), k))
+    latency = None if layer.latency is None else layer.latency.grouped(k)  # grouped rank u = real rank uk
     return dataclasses.replace(layer, sigma=np.sqrt(energy), mac_per_rank=k * layer.mac_per_rank,
-                               param_per_rank=k * layer.param_per_rank)
+                               param_per_rank=k * layer.param_per_rank, latency=latency)
 
 
 def _expand(block: np.ndarray, full_rank: int, k: int) -> np.ndarray:
