@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coblax.lowrank.allocation import Allocation, BudgetError
-from coblax.lowrank.api import _compressed, _decompose, factored_builder, table_schemes
+from coblax.lowrank.api import compressed_linen, decompose_selected, factored_builder, table_schemes
 from coblax.lowrank.costs import make_problem
 from coblax.lowrank.decompose import trace_layers
 from coblax.lowrank.latency import NetworkLatency, fit_quality
@@ -136,7 +136,7 @@ def bench_model(name: str, s: Settings) -> list[dict]:
     kwargs = {"train": False} if "batch_stats" in variables else {}
     apply = functools.partial(model.apply, **kwargs)
     base_acc = evaluate(apply, variables, x_test, y_test, batch_size=250)
-    schemes, full, net = _decompose(model, variables, x, RULES, kwargs)
+    schemes, full, net = decompose_selected(model, variables, x, RULES, kwargs)
     traced = {t.name: t for t in trace_layers(model, variables, jnp.asarray(x[:1]), kwargs)}
     # pos_exact: only its ranks (the relaxation bound and the greedy comparison are diagnostics)
     allocator = get_allocator(s.method, **({"bound": False, "compare_greedy": False} if s.method == "pos_exact"
@@ -170,9 +170,9 @@ def bench_model(name: str, s: Settings) -> list[dict]:
             chosen.append((lam, timed_net, lat_alloc, target, mac_f, mac_alloc))
         networks = [(None, None)]
         for lam, timed_net, lat_alloc, _, _, mac_alloc in chosen:
-            networks.append((lam, _compressed(model, variables, timed_net, full, lat_alloc, schemes, kwargs,
+            networks.append((lam, compressed_linen(model, variables, timed_net, full, lat_alloc, schemes, kwargs,
                                               "decomposed", s.method)))
-            networks.append((lam, _compressed(model, variables, net, full, mac_alloc, schemes, kwargs,
+            networks.append((lam, compressed_linen(model, variables, net, full, mac_alloc, schemes, kwargs,
                                               "decomposed", s.method)))
         xb = jnp.asarray(np.resize(x, (batch, *x.shape[1:])))
         fns = [jax.jit(apply)] + [jax.jit(r.apply) for _, r in networks[1:]]

@@ -51,7 +51,12 @@ from coblax.lowrank.decompose import (
     trace_layers,
 )
 from coblax.lowrank.factored import factored_variables, truncate_allocation
-from coblax.lowrank.latency import latency_report
+from coblax.lowrank.latency_api import (  # noqa: F401 - table_schemes, with_latency_stats: re-exported
+    check_latency_arguments,
+    factored_builder,
+    table_schemes,
+    with_latency_stats,
+)
 from coblax.lowrank.latency_measure import latency_model
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.rank_multiple import check_rank_multiple, multiple_floor, with_rank_multiple
@@ -335,7 +340,7 @@ def allocate(
     allocator = resolve_method(method, method_options)
     apply_kwargs = dict(apply_kwargs or {})
     data = tuple(np.asarray(a) for a in data)
-    schemes, full, net = _decompose(model, variables, data[0], rules, apply_kwargs,
+    schemes, full, net = decompose_selected(model, variables, data[0], rules, apply_kwargs,
                                     allocator_spectrum(allocator), batch_size)
     timing = None
     if latency is not None:  # per-layer tables and the network's time (coblax.lowrank.latency_measure)
@@ -348,7 +353,7 @@ def allocate(
     problem = _with_loss_and_trainer(problem, allocator, model, variables, full, data, validation_data,
                                      batch_size, apply_kwargs, seed)
     allocation = run_allocator(allocator, problem, k, timing)
-    result = _compressed(model, variables, net, full, allocation, schemes, apply_kwargs, basis, allocator.name)
+    result = compressed_linen(model, variables, net, full, allocation, schemes, apply_kwargs, basis, allocator.name)
     if recalibrate_bn:
         result = result.replace(variables=_recalibrate(result.apply, result.variables, data[0],
                                                        batches=recalibrate_bn, batch_size=batch_size, seed=seed))
@@ -370,46 +375,7 @@ def _with_loss_and_trainer(problem: AllocationProblem, allocator: Allocator, mod
                           seed=seed)
 
 
-def check_latency_arguments(latency: Any, batch: Any, tables: Any) -> None:
-    """``latency`` a fraction in (0, 1] or None, ``latency_batch`` an int >= 1; a latency budget
-    without ``latency_tables`` needs jit (:class:`~coblax.lowrank.latency_measure.LatencyError`)."""
-    from coblax.lowrank.latency_measure import check_can_time
-    from coblax.lowrank.validate import check_int
-
-    if latency is None:
-        return
-    check_budget("latency", latency)
-    check_int("latency_batch", batch, 1)
-    if tables is None:
-        check_can_time("latency")
-
-
-def table_schemes(full: Mapping[str, Factors]) -> dict[str, str]:
-    """Layer -> the form its latency table times: ``dense`` or the conv scheme."""
-    return {n: "dense" if f.kind == "dense" else f.scheme for n, f in full.items()}
-
-
-def factored_builder(model, variables, net: NetworkCost, full: Mapping[str, Factors],
-                     apply_kwargs: Mapping[str, Any]) -> Callable:
-    """``build(ranks) -> (apply_fn, variables)`` of the linen network factored at ``ranks``
-    (top triplets; full rank = original form): the latency model's in-network calibration."""
-
-    def build(ranks: Mapping[str, int]):
-        kept, _ = truncate_allocation(net, full, Allocation(ranks=dict(ranks)))
-        return apply_fn_for(model, kept, **dict(apply_kwargs)), factored_variables(variables, kept)
-
-    return build
-
-
-def with_latency_stats(allocation: Allocation, problem, timing) -> Allocation:
-    """The allocation with ``stats["latency"]`` (:func:`~coblax.lowrank.latency.latency_report`)."""
-    if timing is None:
-        return allocation
-    return dataclasses.replace(allocation, stats={**allocation.stats,
-                                                  "latency": latency_report(problem.layers, timing, allocation.ranks)})
-
-
-def _decompose(model: Any, variables: Mapping[str, Any], x: np.ndarray, rules: Sequence[tuple[str, str]],
+def decompose_selected(model: Any, variables: Mapping[str, Any], x: np.ndarray, rules: Sequence[tuple[str, str]],
                apply_kwargs: Mapping[str, Any], spectrum: str = "weight",
                batch_size: int = 250) -> tuple[dict[str, str], dict[str, Factors], NetworkCost]:
     """(layer -> scheme, layer -> full SVD factors, cost model) of the layers the rules pick.
@@ -433,7 +399,7 @@ def _decompose(model: Any, variables: Mapping[str, Any], x: np.ndarray, rules: S
     return schemes, full, net
 
 
-def _compressed(model, variables, net: NetworkCost, full: Mapping[str, Factors], allocation: Allocation,
+def compressed_linen(model, variables, net: NetworkCost, full: Mapping[str, Factors], allocation: Allocation,
                 schemes: Mapping[str, str], apply_kwargs: Mapping[str, Any], basis: str,
                 method: str) -> Compressed:
     """The :class:`Compressed` linen network of an allocation: truncated factors and costs."""

@@ -50,69 +50,14 @@ from tqdm.auto import tqdm
 
 from coblax.lowrank.allocation import Allocation, AllocationProblem, is_feasible
 from coblax.lowrank.polish import polish_masks
-from coblax.lowrank.registry import get_allocator
 from coblax.lowrank.rounding import VALUE_CHOICES, flat_mask, round_masks
 from coblax.lowrank.solve import SolveResult, check_tolerances, solve
+from coblax.lowrank.warm_start import check_oracle_layout, warm_start_point, warm_start_ranks
 
 __all__ = ["COBLA", "warm_start_point", "warm_start_ranks", "SELECT", "check_oracle_layout"]
 
 SELECT = ("accuracy", "loss")
 _FEAS_TOL = 1e-6
-
-
-def warm_start_ranks(problem: AllocationProblem, how: str) -> dict[str, int] | None:
-    """The warm start's own integer allocation (None for ``constant``)."""
-    if how == "cobla":
-        raise ValueError("cobla.warm_start = 'cobla' would start COBLA from itself; use an allocator "
-                         "such as pos_greedy (the authors' choice), pos_exact or uniform, or 'constant'")
-    if how == "constant":
-        return None
-    options = {"bound": False, "compare_greedy": False} if how == "pos_exact" else {}  # only its ranks
-    return dict(get_allocator(how, **options)(problem).ranks)
-
-
-def warm_start_point(problem: AllocationProblem, how: str, ranks: dict[str, int] | None = None) -> np.ndarray:
-    """A feasible starting m (flat), from an allocator's ranks or a constant."""
-    if how == "constant":
-        c_full = sum(l.mac_per_rank * l.full_rank for l in problem.layers)
-        m_full = sum(l.param_per_rank * l.full_rank for l in problem.layers)
-        alpha = min(1.0, problem.mac_max / c_full, problem.param_max / m_full)
-        if problem.has_latency:  # the relaxed latency row: Σ s_i Σ m <= T_max − Σ a_i
-            lines = [l.latency_line for l in problem.layers]
-            t_full = sum(s * l.full_rank for l, (_, s) in zip(problem.layers, lines))
-            alpha = min(alpha, max(0.0, problem.latency_max - sum(a for a, _ in lines)) / t_full)
-        return np.concatenate([np.full(l.full_rank, alpha) for l in problem.layers])
-    ranks = warm_start_ranks(problem, how) if ranks is None else ranks
-    blocks = []
-    for layer in problem.layers:
-        # An original-form layer starts at its largest factored rank: in the affine
-        # (unsaturated) cost model that is no dearer than the original.
-        r = min(ranks[layer.name], min(layer.saturation_rank, layer.full_rank + 1) - 1)
-        block = np.zeros(layer.full_rank)
-        block[: max(r, 0)] = 1.0
-        blocks.append(block)
-    return np.concatenate(blocks)
-
-
-def check_oracle_layout(problem: AllocationProblem) -> None:
-    """Raise ValueError if the loss oracle splits m in another layer order or size.
-
-    Oracles that declare ``names`` (and ``sizes``) are checked against the problem's
-    layers; the flat m vector is meaningless if the two disagree.
-    """
-    names = getattr(problem.loss, "names", None)
-    if names is None:
-        return
-    if tuple(names) != problem.names:
-        raise ValueError(
-            f"the loss oracle's layer order {list(names)} differs from the problem's {list(problem.names)}"
-        )
-    sizes = getattr(problem.loss, "sizes", None)
-    if sizes is not None and [int(s) for s in sizes] != [l.full_rank for l in problem.layers]:
-        raise ValueError(
-            f"the loss oracle's block sizes {list(sizes)} differ from the problem's full ranks "
-            f"{[l.full_rank for l in problem.layers]}"
-        )
 
 
 @dataclasses.dataclass

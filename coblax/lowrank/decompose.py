@@ -233,10 +233,10 @@ def factorize(kernel: np.ndarray, layer: TracedLayer, scheme: str) -> Factors:
         raise ValueError(f"unknown scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
     mat = matricize(np.asarray(kernel, dtype=np.float64), layer.kind, scheme)
     u, s, vt = np.linalg.svd(mat, full_matrices=False)
-    return _arrange(u, s, vt, layer, scheme, np.asarray(kernel).dtype)
+    return arrange(u, s, vt, layer, scheme, np.asarray(kernel).dtype)
 
 
-def _arrange(u: np.ndarray, s: np.ndarray, vt: np.ndarray, layer: TracedLayer, scheme: str, dt) -> Factors:
+def arrange(u: np.ndarray, s: np.ndarray, vt: np.ndarray, layer: TracedLayer, scheme: str, dt) -> Factors:
     """Matrix factors U (rows x R), s, V^T (R x cols) as the layer's two kernels."""
     R = s.shape[0]
     if layer.kind == "dense":
@@ -251,15 +251,6 @@ def _arrange(u: np.ndarray, s: np.ndarray, vt: np.ndarray, layer: TracedLayer, s
             second = vt.T.reshape(Y, N, R).transpose(0, 2, 1)[None]  # (1, Y, R, N)
     return Factors(layer.kind, scheme, jnp.asarray(first, dt), jnp.asarray(second, dt),
                    jnp.asarray(s, dt), layer.strides, layer.pads)
-
-
-def arrange(u: np.ndarray, s: np.ndarray, vt: np.ndarray, layer: Any, scheme: str, dt: Any) -> Factors:
-    """Matrix factors U (rows x R), s, V^T (R x cols) of the matricized kernel as the layer's two kernels.
-
-    ``layer`` needs ``kind``, ``kernel_shape``, ``strides`` and ``pads`` (a
-    :class:`TracedLayer`); the inverse of :func:`matricize` on each factor.
-    """
-    return _arrange(u, s, vt, layer, scheme, dt)
 
 
 def truncate(f: Factors, mask: np.ndarray) -> Factors:
@@ -427,7 +418,7 @@ def _first_inputs(layer: TracedLayer, scheme: str, x: jnp.ndarray) -> jnp.ndarra
     X, Y, C, N = layer.kernel_shape
     rows = X * Y * C if scheme == "zhang" else C * X
     eye = np.eye(rows)
-    ident = _arrange(eye, np.ones(rows), np.zeros((rows, Y * N if scheme == "tai" else N)), layer, scheme,
+    ident = arrange(eye, np.ones(rows), np.zeros((rows, Y * N if scheme == "tai" else N)), layer, scheme,
                      np.asarray(x).dtype)
     (sh, sw), ((ph0, ph1), (pw0, pw1)) = layer.strides, layer.pads
     if scheme == "zhang":
@@ -499,4 +490,4 @@ def factorize_whitened(
     chol = np.linalg.cholesky(g + ridge * np.eye(g.shape[0]))
     u, s, vt = np.linalg.svd(chol.T @ mat, full_matrices=False)
     first = np.linalg.solve(chol.T, u)
-    return _arrange(first, s, vt, layer, scheme, np.asarray(kernel).dtype)
+    return arrange(first, s, vt, layer, scheme, np.asarray(kernel).dtype)
