@@ -104,6 +104,17 @@ class LatencyCurve:
                 lo = mid + 1
         return lo
 
+    def fit_points(self, below: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(grid ranks in curve units, monotone times, the points the line is fitted to):
+        those below ``below``, or the two lowest where fewer than two are."""
+        r = np.asarray(self.ranks, np.float64) / self.unit
+        t = self.monotone_times
+        keep = r < below if below is not None else np.ones(r.size, bool)
+        if keep.sum() < 2:
+            keep = np.zeros(r.size, bool)
+            keep[: min(2, r.size)] = True
+        return r, t, keep
+
     def line(self, below: int | None = None) -> tuple[float, float]:
         """(a, s): least-squares t ≈ a + s·r (r in curve units) over the grid ranks below ``below``.
 
@@ -112,12 +123,7 @@ class LatencyCurve:
         the two lowest grid points are used. The slope is kept positive (a rank that
         costs nothing would make the relaxed row vacuous for the layer).
         """
-        r = np.asarray(self.ranks, np.float64) / self.unit
-        t = self.monotone_times
-        keep = r < below if below is not None else np.ones(r.size, bool)
-        if keep.sum() < 2:
-            keep = np.zeros(r.size, bool)
-            keep[: min(2, r.size)] = True
+        r, t, keep = self.fit_points(below)
         if keep.sum() < 2:  # a one-point table: the line through the origin
             return 0.0, max(float(t[0] / r[0]), 1e-15)
         s, a = np.polyfit(r[keep], t[keep], 1)
@@ -133,12 +139,7 @@ def fit_quality(curve: LatencyCurve, below: int | None = None) -> float:
     was fitted to (below ``below``), relative to the original layer's time T_O (the scale
     the budget trades in; relative to t(r) itself a microsecond miss at rank 1 looks huge)."""
     a, s = curve.line(below)
-    r = np.asarray(curve.ranks, np.float64) / curve.unit
-    t = curve.monotone_times
-    keep = r < below if below is not None else np.ones(r.size, bool)
-    if keep.sum() < 2:
-        keep = np.zeros(r.size, bool)
-        keep[: min(2, r.size)] = True
+    r, t, keep = curve.fit_points(below)
     return float(np.max(np.abs(a + s * r[keep] - t[keep])) / max(curve.original, 1e-15))
 
 
