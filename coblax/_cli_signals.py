@@ -20,11 +20,14 @@ SIGINT) stays ignored.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
 
-__all__ = ["hard_exit", "install_early_exit", "is_command_line"]
+__all__ = ["hard_exit", "install_early_exit", "finish", "is_command_line"]
+
+_final_code: int | None = None  # the finished command's exit status (see finish)
 
 
 def is_command_line() -> bool:
@@ -58,6 +61,40 @@ def install_early_exit() -> None:
     """SIGINT/SIGTERM end the command at once (130/143) until the run sets its own handlers."""
     if not is_command_line():
         return
+    # Registered before JAX (and Ray) are imported, so it runs last among the exit
+    # functions: after theirs, and before the interpreter resets the signal handlers.
+    atexit.register(_exit_at_teardown)
     for sig in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL):
             signal.signal(sig, _early)
+
+
+def _late(signum, frame) -> None:
+    try:
+        os.write(2, f"coblax: interrupted by {signal.Signals(signum).name} after the command finished; "
+                    "everything was already saved\n".encode())
+    except OSError:
+        pass
+    hard_exit(128 + signum)
+
+
+def finish(code: int) -> None:
+    """The command is done with status ``code``: a SIGINT/SIGTERM from now on ends it at once.
+
+    After the command, the interpreter joins threads and runs the exit functions (JAX's,
+    Ray's), then resets the signal handlers to their defaults and tears down; a signal
+    there killed the process by the signal itself (a parent saw -2; the fault probe,
+    ``benchmarks/probe_entry_points.py``: 2 of 5 SIGINTs at ~4 s, as a small run ended on
+    an idle machine). So the late handler exits 128 + signum, and the last exit function
+    ends the process with ``code`` before the handlers are reset.
+    """
+    global _final_code
+    _final_code = int(code)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _late)
+
+
+def _exit_at_teardown() -> None:
+    if _final_code is not None:
+        hard_exit(_final_code)

@@ -212,8 +212,16 @@ def _early_sigint_trials(tmp_path: Path, n: int, seed: int) -> list[tuple[float,
             signal.signal(signal.SIGINT, before)
         delay = rng.uniform(0.3, 4.0)  # from when our code runs (interpreter start-up takes ~0.1 s)
         time.sleep(delay)
-        proc.send_signal(signal.SIGINT)
+        # On an idle machine the small run can end before a late signal (or in the last
+        # microseconds, inside os._exit): then its 0 with every record saved is right. A
+        # swallowed signal (the old "Exception ignored" failure) also ended with 0: told
+        # apart by its message.
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
+        if proc.returncode == 0 and "Exception ignored" not in err and "Traceback" not in err:
+            assert (tmp_path / f"o{i}" / "results.json").exists(), err[-300:]
+            continue
         results.append((round(delay, 2), proc.returncode, err[-300:]))
     return results
 
@@ -222,13 +230,13 @@ def test_early_sigint_exits_130(tmp_path):
     """Finding 7: an early SIGINT exited 139 (SIGSEGV), -2 (a traceback), or was swallowed by
     JAX's gc callback ("Exception ignored in _xla_gc_callback") and the run finished with 0."""
     trials = _early_sigint_trials(tmp_path, 3, seed=1)  # 20 trials: the slow test below
-    assert all(code == 130 and "Traceback" not in err for _, code, err in trials), trials
+    assert trials and all(code == 130 and "Traceback" not in err for _, code, err in trials), trials
 
 
 @pytest.mark.slow
 def test_early_sigint_exits_130_twenty_times(tmp_path):
     trials = _early_sigint_trials(tmp_path, 20, seed=2)
-    assert all(code == 130 and "Traceback" not in err for _, code, err in trials), trials
+    assert trials and all(code == 130 and "Traceback" not in err for _, code, err in trials), trials
 
 
 # ---------------------------------------------------------------------- finding 11: file modes

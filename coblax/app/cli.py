@@ -276,11 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     interpreter's teardown with JAX's threads mid-start could crash (SIGSEGV).
     """
     code = _main(argv)
-    if argv is None and code in (130, 143):
-        from coblax._cli_signals import hard_exit, is_command_line
+    if argv is None:
+        from coblax._cli_signals import finish, hard_exit, is_command_line
 
         if is_command_line():
-            hard_exit(code)
+            if code in (130, 143):
+                hard_exit(code)
+            finish(code)  # a signal during the teardown that follows: 130/143, not a kill or a crash
     return code
 
 
