@@ -48,13 +48,16 @@ def hard_exit(code: int) -> None:
     os._exit(code)
 
 
-def _early(signum, frame) -> None:
+def _say_and_exit(signum: int, when: str) -> None:
     try:
-        os.write(2, f"coblax: interrupted by {signal.Signals(signum).name} while starting; nothing was "
-                    "written\n".encode())
+        os.write(2, f"coblax: interrupted by {signal.Signals(signum).name} {when}\n".encode())
     except OSError:
         pass
     hard_exit(128 + signum)
+
+
+def _early(signum, frame) -> None:
+    _say_and_exit(signum, "while starting; nothing was written")
 
 
 def install_early_exit() -> None:
@@ -70,12 +73,7 @@ def install_early_exit() -> None:
 
 
 def _late(signum, frame) -> None:
-    try:
-        os.write(2, f"coblax: interrupted by {signal.Signals(signum).name} after the command finished; "
-                    "everything was already saved\n".encode())
-    except OSError:
-        pass
-    hard_exit(128 + signum)
+    _say_and_exit(signum, "after the command finished; everything was already saved")
 
 
 def finish(code: int) -> None:
