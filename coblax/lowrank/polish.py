@@ -43,19 +43,22 @@ def polish_masks(problem: AllocationProblem, masks: dict[str, np.ndarray], score
     if idx.size == 0:
         return masks, info
 
-    scale = 1.0
+    x0 = m0[idx]
+    value0, grad0 = problem.loss.value_and_grad(m0)
+    scale = abs(float(value0)) or 1.0
 
     def fun(x):
-        m = m0.copy()
-        m[idx] = x
-        value, grad = problem.loss.value_and_grad(m)
+        if np.array_equal(x, x0):  # L-BFGS-B starts at x0: E there is already known
+            value, grad = value0, grad0
+        else:
+            m = m0.copy()
+            m[idx] = x
+            value, grad = problem.loss.value_and_grad(m)
         return float(value) / scale, np.asarray(grad, np.float64)[idx] / scale
-
-    scale = abs(fun(m0[idx])[0]) or 1.0
     options = {"maxiter": max_iter, "maxfun": 2 * max_iter}
     if rtol > 0:
         options["ftol"] = rtol
-    res = minimize(fun, m0[idx], jac=True, method="L-BFGS-B", bounds=[(1e-6, 1.0)] * idx.size,
+    res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=[(1e-6, 1.0)] * idx.size,
                    options=options)
     m1 = m0.copy()
     m1[idx] = res.x
