@@ -10,11 +10,14 @@ padded by 2 pixels) and each batch size (1, 64):
    round-robin group; the rest of the network is a constant by difference);
 3. for each latency budget λ (0.7 / 0.5 / 0.3) allocate with ``--method`` (default
    ``pos_greedy``, data-free and fast, so that the two budgets are compared with the
-   same allocator; ``pos_exact``'s MILP takes minutes on VGG-16-BN) under the latency budget alone (mac = param = 1);
-4. the MAC-budgeted comparison at the same latency: the MAC fraction whose allocation
-   (same method, mac = f, param = 1) the tables predict to take the same latency as
-   the latency-budgeted one, found by bisection on f (``--bisect`` steps, on the
-   tables' prediction: measuring every step would cost minutes and add noise);
+   same allocator; ``pos_exact``'s MILP takes minutes on VGG-16-BN) under the latency budget alone (mac = param = 1),
+   with allocate's end-to-end check (:mod:`coblax.lowrank.latency_check`, ``--checks``
+   re-allocations under a budget corrected by the measured miss);
+4. the MAC-budgeted comparison at the same *measured* latency: the MAC fraction whose
+   allocation (same method, mac = f, param = 1) the tables predict at the
+   latency-budgeted one's latency (bisection on f, ``--bisect`` steps on the tables'
+   prediction), then refined by bisection on the measured ratio (``--checks`` + 2
+   measurements) to the largest f that measures at or below the latency-budgeted network;
 5. measure end to end, in one round-robin group at that batch (the original network,
    the three latency-budgeted and the three MAC-budgeted networks; median of
    ``--repeats`` warm samples, each sample at least 2 ms of back-to-back calls, after
@@ -43,6 +46,7 @@ from coblax.lowrank.api import compressed_linen, decompose_selected, factored_bu
 from coblax.lowrank.costs import make_problem
 from coblax.lowrank.decompose import trace_layers
 from coblax.lowrank.latency import NetworkLatency, fit_quality
+from coblax.lowrank.latency_check import check_latency, network_measure
 from coblax.lowrank.latency_measure import TimingOptions, measure_network, time_calls
 from coblax.lowrank.registry import get_allocator
 from coblax.nn.data import load_dataset
@@ -64,6 +68,7 @@ class Settings:
     repeats: int
     grid: int
     bisect: int
+    checks: int
     method: str
     out: Path
     data_dir: str | None
@@ -81,7 +86,7 @@ def settings_for(args) -> Settings:
         models=tuple(args.models), budgets=tuple(args.budgets), batches=tuple(args.batches),
         train={k: args.train or v for k, v in train.items()}, epochs={k: args.epochs or v for k, v in epochs.items()},
         test={k: args.test or v for k, v in test.items()}, repeats=args.repeats or (3 if quick else 15),
-        grid=4 if quick else 8, bisect=6 if quick else 12, method=args.method, out=Path(args.out),
+        grid=4 if quick else 8, bisect=6 if quick else 12, checks=args.checks, method=args.method, out=Path(args.out),
         data_dir=args.data_dir,
     )
 
@@ -162,11 +167,20 @@ def bench_model(name: str, s: Settings) -> list[dict]:
                 rows.append({"model": name, "batch": batch, "latency_budget": lam, "infeasible": str(err)})
                 print(f"{name} b{batch} λ={lam:g}: {err}", flush=True)
                 continue
-            lat_alloc = allocator(problem)
             timed_net = dataclasses.replace(net, layers=problem.layers)
+            measure = network_measure((apply, variables), factored_builder(model, variables, net, full, kwargs),
+                                      x.shape[1:], batch, options=TimingOptions(repeats=s.repeats))
+            # the end-to-end check allocate runs (coblax.lowrank.latency_check): measured, re-allocated
+            # under a corrected budget while slower than lam
+            lat_alloc = check_latency(allocator(problem), problem, allocator, timing, lam, measure, checks=s.checks)
             lat_ranks = _reported(timed_net, lat_alloc)
             target = _predicted(timing, net.layers, lat_ranks)
             mac_f, mac_alloc = _matching_mac(net, allocator, timing, target, s.bisect)
+            mac_f, mac_alloc, mac_steps = _measured_mac(net, allocator, measure, mac_f, mac_alloc,
+                                                        lat_alloc.stats["latency"]["measured_ratio"], s.checks + 2)
+            print(f"{name} b{batch} λ={lam:g}: end-to-end checks "
+                  f"{[(round(a['fraction'], 3), round(a['measured'], 3)) for a in lat_alloc.stats['latency']['end_to_end']]}"
+                  f"; MAC budget by measured latency {[(round(f, 3), round(r, 3)) for f, r in mac_steps]}", flush=True)
             chosen.append((lam, timed_net, lat_alloc, target, mac_f, mac_alloc))
         networks = [(None, None)]
         for lam, timed_net, lat_alloc, _, _, mac_alloc in chosen:
@@ -216,6 +230,35 @@ def _matching_mac(net, allocator, timing: NetworkLatency, target: float, steps: 
         else:
             b = mid
     return best
+
+
+def _measured_mac(net, allocator, measure, f0: float, alloc0, target: float, steps: int):
+    """(f, allocation, [(f, measured)]): the MAC budget whose allocation *measures* closest
+    below ``target`` (the latency-budgeted network's measured ratio), by bisection on f
+    from the predicted match ``f0`` (``steps`` measurements at most); the fastest measured
+    when none is below."""
+    floor = min(1.0, net.ratios({l.name: 1 for l in net.layers}, "decomposed")[0] * 1.0001)
+    tried = []
+
+    def at(f, alloc=None):
+        alloc = alloc or allocator(make_problem(net, f, 1.0, "decomposed"))
+        tried.append((f, measure(_reported(net, alloc)), alloc))
+        return tried[-1][1]
+
+    lo, hi = floor, 1.0
+    if at(f0, alloc0) > target:
+        hi = f0
+    else:
+        lo = f0
+    for _ in range(steps - 1):
+        mid = 0.5 * (lo + hi)
+        if at(mid) > target:
+            hi = mid
+        else:
+            lo = mid
+    below = [t for t in tried if t[1] <= target]
+    f, _, alloc = max(below, key=lambda t: t[1]) if below else min(tried, key=lambda t: t[1])
+    return f, alloc, [(t[0], t[1]) for t in tried]
 
 
 def table(rows: list[dict], header: bool = True) -> str:

@@ -137,6 +137,8 @@ def main() -> None:
     ap.add_argument("--repeats64", type=int, default=3, help="timed calls at batch 64")
     ap.add_argument("--out", default=os.environ.get("BENCH_OUT", "runs/bench_latency"))
     ap.add_argument("--quick", action="store_true", help="latency mode: tiny training, few repeats (a smoke run)")
+    ap.add_argument("--checks", type=int, default=2, help="latency mode: end-to-end checks (re-allocations) "
+                    "of each latency-budgeted network, as allocate's latency_checks")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 64], help="latency mode: batch sizes")
     ap.add_argument("--method", default="pos_greedy", help="latency mode: the allocator of both budgets "
                     "(pos_greedy: data-free and fast; pos_exact's MILP is slow on VGG-16-BN's ~8k candidates)")

@@ -24,7 +24,8 @@ def _run(cfg: Path, out: Path, cache: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("key, text", [("budgets__latency", "0.0"), ("budgets__latency", "1.5"),
-                                       ("budgets__rank_multiple", "0"), ("budgets__latency_batch", "0")])
+                                       ("budgets__rank_multiple", "0"), ("budgets__latency_batch", "0"),
+                                       ("budgets__latency_checks", "-1")])
 def test_bad_budget_keys_are_named(tmp_path, key, text):
     with pytest.raises(ConfigError, match=key.split("__")[1]):
         load_run_config(tiny_run_config(tmp_path, **{key: text}))
@@ -46,5 +47,8 @@ def test_rank_multiple_and_latency_keys_in_a_run(tmp_path):
         for name, r in rec["ranks"].items():
             assert r % 4 == 0 or r == rec["full_ranks"][name]
         assert rec["diagnostics"]["latency"]["predicted_ratio"] <= 1.0 + 1e-9
+        # measured end to end (budgets.latency_checks = 2 by default): every attempt is reported
+        checks = rec["diagnostics"]["latency"]["end_to_end"]
+        assert 1 <= len(checks) <= 3 and all(c["measured"] > 0 for c in checks)
         assert rec["mac_ratio"] <= 1.0 + 1e-9
     assert list((tmp_path / "cache" / "latency").glob("*.json"))  # tables cached in the cache folder

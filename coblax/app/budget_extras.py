@@ -18,10 +18,12 @@ from coblax.lowrank.allocation import AllocationProblem, Allocator
 from coblax.lowrank.api import factored_builder, table_schemes, with_latency_stats
 from coblax.lowrank.costs import NetworkCost, make_problem
 from coblax.lowrank.latency import NetworkLatency
+from coblax.lowrank.latency_api import float_dtype
+from coblax.lowrank.latency_check import check_latency, network_measure
 from coblax.lowrank.latency_measure import latency_model
 from coblax.lowrank.rank_multiple import check_rank_multiple, multiple_floor, with_rank_multiple
 
-__all__ = ["record_problem", "restricted", "with_latency_stats"]
+__all__ = ["record_problem", "restricted", "with_latency_stats", "checked_latency"]
 
 _TIMINGS: dict[tuple, NetworkLatency] = {}  # (id of the base params, layers, batch) -> measured once per run
 
@@ -52,3 +54,20 @@ def record_problem(cfg: Any, base: Any, traced, net: NetworkCost, full, x: np.nd
 def restricted(cfg: Any, allocator: Allocator) -> Allocator:
     """``allocator`` restricted to ranks that are multiples of ``budgets.rank_multiple``."""
     return with_rank_multiple(allocator, cfg.budgets.rank_multiple)
+
+
+def checked_latency(cfg: Any, allocation, problem: AllocationProblem, allocator: Allocator,
+                    timing: NetworkLatency | None, base: Any, net: NetworkCost, full, x: np.ndarray):
+    """``allocation`` measured end to end and re-allocated under a corrected budget while
+    slower than ``budgets.latency``, at most ``budgets.latency_checks`` times
+    (:mod:`coblax.lowrank.latency_check`); unchanged without a latency budget."""
+    if timing is None or not cfg.budgets.latency_checks:
+        return allocation
+
+    def run(p: AllocationProblem):
+        return with_latency_stats(allocator(p), p, timing)
+
+    measure = network_measure((base.model.apply, base.params), factored_builder(base.model, base.params, net, full, {}),
+                              np.shape(x)[1:], timing.batch, dtype=float_dtype(x))
+    return check_latency(allocation, problem, run, timing, cfg.budgets.latency, measure,
+                         checks=cfg.budgets.latency_checks)

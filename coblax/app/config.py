@@ -240,6 +240,7 @@ class BudgetConfig:
     # a third budget beside every pair: a fraction of the measured latency (coblax.app.budget_extras)
     latency: float | None = setting(None, gt=0.0, le=1.0)
     latency_batch: int = setting(64, ge=1)
+    latency_checks: int = setting(2, ge=0)  # end-to-end measurements, re-allocating while slower
     rank_multiple: int = setting(1, ge=1)
 
     def validate(self, where: str) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from coblax.app.base_model import BaseModel
-from coblax.app.budget_extras import record_problem, restricted, with_latency_stats
+from coblax.app.budget_extras import checked_latency, record_problem, restricted, with_latency_stats
 from coblax.app.config import ConfigError, RunConfig
 from coblax.lowrank.allocation import Allocation, has_room, is_feasible
 from coblax.lowrank.costs import NetworkCost, network_cost
@@ -183,6 +183,8 @@ def run_method(
     if not is_feasible(problem, allocation.ranks):
         raise AssertionError(f"method {method} returned ranks that break the budget: {allocation.ranks}")
     allocation = with_latency_stats(allocation, problem, timing)
+    allocation = checked_latency(cfg, allocation, problem, allocator, timing, base, net, full, data.x_train)
+    solve_seconds = time.perf_counter() - start  # the end-to-end latency checks are the allocator's time
     kept, ranks = truncate_allocation(net, full, allocation)
     extra: dict = {}
     acc_before, acc_after, finetune_seconds = finetune_factored(cfg, base, data, kept, f"finetune {method}", progress,

@@ -54,9 +54,12 @@ from coblax.lowrank.factored import factored_variables, truncate_allocation
 from coblax.lowrank.latency_api import (  # noqa: F401 - table_schemes, with_latency_stats: re-exported
     check_latency_arguments,
     factored_builder,
+    float_dtype,
+    latency_checks_for,
     table_schemes,
     with_latency_stats,
 )
+from coblax.lowrank.latency_check import check_latency, network_measure
 from coblax.lowrank.latency_measure import latency_model
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.rank_multiple import check_rank_multiple, multiple_floor, with_rank_multiple
@@ -264,6 +267,7 @@ def allocate(
     latency: float | None = None,
     latency_batch: int = 64,
     latency_tables: Any = None,
+    latency_checks: int | None = None,
     **unexpected: Any,
 ) -> Compressed:
     """Allocate per-layer ranks of ``model`` under MAC and parameter budgets.
@@ -308,6 +312,11 @@ def allocate(
         None: no latency budget. ``result.allocation.stats["latency"]`` reports the
         predicted latency ratio and the tables' line-fit errors.
       latency_batch: the batch size the latency is measured (and budgeted) at.
+      latency_checks: how often the allocated network may be measured end to end and
+        re-allocated under a corrected budget while it runs slower than ``latency``
+        (:mod:`coblax.lowrank.latency_check`; the kept allocation's
+        ``stats["latency"]["measured_ratio"]`` and ``["met"]`` say how it measured).
+        None: 2 when the tables are measured here, 0 with ``latency_tables``.
       latency_tables: a :class:`~coblax.lowrank.latency.NetworkLatency` measured
         before (or synthetic) to use instead of measuring.
 
@@ -328,13 +337,15 @@ def allocate(
     for label, value in (("mac", mac), ("param", param)):  # both paths, before any work
         check_budget(label, value)
     check_latency_arguments(latency, latency_batch, latency_tables)
+    checks = latency_checks_for(latency_checks, latency_tables)
     variables, data = nnx_api.check_model_args(model, variables, data)
     if variables is None:
         return nnx_api.allocate_nnx(model, data, rules=rules, mac=mac, param=param,
                                     method=resolve_method(method, method_options), basis=basis,
                                     validation_data=validation_data, apply_kwargs=apply_kwargs, seed=seed,
                                     min_rank=min_rank, batch_size=batch_size, rank_multiple=rank_multiple,
-                                    latency=latency, latency_batch=latency_batch, latency_tables=latency_tables)
+                                    latency=latency, latency_batch=latency_batch, latency_tables=latency_tables,
+                                    latency_checks=checks)
     check_allocate_arguments(locals())  # coblax.lowrank.validate: ValueError naming the argument
     check_batches(recalibrate_bn)
     allocator = resolve_method(method, method_options)
@@ -353,6 +364,12 @@ def allocate(
     problem = _with_loss_and_trainer(problem, allocator, model, variables, full, data, validation_data,
                                      batch_size, apply_kwargs, seed)
     allocation = run_allocator(allocator, problem, k, timing)
+    if timing is not None and checks:  # measured end to end; re-allocated while slower than the budget
+        measure = network_measure((lambda v, x: model.apply(v, x, **apply_kwargs), variables),
+                                  factored_builder(model, variables, net, full, apply_kwargs), data[0].shape[1:],
+                                  timing.batch, dtype=float_dtype(data[0]))
+        allocation = check_latency(allocation, problem, lambda p: run_allocator(allocator, p, k, timing), timing,
+                                   latency, measure, checks=checks)
     result = compressed_linen(model, variables, net, full, allocation, schemes, apply_kwargs, basis, allocator.name)
     if recalibrate_bn:
         result = result.replace(variables=_recalibrate(result.apply, result.variables, data[0],

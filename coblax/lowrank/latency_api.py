@@ -8,6 +8,8 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 from coblax.lowrank.allocation import Allocation
 from coblax.lowrank.costs import NetworkCost
 from coblax.lowrank.decompose import Factors, apply_fn_for
@@ -15,7 +17,8 @@ from coblax.lowrank.factored import factored_variables, truncate_allocation
 from coblax.lowrank.latency import latency_report
 from coblax.lowrank.validate import check_budget
 
-__all__ = ["check_latency_arguments", "table_schemes", "factored_builder", "with_latency_stats"]
+__all__ = ["check_latency_arguments", "latency_checks_for", "float_dtype", "table_schemes", "factored_builder",
+           "with_latency_stats"]
 
 
 def check_latency_arguments(latency: Any, batch: Any, tables: Any) -> None:
@@ -30,6 +33,23 @@ def check_latency_arguments(latency: Any, batch: Any, tables: Any) -> None:
     check_int("latency_batch", batch, 1)
     if tables is None:
         check_can_time("latency")
+
+
+def latency_checks_for(checks: Any, tables: Any) -> int:
+    """``latency_checks`` as an int >= 0: None means 2 when the tables are measured here,
+    0 with injected ``latency_tables`` (a synthetic table says nothing about this device)."""
+    from coblax.lowrank.validate import check_int
+
+    if checks is None:
+        return 0 if tables is not None else 2
+    check_int("latency_checks", checks, 0)
+    return int(checks)
+
+
+def float_dtype(x: Any):
+    """The floating dtype of the example inputs (float32 for integer inputs)."""
+    dtype = np.asarray(x).dtype
+    return dtype if np.issubdtype(dtype, np.floating) else np.float32
 
 
 def table_schemes(full: Mapping[str, Factors]) -> dict[str, str]:

@@ -39,6 +39,8 @@ from coblax.lowrank.api import (
 from coblax.lowrank.costs import network_cost
 from coblax.lowrank.decompose import SCHEMES, Factors, factorize
 from coblax.lowrank.factored import truncate_allocation
+from coblax.lowrank.latency_api import float_dtype
+from coblax.lowrank.latency_check import check_latency, network_measure
 from coblax.lowrank.latency_measure import latency_model
 from coblax.lowrank.nnx_adapter import (
     build_factored,
@@ -146,6 +148,7 @@ def allocate_nnx(
     latency: float | None = None,
     latency_batch: int = 64,
     latency_tables: Any = None,
+    latency_checks: int = 0,
 ) -> Compressed:
     """:func:`coblax.allocate` for an nnx model (see there for the arguments).
 
@@ -190,6 +193,10 @@ def allocate_nnx(
                               batch_size=batch_size, apply_kwargs=apply_kwargs)
         problem = dataclasses.replace(problem, loss=loss)
     allocation = run_allocator(allocator, problem, k, timing)
+    if timing is not None and latency_checks:  # measured end to end (coblax.lowrank.latency_check)
+        measure = network_measure((apply, state), factored, x_obj.shape[1:], timing.batch, dtype=float_dtype(x_obj))
+        allocation = check_latency(allocation, problem, lambda p: run_allocator(allocator, p, k, timing), timing,
+                                   latency, measure, checks=latency_checks)
     kept, ranks = truncate_allocation(net, full, allocation)
     factored = build_factored(model, kept)
     graphdef, variables = nnx.split(factored)
