@@ -264,6 +264,14 @@ class ALDS:
         _positive_int("search_seeds", self.search_seeds)
         _positive_int("search_iterations", self.search_iterations)
 
+    @property
+    def runner_unsupported(self) -> str | None:
+        """Why the config runner cannot run these options (it factors with ``decompose.schemes``)."""
+        if self.slices == 1:
+            return None
+        return (f"slices = {self.slices!r} needs the sliced factored form (scheme 'alds:k'), which only "
+                f"coblax.allocate builds; the config runner supports slices = 1")
+
     def slice_plan(self, cands, mac_max: float, param_max: float, min_rank: int, seed: int) -> dict[str, int] | None:
         """layer -> k for :func:`coblax.lowrank.slicing.plan_slices` (None: keep the rules' schemes).
 
