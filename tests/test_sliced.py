@@ -154,3 +154,11 @@ def test_bad_sliced_rule_names_it(scheme, message):
     model, variables, data, _ = _setup()
     with pytest.raises(ValueError, match=message):
         allocate(model, variables, data, rules=[("c3", scheme)], mac=0.5, param=0.5, method="pos_exact")
+
+
+def test_what_is_not_built_for_the_sliced_form_says_so():
+    model, variables, data, _ = _setup()
+    with pytest.raises(ValueError, match="whitened spectrum is not built for the sliced scheme 'alds:2'"):
+        allocate(model, variables, data, rules=RULES, mac=0.5, param=0.5, method="balf")
+    with pytest.raises(ValueError, match="latency budget is not built for the sliced scheme"):
+        allocate(model, variables, data, rules=RULES, mac=0.5, param=0.5, method="pos_exact", latency=0.5)

@@ -67,7 +67,7 @@ from coblax.lowrank.latency_measure import latency_model
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.rank_multiple import check_rank_multiple, multiple_floor, with_rank_multiple
 from coblax.lowrank.registry import get_allocator
-from coblax.lowrank.slicing import plan_slices
+from coblax.lowrank.slicing import plan_slices, refuse_sliced
 from coblax.lowrank.spectra import allocator_spectrum, whitened_factors
 from coblax.lowrank.training import attach_trainer
 from coblax.lowrank.validate import check_allocate_arguments, check_budget, check_finetune_arguments
@@ -355,6 +355,7 @@ def allocate(
                                      budgets=net.budgets(mac, param, basis), min_rank=min_rank, seed=seed)
     timing = None
     if latency is not None:  # per-layer tables and the network's time (coblax.lowrank.latency_measure)
+        refuse_sliced(schemes, "the latency budget")
         traced = trace_layers(model, variables, jnp.asarray(data[0][:1]), apply_kwargs)
         timing = latency_model(lambda v, x: model.apply(v, x, **apply_kwargs), variables, data[0], traced,
                                net.layers, table_schemes(full), batch=latency_batch, tables=latency_tables,

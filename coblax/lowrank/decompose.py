@@ -621,7 +621,9 @@ def factorize_whitened(
       gram: PᵀP from :func:`input_grams` (rows of the matricized kernel square).
       eps: relative ridge that keeps G positive definite (dead inputs).
     """
-    if scheme not in SCHEMES:
+    if slice_count(scheme) and layer.kind == "conv":
+        raise ValueError(f"layer {layer.name}: the whitened spectrum is not built for the sliced scheme {scheme!r}")
+    if scheme not in SCHEMES and not (slice_count(scheme) and layer.kind == "dense"):
         raise ValueError(f"unknown scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
     mat = matricize(np.asarray(kernel, dtype=np.float64), layer.kind, scheme)
     g = np.asarray(gram, np.float64)

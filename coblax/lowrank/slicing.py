@@ -29,7 +29,17 @@ from coblax.lowrank.decompose import (
     trace_layers,
 )
 
-__all__ = ["divisors", "plan_slices", "SliceCandidates"]
+__all__ = ["divisors", "plan_slices", "SliceCandidates", "refuse_sliced"]
+
+
+def refuse_sliced(schemes: Mapping[str, str], what: str) -> None:
+    """ValueError when a layer is in the sliced form ``alds:k``, which ``what`` does not support."""
+    from coblax.lowrank.decompose import slice_count
+
+    sliced = sorted(n for n, s in schemes.items() if slice_count(s))
+    if sliced:
+        raise ValueError(f"{what} is not built for the sliced scheme 'alds:k' (layer {sliced[0]!r} is "
+                         f"{schemes[sliced[0]]!r}); use 'tai' or 'zhang' there")
 
 
 def divisors(n: int) -> tuple[int, ...]:
