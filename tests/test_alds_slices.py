@@ -155,3 +155,16 @@ def test_search_never_loses_to_its_fixed_starts_and_improves_per_layer():
 def test_bad_options_name_their_key(options, message):
     with pytest.raises(ValueError, match=message):
         get_allocator("alds", **options)
+
+
+def test_rank_multiple_keeps_the_sliced_error():
+    model, variables, data = _setup()
+    res = allocate(model, variables, data, rules=RULES, mac=0.5, param=0.5, method="alds",
+                   method_options={"slices": 2}, rank_multiple=2)
+    assert all(r % 2 == 0 or r == res.full_ranks[n] for n, r in res.ranks.items())
+    # the threshold rule at the reported eps, on the real (ungrouped) sliced spectra
+    full = {l.name: l for l in res.cost.layers}
+    for name, r in res.ranks.items():
+        if full[name].is_original(r) or name == "fc":
+            continue
+        assert relative_errors(full[name])[r] <= res.allocation.stats["eps"] + 1e-12
