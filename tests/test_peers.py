@@ -68,11 +68,11 @@ def test_alds_is_the_min_max_over_all_feasible_allocations(seed):
         assert r == problem.min_rank or errors[layer.name][r - 1] > eps
 
 
-def test_alds_refuses_slices_other_than_one():
-    with pytest.raises(ValueError, match="slices"):
-        ALDS(slices=2)
-    with pytest.raises(ValueError, match="slices"):
-        get_allocator("alds", slices=0)
+def test_alds_refuses_bad_slices():
+    # slices > 1 and "search" are built (tests/test_alds_slices.py); these are not slice counts
+    for bad in (0, -2, True, 2.0, "many"):
+        with pytest.raises(ValueError, match="slices"):
+            get_allocator("alds", slices=bad)
 
 
 # ------------------------------------------------------------------------------ BALF

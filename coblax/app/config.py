@@ -174,9 +174,13 @@ def check_method_options(method: str, options: Any, where: str) -> list[str]:
         )
     if not problems:
         try:
-            factory(**options)
+            allocator = factory(**options)
         except (TypeError, ValueError) as err:
             problems.append(f"{where}: {err}")
+        else:  # options only coblax.allocate can serve (ALDS's slices > 1) say so here
+            unsupported = getattr(allocator, "runner_unsupported", None)
+            if unsupported:
+                problems.append(f"{where}: {unsupported}")
     return problems
 
 

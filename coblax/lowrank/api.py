@@ -18,6 +18,9 @@ layers no rule matches keep their original form. Schemes:
 * ``"dense"`` — an ``nn.Dense`` layer, W (in x out) factored directly;
 * ``"tai"`` / ``"zhang"`` — an ``nn.Conv`` layer (see :mod:`coblax.lowrank.decompose`);
   an ``nn.Dense`` layer matched by them is factored as dense (it has one form);
+* ``"alds:k"`` — an ``nn.Conv`` layer cut into k input-channel slices (ALDS): a
+  grouped conv then a 1x1 conv, rank r kept in every slice (k must divide the
+  layer's input channels; see :mod:`coblax.lowrank.decompose`);
 * ``"skip"`` — keep the layer (e.g. depthwise convs before a catch-all rule).
 
 Every registered allocator works through it: ``method="pos_exact"`` (a name of
@@ -46,8 +49,11 @@ from coblax.lowrank.decompose import (
     Factors,
     TracedLayer,
     apply_fn_for,
+    check_slices,
     factorize,
     get_kernel,
+    slice_count,
+    slice_info,
     trace_layers,
 )
 from coblax.lowrank.factored import factored_variables, truncate_allocation
@@ -64,6 +70,7 @@ from coblax.lowrank.latency_measure import latency_model
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.rank_multiple import check_rank_multiple, multiple_floor, with_rank_multiple
 from coblax.lowrank.registry import get_allocator
+from coblax.lowrank.slicing import plan_slices, refuse_sliced
 from coblax.lowrank.spectra import allocator_spectrum, whitened_factors
 from coblax.lowrank.training import attach_trainer
 from coblax.lowrank.validate import check_allocate_arguments, check_budget, check_finetune_arguments
@@ -91,7 +98,7 @@ def select_layers(traced: Sequence[TracedLayer], rules: Sequence[tuple[str, str]
         if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
             raise ValueError(f"rule {i}: expected (regex, scheme), got {rule!r}")
         pattern, scheme = rule
-        if scheme not in RULE_SCHEMES:
+        if scheme not in RULE_SCHEMES and not slice_count(scheme):  # "alds:k": slice_count checks k
             raise ValueError(f"rule {i} ({pattern!r}): unknown scheme {scheme!r}; valid: {', '.join(RULE_SCHEMES)}")
         try:
             compiled.append((re.compile(pattern), pattern, scheme))
@@ -113,6 +120,8 @@ def select_layers(traced: Sequence[TracedLayer], rules: Sequence[tuple[str, str]
         if layer.kind == "conv" and scheme == "dense":
             raise ValueError(f"layer {layer.name!r} is a convolution but rule {pattern!r} asks for 'dense'; "
                              f"use 'tai' or 'zhang'")
+        if layer.kind == "conv" and slice_count(scheme):
+            check_slices(layer, slice_count(scheme), f"rule {pattern!r} ({scheme!r})")
         chosen[layer.name] = scheme
     return chosen
 
@@ -353,8 +362,11 @@ def allocate(
     data = tuple(np.asarray(a) for a in data)
     schemes, full, net = decompose_selected(model, variables, data[0], rules, apply_kwargs,
                                     allocator_spectrum(allocator), batch_size)
+    schemes, full, net = plan_slices(allocator, model, variables, data[0], apply_kwargs, schemes, full, net,
+                                     budgets=net.budgets(mac, param, basis), min_rank=min_rank, seed=seed)
     timing = None
     if latency is not None:  # per-layer tables and the network's time (coblax.lowrank.latency_measure)
+        refuse_sliced(schemes, "the latency budget")
         traced = trace_layers(model, variables, jnp.asarray(data[0][:1]), apply_kwargs)
         timing = latency_model(lambda v, x: model.apply(v, x, **apply_kwargs), variables, data[0], traced,
                                net.layers, table_schemes(full), batch=latency_batch, tables=latency_tables,
@@ -405,14 +417,15 @@ def decompose_selected(model: Any, variables: Mapping[str, Any], x: np.ndarray, 
         raise ValueError("the rules select no layer to decompose")
     by_name = {layer.name: layer for layer in traced}
     full = {
-        name: factorize(get_kernel(variables, name), by_name[name], scheme if scheme in SCHEMES else SCHEMES[0])
+        name: factorize(get_kernel(variables, name), by_name[name],
+                        scheme if scheme in SCHEMES or slice_count(scheme) else SCHEMES[0])
         for name, scheme in schemes.items()
     }
     if spectrum == "whitened":
         full = whitened_factors(model, variables, [by_name[n] for n in full], {n: f.scheme for n, f in full.items()},
                                 x, batch_size=batch_size)
     net = network_cost(traced, variables, {n: np.asarray(f.sigma) for n, f in full.items()},
-                       {n: f.scheme for n, f in full.items()})
+                       {n: f.scheme for n, f in full.items()}, sliced=slice_info(full))
     return schemes, full, net
 
 

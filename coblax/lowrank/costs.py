@@ -9,6 +9,12 @@ For a decomposable layer at rank r (number of kept triplets, r = Σ_j m_ij):
 * conv ``tai`` (C·X, Y·N), input width W_in (the vertical conv runs on every
   input column; the horizontal one applies the width stride and padding):
     N_C = r·(Ho·W_in·X·C + Ho·Wo·Y·N), N_M = r·(X·C + Y·N)
+* conv ``alds:k`` (k input-channel slices of c = C/k; rank r keeps r triplets in
+  every slice, k·r in all): a grouped X x Y conv, k groups of c -> r channels, then
+  a 1x1 conv k·r -> N:
+    N_C = Ho·Wo·r·(X·Y·C + k·N),     N_M = r·(X·Y·C + k·N)
+  (each slice's rows are X·Y·c, so the grouped conv has X·Y·c·k·r = X·Y·C·r weights);
+  its full rank is a slice's, R = min(X·Y·C/k, N).
 
 The original layer costs P·in·out (dense) or Ho·Wo·X·Y·C·N / groups (conv) MACs
 and its kernel size in parameters. Biases, normalization parameters and every
@@ -39,20 +45,42 @@ from coblax.lowrank.allocation import (
     ranks_cost,
     ranks_latency,
 )
-from coblax.lowrank.decompose import TracedLayer
+from coblax.lowrank.decompose import TracedLayer, slice_count
 from coblax.lowrank.latency import NetworkLatency
 
 __all__ = ["layer_cost", "count_params", "NetworkCost", "network_cost", "make_problem", "with_latency",
-           "BUDGET_BASES"]
+           "BUDGET_BASES", "SlicedLayerCost"]
 
 BUDGET_BASES = ("decomposed", "network")
 
 
-def layer_cost(layer: TracedLayer, sigma: np.ndarray, scheme: str) -> LayerCost:
+@dataclasses.dataclass(frozen=True, eq=False)
+class SlicedLayerCost(LayerCost):
+    """A layer in the sliced form ``alds:k``: its :class:`LayerCost` plus what ALDS reads.
+
+    Attributes:
+      slices: k.
+      slice_sigma: (k, R) each slice's singular values (``sigma`` is their
+        root-sum-square per index, σ̄_j).
+      norm: ||W||_2 of the whole (unsliced) kernel folded as (X·Y·C) x N.
+    """
+
+    slices: int = 1
+    slice_sigma: np.ndarray | None = None
+    norm: float = 0.0
+
+
+def layer_cost(layer: TracedLayer, sigma: np.ndarray, scheme: str,
+               sliced: tuple[np.ndarray, float] | None = None) -> LayerCost:
     """The affine cost vector of one decomposable layer under ``scheme``.
 
     MACs per rank sum over the layer's calls (see :attr:`TracedLayer.call_shapes`).
+    ``sliced`` ((k, R) per-slice spectra, ||W||_2; :func:`~coblax.lowrank.decompose.slice_info`)
+    makes a conv layer under ``alds:k`` a :class:`SlicedLayerCost`.
     """
+    k = slice_count(scheme) if layer.kind == "conv" else 0
+    if k:
+        return _sliced_cost(layer, sigma, k, sliced)
     per_mac = 0
     if layer.kind == "dense":
         n_in, n_out = layer.kernel_shape
@@ -82,6 +110,19 @@ def layer_cost(layer: TracedLayer, sigma: np.ndarray, scheme: str) -> LayerCost:
         param_per_rank=float(per_param),
         original_macs=float(layer.macs),
         original_params=float(np.prod(layer.kernel_shape)),
+    )
+
+
+def _sliced_cost(layer: TracedLayer, sigma: np.ndarray, k: int, sliced: tuple[np.ndarray, float] | None) -> LayerCost:
+    X, Y, C, N = layer.kernel_shape
+    per_param = X * Y * C + k * N
+    per_mac = sum(int(out_shape[0]) * int(out_shape[1]) * per_param for _, out_shape in layer.call_shapes)
+    spectra, norm = sliced if sliced is not None else (None, 0.0)
+    return SlicedLayerCost(
+        name=layer.name, kind=layer.kind, shape=(X * Y * C // k, N), sigma=np.asarray(sigma, dtype=np.float64),
+        mac_per_rank=float(per_mac), param_per_rank=float(per_param), original_macs=float(layer.macs),
+        original_params=float(np.prod(layer.kernel_shape)), slices=k,
+        slice_sigma=None if spectra is None else np.asarray(spectra, dtype=np.float64), norm=float(norm),
     )
 
 
@@ -134,17 +175,22 @@ class NetworkCost:
 
 
 def network_cost(
-    traced: list[TracedLayer], params, decomposed: Mapping[str, np.ndarray], scheme: str | Mapping[str, str]
+    traced: list[TracedLayer], params, decomposed: Mapping[str, np.ndarray], scheme: str | Mapping[str, str],
+    sliced: Mapping[str, tuple[np.ndarray, float]] | None = None,
 ) -> NetworkCost:
     """Costs of a network whose layers in ``decomposed`` (name -> σ) are factored.
 
     ``params`` is the variables dict (only its ``params`` collection is counted);
-    ``scheme`` is one conv scheme for every layer or a layer name -> scheme map.
+    ``scheme`` is one conv scheme for every layer or a layer name -> scheme map;
+    ``sliced`` the per-slice spectra of the ``alds:k`` layers
+    (:func:`~coblax.lowrank.decompose.slice_info`).
     """
+    sliced = sliced or {}
     total_params = float(count_params(params))
     total_macs = float(sum(layer.macs for layer in traced))
     schemes = scheme if isinstance(scheme, Mapping) else {name: scheme for name in decomposed}
-    layers = tuple(layer_cost(l, decomposed[l.name], schemes[l.name]) for l in traced if l.name in decomposed)
+    layers = tuple(layer_cost(l, decomposed[l.name], schemes[l.name], sliced.get(l.name))
+                   for l in traced if l.name in decomposed)
     fixed_macs = total_macs - sum(l.original_macs for l in layers)
     fixed_params = total_params - sum(l.original_params for l in layers)
     return NetworkCost(layers, fixed_macs, fixed_params, total_macs, total_params)

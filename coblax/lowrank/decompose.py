@@ -10,6 +10,18 @@ with U diag(m ⊙ σ) V^T. Three factorizations:
 * conv ``tai`` (Tai et al. 2016, seed Eq. 3): W as the (C·X) x (Y·N) matrix; a
   vertical X x 1 conv to R channels, scale, then a horizontal 1 x Y conv to N.
   Stride and padding split by axis: height in the first conv, width in the second.
+* conv ``alds:k`` (Liebenwein et al. 2021, ALDS): the C input channels cut into k
+  groups of c = C/k; group s's kernel W_s (X, Y, c, N) as the (X·Y·c) x N matrix,
+  W_s = U_s S_s V_sᵀ, R = min(X·Y·c, N). A grouped X x Y conv (k groups, k·R
+  channels: group s's R channels are U_s) then a 1x1 conv k·R -> N (rows V_sᵀ)
+  sums the slices: y = Σ_s V_s S_s U_sᵀ x_s. Rank r keeps the top r triplets of
+  *every* slice (one masking variable per index j, as ALDS keeps one rank per
+  layer), so a rank costs k triplets (see :mod:`coblax.lowrank.costs`). The
+  layer's spectrum is σ̄_j = sqrt(Σ_s σ_{s,j}²): the tail Σ_{j>=r} σ̄_j² is the
+  exact squared Frobenius error of rank r, as for a plain SVD. The first kernel's
+  column (s, j) is U_s[:, j]·σ_{s,j}/σ̄_j, so m ⊙ σ̄ repeated over the slices
+  scales each slice by its own σ_{s,j} (:func:`slice_spectra` reads them back).
+  ``alds:1`` is the ``zhang`` form.
 
 The network is run through ``flax.linen.intercept_methods``: a decomposed layer's
 ``__call__`` is replaced by the factored computation (its bias is still read from
@@ -53,9 +65,18 @@ __all__ = [
     "get_kernel",
     "explicit_pads",
     "as_tuple",
+    "SLICED",
+    "slice_count",
+    "sliced_scheme",
+    "check_slices",
+    "factorize_sliced",
+    "slice_spectra",
+    "slice_info",
 ]
 
 SCHEMES = ("tai", "zhang")
+#: Prefix of the sliced conv scheme ``"alds:k"`` (k input-channel slices, ALDS).
+SLICED = "alds"
 SPECTRA = ("weight", "whitened")
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -195,9 +216,38 @@ def get_kernel(params: Any, name: str) -> jnp.ndarray:
     return node["kernel"]
 
 
+def slice_count(scheme: str) -> int:
+    """k of a sliced conv scheme ``"alds:k"``; 0 for every other scheme.
+
+    Raises:
+      ValueError: ``"alds:..."`` whose k is not a positive integer.
+    """
+    if not isinstance(scheme, str) or not scheme.startswith(SLICED + ":"):
+        return 0
+    tail = scheme[len(SLICED) + 1:]
+    if not tail.isdigit() or int(tail) < 1:
+        raise ValueError(f"scheme {scheme!r}: the slice count after {SLICED + ':'!r} must be a positive integer")
+    return int(tail)
+
+
+def sliced_scheme(k: int) -> str:
+    """The scheme name of k input-channel slices (``"alds:k"``)."""
+    return f"{SLICED}:{int(k)}"
+
+
+def check_slices(layer: TracedLayer, k: int, key: str) -> None:
+    """ValueError naming ``key`` unless ``k`` slices divide ``layer``'s input channels."""
+    C = int(layer.kernel_shape[-2])
+    if k < 1 or C % k:
+        raise ValueError(f"{key}: {k} slices do not divide the {C} input channels of layer {layer.name!r}; "
+                         f"use a divisor of {C}")
+
+
 def matricize(kernel: np.ndarray, kind: str, scheme: str) -> np.ndarray:
     if kind == "dense":
         return kernel
+    if slice_count(scheme):
+        raise ValueError(f"scheme {scheme!r}: a sliced layer is k matrices, not one (it has no single matricization)")
     X, Y, C, N = kernel.shape
     if scheme == "zhang":
         return kernel.reshape(X * Y * C, N)
@@ -231,7 +281,9 @@ jax.tree_util.register_dataclass(
 
 def factorize(kernel: np.ndarray, layer: TracedLayer, scheme: str) -> Factors:
     """SVD of the matricized kernel, arranged as two kernels (singular values apart)."""
-    if scheme not in SCHEMES:
+    if slice_count(scheme) and layer.kind == "conv":
+        return factorize_sliced(kernel, layer, slice_count(scheme))
+    if scheme not in SCHEMES and not slice_count(scheme):
         raise ValueError(f"unknown scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
     mat = matricize(np.asarray(kernel, dtype=np.float64), layer.kind, scheme)
     u, s, vt = np.linalg.svd(mat, full_matrices=False)
@@ -255,12 +307,74 @@ def arrange(u: np.ndarray, s: np.ndarray, vt: np.ndarray, layer: TracedLayer, sc
                    jnp.asarray(s, dt), layer.strides, layer.pads)
 
 
+def factorize_sliced(kernel: np.ndarray, layer: TracedLayer, k: int) -> Factors:
+    """ALDS's sliced SVD (scheme ``"alds:k"``, see the module docstring) of a conv kernel.
+
+    first (X, Y, C/k, k·R) is the grouped conv's kernel (output channel s·R + j is
+    U_s[:, j]·σ_{s,j}/σ̄_j), second (1, 1, k·R, N) stacks the V_sᵀ, sigma is σ̄ (R,).
+    At m = 1 the layer is W exactly.
+    """
+    check_slices(layer, k, "scheme")
+    w = np.asarray(kernel, dtype=np.float64)
+    X, Y, C, N = w.shape
+    c = C // k
+    R = min(X * Y * c, N)
+    first = np.zeros((X, Y, c, k * R))
+    second = np.zeros((1, 1, k * R, N))
+    sig = np.zeros((k, R))
+    for s in range(k):
+        u, sv, vt = np.linalg.svd(w[:, :, s * c:(s + 1) * c, :].reshape(X * Y * c, N), full_matrices=False)
+        sig[s] = sv
+        first[..., s * R:(s + 1) * R] = u.reshape(X, Y, c, R)
+        second[0, 0, s * R:(s + 1) * R, :] = vt
+    bar = np.sqrt(np.sum(sig**2, axis=0))
+    ratio = np.divide(sig, bar, out=np.zeros_like(sig), where=bar > 0)  # (k, R)
+    first = first * ratio.reshape(-1)
+    dt = np.asarray(kernel).dtype
+    return Factors("conv", sliced_scheme(k), jnp.asarray(first.astype(dt)), jnp.asarray(second.astype(dt)),
+                   jnp.asarray(bar.astype(dt)), layer.strides, layer.pads)
+
+
+def slice_spectra(f: Factors) -> np.ndarray:
+    """(k, R): each slice's singular values σ_{s,j} of sliced factors (σ̄_j times the first
+    kernel's column norms, which are σ_{s,j}/σ̄_j; the U_s columns are unit vectors)."""
+    k = slice_count(f.scheme)
+    first = np.asarray(f.first, dtype=np.float64)
+    norms = np.sqrt(np.sum(first.reshape(-1, first.shape[-1]) ** 2, axis=0)).reshape(k, -1)
+    return norms * np.abs(np.asarray(f.sigma, dtype=np.float64))
+
+
+def slice_info(factors: Mapping[str, Factors]) -> dict[str, tuple[np.ndarray, float]]:
+    """name -> (per-slice spectra (k, R), ||W||_2 of the whole layer) for the sliced factors.
+
+    ||W||_2 is the operator norm of the unsliced kernel folded as (X·Y·C) x N (ALDS's
+    normalization), recomputed from the full-rank factors.
+    """
+    out = {}
+    for name, f in factors.items():
+        if f.kind != "conv" or not slice_count(f.scheme):
+            continue
+        k = slice_count(f.scheme)
+        first = np.asarray(f.first, dtype=np.float64)
+        second = np.asarray(f.second, dtype=np.float64)[0, 0]
+        X, Y, c, kR = first.shape
+        R = kR // k
+        scale = np.tile(np.asarray(f.sigma, dtype=np.float64), k)
+        blocks = [first[..., s * R:(s + 1) * R].reshape(X * Y * c, R)
+                  @ (scale[s * R:(s + 1) * R, None] * second[s * R:(s + 1) * R]) for s in range(k)]
+        # rows ordered (x, y, c) within a slice; the operator norm ignores the row order
+        out[name] = (slice_spectra(f), float(np.linalg.norm(np.concatenate(blocks, axis=0), 2)))
+    return out
+
+
 def truncate(f: Factors, mask: np.ndarray) -> Factors:
     """Keep the triplets where ``mask`` is nonzero, singular values σ·mask folded in.
 
     The singular value is split as sqrt into both kernels so fine-tuning starts
     from balanced factors.
     """
+    if f.kind == "conv" and slice_count(f.scheme):
+        return _truncate_sliced(f, mask)
     mask = np.asarray(mask, dtype=np.float64)
     keep = np.nonzero(mask)[0]
     s = np.asarray(f.sigma, dtype=np.float64)[keep] * mask[keep]
@@ -274,8 +388,29 @@ def truncate(f: Factors, mask: np.ndarray) -> Factors:
                    jnp.asarray(s.astype(dt)), f.strides, f.pads)
 
 
-def _conv(x, kernel, strides, pads, precision=None):
-    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN, precision=precision)
+def _truncate_sliced(f: Factors, mask: np.ndarray) -> Factors:
+    """:func:`truncate` of sliced factors: index j kept in every slice, each slice's own
+    σ_{s,j}·mask_j split as sqrt into its two kernels."""
+    mask = np.asarray(mask, dtype=np.float64)
+    k = slice_count(f.scheme)
+    keep = np.nonzero(mask)[0]
+    first = np.asarray(f.first, dtype=np.float64)
+    second = np.asarray(f.second, dtype=np.float64)
+    ratio = np.sqrt(np.sum(first.reshape(-1, first.shape[-1]) ** 2, axis=0))  # σ_{s,j}/σ̄_j, slice-major
+    cols = (np.arange(k)[:, None] * (first.shape[-1] // k) + keep[None, :]).reshape(-1)
+    unit = np.divide(first[..., cols], ratio[cols], out=np.zeros_like(first[..., cols]), where=ratio[cols] > 0)
+    val = ratio[cols] * np.tile(np.abs(np.asarray(f.sigma, np.float64)[keep]) * mask[keep], k)
+    root = np.sqrt(np.abs(val))
+    dt = np.asarray(f.first).dtype
+    s_kept = np.asarray(f.sigma, dtype=np.float64)[keep] * mask[keep]
+    return Factors(f.kind, f.scheme, jnp.asarray((unit * root).astype(dt)),
+                   jnp.asarray((second[..., cols, :] * (root * np.sign(val))[:, None]).astype(dt)),
+                   jnp.asarray(s_kept.astype(dt)), f.strides, f.pads)
+
+
+def _conv(x, kernel, strides, pads, precision=None, groups=1):
+    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN, precision=precision,
+                                    feature_group_count=groups)
 
 
 def apply_factors(f: Factors, x: jnp.ndarray, scale: jnp.ndarray | None, precision: Any = None) -> jnp.ndarray:
@@ -286,6 +421,12 @@ def apply_factors(f: Factors, x: jnp.ndarray, scale: jnp.ndarray | None, precisi
             h = h * scale
         return jnp.matmul(h, f.second, precision=precision)
     (sh, sw), ((ph0, ph1), (pw0, pw1)) = f.strides, f.pads
+    k = slice_count(f.scheme)
+    if k:  # grouped conv (k groups), each slice's channels scaled by the same m ⊙ σ̄
+        h = _conv(x, f.first, (sh, sw), ((ph0, ph1), (pw0, pw1)), precision, groups=k)
+        if scale is not None:
+            h = h * jnp.tile(scale, k)
+        return _conv(h, f.second, (1, 1), ((0, 0), (0, 0)), precision)
     if f.scheme == "zhang":
         h = _conv(x, f.first, (sh, sw), ((ph0, ph1), (pw0, pw1)), precision)
         if scale is not None:
@@ -359,7 +500,7 @@ def _factored_layer(mod: nn.Dense | nn.Conv, f: Factors, x: jnp.ndarray, scale: 
 def call_pads(mod: nn.Conv, f: Factors, x: jnp.ndarray) -> tuple[tuple[int, int], ...]:
     """The layer's explicit padding for this call's input (a shared layer may see several sizes)."""
     kx = int(f.first.shape[0])
-    ky = int(f.first.shape[1]) if f.scheme == "zhang" else int(f.second.shape[1])
+    ky = int(f.first.shape[1]) if f.scheme == "zhang" or slice_count(f.scheme) else int(f.second.shape[1])
     pads = explicit_pads(mod, tuple(x.shape[1:3]), (kx, ky), tuple(f.strides))
     return pads if pads is not None else f.pads
 
@@ -526,7 +667,9 @@ def factorize_whitened(
       gram: PᵀP from :func:`input_grams` (rows of the matricized kernel square).
       eps: relative ridge that keeps G positive definite (dead inputs).
     """
-    if scheme not in SCHEMES:
+    if slice_count(scheme) and layer.kind == "conv":
+        raise ValueError(f"layer {layer.name}: the whitened spectrum is not built for the sliced scheme {scheme!r}")
+    if scheme not in SCHEMES and not (slice_count(scheme) and layer.kind == "dense"):
         raise ValueError(f"unknown scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
     mat = matricize(np.asarray(kernel, dtype=np.float64), layer.kind, scheme)
     g = np.asarray(gram, np.float64)

@@ -14,7 +14,8 @@ File format (``.npz``, read with ``allow_pickle=False``, so loading never runs c
 definition alone (no SVD, no original weights, no allocator): each factored layer
 runs as two consecutive Flax layers — ``nn.Dense(r)`` then ``nn.Dense(out)``, or
 for a conv ``nn.Conv`` X×Y→r then 1×1→N (``zhang``) or X×1→r then 1×Y→N (``tai``,
-height stride/padding in the first, width in the second).
+height stride/padding in the first, width in the second), or a grouped X×Y conv
+with k groups →k·r then 1×1→N (``alds:k``).
 
 With pruning and/or k-means weight sharing on top, :func:`save_factored_cbx` writes
 the same network as one bit-packed ``.cbx`` file (:mod:`coblax.compress.cbx`): every
@@ -42,7 +43,7 @@ import numpy as np
 
 from coblax.lowrank.decompose import as_tuple as _as_tuple
 from coblax.lowrank.decompose import explicit_pads as _explicit_pads
-from coblax.lowrank.decompose import layer_key
+from coblax.lowrank.decompose import layer_key, slice_count
 from coblax.lowrank.nnx_adapter import is_nnx_module
 from coblax.util import flatten_tree, to_numpy_tree, unflatten_tree, write_bytes_atomic
 from coblax.util.errors import FileLoadError
@@ -144,11 +145,13 @@ def _two_layers(mod: nn.Module, spec: Mapping[str, str], weights: Mapping[str, A
         h = nn.Dense(k1.shape[-1], use_bias=False).apply({"params": {"kernel": k1}}, x)
         return nn.Dense(k2.shape[-1], use_bias=bias is not None).apply({"params": p2}, h)
     X = int(k1.shape[0])
-    Y = int(k1.shape[1]) if spec["scheme"] == "zhang" else int(k2.shape[1])
+    groups = _slices(spec)
+    Y = int(k1.shape[1]) if spec["scheme"] == "zhang" or groups else int(k2.shape[1])
     sh, sw = _as_tuple(mod.strides, 2)
     (ph, pw) = _explicit_pads(mod, tuple(x.shape[1:3]), (X, Y), (sh, sw))
-    if spec["scheme"] == "zhang":
-        c1 = nn.Conv(k1.shape[-1], (X, Y), strides=(sh, sw), padding=(ph, pw), use_bias=False)
+    if spec["scheme"] == "zhang" or groups:
+        c1 = nn.Conv(k1.shape[-1], (X, Y), strides=(sh, sw), padding=(ph, pw), use_bias=False,
+                     feature_group_count=groups or 1)
         c2 = nn.Conv(k2.shape[-1], (1, 1), padding="VALID", use_bias=bias is not None)
     else:
         c1 = nn.Conv(k1.shape[-1], (X, 1), strides=(sh, 1), padding=(ph, (0, 0)), use_bias=False)
@@ -201,14 +204,23 @@ def check_header(header: Any, where: str, fmt: str) -> dict:
             raise ExportError(f"{where}: header field {key!r} is {got}, expected an object")
     for name, spec in header["layers"].items():
         ok = (isinstance(spec, dict) and spec.get("kind") in _KINDS
-              and spec.get("scheme") in _KINDS.get(spec.get("kind"), ()))
+              and (spec.get("scheme") in _KINDS.get(spec.get("kind"), ())
+                   or (spec.get("kind") == "conv" and _slices(spec) > 0)))
         if not ok:
             raise ExportError(f"{where}: header field 'layers.{name}' must be {{kind: dense}} "
-                              f"or {{kind: conv, scheme: zhang|tai}}, got {spec!r:.80}")
+                              f"or {{kind: conv, scheme: zhang|tai|alds:k}}, got {spec!r:.80}")
     dtypes = header.get("dtypes", {})
     if not isinstance(dtypes, dict) or not all(isinstance(v, str) for v in dtypes.values()):
         raise ExportError(f"{where}: header field 'dtypes' must map leaf paths to dtype names")
     return header
+
+
+def _slices(spec: Mapping[str, Any]) -> int:
+    """k of a header layer's ``alds:k`` scheme; 0 for any other (or a malformed one)."""
+    try:
+        return slice_count(spec.get("scheme"))
+    except ValueError:
+        return 0
 
 
 def check_layout(layout: Mapping[str, tuple[tuple[int, ...], str]], header: dict, where: str,
@@ -233,6 +245,9 @@ def check_layout(layout: Mapping[str, tuple[tuple[int, ...], str]], header: dict
         if len(k1) != ndim or len(k2) != ndim or k1[-1] != k2[-2] or k1[-1] < 1:
             raise ExportError(f"{where}: arrays 'params/{name}/first|second/kernel' have shapes {k1}, {k2}; "
                               f"a factored {spec['kind']} layer needs two {ndim}-D kernels of one rank")
+        if ndim == 4 and _slices(spec) and k1[-1] % _slices(spec):
+            raise ExportError(f"{where}: array 'params/{name}/first/kernel' has {k1[-1]} channels, not a multiple "
+                              f"of the {_slices(spec)} slices of scheme {spec['scheme']!r}")
         factored |= {f"params/{name}/first/kernel", f"params/{name}/second/kernel"}
         if expected is not None:
             want = expected.get(f"params/{name}/kernel")
@@ -240,7 +255,8 @@ def check_layout(layout: Mapping[str, tuple[tuple[int, ...], str]], header: dict
                 raise ExportError(f"{where}: header field 'layers' names {name!r}, which the model has no "
                                   "kernel for")
             full = want[0]
-            outer = (k1[0], k2[-1]) if ndim == 2 else (k1[0], k1[2], k2[-1])
+            groups = _slices(spec) if ndim == 4 else 0
+            outer = (k1[0], k2[-1]) if ndim == 2 else (k1[0], k1[2] * (groups or 1), k2[-1])
             need = (full[0], full[-1]) if ndim == 2 else (full[0], full[2], full[-1])
             if outer != need:
                 raise ExportError(f"{where}: factored layer {name!r} has outer dimensions {outer}, the model's "

@@ -51,6 +51,7 @@ from coblax.lowrank.nnx_adapter import (
     trace_nnx,
 )
 from coblax.lowrank.objective import NetworkLoss, batch_stack, masked_metrics
+from coblax.lowrank.slicing import refuse_sliced
 from coblax.nn.train_nnx import NnxApply, fit_nnx
 
 __all__ = ["NnxNetworkLoss", "allocate_nnx", "check_model_args", "finetune_nnx"]
@@ -162,6 +163,7 @@ def allocate_nnx(
     schemes = select_layers(traced, rules)
     if not schemes:
         raise ValueError("the rules select no layer to decompose")
+    refuse_sliced(schemes, "a flax.nnx model")
     by_name = {layer.name: layer for layer in traced}
     layers = find_layers(model)
     full = {

@@ -80,8 +80,11 @@ def grouped_layer(layer: LayerCost, k: int) -> LayerCost:
     sigma = np.asarray(layer.sigma, np.float64)
     energy = np.add.reduceat(sigma ** 2, np.arange(0, len(sigma), k))
     latency = None if layer.latency is None else layer.latency.grouped(k)  # grouped rank u = real rank uk
+    # a sliced layer (alds:k): grouped rank u keeps u·k triplets per slice, ALDS's error there is σ_{s,uk}
+    spectra = getattr(layer, "slice_sigma", None)
+    extra = {} if spectra is None else {"slice_sigma": np.asarray(spectra)[:, ::k]}
     return dataclasses.replace(layer, sigma=np.sqrt(energy), mac_per_rank=k * layer.mac_per_rank,
-                               param_per_rank=k * layer.param_per_rank, latency=latency)
+                               param_per_rank=k * layer.param_per_rank, latency=latency, **extra)
 
 
 def _expand(block: np.ndarray, full_rank: int, k: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from coblax.lowrank.decompose import (
     factorize_whitened,
     get_kernel,
     input_grams,
+    slice_count,
 )
 
 __all__ = ["allocator_spectrum", "whitened_factors"]
@@ -41,7 +42,14 @@ def whitened_factors(
     batch_size: int = 250,
     eps: float = 1e-6,
 ) -> dict[str, Factors]:
-    """Whitened full factors of ``layers`` (``schemes[name]`` each) from the Gram matrices on ``x``."""
+    """Whitened full factors of ``layers`` (``schemes[name]`` each) from the Gram matrices on ``x``.
+
+    Not built for the sliced conv scheme ``alds:k`` (a ValueError names the layer).
+    """
+    for l in layers:
+        if l.kind == "conv" and slice_count(schemes[l.name]):
+            raise ValueError(f"layer {l.name}: the whitened spectrum is not built for the sliced scheme "
+                             f"{schemes[l.name]!r}")
     grams: dict[str, np.ndarray] = {}
     for scheme in sorted({schemes[l.name] for l in layers}):
         group = [l for l in layers if schemes[l.name] == scheme]
