@@ -9,8 +9,8 @@ fine-tuned for S steps and scored again on the validation split:
 
     pick = argmax_{c in top-K}  acc_val(c after S steps)      (ties: the better score before),
 
-and only that candidate's ranks and masks are returned; the common fine-tuning then
-follows as for every method. The first of the K is COBLA's own accuracy pick (after
+and only that candidate's ranks and masks are returned (then polished, ``cobla.polish``,
+as the accuracy pick would be); the common fine-tuning follows as for every method. The first of the K is COBLA's own accuracy pick (after
 its local search), so K = 1 returns exactly that pick, with no training.
 
 The S steps reuse the runner's fine-tuning: the candidate's truncated factors in
@@ -143,7 +143,7 @@ class _NetworkTuner:
         variables = layout.variables(self.params)
         train_kw, fit_kw = training_options(self.model, variables)
         variables = T.fit(layout.apply_fn(self.model, **train_kw), variables, x, y, epochs=1,
-                          batch_size=FINETUNE_BATCH, learning_rate=self.learning_rate, optimizer="adam",
+                          batch_size=min(FINETUNE_BATCH, len(x)), learning_rate=self.learning_rate, optimizer="adam",
                           seed=self.seed, desc="cobla select=finetune", progress=False, **fit_kw)
         apply = layout.apply_fn(self.model, **dict(self.apply_kwargs))
         if self.bn_stats == "recalibrated":
@@ -175,8 +175,11 @@ def candidate_tuner(problem: AllocationProblem, steps: int, learning_rate: float
         raise ValueError("cobla select = 'finetune' needs the network and its training data: a linen model's "
                          "NetworkLoss and a problem.training (coblax.allocate and the runner attach both)")
     x, y = np.asarray(training.x), np.asarray(training.y)
-    n = min(len(x), int(steps) * FINETUNE_BATCH)
-    idx = np.random.default_rng([int(training.seed), 18]).permutation(len(x))[:n]
+    # S batches of training examples, drawn once (the same for every candidate); a set smaller
+    # than S batches is passed over several times, so that every candidate takes exactly S steps
+    rng = np.random.default_rng([int(training.seed), 18])
+    need = int(steps) * min(FINETUNE_BATCH, len(x))
+    idx = np.concatenate([rng.permutation(len(x)) for _ in range(-(-need // len(x)))])[:need]
     validation = init["validation_data"] or init["objective_data"]
     return _NetworkTuner(model=init["model"], params=init["params"], full=init["factors"], layers=problem.layers,
                          apply_kwargs=init["apply_kwargs"] or {}, train=(x[idx], y[idx]),
