@@ -197,3 +197,26 @@ def test_bad_bn_stats_names_its_key():
     variables, fs = _problem(DenseBN(), x, np.float32)
     with pytest.raises(ValueError, match="bn_stats"):
         NetworkLoss(DenseBN(), variables, fs, (x, y), bn_stats="train")
+
+
+class DropBN(nn.Module):
+    rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        h = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn")(nn.Dense(6, name="fc1")(x)))
+        h = nn.Dropout(self.rate, deterministic=not train)(h)
+        return nn.Dense(3, name="fc2")(h)
+
+
+def test_batch_mode_keeps_dropout_off():
+    """The model's train flag would also switch dropout on: batch statistics come without it."""
+    x, y = _data(16)
+    x = x.astype(np.float32)
+    variables, fs = _problem(DropBN(), x, np.float32)
+    loss = NetworkLoss(DropBN(), variables, fs, (x, y), batch_size=16, bn_stats="batch")
+    logits, _ = DropBN(rate=0.0).apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
+    ref = float(jnp.mean(-jax.nn.log_softmax(logits)[np.arange(len(y)), y]))
+    ones = np.ones(loss.size)
+    assert loss.value(ones) == pytest.approx(ref, rel=1e-5)
+    assert loss.value(ones) == loss.value(ones)  # deterministic: no dropout key drawn
