@@ -6,6 +6,8 @@ zero-weight padding excluded), flax's own training-mode BatchNorm, finite differ
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -220,3 +222,23 @@ def test_batch_mode_keeps_dropout_off():
     ones = np.ones(loss.size)
     assert loss.value(ones) == pytest.approx(ref, rel=1e-5)
     assert loss.value(ones) == loss.value(ones)  # deterministic: no dropout key drawn
+
+
+def test_allocate_runs_cobla_with_batch_statistics():
+    """Through coblax.allocate: the allocator switches the oracle, and its stats are the batch-mode E."""
+    import coblax
+    from coblax.lowrank.rounding import flat_mask
+
+    x, y = _data(48, (6, 6, 2))
+    x = x.astype(np.float32)
+    variables, fs = _problem(ConvBN(), x, np.float32)
+    fs = {n: fs[n] for n in ("conv1", "conv2")}
+    method = coblax.allocators.cobla(max_iter=5, roundings=2, local_search=0, polish=0, bn_stats="batch")
+    result = coblax.allocate(ConvBN(), variables, (x, y), rules=[("conv.*", "tai")], mac=0.6, param=0.6,
+                             method=method, apply_kwargs={"train": False}, batch_size=16)
+    alloc = result.allocation
+    loss = NetworkLoss(ConvBN(), variables, fs, (x, y), batch_size=16, bn_stats="batch")
+    problem = SimpleNamespace(layers=[SimpleNamespace(name=n, full_rank=fs[n].sigma.shape[0]) for n in fs])
+    m = flat_mask(problem, alloc.masks)
+    assert alloc.stats["rounded_objective"] == pytest.approx(loss.value(m), rel=1e-5)
+    assert alloc.stats["rounded_objective"] != pytest.approx(loss.with_bn_stats("running").value(m), rel=1e-3)
