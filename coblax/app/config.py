@@ -280,12 +280,17 @@ class CoblaConfig:
     monotone: bool = False
     continuation: tuple[float, ...] = setting((), ge=0)
     local_search: int = setting(60, ge=0)
-    select: str = setting("accuracy", choices=("accuracy", "loss"))
+    select: str = setting("accuracy", choices=("accuracy", "loss", "finetune"))
     mask_values: str = setting("best", choices=("relaxed", "ones", "plain", "best"))
     polish: int = setting(30, ge=0)
     solver: str = setting("structured", choices=("slsqp", "structured"))
     window: int | None = setting(None, ge=1)
     data_parallel: bool = False
+    # issue 18 (BatchNorm statistics in E(m), fine-tuning-aware selection)
+    bn_stats: str = setting("running", choices=("running", "batch", "recalibrated"))
+    finetune_candidates: int = setting(3, ge=1)
+    finetune_steps: int = setting(50, ge=1)
+    finetune_learning_rate: float = setting(1e-4, gt=0)
 
 
 @dataclasses.dataclass(frozen=True)

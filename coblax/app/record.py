@@ -79,7 +79,8 @@ def split_objective_data(data: Dataset, cfg: RunConfig):
 
 
 COBLA_KEYS = ("max_iter", "tol", "rtol", "atol", "roundings", "warm_start", "saturation_rounds", "monotone",
-              "continuation", "local_search", "select", "mask_values", "polish", "solver", "window")
+              "continuation", "local_search", "select", "mask_values", "polish", "solver", "window",
+              "bn_stats", "finetune_candidates", "finetune_steps", "finetune_learning_rate")
 
 
 def decompose_layers(cfg: RunConfig, base: BaseModel, chosen, scheme: str, objective_x) -> dict[str, Factors]:
@@ -259,6 +260,9 @@ class _FiniteLoss:
         value = self._loss.validation_loss(m)
         self._checked(value)
         return value
+
+    def with_bn_stats(self, bn_stats: str) -> _FiniteLoss:
+        return _FiniteLoss(self._loss.with_bn_stats(bn_stats))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._loss, name)

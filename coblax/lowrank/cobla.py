@@ -33,7 +33,11 @@ Closing the rounding gap (options, measured in ``experiments/README.md``):
   value and point: at μ = 1, spreading the relaxed ranks over twice as many
   triplets at m = ½ costs about 2·E₀);
 * ``local_search`` — an integer local search over rank moves between layers;
-* ``select`` — rounding candidates scored by validation accuracy (then loss) or loss;
+* ``select`` — rounding candidates scored by validation accuracy (then loss) or loss,
+  or (``"finetune"``) the best K by accuracy each fine-tuned for S steps and the best
+  after them kept (:mod:`coblax.lowrank.finetune_select`);
+* ``bn_stats`` — E(m) and the scores with BatchNorm's running, batch or recalibrated
+  statistics (:mod:`coblax.lowrank.objective`);
 * ``mask_values = "best"`` — every rounded rank vector scored with its triplets scaled
   by m̂ and as plain truncation;
 * ``polish`` — the kept masks refitted, ranks fixed (:mod:`coblax.lowrank.polish`);
@@ -49,14 +53,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from coblax.lowrank.allocation import Allocation, AllocationProblem, is_feasible
+from coblax.lowrank.finetune_select import candidate_tuner, check_finetune_select, finetune_pick
+from coblax.lowrank.objective import check_bn_stats
 from coblax.lowrank.polish import polish_masks
-from coblax.lowrank.rounding import VALUE_CHOICES, flat_mask, round_masks
+from coblax.lowrank.rounding import VALUE_CHOICES, flat_mask, masks_for_ranks, round_masks
 from coblax.lowrank.solve import SolveResult, check_tolerances, solve
 from coblax.lowrank.warm_start import check_oracle_layout, warm_start_point, warm_start_ranks
 
 __all__ = ["COBLA", "warm_start_point", "warm_start_ranks", "SELECT", "check_oracle_layout"]
 
-SELECT = ("accuracy", "loss")
+SELECT = ("accuracy", "loss", "finetune")
 _FEAS_TOL = 1e-6
 
 
@@ -93,12 +99,22 @@ class COBLA:
       monotone: add m_ij >= m_i,j+1 within each layer.
       continuation: penalty weights μ_k of the integrality continuation (empty: off).
       local_search: evaluation budget of the integer local search (0: off).
-      select: score rounding candidates by validation ``"accuracy"`` (then loss) or ``"loss"``.
+      select: score rounding candidates by validation ``"accuracy"`` (then loss) or ``"loss"``,
+        or ``"finetune"`` (see ``finetune_candidates``).
       mask_values: the draws keep the top triplets by σ·m̂ scaled by m̂ (``"relaxed"``,
         the authors'), or by 1 (``"ones"``), or the top by σ at 1 (``"plain"``), or
         ``"best"``: each draw scored both as ``"relaxed"`` and as ``"plain"``.
       polish: iterations of the post-rounding mask fit (0: off), see the module doc.
       progress: show a progress bar over SQP iterations.
+      bn_stats: how E(m) and the candidate scores normalize BatchNorm: the original's
+        ``"running"`` statistics, each batch's own (``"batch"``), or statistics
+        re-estimated at m on the objective subset (``"recalibrated"``);
+        :mod:`coblax.lowrank.objective`.
+      finetune_candidates, finetune_steps, finetune_learning_rate: with
+        ``select = "finetune"``, the K best distinct rounded candidates (by the
+        accuracy score) are each fine-tuned for S steps (Adam at this learning rate)
+        and the best validation accuracy after them is kept
+        (:mod:`coblax.lowrank.finetune_select`).
     """
 
     max_iter: int = 100
@@ -122,6 +138,11 @@ class COBLA:
     solver: str = "structured"
     window: int | float | None = None
     progress: bool = False
+    # issue 18 (BatchNorm statistics in E(m), fine-tuning-aware selection)
+    bn_stats: str = "running"
+    finetune_candidates: int = 3
+    finetune_steps: int = 50
+    finetune_learning_rate: float = 1e-4
     name: str = "cobla"
     needs_loss = True  # not a field: allocate() builds the objective E(m) only for allocators that ask
 
@@ -137,6 +158,8 @@ class COBLA:
             raise ValueError("cobla saturation_rounds, local_search and polish must be >= 0")
         if any(mu < 0 for mu in self.continuation):
             raise ValueError("cobla continuation weights must be >= 0")
+        check_bn_stats(self.bn_stats, "cobla bn_stats")
+        check_finetune_select(self.finetune_candidates, self.finetune_steps, self.finetune_learning_rate)
 
     # -- the relaxed solve -------------------------------------------------------------
 
@@ -346,9 +369,25 @@ class COBLA:
 
     # -- the allocator -----------------------------------------------------------------
 
+    def _finetune_select(self, problem, ranks, masks, m_hat, info):
+        """``select = "finetune"``: the top ``finetune_candidates`` of the rounding, each fine-tuned."""
+        def score(values):
+            return tuple(float("inf") if v is None else float(v) for v in values)
+
+        scored = [(score(c["score"]), c["ranks"], masks_for_ranks(problem, c["ranks"], m_hat, c["values"])[1])
+                  for c in info["candidates"]]
+        return finetune_pick(problem, (ranks, masks, score(info["score"])), scored, self.finetune_candidates,
+                             lambda: candidate_tuner(problem, self.finetune_steps, self.finetune_learning_rate))
+
     def __call__(self, problem: AllocationProblem) -> Allocation:
         if problem.loss is None:
             raise ValueError("cobla needs the network's loss: build the problem with a loss oracle")
+        if self.bn_stats != getattr(problem.loss, "bn_stats", "running"):
+            switch = getattr(problem.loss, "with_bn_stats", None)
+            if switch is None:
+                raise ValueError(f"cobla bn_stats = {self.bn_stats!r} needs a loss oracle with with_bn_stats "
+                                 f"(coblax's NetworkLoss); {type(problem.loss).__name__} has none")
+            problem = dataclasses.replace(problem, loss=switch(self.bn_stats))
         check_oracle_layout(problem)
         layers = problem.layers
         offsets = problem.offsets()
@@ -377,7 +416,7 @@ class COBLA:
 
         m_hat = blocks(state.m)
         metrics = _metrics_fn(problem.loss)
-        if self.select == "accuracy":
+        if self.select in ("accuracy", "finetune"):
             score = lambda m: (-metrics(m)[1], metrics(m)[0])  # noqa: E731 - cached below
         else:
             score = lambda m: (metrics(m)[0],)  # noqa: E731
@@ -388,6 +427,8 @@ class COBLA:
         )
         if not is_feasible(problem, ranks):  # pragma: no cover - rounding guarantees it
             raise AssertionError("COBLA rounding produced an infeasible allocation")
+        if self.select == "finetune":
+            ranks, masks, info["finetune_select"] = self._finetune_select(problem, ranks, masks, m_hat, info)
         if self.polish > 0:
             masks, info["polish"] = polish_masks(problem, masks, score, self.polish, rtol=self.rtol)
         value = getattr(problem.loss, "value", None)

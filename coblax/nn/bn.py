@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["batch_statistics", "check_batches", "recalibrate_bn"]
+__all__ = ["batch_moments", "batch_statistics", "check_batches", "normalize", "override_batch_norm",
+           "recalibrate_bn"]
 
 
 def check_batches(value: Any, key: str = "recalibrate_bn") -> int:
@@ -49,26 +50,72 @@ def _feature_axes(ndim: int, axis: Any) -> tuple[int, ...]:
     return tuple(sorted(a % ndim for a in axes))
 
 
-def _stats_and_normalize(mod: nn.BatchNorm, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """(batch mean, batch variance, normalized output) of one BatchNorm call, as flax trains it."""
+def _compute_dtype(mod: nn.BatchNorm, x: jnp.ndarray) -> Any:
+    return jnp.promote_types(jnp.result_type(x) if mod.dtype is None else mod.dtype, jnp.float32)
+
+
+def batch_moments(mod: nn.BatchNorm, x: jnp.ndarray, weights: jnp.ndarray | None = None
+                  ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(batch mean, biased batch variance) of one BatchNorm call's input, as flax trains it.
+
+    With ``weights`` (one per example, axis 0; zero for padding rows) every moment is
+    the weighted one, Σ_b w_b Σ_rest x / (Σ_b w_b · |rest|), so that zero-weight
+    padding never enters the statistics (weights that do not match axis 0 are ignored).
+    """
     features = _feature_axes(x.ndim, mod.axis)
     reduce = tuple(i for i in range(x.ndim) if i not in features)
-    dt = jnp.promote_types(jnp.result_type(x) if mod.dtype is None else mod.dtype, jnp.float32)
-    xf = x.astype(dt)
-    mean = jnp.mean(xf, axis=reduce)
-    if mod.use_fast_variance:
-        var = jnp.maximum(jnp.mean(xf * xf, axis=reduce) - mean * mean, 0.0)
-    else:
-        shape = [x.shape[i] if i in features else 1 for i in range(x.ndim)]
-        var = jnp.mean((xf - mean.reshape(shape)) ** 2, axis=reduce)
     shape = [x.shape[i] if i in features else 1 for i in range(x.ndim)]
+    xf = x.astype(_compute_dtype(mod, x))
+    if weights is None or 0 not in reduce or weights.shape != (x.shape[0],):
+        w, denom = None, None
+    else:
+        w = weights.astype(xf.dtype).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+        denom = jnp.sum(w) * np.prod([x.shape[i] for i in reduce if i != 0])
+
+    def average(v):
+        return jnp.mean(v, axis=reduce) if w is None else jnp.sum(v * w, axis=reduce) / denom
+
+    mean = average(xf)
+    if mod.use_fast_variance:
+        var = jnp.maximum(average(xf * xf) - mean * mean, 0.0)
+    else:
+        var = average((xf - mean.reshape(shape)) ** 2)
+    return mean, var
+
+
+def normalize(mod: nn.BatchNorm, x: jnp.ndarray, mean: jnp.ndarray, var: jnp.ndarray) -> jnp.ndarray:
+    """``mod``'s output on ``x`` normalized by (mean, var): (x − μ)/√(var + ε)·scale + bias."""
+    features = _feature_axes(x.ndim, mod.axis)
+    shape = [x.shape[i] if i in features else 1 for i in range(x.ndim)]
+    xf = x.astype(_compute_dtype(mod, x))
     y = (xf - mean.reshape(shape)) * jax.lax.rsqrt(var.reshape(shape) + mod.epsilon)
     if mod.use_scale:
         y = y * mod.get_variable("params", "scale").reshape(shape)
     if mod.use_bias:
         y = y + mod.get_variable("params", "bias").reshape(shape)
-    out_dt = jnp.result_type(x) if mod.dtype is None else mod.dtype
-    return mean, var, y.astype(out_dt)
+    return y.astype(jnp.result_type(x) if mod.dtype is None else mod.dtype)
+
+
+def override_batch_norm(moments: Callable[[nn.BatchNorm, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]],
+                        found: dict | None = None) -> Any:
+    """A context in which every ``nn.BatchNorm`` call normalizes by ``moments(mod, x)``.
+
+    The rest of the network runs as called (eval mode: no dropout drawn); ``found``,
+    when given, collects each call's (mean, var) under the module path. With
+    :func:`batch_moments` this is training-mode normalization without touching the
+    running statistics; with stored moments it is eval mode with other statistics.
+    """
+
+    def interceptor(next_fun, args, kwargs, context):
+        mod = context.module
+        if context.method_name != "__call__" or not isinstance(mod, nn.BatchNorm):
+            return next_fun(*args, **kwargs)
+        mean, var = moments(mod, args[0])
+        if found is not None:
+            found.setdefault(tuple(mod.path), []).append((mean, var))
+        return normalize(mod, args[0], mean, var)
+
+    return nn.intercept_methods(interceptor)
 
 
 def _batch_stats_fn(apply_fn: Callable) -> Callable:
@@ -76,16 +123,7 @@ def _batch_stats_fn(apply_fn: Callable) -> Callable:
 
     def run(variables, xb):
         found: dict[tuple[str, ...], list] = {}
-
-        def interceptor(next_fun, args, kwargs, context):
-            mod = context.module
-            if context.method_name != "__call__" or not isinstance(mod, nn.BatchNorm):
-                return next_fun(*args, **kwargs)
-            mean, var, y = _stats_and_normalize(mod, args[0])
-            found.setdefault(tuple(mod.path), []).append((mean, var))
-            return y
-
-        with nn.intercept_methods(interceptor):
+        with override_batch_norm(batch_moments, found):
             apply_fn(variables, xb)
         # a BatchNorm called several times (shared) averages its calls
         return {k: (sum(m for m, _ in v) / len(v), sum(s for _, s in v) / len(v)) for k, v in found.items()}
