@@ -31,6 +31,7 @@ from coblax.lowrank.decompose import (
     input_grams,
 )
 from coblax.lowrank.factored import truncate_allocation
+from coblax.lowrank.joint import trained_start
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.padding import finetune_layout, pad_to_full_rank  # noqa: F401 - pad_to_full_rank: benchmarks replace it
 from coblax.lowrank.registry import get_allocator
@@ -79,7 +80,8 @@ def split_objective_data(data: Dataset, cfg: RunConfig):
 
 
 COBLA_KEYS = ("max_iter", "tol", "rtol", "atol", "roundings", "warm_start", "saturation_rounds", "monotone",
-              "continuation", "local_search", "select", "mask_values", "polish", "solver", "window")
+              "continuation", "local_search", "select", "mask_values", "polish", "solver", "window",
+              "joint", "joint_lr", "joint_mask_lr")
 
 
 def decompose_layers(cfg: RunConfig, base: BaseModel, chosen, scheme: str, objective_x) -> dict[str, Factors]:
@@ -183,10 +185,12 @@ def run_method(
     if not is_feasible(problem, allocation.ranks):
         raise AssertionError(f"method {method} returned ranks that break the budget: {allocation.ranks}")
     allocation = with_latency_stats(allocation, problem, timing)
+    full, params = trained_start(allocation, full, base.params, net.layers)  # COBLA's joint: trained weights
+    start_from = base if params is base.params else dataclasses.replace(base, params=params)
     kept, ranks = truncate_allocation(net, full, allocation)
     extra: dict = {}
-    acc_before, acc_after, finetune_seconds = finetune_factored(cfg, base, data, kept, f"finetune {method}", progress,
-                                                                extra, full)
+    acc_before, acc_after, finetune_seconds = finetune_factored(cfg, start_from, data, kept, f"finetune {method}",
+                                                                progress, extra, full)
     macs, params = net.cost(ranks)
     mac_ratio, param_ratio = net.ratios(ranks, cfg.budgets.basis)
     stats = dict(allocation.stats)
