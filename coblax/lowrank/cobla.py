@@ -385,7 +385,7 @@ class COBLA:
         bar.close()
         weights, joint_stats = None, {}
         if self.joint > 0:  # masks and factors trained together; rounding then sees the trained network
-            problem, state.m, weights, joint_stats = self._joint(problem, state)
+            state.m, problem, weights, joint_stats = self._joint(problem, state)
             m_relaxed = state.m.copy()
 
         def blocks(m: np.ndarray) -> dict[str, np.ndarray]:
