@@ -271,6 +271,13 @@ def test_bad_options_and_a_bare_problem():
         joint_train(problem, np.ones(2), np.arange(2), np.ones((2, 2)), np.ones(2), 3, 1e-3, 1e-2)
 
 
+def test_joint_refuses_grouped_masks_before_solving():
+    model, variables, data = _setup()
+    with pytest.raises(ValueError, match="rank_multiple"):
+        allocate(model, variables, data, rules=RULES, mac=0.3, param=0.3, rank_multiple=2,
+                 method=coblax.allocators.cobla(max_iter=3, joint=5))
+
+
 def test_config_key_is_validated(tmp_path):
     from coblax.app.config import CoblaConfig, load_run_config
     from coblax.app.record import COBLA_KEYS
@@ -280,3 +287,18 @@ def test_config_key_is_validated(tmp_path):
     assert load_run_config(tiny_run_config(tmp_path, cobla__joint="50")).cobla.joint == 50
     with pytest.raises(Exception, match="joint"):
         load_run_config(tiny_run_config(tmp_path, name="bad.toml", cobla__joint="-2"))
+
+
+@pytest.mark.slow  # 16 s: a base model, a COBLA solve and a fine-tuning
+def test_a_run_record_with_joint(tmp_path):
+    from coblax.app.config import load_run_config
+    from coblax.app.experiment import run_experiment
+    from tests.helpers import tiny_run_config
+
+    cfg = load_run_config(tiny_run_config(tmp_path, methods='["cobla"]', cobla__joint="5"))
+    out = run_experiment(cfg, tmp_path / "out", progress=False, log=lambda _: None)
+    (rec,) = out["records"]
+    diag = rec["diagnostics"]
+    assert rec["status"] in ("ok", "repaired") and diag["joint_steps"] == 5
+    assert diag["joint_max_violation"] <= 1e-6
+    assert 0.0 <= rec["acc_before_finetune"] <= 1.0 and rec["mac_ratio"] <= 0.5 + 1e-9

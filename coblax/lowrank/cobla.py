@@ -38,6 +38,11 @@ Closing the rounding gap (options, measured in ``experiments/README.md``):
   by m̂ and as plain truncation;
 * ``polish`` — the kept masks refitted, ranks fixed (:mod:`coblax.lowrank.polish`);
 * the warm start's own allocation is always among the rounding candidates.
+
+Fine-tuning-aware (issue 18): ``joint = S`` trains the masks together with the
+factors and the rest of the network for S steps after the relaxed solve, each step
+projected back onto the budgets (:mod:`coblax.lowrank.joint`); the rounding, polish
+and the returned allocation's factored network then use the trained weights.
 """
 
 from __future__ import annotations
@@ -365,6 +370,10 @@ class COBLA:
         if problem.loss is None:
             raise ValueError("cobla needs the network's loss: build the problem with a loss oracle")
         check_oracle_layout(problem)
+        if self.joint > 0:  # fail before the solve where joint training cannot run
+            from coblax.lowrank.joint import check_joint
+
+            check_joint(problem)
         layers = problem.layers
         offsets = problem.offsets()
         warm_ranks = warm_start_ranks(problem, self.warm_start)

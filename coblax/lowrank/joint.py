@@ -49,7 +49,7 @@ from coblax.lowrank.projection import project_budget
 from coblax.lowrank.training import unmatricize
 from coblax.util.errors import NumericalError
 
-__all__ = ["TrainedWeights", "joint_train", "trained_start", "factors_kernel", "rebind_loss"]
+__all__ = ["TrainedWeights", "check_joint", "joint_train", "trained_start", "factors_kernel", "rebind_loss"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -226,6 +226,26 @@ def _violation(m: np.ndarray, A: np.ndarray, b: np.ndarray) -> float:
     return max(rows, box, 0.0)
 
 
+def check_joint(problem: AllocationProblem) -> dict[str, Factors]:
+    """The full factors joint training starts from; raises before any work where it cannot run.
+
+    Raises:
+      ValueError: no trainer on the problem (nnx models, bare problems), no network
+        objective, or grouped masks (``rank_multiple > 1``), each naming ``cobla joint``.
+    """
+    if problem.training is None:
+        raise ValueError("cobla joint needs the network and its training data (problem.training): "
+                         "coblax.allocate of a linen model and the runner attach them; for nnx models and "
+                         "bare problems set cobla joint = 0")
+    full: dict[str, Factors] = dict(_network_loss(problem.loss)._factors)
+    if list(full) != list(problem.names):
+        raise ValueError(f"cobla joint: the objective's layers {list(full)} are not the problem's {problem.names}")
+    if [layer.full_rank for layer in problem.layers] != [int(np.shape(f.sigma)[0]) for f in full.values()]:
+        raise ValueError("cobla joint needs one mask per singular triplet: it does not run with "
+                         "rank_multiple > 1; set cobla joint = 0")  # the grouped problem's masks
+    return full
+
+
 def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: np.ndarray, b: np.ndarray,
                 steps: int, lr: float, mask_lr: float) -> tuple[np.ndarray, AllocationProblem, TrainedWeights, dict]:
     """``steps`` steps of projected Adam on the masks m[idx] and the network's weights.
@@ -258,14 +278,8 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
       NumericalError: a non-finite training loss (names the step).
     """
     start = time.perf_counter()
+    full = check_joint(problem)
     trainer = problem.training
-    if trainer is None:
-        raise ValueError("cobla joint needs the network and its training data (problem.training): "
-                         "coblax.allocate and the runner attach them; set cobla joint = 0 for a bare problem")
-    net_loss = _network_loss(problem.loss)
-    full: dict[str, Factors] = dict(net_loss._factors)
-    if list(full) != list(problem.names):
-        raise ValueError(f"cobla joint: the objective's layers {list(full)} are not the problem's {problem.names}")
     dt = jnp.asarray(next(iter(full.values())).sigma).dtype
     sizes = [layer.full_rank for layer in problem.layers]
     splits = np.cumsum(sizes)[:-1].tolist()
