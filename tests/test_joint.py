@@ -94,6 +94,11 @@ def test_factors_kernel_reproduces_the_kernel_at_full_rank(scheme):
         f = factorize(kernel, layers[name], sch)
         rebuilt = factors_kernel(f, np.ones(f.sigma.shape[0]), kernel.shape)
         np.testing.assert_allclose(rebuilt, kernel, atol=1e-5)
+        # weight normalization leaves the SVD's balanced factors as they are (columns of norm √σ)
+        a, b = joint_mod._split_sigma(f)
+        a_n, b_n = joint_mod._effective(2.0 * a, 3.0 * b, jnp.sqrt(f.sigma), True)
+        np.testing.assert_allclose(a_n, a, atol=1e-5)
+        np.testing.assert_allclose(b_n, b, atol=1e-5)
         # a mask drops triplets: the kernel of the truncated layer (Eckart-Young's rank-2 part)
         mask = np.zeros(f.sigma.shape[0])
         mask[:2] = 1.0

@@ -284,7 +284,7 @@ class CoblaConfig:
     # joint training of masks and factors after the relaxed solve (coblax.lowrank.joint)
     joint: int = setting(0, ge=0)
     joint_lr: float = setting(1e-4, gt=0)
-    joint_mask_lr: float = setting(1e-2, gt=0)
+    joint_mask_lr: float = setting(1e-3, gt=0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -131,11 +131,11 @@ class COBLA:
     polish: int = 30
     solver: str = "structured"
     window: int | float | None = None
-    # joint training (issue 18): off by default; joint_lr is fine-tuning's default rate,
-    # the masks move on [0, 1] and need a larger one to change ranks within S steps.
+    # joint training (issue 18): off by default; joint_lr is fine-tuning's default rate; a mask
+    # rate of 1e-2 let the masks random-walk and raised E (measured: coblax/lowrank/joint.py).
     joint: int = 0
     joint_lr: float = 1e-4
-    joint_mask_lr: float = 1e-2
+    joint_mask_lr: float = 1e-3
     progress: bool = False
     name: str = "cobla"
     needs_loss = True  # not a field: allocate() builds the objective E(m) only for allocators that ask

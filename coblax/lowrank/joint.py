@@ -8,7 +8,10 @@ the relaxed solve: S steps of Adam on the training loss over, jointly,
 
 * the masks m of the layers the solve left free,
 * every decomposed layer's factors A_i = U_i √Σ_i and B_i = √Σ_i V_iᵀ, the layer
-  computing y = B_i (m_i ⊙ A_i x) (at the start exactly the relaxed masked network),
+  computing y = B_i (m_i ⊙ A_i x) (at the start exactly the relaxed masked network);
+  each triplet's columns are weight-normalized to their initial norm √σ_ij, so that
+  a factor cannot grow to undo a mask the projection shrank: the trained factors
+  give directions, the triplet's magnitude stays σ_ij·m_ij,
 * every other parameter of the network (biases, BatchNorm scales...),
 
 on minibatches of the training data in training mode (BatchNorm on batch statistics
@@ -114,6 +117,27 @@ def _split_sigma(f: Factors) -> tuple[jnp.ndarray, jnp.ndarray]:
     return f.first * root, f.second * root[:, None]
 
 
+def _col_norms(x: jnp.ndarray, axis: int) -> jnp.ndarray:
+    axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    return jnp.sqrt(jnp.sum(x * x, axis=axes))
+
+
+def _effective(a: jnp.ndarray, b: jnp.ndarray, root: jnp.ndarray, normalize: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(A, B) as the layer uses them; with ``normalize`` each triplet's columns rescaled to norm √σ_j.
+
+    Weight normalization (Salimans & Kingma 2016) per triplet: the trained factors
+    give the directions, the magnitude of triplet j stays σ_j·m_j, so that the masks
+    alone carry what the budget counts (otherwise a factor can grow to undo a mask
+    the projection shrank). At the SVD's factors it is the identity.
+    """
+    if not normalize:
+        return a, b
+    na, nb = _col_norms(a, -1), _col_norms(b, -2)
+    sa = jnp.where(na > 0, root / jnp.where(na > 0, na, 1.0), 0.0)
+    sb = jnp.where(nb > 0, root / jnp.where(nb > 0, nb, 1.0), 0.0)
+    return a * sa, b * sb[:, None]
+
+
 def _join_sigma(f: Factors, a: jnp.ndarray, b: jnp.ndarray) -> Factors:
     """The SVD layout of trained (A, B): first = A/√σ, second = B/√σ (0 where σ = 0)."""
     root = np.sqrt(np.abs(np.asarray(f.sigma, np.float64)))
@@ -189,14 +213,19 @@ def trained_start(allocation: Allocation, full: Mapping[str, Factors], variables
 
 
 def _step_fn(model: Any, meta: Mapping[str, Factors], splits: list[int], train_kwargs: Mapping[str, Any],
-             state_names: tuple[str, ...], streams: tuple[str, ...], tx: optax.GradientTransformation):
+             state_names: tuple[str, ...], streams: tuple[str, ...], tx: optax.GradientTransformation,
+             normalize: bool):
     """The jitted joint step: (trainable, state, opt_state, m_base, idx, x, y, key) -> updated, loss."""
     names = list(meta)
+    roots = {n: jnp.sqrt(jnp.abs(meta[n].sigma)) for n in names}
 
     def loss_fn(tr, state, m_base, idx, xb, yb, key):
         m = m_base.at[idx].set(tr["m"])
         scales = dict(zip(names, jnp.split(m, splits)))
-        fs = {n: dataclasses.replace(meta[n], first=tr["first"][n], second=tr["second"][n]) for n in names}
+        fs = {}
+        for n in names:
+            a, b = _effective(tr["first"][n], tr["second"][n], roots[n], normalize)
+            fs[n] = dataclasses.replace(meta[n], first=a, second=b)
         kwargs: dict[str, Any] = dict(train_kwargs)
         if streams:
             kwargs["rngs"] = {s: jax.random.fold_in(key, i) for i, s in enumerate(streams)}
@@ -247,7 +276,8 @@ def check_joint(problem: AllocationProblem) -> dict[str, Factors]:
 
 
 def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: np.ndarray, b: np.ndarray,
-                steps: int, lr: float, mask_lr: float) -> tuple[np.ndarray, AllocationProblem, TrainedWeights, dict]:
+                steps: int, lr: float, mask_lr: float, *, mask_optimizer: str = "adam",
+                normalize: bool = True) -> tuple[np.ndarray, AllocationProblem, TrainedWeights, dict]:
     """``steps`` steps of projected Adam on the masks m[idx] and the network's weights.
 
     Args:
@@ -260,6 +290,12 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
       A, b: the budget rows over m[idx]: A m[idx] ≤ b (COBLA's relaxed system).
       steps: S, the number of steps.
       lr, mask_lr: Adam's learning rates of the weights and of the masks.
+      mask_optimizer: ``"adam"`` or ``"sgd"`` (plain projected gradient) for the masks.
+      normalize: weight-normalize each triplet's factors (:func:`_effective`); measured
+        on LeNet-5 / Fashion-MNIST at 0.2 (100 steps, same relaxed m, E on the objective
+        subset 0.645 before): Adam 1e-3 normalized 0.504 (validation 80.5 -> 83.0 %),
+        projected SGD 1.0 normalized 0.509 (82.1 %), Adam 1e-2 0.761 plain / 0.869
+        normalized (the masks random-walk: Adam's steps do not shrink with the gradient).
 
     Returns:
       (m after training (float64, feasible), ``problem`` with its loss rebound to the
@@ -296,10 +332,11 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
     def labels(tree):
         return {k: jax.tree.map(lambda _, k=k: "mask" if k == "m" else "weights", v) for k, v in tree.items()}
 
-    tx = optax.multi_transform({"mask": optax.adam(mask_lr), "weights": optax.adam(lr)}, labels)
+    mask_tx = optax.adam(mask_lr) if mask_optimizer == "adam" else optax.sgd(mask_lr)
+    tx = optax.multi_transform({"mask": mask_tx, "weights": optax.adam(lr)}, labels)
     opt_state = tx.init(trainable)
     step = _step_fn(trainer.model, full, splits, trainer.train_kwargs, tuple(trainer.mutable),
-                    tuple(trainer.rng_streams), tx)
+                    tuple(trainer.rng_streams), tx, normalize)
 
     x, y = trainer.x, trainer.y
     n, bs = len(x), int(trainer.batch_size)
@@ -328,7 +365,10 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
         m64[idx] = z
         violations.append(_violation(np.asarray(m_dev, np.float64), A, b))
 
-    trained = {n: _join_sigma(full[n], trainable["first"][n], trainable["second"][n]) for n in full}
+    trained = {}
+    for n, f in full.items():
+        a, b = _effective(trainable["first"][n], trainable["second"][n], jnp.sqrt(jnp.abs(f.sigma)), normalize)
+        trained[n] = _join_sigma(f, a, b)
     new_vars = {**variables, "params": trainable["params"], **state}
     new_loss = rebind_loss(problem.loss, new_vars, trained)
     stats: dict[str, Any] = {
