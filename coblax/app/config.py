@@ -291,6 +291,10 @@ class CoblaConfig:
     finetune_candidates: int = setting(3, ge=1)
     finetune_steps: int = setting(50, ge=1)
     finetune_learning_rate: float = setting(1e-4, gt=0)
+    # joint training of masks and factors after the relaxed solve (coblax.lowrank.joint)
+    joint: int = setting(0, ge=0)
+    joint_lr: float = setting(1e-4, gt=0)
+    joint_mask_lr: float = setting(1e-3, gt=0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,7 @@ from coblax.lowrank.decompose import (
     input_grams,
 )
 from coblax.lowrank.factored import truncate_allocation
+from coblax.lowrank.joint import trained_start
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.padding import finetune_layout, pad_to_full_rank  # noqa: F401 - pad_to_full_rank: benchmarks replace it
 from coblax.lowrank.registry import get_allocator
@@ -80,7 +81,8 @@ def split_objective_data(data: Dataset, cfg: RunConfig):
 
 COBLA_KEYS = ("max_iter", "tol", "rtol", "atol", "roundings", "warm_start", "saturation_rounds", "monotone",
               "continuation", "local_search", "select", "mask_values", "polish", "solver", "window",
-              "bn_stats", "finetune_candidates", "finetune_steps", "finetune_learning_rate")
+              "bn_stats", "finetune_candidates", "finetune_steps", "finetune_learning_rate",
+              "joint", "joint_lr", "joint_mask_lr")
 
 
 def decompose_layers(cfg: RunConfig, base: BaseModel, chosen, scheme: str, objective_x) -> dict[str, Factors]:
@@ -186,10 +188,12 @@ def run_method(
     allocation = with_latency_stats(allocation, problem, timing)
     allocation = checked_latency(cfg, allocation, problem, allocator, timing, base, net, full, data.x_train)
     solve_seconds = time.perf_counter() - start  # the end-to-end latency checks are the allocator's time
+    full, params = trained_start(allocation, full, base.params, net.layers)  # COBLA's joint: trained weights
+    start_from = base if params is base.params else dataclasses.replace(base, params=params)
     kept, ranks = truncate_allocation(net, full, allocation)
     extra: dict = {}
-    acc_before, acc_after, finetune_seconds = finetune_factored(cfg, base, data, kept, f"finetune {method}", progress,
-                                                                extra, full)
+    acc_before, acc_after, finetune_seconds = finetune_factored(cfg, start_from, data, kept, f"finetune {method}",
+                                                                progress, extra, full)
     macs, params = net.cost(ranks)
     mac_ratio, param_ratio = net.ratios(ranks, cfg.budgets.basis)
     stats = dict(allocation.stats)

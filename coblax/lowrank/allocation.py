@@ -231,6 +231,8 @@ class Allocation:
         entries are m_ij). None (or a missing layer) means "the top ``ranks[name]``
         triplets with multiplier 1", which is what every SVD-truncation baseline wants.
       stats: diagnostics (threshold, beta, optimality gap, iterations, trace...).
+      weights: trained weights the factored network starts from (COBLA's ``joint``:
+        a :class:`coblax.lowrank.joint.TrainedWeights`); None: the original network's.
     """
 
     ranks: dict[str, int]
@@ -238,6 +240,7 @@ class Allocation:
     relaxed: dict[str, np.ndarray] | None = None
     masks: dict[str, np.ndarray] | None = None
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    weights: Any = None
 
 
 @runtime_checkable

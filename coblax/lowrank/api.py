@@ -57,6 +57,7 @@ from coblax.lowrank.decompose import (
     trace_layers,
 )
 from coblax.lowrank.factored import factored_variables, truncate_allocation
+from coblax.lowrank.joint import trained_start
 from coblax.lowrank.latency_api import (  # noqa: F401 - table_schemes, with_latency_stats: re-exported
     check_latency_arguments,
     factored_builder,
@@ -432,7 +433,9 @@ def decompose_selected(model: Any, variables: Mapping[str, Any], x: np.ndarray, 
 def compressed_linen(model, variables, net: NetworkCost, full: Mapping[str, Factors], allocation: Allocation,
                 schemes: Mapping[str, str], apply_kwargs: Mapping[str, Any], basis: str,
                 method: str) -> Compressed:
-    """The :class:`Compressed` linen network of an allocation: truncated factors and costs."""
+    """The :class:`Compressed` linen network of an allocation: truncated factors and costs
+    (from the allocation's trained weights where it has them: COBLA's ``joint``)."""
+    full, variables = trained_start(allocation, full, variables, net.layers)
     kept, ranks = truncate_allocation(net, full, allocation)
     return compressed_result(model, factored_variables(variables, kept), apply_fn_for(model, kept), net, kept,
                              ranks, allocation, schemes, apply_kwargs, basis, method)

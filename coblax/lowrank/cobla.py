@@ -42,6 +42,11 @@ Closing the rounding gap (options, measured in ``experiments/README.md``):
   by m̂ and as plain truncation;
 * ``polish`` — the kept masks refitted, ranks fixed (:mod:`coblax.lowrank.polish`);
 * the warm start's own allocation is always among the rounding candidates.
+
+Fine-tuning-aware (issue 18): ``joint = S`` trains the masks together with the
+factors and the rest of the network for S steps after the relaxed solve, each step
+projected back onto the budgets (:mod:`coblax.lowrank.joint`); the rounding, polish
+and the returned allocation's factored network then use the trained weights.
 """
 
 from __future__ import annotations
@@ -105,6 +110,11 @@ class COBLA:
         the authors'), or by 1 (``"ones"``), or the top by σ at 1 (``"plain"``), or
         ``"best"``: each draw scored both as ``"relaxed"`` and as ``"plain"``.
       polish: iterations of the post-rounding mask fit (0: off), see the module doc.
+      joint: S, steps of joint training of the masks and the factors after the relaxed
+        solve, each followed by the projection onto the budgets (0: off;
+        :mod:`coblax.lowrank.joint`); the rounding, polish and the factored network
+        then use the trained factors.
+      joint_lr, joint_mask_lr: Adam's learning rates of the weights and of the masks there.
       progress: show a progress bar over SQP iterations.
       bn_stats: how E(m) and the candidate scores normalize BatchNorm: the original's
         ``"running"`` statistics, each batch's own (``"batch"``), or statistics
@@ -137,6 +147,11 @@ class COBLA:
     polish: int = 30
     solver: str = "structured"
     window: int | float | None = None
+    # joint training (issue 18): off by default; joint_lr is fine-tuning's default rate; a mask
+    # rate of 1e-2 let the masks random-walk and raised E (measured: coblax/lowrank/joint.py).
+    joint: int = 0
+    joint_lr: float = 1e-4
+    joint_mask_lr: float = 1e-3
     progress: bool = False
     # issue 18 (BatchNorm statistics in E(m), fine-tuning-aware selection)
     bn_stats: str = "running"
@@ -160,6 +175,11 @@ class COBLA:
             raise ValueError("cobla continuation weights must be >= 0")
         check_bn_stats(self.bn_stats, "cobla bn_stats")
         check_finetune_select(self.finetune_candidates, self.finetune_steps, self.finetune_learning_rate)
+        if isinstance(self.joint, bool) or not isinstance(self.joint, (int, np.integer)) or self.joint < 0:
+            raise ValueError(f"cobla joint = {self.joint!r}: must be an integer >= 0 (training steps; 0 = off)")
+        for key in ("joint_lr", "joint_mask_lr"):
+            if not float(getattr(self, key)) > 0.0:
+                raise ValueError(f"cobla {key} = {getattr(self, key)!r}: must be > 0")
 
     # -- the relaxed solve -------------------------------------------------------------
 
@@ -389,6 +409,10 @@ class COBLA:
                                  f"(coblax's NetworkLoss); {type(problem.loss).__name__} has none")
             problem = dataclasses.replace(problem, loss=switch(self.bn_stats))
         check_oracle_layout(problem)
+        if self.joint > 0:  # fail before the solve where joint training cannot run
+            from coblax.lowrank.joint import check_joint
+
+            check_joint(problem)
         layers = problem.layers
         offsets = problem.offsets()
         warm_ranks = warm_start_ranks(problem, self.warm_start)
@@ -407,6 +431,10 @@ class COBLA:
                                      if l.is_original(problem.min_rank) and l.name not in start_saturated)
         state, m_relaxed = self._relaxed(problem, m0, tick, start_saturated)
         bar.close()
+        weights, joint_stats = None, {}
+        if self.joint > 0:  # masks and factors trained together; rounding then sees the trained network
+            state.m, problem, weights, joint_stats = self._joint(problem, state)
+            m_relaxed = state.m.copy()
 
         def blocks(m: np.ndarray) -> dict[str, np.ndarray]:
             out = {l.name: m[offsets[i]:offsets[i + 1]].copy() for i, l in enumerate(layers)}
@@ -466,6 +494,7 @@ class COBLA:
             "solver_converged": all(sv.get("success", False) for sv in state.solves),
             "rounding": info,
             "variables": int(offsets[-1]),
+            **joint_stats,
         }
         return Allocation(
             ranks=ranks,
@@ -473,7 +502,18 @@ class COBLA:
             relaxed=m_hat,
             masks=masks,
             stats=stats,
+            weights=weights,
         )
+
+    def _joint(self, problem: AllocationProblem, state: _Relaxed):
+        """``joint`` steps over the unsaturated layers' masks (:func:`coblax.lowrank.joint.joint_train`)."""
+        from coblax.lowrank.joint import joint_train
+
+        saturated = set(state.saturated)
+        active = [i for i, l in enumerate(problem.layers) if l.name not in saturated]
+        idx, A, b = self._system(problem, active, saturated)
+        rows = _budget_rows(problem)  # the budgets; monotone rows are not imposed (see joint's doc)
+        return joint_train(problem, state.m, idx, A[:rows], b[:rows], self.joint, self.joint_lr, self.joint_mask_lr)
 
 
 def _budget_rows(problem: AllocationProblem) -> int:

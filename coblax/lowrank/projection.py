@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.isotonic import isotonic_regression
 
-__all__ = ["FeasibleSet"]
+__all__ = ["FeasibleSet", "project_budget"]
 
 
 class FeasibleSet:
@@ -151,3 +151,26 @@ class FeasibleSet:
         """‖P_Ω(x − g) − x‖_∞ and the multipliers of that projection."""
         z, lam, _ = self.minimize(x - g, np.ones_like(x), lam0)
         return float(np.max(np.abs(z - x))) if x.size else 0.0, lam
+
+
+def project_budget(c: np.ndarray, A: np.ndarray, b: np.ndarray, lo: float = 0.0,
+                   hi: float = 1.0) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Euclidean projection of ``c`` onto {lo ≤ z ≤ hi, A z ≤ b}: argmin_z ½‖z − c‖².
+
+    The solver's own dual projection (:meth:`FeasibleSet.minimize` with D = 1), with
+    the rows scaled to |b| = 1 as :func:`coblax.lowrank.solve.solve` scales them, so
+    that MAC and parameter rows weigh alike in the dual's stopping test. Used by
+    COBLA's joint training (:mod:`coblax.lowrank.joint`) after every step.
+
+    Returns:
+      (z, λ, converged): the projection, the multipliers of the unscaled rows and
+      whether the dual ascent met its tolerance.
+    """
+    c = np.asarray(c, np.float64).reshape(-1)
+    A = np.atleast_2d(np.asarray(A, np.float64))
+    b = np.asarray(b, np.float64).reshape(-1)
+    scale = np.where(np.abs(b) > 0, np.abs(b), 1.0)
+    n = c.size
+    omega = FeasibleSet(A / scale[:, None], b / scale, np.full(n, float(lo)), np.full(n, float(hi)), None)
+    z, lam, ok = omega.minimize(c, np.ones(n))
+    return z, lam / scale, ok
