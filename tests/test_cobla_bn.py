@@ -242,3 +242,38 @@ def test_allocate_runs_cobla_with_batch_statistics():
     m = flat_mask(problem, alloc.masks)
     assert alloc.stats["rounded_objective"] == pytest.approx(loss.value(m), rel=1e-5)
     assert alloc.stats["rounded_objective"] != pytest.approx(loss.with_bn_stats("running").value(m), rel=1e-3)
+
+
+def test_auto_takes_batch_statistics_only_where_the_network_has_batch_norm():
+    """bn_stats = "auto" (the default): the BatchNorm net's E is the batch-mode E (as with
+    bn_stats = "batch"), a net without BatchNorm keeps the running mode (no second compile)."""
+    import coblax
+    from coblax.lowrank.rounding import flat_mask
+
+    x, y = _data(48, (6, 6, 2))
+    x = x.astype(np.float32)
+    variables, fs = _problem(ConvBN(), x, np.float32)
+    fs = {n: fs[n] for n in ("conv1", "conv2")}
+    method = coblax.allocators.cobla(max_iter=5, roundings=2, local_search=0, polish=0)
+    assert method.bn_stats == "auto"
+    result = coblax.allocate(ConvBN(), variables, (x, y), rules=[("conv.*", "tai")], mac=0.6, param=0.6,
+                             method=method, apply_kwargs={"train": False}, batch_size=16)
+    alloc = result.allocation
+    assert alloc.stats["bn_stats"] == "batch"
+    loss = NetworkLoss(ConvBN(), variables, fs, (x, y), batch_size=16, bn_stats="batch")
+    problem = SimpleNamespace(layers=[SimpleNamespace(name=n, full_rank=fs[n].sigma.shape[0]) for n in fs])
+    assert alloc.stats["rounded_objective"] == pytest.approx(loss.value(flat_mask(problem, alloc.masks)), rel=1e-5)
+
+    import flax.linen as nn
+
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(4, (3, 3), name="conv1")(x))
+            return nn.Dense(3, name="fc")(x.reshape(x.shape[0], -1))
+
+    plain = Plain()
+    pv = plain.init(jax.random.PRNGKey(0), x[:1])
+    result = coblax.allocate(plain, pv, (x, y % 3), rules=[("conv.*", "tai")], mac=0.6, param=0.6, method=method,
+                             batch_size=16)
+    assert result.allocation.stats["bn_stats"] == "running"

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -119,7 +120,8 @@ class COBLA:
       bn_stats: how E(m) and the candidate scores normalize BatchNorm: the original's
         ``"running"`` statistics, each batch's own (``"batch"``), or statistics
         re-estimated at m on the objective subset (``"recalibrated"``);
-        :mod:`coblax.lowrank.objective`.
+        :mod:`coblax.lowrank.objective`. ``"auto"`` (default): ``"batch"`` for a network
+        with BatchNorm statistics, else ``"running"`` (no BatchNorm: the three agree).
       finetune_candidates, finetune_steps, finetune_learning_rate: with
         ``select = "finetune"``, the K best distinct rounded candidates (by the
         accuracy score) are each fine-tuned for S steps (Adam at this learning rate)
@@ -154,7 +156,7 @@ class COBLA:
     joint_mask_lr: float = 1e-3
     progress: bool = False
     # issue 18 (BatchNorm statistics in E(m), fine-tuning-aware selection)
-    bn_stats: str = "running"
+    bn_stats: str = "auto"
     finetune_candidates: int = 3
     finetune_steps: int = 50
     finetune_learning_rate: float = 1e-4
@@ -173,7 +175,8 @@ class COBLA:
             raise ValueError("cobla saturation_rounds, local_search and polish must be >= 0")
         if any(mu < 0 for mu in self.continuation):
             raise ValueError("cobla continuation weights must be >= 0")
-        check_bn_stats(self.bn_stats, "cobla bn_stats")
+        if self.bn_stats != "auto":
+            check_bn_stats(self.bn_stats, "cobla bn_stats")
         check_finetune_select(self.finetune_candidates, self.finetune_steps, self.finetune_learning_rate)
         if isinstance(self.joint, bool) or not isinstance(self.joint, (int, np.integer)) or self.joint < 0:
             raise ValueError(f"cobla joint = {self.joint!r}: must be an integer >= 0 (training steps; 0 = off)")
@@ -399,15 +402,27 @@ class COBLA:
         return finetune_pick(problem, (ranks, masks, score(info["score"])), scored, self.finetune_candidates,
                              lambda: candidate_tuner(problem, self.finetune_steps, self.finetune_learning_rate))
 
+    def _bn_stats_for(self, loss: Any) -> str:
+        """``bn_stats``, with ``"auto"`` resolved: ``"batch"`` where the oracle's network has
+        BatchNorm statistics and can switch (measured on ResNet-20 / Fashion-MNIST: +9 to +12
+        pt after fine-tuning over ``"running"``, and ``"recalibrated"`` within noise of it
+        at two forward passes per evaluation), else the oracle's own."""
+        if self.bn_stats != "auto":
+            return self.bn_stats
+        if getattr(loss, "has_batch_norm", False) and hasattr(loss, "with_bn_stats"):
+            return "batch"
+        return getattr(loss, "bn_stats", "running")
+
     def __call__(self, problem: AllocationProblem) -> Allocation:
         if problem.loss is None:
             raise ValueError("cobla needs the network's loss: build the problem with a loss oracle")
-        if self.bn_stats != getattr(problem.loss, "bn_stats", "running"):
+        bn_stats = self._bn_stats_for(problem.loss)
+        if bn_stats != getattr(problem.loss, "bn_stats", "running"):
             switch = getattr(problem.loss, "with_bn_stats", None)
             if switch is None:
-                raise ValueError(f"cobla bn_stats = {self.bn_stats!r} needs a loss oracle with with_bn_stats "
+                raise ValueError(f"cobla bn_stats = {bn_stats!r} needs a loss oracle with with_bn_stats "
                                  f"(coblax's NetworkLoss); {type(problem.loss).__name__} has none")
-            problem = dataclasses.replace(problem, loss=switch(self.bn_stats))
+            problem = dataclasses.replace(problem, loss=switch(bn_stats))
         check_oracle_layout(problem)
         if self.joint > 0:  # fail before the solve where joint training cannot run
             from coblax.lowrank.joint import check_joint
@@ -471,6 +486,7 @@ class COBLA:
             "trace": state.trace,
             "solver_iterations": state.iterations,
             "solve_seconds": state.seconds,
+            "bn_stats": getattr(problem.loss, "bn_stats", "running"),
             "solver_status": last.get("status"),
             "solver_message": last.get("message"),
             "solves": state.solves,

@@ -206,6 +206,8 @@ class NetworkLoss:
         self.model = model
         self.objective_data, self.validation_data = objective_data, validation_data
         self._params = params
+        # BatchNorm statistics in the variables: what cobla's bn_stats = "auto" switches on
+        self.has_batch_norm = isinstance(params, Mapping) and bool(params.get("batch_stats"))
         self._factors = dict(factors)
         if self.mesh is not None:
             replicated = NamedSharding(self.mesh, PartitionSpec())
