@@ -47,8 +47,6 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 __all__ = [
-    "masked_kernel",
-    "kernel_is_cheaper",
     "SCHEMES",
     "matricize",
     "SPECTRA",
@@ -438,62 +436,18 @@ def apply_factors(f: Factors, x: jnp.ndarray, scale: jnp.ndarray | None, precisi
     return _conv(h, f.second, (1, sw), ((0, 0), (pw0, pw1)), precision)
 
 
-def masked_kernel(f: Factors, scale: jnp.ndarray) -> jnp.ndarray:
-    """W(m) = first · diag(scale) · second in the original kernel's layout: (in, out) for
-    dense, (X, Y, C, N) for conv (``tai`` and ``zhang``)."""
-    if f.kind == "dense":
-        return (f.first * scale) @ f.second
-    if f.scheme == "zhang":  # first (X, Y, C, R), second (1, 1, R, N)
-        return jnp.einsum("xycr,rn->xycn", f.first * scale, f.second[0, 0])
-    return jnp.einsum("xcr,yrn->xycn", f.first[:, 0] * scale, f.second[0])  # tai: (X, 1, C, R), (1, Y, R, N)
-
-
-def kernel_is_cheaper(f: Factors, x_shape: tuple[int, ...]) -> bool:
-    """Whether one call with the rebuilt kernel W(m) (the rebuild's MACs plus the original
-    layer's) costs fewer MACs than the two factored calls at full rank R.
-
-    At full rank the factored form of a 3x3 conv costs about twice the original
-    (``tai``: R = 3·min(C, N) channels in between), and its R-channel intermediate
-    is read and written; rebuilding W costs (C·X)·R·(Y·N) MACs once per call,
-    independent of the batch. Dense layers on a batch of a few hundred rows are
-    cheaper factored (the rebuild is in·R·out, as much as the batch itself).
-    """
-    if f.kind != "conv" or f.scheme not in SCHEMES:
-        return False
-    R = int(f.sigma.shape[0])
-    if f.scheme == "zhang":
-        X, Y, C, _ = f.first.shape
-        N = f.second.shape[-1]
-    else:
-        X, _, C, _ = f.first.shape
-        Y, N = f.second.shape[1], f.second.shape[-1]
-    sh, sw = (tuple(f.strides) + (1, 1))[:2]
-    pixels = int(np.prod(x_shape[:-3])) * max(1, x_shape[-3] // sh) * max(1, x_shape[-2] // sw)
-    first_per_pixel = (X * Y * C if f.scheme == "zhang" else X * C) * R
-    second_per_pixel = R * N * (1 if f.scheme == "zhang" else Y)
-    factored = pixels * (first_per_pixel + second_per_pixel)
-    rebuilt = X * C * R * Y * N + pixels * X * Y * C * N
-    return rebuilt < factored
-
-
 def _factored_layer(mod: nn.Dense | nn.Conv, f: Factors, x: jnp.ndarray, scale: jnp.ndarray | None) -> jnp.ndarray:
     """The factored form of ``mod``'s call, with ``mod``'s own ``dtype`` and ``precision``.
 
     As ``nn.Dense`` / ``nn.Conv`` do: input, kernels and bias are promoted to ``mod.dtype``
     (or their common type when it is None) and every contraction runs at ``mod.precision``.
-    A masked conv (``scale`` given: COBLA's E(m) at full rank R) runs as one conv with the
-    rebuilt kernel W(m) where that costs fewer MACs (:func:`kernel_is_cheaper`): the
-    same linear map, so E(m) and ∂E/∂m are unchanged up to rounding, at about half the work.
     """
     bias = mod.get_variable("params", "bias") if mod.use_bias else None
     x, first, second, bias = promote_dtype(x, f.first, f.second, bias, dtype=mod.dtype)
     f = dataclasses.replace(f, first=first, second=second)
     if f.kind == "conv":
         f = dataclasses.replace(f, pads=call_pads(mod, f, x))
-    if scale is not None and kernel_is_cheaper(f, tuple(x.shape)):
-        y = _conv(x, masked_kernel(f, scale.astype(first.dtype)), tuple(f.strides), tuple(f.pads), mod.precision)
-    else:
-        y = apply_factors(f, x, scale, mod.precision)
+    y = apply_factors(f, x, scale, mod.precision)
     return y if bias is None else y + bias
 
 
