@@ -245,7 +245,7 @@ def test_allocate_runs_cobla_with_batch_statistics():
 
 
 def test_auto_takes_batch_statistics_only_where_the_network_has_batch_norm():
-    """bn_stats = "auto" (the default): the BatchNorm net's E is the batch-mode E (as with
+    """bn_stats = "auto": the BatchNorm net's E is the batch-mode E (as with
     bn_stats = "batch"), a net without BatchNorm keeps the running mode (no second compile)."""
     import coblax
     from coblax.lowrank.rounding import flat_mask
@@ -254,8 +254,8 @@ def test_auto_takes_batch_statistics_only_where_the_network_has_batch_norm():
     x = x.astype(np.float32)
     variables, fs = _problem(ConvBN(), x, np.float32)
     fs = {n: fs[n] for n in ("conv1", "conv2")}
-    method = coblax.allocators.cobla(max_iter=5, roundings=2, local_search=0, polish=0)
-    assert method.bn_stats == "auto"
+    assert coblax.allocators.cobla().bn_stats == "running"  # the default (see README)
+    method = coblax.allocators.cobla(max_iter=5, roundings=2, local_search=0, polish=0, bn_stats="auto")
     result = coblax.allocate(ConvBN(), variables, (x, y), rules=[("conv.*", "tai")], mac=0.6, param=0.6,
                              method=method, apply_kwargs={"train": False}, batch_size=16)
     alloc = result.allocation

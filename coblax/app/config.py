@@ -287,7 +287,7 @@ class CoblaConfig:
     window: int | None = setting(None, ge=1)
     data_parallel: bool = False
     # issue 18 (BatchNorm statistics in E(m), fine-tuning-aware selection)
-    bn_stats: str = setting("auto", choices=("auto", "running", "batch", "recalibrated"))
+    bn_stats: str = setting("running", choices=("auto", "running", "batch", "recalibrated"))
     finetune_candidates: int = setting(3, ge=1)
     finetune_steps: int = setting(50, ge=1)
     finetune_learning_rate: float = setting(1e-4, gt=0)

@@ -120,8 +120,10 @@ class COBLA:
       bn_stats: how E(m) and the candidate scores normalize BatchNorm: the original's
         ``"running"`` statistics, each batch's own (``"batch"``), or statistics
         re-estimated at m on the objective subset (``"recalibrated"``);
-        :mod:`coblax.lowrank.objective`. ``"auto"`` (default): ``"batch"`` for a network
-        with BatchNorm statistics, else ``"running"`` (no BatchNorm: the three agree).
+        :mod:`coblax.lowrank.objective`. ``"auto"``: ``"batch"`` for a network with
+        BatchNorm statistics, else ``"running"`` (no BatchNorm: the three agree). The
+        default stays ``"running"``: masks chosen under batch statistics are only right for
+        a network whose statistics are then re-estimated (``recalibrate_bn``).
       finetune_candidates, finetune_steps, finetune_learning_rate: with
         ``select = "finetune"``, the K best distinct rounded candidates (by the
         accuracy score) are each fine-tuned for S steps (Adam at this learning rate)
@@ -156,7 +158,7 @@ class COBLA:
     joint_mask_lr: float = 1e-3
     progress: bool = False
     # issue 18 (BatchNorm statistics in E(m), fine-tuning-aware selection)
-    bn_stats: str = "auto"
+    bn_stats: str = "running"
     finetune_candidates: int = 3
     finetune_steps: int = 50
     finetune_learning_rate: float = 1e-4
