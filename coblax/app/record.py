@@ -182,7 +182,6 @@ def run_method(
                              (data.x_train, data.y_train), seed=cfg.seed)
     start = time.perf_counter()
     allocation: Allocation = allocator(problem)
-    solve_seconds = time.perf_counter() - start
     if not is_feasible(problem, allocation.ranks):
         raise AssertionError(f"method {method} returned ranks that break the budget: {allocation.ranks}")
     allocation = with_latency_stats(allocation, problem, timing)

@@ -43,7 +43,6 @@ from coblax.lowrank.allocation import (
     BudgetError,
     LayerCost,
     ranks_cost,
-    ranks_latency,
 )
 from coblax.lowrank.decompose import TracedLayer, slice_count
 from coblax.lowrank.latency import NetworkLatency
@@ -245,7 +244,7 @@ def with_latency(layers: tuple[LayerCost, ...], timing: NetworkLatency | None, f
         raise ValueError(f"latency budget: no latency table for layers {missing}")
     timed = tuple(dataclasses.replace(l, latency=timing.curves[l.name]) for l in layers)
     floor = {l.name: min(min_rank, l.full_rank) for l in timed}
-    smallest = (timing.rest + ranks_latency(timed, floor)) / timing.total
+    smallest = timing.ratio(timed, floor)
     if fraction < smallest * (1 - 1e-12):
         raise BudgetError(f"budget latency={fraction:g} is below what the network measures with rank {min_rank} "
                           f"in every decomposed layer (or its original form where that is faster): the smallest "

@@ -178,6 +178,11 @@ class NetworkLatency:
         """Network time T_rest + Σ layer times (one per decomposed layer)."""
         return self.rest + float(sum(times))
 
+    def ratio(self, layers: Sequence, ranks) -> float:
+        """T(r) / T_net,O the tables predict for ``ranks`` (``layers``: the problem's
+        :class:`~coblax.lowrank.allocation.LayerCost` s carrying these tables)."""
+        return self.predict([layer.latency_at(int(ranks[layer.name])) for layer in layers]) / self.total
+
 
 def latency_report(layers: Sequence, timing: NetworkLatency, ranks: dict) -> dict:
     """What an allocation measures under the model: the predicted network latency ratio

@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from coblax.lowrank.allocation import Allocation, AllocationProblem, ranks_latency
+from coblax.lowrank.allocation import Allocation, AllocationProblem
 from coblax.lowrank.latency import NetworkLatency
 from coblax.lowrank.latency_measure import TimingOptions, time_calls
 
@@ -61,9 +61,8 @@ def corrected_fraction(predicted: float, measured: float, target: float, floor: 
 
 def _floor_fraction(problem: AllocationProblem, timing: NetworkLatency) -> float:
     """The smallest latency fraction the tables can reach (every layer at min_rank, or
-    original where that is faster)."""
-    floor = {layer.name: problem.min_rank for layer in problem.layers}
-    return (timing.rest + ranks_latency(problem.layers, floor)) / timing.total
+    original where that is faster), as :func:`~coblax.lowrank.costs.with_latency` states it."""
+    return timing.ratio(problem.layers, {l.name: min(problem.min_rank, l.full_rank) for l in problem.layers})
 
 
 def network_measure(original: tuple[Callable, Any], factored: Callable[[Mapping[str, int]], tuple[Callable, Any]],
@@ -105,7 +104,7 @@ def check_latency(
     used, attempts, current = float(target), [], allocation
     while True:
         ratio = float(measure(current.ranks))
-        predicted = (timing.rest + ranks_latency(problem.layers, current.ranks)) / timing.total
+        predicted = timing.ratio(problem.layers, current.ranks)
         attempts.append({"fraction": used, "predicted": predicted, "measured": ratio, "allocation": current})
         if ratio <= target or len(attempts) > checks:
             break
