@@ -8,7 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coblax.nn.bn import batch_statistics, check_batches, recalibrate_bn
+from coblax.nn.bn import (
+    AUTO_BATCHES,
+    batch_statistics,
+    check_batches,
+    recalibrate_bn,
+    resolve_batches,
+)
 
 
 class Net(nn.Module):
@@ -76,3 +82,14 @@ def test_recalibration_changes_eval_outputs_and_zero_batches_changes_nothing():
 def test_bad_batch_counts_name_the_key(bad):
     with pytest.raises(ValueError, match="recalibrate_bn"):
         check_batches(bad)
+
+
+def test_auto_is_twenty_batches_only_where_there_are_batchnorm_statistics():
+    with_bn = {"params": {"w": np.ones(2)}, "batch_stats": {"bn": {"mean": np.zeros(2), "var": np.ones(2)}}}
+    assert AUTO_BATCHES == 20
+    assert resolve_batches("auto", with_bn) == 20
+    assert resolve_batches("auto", {"params": {"w": np.ones(2)}}) == 0
+    assert resolve_batches("auto", {"params": {"w": np.ones(2)}, "batch_stats": {}}) == 0
+    assert resolve_batches(3, {"params": {}}) == 3
+    with pytest.raises(ValueError, match="finetune.recalibrate_bn .* or 'auto'"):
+        resolve_batches("Auto", with_bn, "finetune.recalibrate_bn")

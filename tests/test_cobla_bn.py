@@ -254,7 +254,7 @@ def test_auto_takes_batch_statistics_only_where_the_network_has_batch_norm():
     x = x.astype(np.float32)
     variables, fs = _problem(ConvBN(), x, np.float32)
     fs = {n: fs[n] for n in ("conv1", "conv2")}
-    assert coblax.allocators.cobla().bn_stats == "running"  # the default (see README)
+    assert coblax.allocators.cobla().bn_stats == "auto"  # the default (see README)
     method = coblax.allocators.cobla(max_iter=5, roundings=2, local_search=0, polish=0, bn_stats="auto")
     result = coblax.allocate(ConvBN(), variables, (x, y), rules=[("conv.*", "tai")], mac=0.6, param=0.6,
                              method=method, apply_kwargs={"train": False}, batch_size=16)

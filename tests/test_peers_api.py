@@ -1,5 +1,7 @@
 """Peers and BatchNorm recalibration through ``coblax.allocate`` / ``finetune``."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -12,7 +14,8 @@ from tests.test_api import EVAL, RULES, trained_lenet
 def test_allocate_recalibrates_batchnorm_statistics():
     model, _, variables, data = trained_lenet()
     obj = (data.x_train[:256], data.y_train[:256])
-    plain = allocate(model, variables, obj, rules=RULES, mac=0.3, param=0.3, method="pos_greedy", apply_kwargs=EVAL)
+    plain = allocate(model, variables, obj, rules=RULES, mac=0.3, param=0.3, method="pos_greedy", apply_kwargs=EVAL,
+                     recalibrate_bn=0)
     recal = allocate(model, variables, obj, rules=RULES, mac=0.3, param=0.3, method="pos_greedy", apply_kwargs=EVAL,
                      recalibrate_bn=2, batch_size=128)
     assert plain.ranks == recal.ranks
@@ -35,7 +38,21 @@ def _leaves(tree):
     return [np.asarray(a) for a in jax.tree_util.tree_leaves(tree)]
 
 
-@pytest.mark.parametrize("bad", [-1, 2.5])
+def test_default_recalibrates_where_the_network_has_batchnorm():
+    """recalibrate_bn = "auto" (the default): the statistics of the 256 objective images at
+    batch size 256 (one batch: their exact statistics, as with recalibrate_bn = 1)."""
+    model, _, variables, data = trained_lenet()
+    run = functools.partial(allocate, model, variables, (data.x_train[:256], data.y_train[:256]), rules=RULES,
+                            mac=0.3, param=0.3, method="pos_greedy", apply_kwargs=EVAL, batch_size=256)
+    auto, one = run(), run(recalibrate_bn=1)
+    for layer in ("bn1", "bn2"):
+        for stat in ("mean", "var"):
+            np.testing.assert_allclose(auto.variables["batch_stats"][layer][stat],
+                                       one.variables["batch_stats"][layer][stat], rtol=1e-6, atol=1e-7)
+    assert not np.allclose(auto.variables["batch_stats"]["bn2"]["mean"], variables["batch_stats"]["bn2"]["mean"])
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "always"])
 def test_recalibrate_bn_must_be_a_batch_count(bad):
     model, _, variables, data = trained_lenet()
     with pytest.raises(ValueError, match="recalibrate_bn"):

@@ -14,7 +14,7 @@ import inspect
 import types
 import typing
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from coblax.util.schema import (
     INT_MAX,
@@ -287,7 +287,7 @@ class CoblaConfig:
     window: int | None = setting(None, ge=1)
     data_parallel: bool = False
     # issue 18 (BatchNorm statistics in E(m), fine-tuning-aware selection)
-    bn_stats: str = setting("running", choices=("auto", "running", "batch", "recalibrated"))
+    bn_stats: str = setting("auto", choices=("auto", "running", "batch", "recalibrated"))
     finetune_candidates: int = setting(3, ge=1)
     finetune_steps: int = setting(50, ge=1)
     finetune_learning_rate: float = setting(1e-4, gt=0)
@@ -302,14 +302,15 @@ class FinetuneConfig:
     """Fine-tuning of the factored network (all factors and other params trainable).
 
     ``recalibrate_bn = N`` re-estimates the BatchNorm statistics of the factored
-    network on N training batches before each evaluation (:mod:`coblax.nn.bn`).
+    network on N training batches before each evaluation (:mod:`coblax.nn.bn`);
+    ``"auto"`` (the default) is 20 batches for networks with BatchNorm, 0 otherwise.
     """
 
     epochs: int = setting(5, ge=0)
     batch_size: int = setting(64, ge=1)
     learning_rate: float = setting(1e-4, gt=0)
     optimizer: str = setting("adam", choices=_OPTIMIZERS)
-    recalibrate_bn: int = setting(0, ge=0)
+    recalibrate_bn: int | Literal["auto"] = setting("auto", ge=0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,7 @@ from coblax.lowrank.registry import get_allocator
 from coblax.lowrank.spectra import allocator_spectrum
 from coblax.lowrank.training import attach_trainer
 from coblax.nn import train as T
-from coblax.nn.bn import recalibrate_bn
+from coblax.nn.bn import recalibrate_bn, resolve_batches
 from coblax.nn.compiles import compile_stats
 from coblax.nn.data import Dataset
 from coblax.nn.models import training_options
@@ -129,9 +129,10 @@ def finetune_factored(cfg: RunConfig, base: BaseModel, data: Dataset, kept: dict
     variables = layout.variables(base.params)
     apply = layout.apply_fn(base.model)
     acc_before = T.evaluate(apply, variables, data.x_test, data.y_test)
-    recal = functools.partial(recalibrate_bn, apply, x=data.x_train, batches=cfg.finetune.recalibrate_bn,
+    batches = resolve_batches(cfg.finetune.recalibrate_bn, base.params, "finetune.recalibrate_bn")
+    recal = functools.partial(recalibrate_bn, apply, x=data.x_train, batches=batches,
                               batch_size=cfg.finetune.batch_size, seed=cfg.seed + 1)
-    if cfg.finetune.recalibrate_bn:
+    if batches:
         variables = recal(variables)
         if extra is not None:
             extra["acc_before_finetune_recalibrated"] = T.evaluate(apply, variables, data.x_test, data.y_test)
@@ -143,7 +144,7 @@ def finetune_factored(cfg: RunConfig, base: BaseModel, data: Dataset, kept: dict
         learning_rate=cfg.finetune.learning_rate, optimizer=cfg.finetune.optimizer,
         seed=cfg.seed + 1, desc=desc, progress=progress, **fit_kw,
     )
-    if cfg.finetune.recalibrate_bn and cfg.finetune.epochs:
+    if batches and cfg.finetune.epochs:
         variables = recal(variables)
     seconds = time.perf_counter() - start
     return acc_before, T.evaluate(apply, variables, data.x_test, data.y_test), seconds

@@ -75,8 +75,9 @@ from coblax.lowrank.slicing import plan_slices, refuse_sliced
 from coblax.lowrank.spectra import allocator_spectrum, whitened_factors
 from coblax.lowrank.training import attach_trainer
 from coblax.lowrank.validate import check_allocate_arguments, check_budget, check_finetune_arguments
-from coblax.nn.bn import check_batches
+from coblax.nn.bn import AUTO as _AUTO
 from coblax.nn.bn import recalibrate_bn as _recalibrate
+from coblax.nn.bn import resolve_batches
 from coblax.nn.train import fit
 from coblax.util.frozen import FrozenMap, frozen
 
@@ -272,7 +273,7 @@ def allocate(
     seed: int = 0,
     min_rank: int = 1,
     batch_size: int = 250,
-    recalibrate_bn: int = 0,
+    recalibrate_bn: int | str = _AUTO,
     rank_multiple: int = 1,
     latency: float | None = None,
     latency_batch: int = 64,
@@ -311,7 +312,9 @@ def allocate(
       batch_size: batch size inside COBLA's jitted objective.
       recalibrate_bn: re-estimate the factored network's BatchNorm statistics on
         this many batches of ``data`` (:func:`coblax.nn.bn.recalibrate_bn`;
-        0: keep the original network's).
+        0: keep the original network's, stale once layers are truncated). ``"auto"``
+        (the default): 20 batches where the network has BatchNorm statistics, none
+        elsewhere (:data:`coblax.nn.bn.AUTO_BATCHES`; linen models).
       rank_multiple: every factored rank a multiple of this (full rank excepted), for
         every allocator (:mod:`coblax.lowrank.rank_multiple`); ``min_rank`` is rounded
         up to a multiple. Below 1, or above a decomposed layer's full rank, is a ValueError.
@@ -357,7 +360,7 @@ def allocate(
                                     latency=latency, latency_batch=latency_batch, latency_tables=latency_tables,
                                     latency_checks=checks)
     check_allocate_arguments(locals())  # coblax.lowrank.validate: ValueError naming the argument
-    check_batches(recalibrate_bn)
+    recalibrate_bn = resolve_batches(recalibrate_bn, variables)
     allocator = resolve_method(method, method_options)
     apply_kwargs = dict(apply_kwargs or {})
     data = tuple(np.asarray(a) for a in data)
@@ -483,7 +486,7 @@ def finetune(
     rng_streams: Sequence[str] = ("dropout",),
     seed: int = 0,
     progress: bool = False,
-    recalibrate_bn: int = 0,
+    recalibrate_bn: int | str = _AUTO,
 ) -> Compressed:
     """Fine-tune the factored network (factors and every other parameter) with optax.
 
@@ -491,7 +494,8 @@ def finetune(
     collection other than ``params`` and ``factors`` is state updated by the model
     (BatchNorm's running statistics), and ``rng_streams`` get fresh keys each step.
     ``recalibrate_bn = N`` re-estimates the BatchNorm statistics of the fine-tuned
-    network on N batches of ``x`` at the end (:func:`coblax.nn.bn.recalibrate_bn`).
+    network on N batches of ``x`` at the end (:func:`coblax.nn.bn.recalibrate_bn`);
+    ``"auto"`` (the default) is 20 batches where it has BatchNorm statistics.
     Returns the same result with the fine-tuned variables. An nnx result is trained
     with ``nnx.Optimizer`` (:func:`coblax.lowrank.nnx_api.finetune_nnx`;
     ``rng_streams`` does not apply: dropout draws from the model's own ``Rngs``).
@@ -501,7 +505,7 @@ def finetune(
     if nnx_api.is_nnx_module(result.model):
         return nnx_api.finetune_nnx(result, x, y, train_kwargs=train_kwargs, epochs=epochs, batch_size=batch_size,
                                     learning_rate=learning_rate, optimizer=optimizer, seed=seed, progress=progress)
-    check_batches(recalibrate_bn)
+    recalibrate_bn = resolve_batches(recalibrate_bn, result.variables)
     check_finetune_arguments(locals())  # coblax.lowrank.validate
     state = tuple(k for k in result.variables if k not in ("params", "factors"))
     apply = functools.partial(result.apply_fn, **dict(train_kwargs or {}))

@@ -121,9 +121,11 @@ class COBLA:
         ``"running"`` statistics, each batch's own (``"batch"``), or statistics
         re-estimated at m on the objective subset (``"recalibrated"``);
         :mod:`coblax.lowrank.objective`. ``"auto"``: ``"batch"`` for a network with
-        BatchNorm statistics, else ``"running"`` (no BatchNorm: the three agree). The
-        default stays ``"running"``: masks chosen under batch statistics are only right for
-        a network whose statistics are then re-estimated (``recalibrate_bn``).
+        BatchNorm statistics, else ``"running"`` (no BatchNorm: the three agree), is the
+        default: masks chosen under batch statistics are right for a network whose
+        statistics are then re-estimated, which ``allocate``, ``finetune`` and the runner
+        do by default (``recalibrate_bn = "auto"``); with ``recalibrate_bn = 0`` use
+        ``"running"``.
       finetune_candidates, finetune_steps, finetune_learning_rate: with
         ``select = "finetune"``, the K best distinct rounded candidates (by the
         accuracy score) are each fine-tuned for S steps (Adam at this learning rate)
@@ -158,7 +160,7 @@ class COBLA:
     joint_mask_lr: float = 1e-3
     progress: bool = False
     # issue 18 (BatchNorm statistics in E(m), fine-tuning-aware selection)
-    bn_stats: str = "running"
+    bn_stats: str = "auto"
     finetune_candidates: int = 3
     finetune_steps: int = 50
     finetune_learning_rate: float = 1e-4
