@@ -45,9 +45,9 @@ its current k and rank) and takes the k whose largest rank within that cost has 
 smallest relative error, then eps is re-solved; a round that does not lower eps
 ends the seed's iterations (its k are not kept). The start with the smallest eps
 wins. Both need the sliced factored form, which :func:`coblax.allocate` builds
-through the ``slice_plan`` hook (:mod:`coblax.lowrank.slicing`); the config
-runner does not, and a problem without sliced conv layers is refused naming
-``slices``.
+through the ``slice_plan`` hook (:mod:`coblax.lowrank.slicing`), and so does the
+config runner (``method_options.alds.slices``); a problem built without that hook
+(no sliced conv layer) is refused naming ``slices``.
 
 Reference defaults (lucaslie/torchprune, ``ALDSErrorIterativeAllocator``): operator
 norm (``ord=2``) relative error, max over slices; k searched over the divisors of
@@ -264,14 +264,6 @@ class ALDS:
         _positive_int("search_seeds", self.search_seeds)
         _positive_int("search_iterations", self.search_iterations)
 
-    @property
-    def runner_unsupported(self) -> str | None:
-        """Why the config runner cannot run these options (it factors with ``decompose.schemes``)."""
-        if self.slices == 1:
-            return None
-        return (f"slices = {self.slices!r} needs the sliced factored form (scheme 'alds:k'), which only "
-                f"coblax.allocate builds; the config runner supports slices = 1")
-
     def slice_plan(self, cands, mac_max: float, param_max: float, min_rank: int, seed: int) -> dict[str, int] | None:
         """layer -> k for :func:`coblax.lowrank.slicing.plan_slices` (None: keep the rules' schemes).
 
@@ -294,8 +286,8 @@ class ALDS:
     def __call__(self, problem: AllocationProblem) -> Allocation:
         if self.slices != 1 and not any(getattr(l, "slice_sigma", None) is not None for l in problem.layers):
             raise ValueError(f"slices = {self.slices!r} needs the sliced factored form (scheme 'alds:k'), which "
-                             f"coblax.allocate builds; this problem has no sliced layer (the config runner "
-                             f"factors with decompose.schemes only)")
+                             f"coblax.allocate and the config runner build through slice_plan; this "
+                             f"problem has no sliced layer")
         eps, ranks = alds_ranks(problem, self.name)
         errors = {layer.name: relative_errors(layer) for layer in problem.layers}
         return ok_allocation(problem, ranks, {

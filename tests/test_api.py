@@ -223,6 +223,25 @@ def test_public_surface():
         assert name in coblax.__all__
 
 
+#: ``coblax run`` on a tiny zoo ResNet (BatchNorm, residual adds) on digits: one budget, one epoch
+RESNET_RUN = """
+methods = {methods}
+models = [{{ name = "resnet20", blocks = 1, widths = [4, 8, 8] }}]
+[data]
+name = "digits"
+limit_train = 300
+[train]
+epochs = 1
+[budgets]
+mac = [{budget}]
+param = [{budget}]
+{extra}
+[finetune]
+epochs = 1
+{finetune}
+"""
+
+
 def test_runner_trains_batchnorm_zoo_model_in_training_mode(tmp_path):
     """``coblax run`` on a BatchNorm zoo model: running statistics are learned, not left at init."""
     import os
@@ -230,20 +249,7 @@ def test_runner_trains_batchnorm_zoo_model_in_training_mode(tmp_path):
     from coblax.app.cli import main
 
     cfg = tmp_path / "cfg.toml"
-    cfg.write_text("""
-methods = ["uniform"]
-models = [{ name = "resnet20", blocks = 1, widths = [4, 8, 8] }]
-[data]
-name = "digits"
-limit_train = 300
-[train]
-epochs = 1
-[budgets]
-mac = [0.6]
-param = [0.6]
-[finetune]
-epochs = 1
-""")
+    cfg.write_text(RESNET_RUN.format(methods='["uniform"]', budget=0.6, extra="", finetune=""))
     out = tmp_path / "run"
     assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
     (path,) = (Path(os.environ["COBLAX_CACHE"]) / "models").glob("resnet20-*.npz")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from coblax.app.cli import main
+from tests.test_api import RESNET_RUN
 from tests.test_cli import TINY, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
     [
         ("[method_options.lc]\ncolour = 1", "method_options.lc.colour: unknown option of method 'lc'"),
         ("[method_options.balf]\nspectrum = 'fourier'", "spectrum must be 'whitened'"),
-        ("[method_options.alds]\nslices = 2", "slices = 2"),
+        ("[method_options.alds]\nslices = 3", "method_options.alds.slices = 3 does not divide the 1 input channels"),
         ("[method_options.alds]\nslices = 0", "slices must be a positive integer"),
         ("[method_options.lc]\nsteps = -1", "steps must be an integer >= 0"),
     ],
@@ -60,27 +62,10 @@ def test_runner_records_recalibrated_accuracy_and_peer_diagnostics(tmp_path):
     import json
 
     cfg = tmp_path / "cfg.toml"
-    cfg.write_text("""
-methods = ["alds", "lc", "balf"]
-models = [{ name = "resnet20", blocks = 1, widths = [4, 8, 8] }]
-[data]
-name = "digits"
-limit_train = 300
-[train]
-epochs = 1
-[budgets]
-mac = [0.6]
-param = [0.6]
-[cobla]
-objective_size = 64
-[finetune]
-epochs = 1
-recalibrate_bn = 2
-[method_options.lc]
-steps = 1
-l_steps = 3
-lr = 0.01
-""")
+    cfg.write_text(RESNET_RUN.format(methods='["alds", "lc", "balf"]', budget=0.6,
+                                     extra="[cobla]\nobjective_size = 64",
+                                     finetune="recalibrate_bn = 2\n[method_options.lc]\nsteps = 1\nl_steps = 3\nlr = 0.01"))
+
     out = tmp_path / "run"
     assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
     data = json.loads((out / "results.json").read_text())
@@ -92,3 +77,50 @@ lr = 0.01
         assert r["mac_ratio"] <= 0.6 + 1e-9 and r["param_ratio"] <= 0.6 + 1e-9
     assert records["lc"]["diagnostics"]["training_steps"] == 3
     assert records["balf"]["spectrum"] == "whitened" and records["alds"]["spectrum"] == "weight"
+
+
+def test_runner_slices_alds_layers_and_counts_their_cost(tmp_path):
+    """``method_options.alds.slices = "search"`` in ``coblax run``: each conv layer is cut
+    into the slices ALDS picks, and the record's MAC and parameter ratios equal a hand
+    count of that form (a grouped X×Y conv with k·r outputs, C/k inputs each, then a 1×1
+    conv k·r -> N: r·(X·Y·C + k·N) weights, times Ho·Wo MACs; dense r·(in + out))."""
+    import json
+
+    import jax
+    import jax.numpy as jnp
+
+    from coblax.lowrank.decompose import trace_layers
+    from coblax.nn.models import build_model
+
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(RESNET_RUN.format(methods='["alds"]', budget=0.5, extra="",
+                                     finetune='[method_options.alds]\nslices = "search"'))
+
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
+    (record,) = json.loads((out / "results.json").read_text())["records"]
+    assert record["status"] == "ok", record.get("error")
+    slices = record["diagnostics"]["slices"]
+    assert max(slices.values()) > 1
+    model = build_model("resnet20", num_classes=10, input_shape=(8, 8, 1), blocks=1, widths=(4, 8, 8))
+    x = jnp.zeros((1, 8, 8, 1))
+    layers = {l.name: l for l in trace_layers(model, jax.eval_shape(model.init, jax.random.PRNGKey(0), x), x)}
+    macs = params = macs0 = params0 = 0.0
+    for name, r in record["ranks"].items():
+        shape = layers[name].kernel_shape
+        if len(shape) == 2:  # dense
+            (n_in, n_out), hw, per_rank = shape, 1, shape[0] + shape[1]
+        else:
+            X, Y, C, N = shape
+            assert C % slices[name] == 0
+            hw = int(np.prod(layers[name].call_shapes[0][1][:2]))
+            n_in, n_out, per_rank = X * Y * C, N, X * Y * C + slices[name] * N
+        original = name in record["original_layers"]
+        macs0 += hw * n_in * n_out
+        params0 += n_in * n_out
+        macs += hw * (n_in * n_out if original else r * per_rank)
+        params += n_in * n_out if original else r * per_rank
+    assert record["mac_ratio"] == pytest.approx(macs / macs0, rel=1e-9)
+    assert record["param_ratio"] == pytest.approx(params / params0, rel=1e-9)
+    assert record["mac_ratio"] <= 0.5 + 1e-9 and record["param_ratio"] <= 0.5 + 1e-9
+    assert 0.0 <= record["acc_after_finetune"] <= 1.0

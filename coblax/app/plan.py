@@ -82,6 +82,7 @@ def preflight(cfg: RunConfig, data_shape: tuple, num_classes: int, problems: Pro
         if not chosen:
             own.add("decompose", f"model {mc.label}: no decomposable layer selected")
             continue
+        _check_slices(cfg, chosen, mc.label, own)
         for scheme in cfg.decompose.schemes:
             sig = {l.name: np.ones(_full_rank(l, scheme)) for l in chosen}
             net = network_cost(traced, params, sig, scheme)
@@ -93,6 +94,26 @@ def preflight(cfg: RunConfig, data_shape: tuple, num_classes: int, problems: Pro
                     own.add("budgets", f"budgets ({mc.label}, {scheme}): {err}")
     if problems is None and own:
         raise own.error()
+
+
+def _check_slices(cfg: RunConfig, chosen, label: str, problems: Problems) -> None:
+    """ALDS's ``slices = k`` must divide the input channels of every decomposed conv layer,
+    and sliced layers have no latency tables (the records would fail one by one)."""
+    slices = dict(cfg.method_options.get("alds", {})).get("slices", 1)
+    if "alds" not in cfg.methods or slices == 1:
+        return
+    where = "method_options.alds.slices"
+    if cfg.budgets.latency is not None:
+        problems.add(where, f"{where} = {slices!r}: the sliced form has no latency tables; use slices = 1 "
+                            f"with budgets.latency")
+    if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1:  # "search", or named already
+        return
+    for layer in chosen:
+        if layer.kind == "conv" and int(layer.kernel_shape[-2]) % slices:
+            problems.add(where, f"{where} = {slices} does not divide the {int(layer.kernel_shape[-2])} input "
+                                f"channels of layer {layer.name!r} (model {label}); use a divisor of every "
+                                f"decomposed conv layer's input channels or slices = 'search'")
+            return
 
 
 def _full_rank(layer, scheme: str) -> int:

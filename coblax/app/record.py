@@ -35,6 +35,7 @@ from coblax.lowrank.joint import trained_start
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.padding import finetune_layout, pad_to_full_rank  # noqa: F401 - pad_to_full_rank: benchmarks replace it
 from coblax.lowrank.registry import get_allocator
+from coblax.lowrank.slicing import plan_slices
 from coblax.lowrank.spectra import allocator_spectrum
 from coblax.lowrank.training import attach_trainer
 from coblax.nn import train as T
@@ -46,7 +47,7 @@ from coblax.util import jsonable
 from coblax.util.errors import NumericalError
 
 __all__ = ["COBLA_KEYS", "decomposable_layers", "decompose_layers", "failed_record",
-           "finetune_factored", "run_method", "scheme_inputs", "split_objective_data"]
+           "finetune_factored", "run_method", "scheme_inputs", "sliced_layers", "split_objective_data"]
 
 def decomposable_layers(traced, cfg: RunConfig) -> list:
     """Traced layers selected for decomposition by ``decompose.layers/exclude``."""
@@ -109,6 +110,21 @@ def scheme_inputs(cfg: RunConfig, base: BaseModel, traced, chosen, scheme: str, 
         loss = NetworkLoss(base.model, base.params, full, objective_data, validation_data,
                            batch_size=cfg.cobla.batch_size, data_parallel=cfg.cobla.data_parallel)
     return full, net, loss
+
+
+def sliced_layers(allocator: Any, cfg: RunConfig, base: BaseModel, net: NetworkCost, full: dict[str, Factors],
+                  x: np.ndarray, budget: tuple[float, float]) -> tuple[dict[str, Factors], NetworkCost]:
+    """(full factors, cost model) with each conv layer cut into the input-channel slices the
+    allocator's ``slice_plan`` picks (ALDS's ``slices``, :mod:`coblax.lowrank.slicing`), as
+    ``coblax.allocate`` does; unchanged for every other allocator. The budgets are those of
+    the unsliced layers (they depend on the original layers only)."""
+    if getattr(allocator, "slice_plan", None) is None:
+        return full, net
+    schemes = {n: f.scheme for n, f in full.items()}
+    _, full, net = plan_slices(allocator, base.model, base.params, np.asarray(x[:1]), {}, schemes, full, net,
+                               budgets=net.budgets(budget[0], budget[1], cfg.budgets.basis),
+                               min_rank=cfg.budgets.min_rank, seed=cfg.seed)
+    return full, net
 
 
 def finetune_factored(cfg: RunConfig, base: BaseModel, data: Dataset, kept: dict[str, Factors],
@@ -175,6 +191,7 @@ def run_method(
         scheme = next(iter(full.values())).scheme
         full = decompose_layers(own, base, [l for l in traced if l.name in full], scheme, split_objective_data(data, cfg)[0][0])
         net = network_cost(traced, base.params, {n: np.asarray(f.sigma) for n, f in full.items()}, scheme)
+    full, net = sliced_layers(allocator, cfg, base, net, full, data.x_train, budget)  # ALDS's slices
     # budgets.latency and budgets.rank_multiple (coblax.app.budget_extras)
     problem, net, timing = record_problem(cfg, base, traced, net, full, data.x_train, budget,
                                           loss=None if loss is None else _FiniteLoss(loss), seed=cfg.seed)

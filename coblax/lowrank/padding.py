@@ -199,8 +199,10 @@ def finetune_layout(kept: Mapping[str, Factors], full: Mapping[str, Factors], pa
         first, second = np.shape(f.first), np.shape(f.second)
         return rank * int(np.prod(first[:-1]) + np.prod(second[:-2]) * second[-1])
 
-    from coblax.lowrank.decompose import get_kernel
+    from coblax.lowrank.decompose import get_kernel, slice_count
 
+    if any(slice_count(f.scheme) for f in list(kept.values()) + list(full.values())):
+        return FinetuneLayout(dict(kept))  # ALDS's sliced layers (k matrices each): no padded layout
     missing = [n for n in full if n not in kept]
     extra = sum(weights(f, full_rank_of(f)) - weights(f, int(np.shape(f.first)[-1])) for f in kept.values())
     extra += sum(weights(full[n], full_rank_of(full[n])) - int(np.size(get_kernel(params, n))) for n in missing)
