@@ -65,6 +65,23 @@ def test_tex_marks_and_escapes():
     assert text.rstrip().endswith("\\end{tabular}")
 
 
+def test_recalibrated_accuracy_gets_its_own_column():
+    """Records with ``acc_before_finetune_recalibrated`` (finetune.recalibrate_bn) add a
+    column after "acc before FT", marked on its own; the ratios stay unmarked."""
+    a = rec("cobla", (0.5, 0.5), 0.10, 0.80, 0.5, 0.4) | {"acc_before_finetune_recalibrated": 0.60}
+    b = rec("alds", (0.5, 0.5), 0.20, 0.82, 0.4, 0.3) | {"acc_before_finetune_recalibrated": 0.40}
+    lines = format_table([a, b], "csv").splitlines()
+    assert lines[0].split(",")[3:] == ["0.5/0.5 acc before FT", "0.5/0.5 acc before FT (BN recal.)",
+                                       "0.5/0.5 acc after FT", "0.5/0.5 MAC ratio", "0.5/0.5 param ratio"]
+    assert lines[1] == 'lenet,"CX,YN",cobla,10.00,60.00*,80.00,0.500,0.400'
+    assert lines[2] == 'lenet,"CX,YN",alds,20.00*,40.00,82.00*,0.400,0.300'
+    tex = format_table([a, b, rec("alds", (0.3, 0.3), 0.1, 0.7, 0.3, 0.3)], "tex")
+    assert "\\begin{tabular}{lcccccccccc}" in tex
+    assert "\\cmidrule(lr){2-6} \\cmidrule(lr){7-11}" in tex
+    assert format_table(RECORDS[:4], "csv") == format_table([r | {"acc_before_finetune_recalibrated": None}
+                                                             for r in RECORDS[:4]], "csv")
+
+
 def test_acc_scale_and_rounding_ties():
     recs = [
         rec("a", (0.5, 0.5), 0.91234, 0.5, 0.5, 0.5),

@@ -45,6 +45,16 @@ __all__ = [
 FORMATS = ("md", "csv", "tex")
 _SUBCOLUMNS = ("acc before FT", "acc after FT", "MAC ratio", "param ratio")
 _CELL_KEYS = ("acc_before_finetune", "acc_after_finetune", "mac_ratio", "param_ratio")
+#: the accuracy before fine-tuning with BatchNorm recalibrated (``finetune.recalibrate_bn``):
+#: a column after "acc before FT" in tables whose records have it
+_RECAL = ("acc before FT (BN recal.)", "acc_before_finetune_recalibrated")
+
+
+def _columns(recs: Sequence[dict[str, Any]]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(subcolumn labels, record keys) of one table; the accuracy columns come first."""
+    if any(_num(r.get(_RECAL[1])) is not None for r in recs):
+        return ((_SUBCOLUMNS[0], _RECAL[0]) + _SUBCOLUMNS[1:], (_CELL_KEYS[0], _RECAL[1]) + _CELL_KEYS[1:])
+    return _SUBCOLUMNS, _CELL_KEYS
 _MISSING = "-"
 _FAILED = "failed"
 
@@ -122,16 +132,17 @@ def format_table(
         values: dict[str, list[tuple[float, float] | None]] = {}
         n_seeds: dict[str, str] = {}
         failures: list[tuple[str, str, str]] = []
+        subcolumns, keys = _columns(recs)
         for method in methods:
             row, vals, count, fails = _method_cells(method, labels, cell, multi, pm,
-                                                    (acc_scale, acc_digits, ratio_digits))
+                                                    (acc_scale, acc_digits, ratio_digits), keys)
             grid[method], values[method], n_seeds[method] = row, vals, count
             failures += fails
-        _mark_best(grid, values, methods, len(labels) * 4, fmt)
+        _mark_best(grid, values, methods, len(labels) * len(keys), fmt, len(keys))
         known = [b for b in bases.values() if b is not None]
         base_txt = _base_text(known, acc_scale, acc_digits, pm)
         tables.append(_render(fmt, model, scheme, base_txt, labels, methods, grid,
-                              n_seeds if multi else None, len(seeds))
+                              n_seeds if multi else None, len(seeds), subcolumns)
                       + _failure_notes(fmt, failures))
     return "\n\n".join(tables) + ("\n" if tables else "")
 
@@ -143,12 +154,15 @@ def _method_cells(
     multi: bool,
     pm: str,
     precision: tuple[float, int, int],
+    keys: tuple[str, ...] = _CELL_KEYS,
 ) -> tuple[list[str], list[tuple[float, float] | None], str, list[tuple[str, str, str]]]:
     """One method's row of :func:`format_table`: displayed cells, (displayed mean, standard
     error) of each cell or None, its seed count and its failures.
 
-    ``precision`` is (accuracy scale, accuracy digits, ratio digits).
+    ``precision`` is (accuracy scale, accuracy digits, ratio digits); ``keys`` the
+    record keys of each budget's cells (accuracies, then the two ratios).
     """
+    n_acc = len(keys) - 2
     acc_scale, acc_digits, ratio_digits = precision
     failures: list[tuple[str, str, str]] = []
     row: list[str] = []
@@ -162,12 +176,12 @@ def _method_cells(
                 where = f"{label}, seed {s}" if multi else label
                 failures.append((method, where, str(r.get("error", ""))))
         if by_seed and not ok:
-            row += [_FAILED] * 4
-            vals += [None] * 4
+            row += [_FAILED] * len(keys)
+            vals += [None] * len(keys)
             continue
-        for k, key in enumerate(_CELL_KEYS):
-            scale, digits = (acc_scale, acc_digits) if k < 2 else (1.0, ratio_digits)
-            present = [v * scale for v in (_num(r[key]) for r in ok) if v is not None]
+        for k, key in enumerate(keys):
+            scale, digits = (acc_scale, acc_digits) if k < n_acc else (1.0, ratio_digits)
+            present = [v * scale for v in (_num(r.get(key)) for r in ok) if v is not None]
             if not present:
                 row.append(_MISSING)
                 vals.append(None)
@@ -175,7 +189,7 @@ def _method_cells(
             ms = mean_std(present)
             mean, std, se = ms.mean, ms.std, ms.se
             text = f"{mean:.{digits}f}"
-            if multi and k < 2:
+            if multi and k < n_acc:
                 text += f" {pm} {std:.{digits}f}" if len(present) > 1 else ""
                 text += f" (n={len(present)})" if len(present) < len(own) else ""
             row.append(text)
@@ -184,10 +198,11 @@ def _method_cells(
 
 
 def _mark_best(grid: dict[str, list[str]], values: dict[str, list[tuple[float, float] | None]],
-               methods: list[str], n_cols: int, fmt: str) -> None:
-    """Mark, in ``grid``, every accuracy cell within one standard error of its column's best."""
+               methods: list[str], n_cols: int, fmt: str, per_budget: int = 4) -> None:
+    """Mark, in ``grid``, every accuracy cell within one standard error of its column's best
+    (``per_budget`` cells per budget, the last two of them ratios)."""
     for col in range(n_cols):
-        if col % 4 >= 2:
+        if col % per_budget >= per_budget - 2:
             continue  # ratios are not scores
         present = [values[m][col] for m in methods if values[m][col] is not None]
         if not present:
@@ -345,18 +360,20 @@ def _render(
     grid: dict[str, list[str]],
     n_seeds: dict[str, str] | None = None,
     total_seeds: int = 1,
+    subcolumns: tuple[str, ...] = _SUBCOLUMNS,
 ) -> str:
     """One table; ``n_seeds`` (method -> seed count) adds the ``seeds`` column."""
+    width = len(subcolumns)
     seeds = [] if n_seeds is None else ["seeds"]
     row = (lambda m: [m] + grid[m]) if n_seeds is None else (lambda m: [m, n_seeds[m]] + grid[m])
     if fmt == "md":
         spread = "" if n_seeds is None else f"; mean ± std over {total_seeds} seeds"
-        head = ["method"] + seeds + [f"{label} {sub}" for label in labels for sub in _SUBCOLUMNS]
+        head = ["method"] + seeds + [f"{label} {sub}" for label in labels for sub in subcolumns]
         table = markdown_table(head, [row(m) for m in methods], right_from=1)
         return f"### {model} — {scheme} (base accuracy {base}{spread})\n\n{table}"
     if fmt == "csv":
         head = ["model", "scheme", "method"] + seeds + [
-            f"{label} {sub}" for label in labels for sub in _SUBCOLUMNS
+            f"{label} {sub}" for label in labels for sub in subcolumns
         ]
         lines = [",".join(_csv_cell(h) for h in head)]
         lines += [",".join(_csv_cell(c) for c in [model, scheme] + row(m)) for m in methods]
@@ -365,13 +382,13 @@ def _render(
     skip = len(seeds)
     lines = [
         f"% {model} / {scheme}, base accuracy {base}{spread}",
-        "\\begin{tabular}{l" + "c" * skip + "cccc" * len(labels) + "}",
+        "\\begin{tabular}{l" + "c" * skip + "c" * width * len(labels) + "}",
         "\\toprule",
         " & ".join(["Method"] + [""] * skip
-                   + [f"\\multicolumn{{4}}{{c}}{{{label}}}" for label in labels]) + " \\\\",
-        " ".join(f"\\cmidrule(lr){{{2 + skip + 4 * k}-{5 + skip + 4 * k}}}"
+                   + [f"\\multicolumn{{{width}}}{{c}}{{{label}}}" for label in labels]) + " \\\\",
+        " ".join(f"\\cmidrule(lr){{{2 + skip + width * k}-{1 + skip + width * (k + 1)}}}"
                  for k in range(len(labels))),
-        " & ".join([""] + ["Seeds"] * skip + list(_SUBCOLUMNS) * len(labels)) + " \\\\",
+        " & ".join([""] + ["Seeds"] * skip + list(subcolumns) * len(labels)) + " \\\\",
         "\\midrule",
     ]
     lines += [" & ".join([_tex_escape(m)] + row(m)[1:]) + " \\\\" for m in methods]
