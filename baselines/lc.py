@@ -19,8 +19,13 @@ Lagrange multipliers lambda, the LC algorithm alternates, for mu_k = mu0 * a^k:
 The paper sweeps alpha (its lambda) and reports the ranks each alpha gives; users
 here give budgets, so every C step bisects alpha to the smallest value whose ranks
 meet both budgets, with c_i(r) = N_C,i(r) / N_C,max + N_M,i(r) / N_M,max. The ranks
-of the last C step are the allocation; the common fine-tuning then starts from the
-original weights' truncated SVD, as for every method. The first C step (lambda = 0,
+of the last C step are the allocation, and LC's network is handed on: the trained
+variables with each decomposable kernel set to the last C step's A_i, whose rank-r_i
+truncated SVD, Delta_i, is what the factored network keeps
+(:class:`~coblax.lowrank.training.TrainedVariables`); the common fine-tuning then starts
+from it. (Truncating the original weights at LC's ranks instead throws its training
+away: on ResNet-20 / Fashion-MNIST at 0.5 that network scored 12 % before and 42 %
+after fine-tuning, against COBLA's 66 % and 79 %.) The first C step (lambda = 0,
 mu = mu0) is the direct compression that starts LC. The L steps' SGD steps are
 LC's own cost: ``training_steps`` and ``lc_seconds`` in the record's diagnostics.
 
@@ -45,10 +50,13 @@ import time
 from collections.abc import Mapping
 from typing import ClassVar
 
+import jax.numpy as jnp
 import numpy as np
 
 from coblax.baselines._budget import check_floor, clip_ranks, ok_allocation
 from coblax.lowrank.allocation import Allocation, AllocationProblem, LayerCost, is_feasible
+from coblax.lowrank.decompose import get_kernel
+from coblax.lowrank.training import TrainedVariables, set_kernel
 
 __all__ = ["LC", "c_step", "c_step_rank", "tail_energies"]
 
@@ -186,9 +194,9 @@ class LC:
             spectra = {n: np.linalg.svd(a, compute_uv=False) for n, a in shifted.items()}
             alpha, ranks = c_step(problem, spectra, mu, normalize=self.normalize, iters=self.iters)
             delta = {n: _truncated(shifted[n], ranks[n], by_name[n]) for n in w}
-            return alpha, ranks, delta
+            return alpha, ranks, delta, shifted
 
-        alpha, ranks, delta = compress(self.mu0)  # direct compression: lambda = 0
+        alpha, ranks, delta, shifted = compress(self.mu0)  # direct compression: lambda = 0
         trace = [{"step": 0, "mu": self.mu0, "alpha": alpha, "loss": None, "ranks": ranks}]
         mu = self.mu0
         trainer_steps0 = trainer.steps_done
@@ -198,13 +206,19 @@ class LC:
             variables, loss = trainer.penalized_steps(variables, targets, mu, self.l_steps,
                                                       self.lr * self.lr_decay**k)
             w = trainer.matrices(variables)
-            alpha, ranks, delta = compress(mu)
+            alpha, ranks, delta, shifted = compress(mu)
             lam = {n: lam[n] - mu * (w[n] - delta[n]) for n in w}
             trace.append({"step": k + 1, "mu": mu, "alpha": alpha, "loss": loss, "ranks": ranks})
         stats = {"alpha": alpha, "mu": mu, "training_steps": trainer.steps_done - trainer_steps0,
                  "lc_trace": trace,
                  "constraint_violation": float(np.sqrt(sum(np.sum((w[n] - delta[n]) ** 2) for n in w)))}
-        return self._result(problem, ranks, "ok", stats, start)
+        allocation = self._result(problem, ranks, "ok", stats, start)
+        if not self.steps:  # nothing trained: the original weights, as for every method
+            return allocation
+        params = variables["params"]
+        for name, kernel in trainer.to_kernels(shifted).items():  # A_i: its rank-r_i SVD is Delta_i
+            params = set_kernel(params, name, jnp.asarray(kernel, np.asarray(get_kernel(variables, name)).dtype))
+        return dataclasses.replace(allocation, weights=TrainedVariables({**variables, "params": params}))
 
     def _result(self, problem: AllocationProblem, ranks: dict[str, int], status: str, stats: dict,
                 start: float) -> Allocation:

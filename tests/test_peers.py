@@ -179,13 +179,11 @@ def test_lc_unreachable_budget_names_the_smallest_reachable():
         LC()(problem)
 
 
-def test_lc_on_a_network_trains_and_meets_the_budget():
-    """LC with its L steps on a tiny MLP: the budget holds, the steps are counted."""
+def _tiny_mlp():
+    """(model, variables, x, y): a 10-12-3 tanh MLP at init on 200 blob points."""
     import flax.linen as nn
+    import jax
 
-    from coblax.lowrank.costs import make_problem, network_cost
-    from coblax.lowrank.decompose import factorize, get_kernel, trace_layers
-    from coblax.lowrank.training import attach_trainer
     from tests.helpers import blobs
 
     class Net(nn.Module):
@@ -195,9 +193,16 @@ def test_lc_on_a_network_trains_and_meets_the_budget():
 
     x, y = blobs(n=200, d=10)
     model = Net()
-    import jax
+    return model, model.init(jax.random.PRNGKey(0), x[:1]), x, y
 
-    variables = model.init(jax.random.PRNGKey(0), x[:1])
+
+def test_lc_on_a_network_trains_and_meets_the_budget():
+    """LC with its L steps on a tiny MLP: the budget holds, the steps are counted."""
+    from coblax.lowrank.costs import make_problem, network_cost
+    from coblax.lowrank.decompose import factorize, get_kernel, trace_layers
+    from coblax.lowrank.training import attach_trainer
+
+    model, variables, x, y = _tiny_mlp()
     traced = trace_layers(model, variables, x[:1])
     full = {t.name: factorize(get_kernel(variables, t.name), t, "tai") for t in traced}
     net = network_cost(traced, variables, {n: np.asarray(f.sigma) for n, f in full.items()}, "tai")
@@ -207,3 +212,34 @@ def test_lc_on_a_network_trains_and_meets_the_budget():
     assert alloc.status == "ok" and is_feasible(problem, alloc.ranks)
     assert alloc.stats["training_steps"] == 15
     assert len(alloc.stats["lc_trace"]) == 4
+
+
+def test_lc_hands_on_its_trained_network():
+    """LC's network is its last C step's Delta = the rank-r truncated SVD of the trained
+    A = w - lambda/mu (handed on as the kernels of ``allocation.weights``): every factored
+    layer of ``allocate``'s result equals numpy's rank-r truncation of that kernel, the
+    other trained parameters (biases) come along, and with 0 LC steps nothing is trained."""
+    from coblax import allocate
+    from coblax.lowrank.decompose import get_kernel
+    from coblax.lowrank.training import TrainedVariables
+
+    model, variables, x, y = _tiny_mlp()
+    result = allocate(model, variables, (x, y), rules=[("fc.*", "dense")], mac=0.6, param=0.6,
+                      method=LC(steps=3, l_steps=20, lr=0.1, batch_size=32))
+    weights = result.allocation.weights
+    assert isinstance(weights, TrainedVariables)
+    factored = [n for n, r in result.ranks.items() if r < result.full_ranks[n]]
+    assert factored
+    for name in factored:
+        a = np.asarray(get_kernel(weights.variables, name), np.float64)
+        assert not np.allclose(a, np.asarray(get_kernel(variables, name)), atol=1e-4)  # trained
+        u, s, vt = np.linalg.svd(a, full_matrices=False)
+        r = result.ranks[name]
+        f = result.variables["factors"][name]
+        np.testing.assert_allclose(np.asarray(f["first"]) @ np.asarray(f["second"]), (u[:, :r] * s[:r]) @ vt[:r],
+                                   atol=1e-5)
+    assert not np.allclose(result.variables["params"]["fc1"]["bias"], variables["params"]["fc1"]["bias"])
+    plain = allocate(model, variables, (x, y), rules=[("fc.*", "dense")], mac=0.6, param=0.6,
+                     method=LC(steps=0))
+    assert plain.allocation.weights is None
+    np.testing.assert_array_equal(plain.variables["params"]["fc1"]["bias"], variables["params"]["fc1"]["bias"])

@@ -49,10 +49,11 @@ import optax
 from coblax.lowrank.allocation import Allocation, AllocationProblem, LayerCost
 from coblax.lowrank.decompose import Factors, factored_apply
 from coblax.lowrank.projection import project_budget
-from coblax.lowrank.training import unmatricize
+from coblax.lowrank.training import TrainedVariables, set_kernel, unmatricize
 from coblax.util.errors import NumericalError
 
-__all__ = ["TrainedWeights", "check_joint", "joint_train", "trained_start", "factors_kernel", "rebind_loss"]
+__all__ = ["TrainedWeights", "check_joint", "joint_train", "trained_start", "factors_kernel", "rebind_loss",
+           "refactorized"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -168,18 +169,16 @@ def factors_kernel(f: Factors, mask: np.ndarray, kernel_shape: tuple[int, ...]) 
     return unmatricize((u * s) @ vt, f.kind, f.scheme, kernel_shape)
 
 
-def _set_kernel(tree: Mapping[str, Any], name: str, value: Any) -> dict:
-    parts = name.split("/")
+def refactorized(variables: Mapping[str, Any], name: str, like: Factors) -> Factors:
+    """Full factors of layer ``name``'s kernel in ``variables``, in the layout (scheme,
+    strides, padding) of ``like``."""
+    from types import SimpleNamespace
 
-    def put(node, i):
-        node = dict(node)
-        if i == len(parts):
-            node["kernel"] = value
-        else:
-            node[parts[i]] = put(node[parts[i]], i + 1)
-        return node
+    from coblax.lowrank.decompose import factorize, get_kernel
 
-    return put(tree, 0)
+    kernel = np.asarray(get_kernel(variables, name))
+    layer = SimpleNamespace(name=name, kind=like.kind, kernel_shape=kernel.shape, strides=like.strides, pads=like.pads)
+    return factorize(kernel, layer, like.scheme)
 
 
 def trained_start(allocation: Allocation, full: Mapping[str, Factors], variables: Mapping[str, Any],
@@ -190,9 +189,13 @@ def trained_start(allocation: Allocation, full: Mapping[str, Factors], variables
     training): the trained factors, and the trained variables with the kernel of
     every layer the allocation keeps in original form rebuilt from its trained
     factors at the allocation's mask (:func:`factors_kernel`), so the network that is
-    fine-tuned is the one the rounding scored.
+    fine-tuned is the one the rounding scored. With variables trained in original form
+    (:class:`~coblax.lowrank.training.TrainedVariables`, LC): those variables, and each
+    layer's factors recomputed from its trained kernel in the layout of ``full``.
     """
     weights = getattr(allocation, "weights", None)
+    if isinstance(weights, TrainedVariables):
+        return {n: refactorized(weights.variables, n, f) for n, f in full.items()}, dict(weights.variables)
     if not isinstance(weights, TrainedWeights):
         return full, variables
     out = dict(weights.variables)
@@ -207,7 +210,7 @@ def trained_start(allocation: Allocation, full: Mapping[str, Factors], variables
         mask = masks.get(layer.name)
         mask = np.ones(layer.full_rank) if mask is None else mask
         kernel = factors_kernel(weights.factors[layer.name], mask, tuple(np.shape(old["kernel"])))
-        params = _set_kernel(params, layer.name, jnp.asarray(kernel.astype(np.asarray(old["kernel"]).dtype)))
+        params = set_kernel(params, layer.name, jnp.asarray(kernel.astype(np.asarray(old["kernel"]).dtype)))
     out["params"] = params
     return dict(weights.factors), out
 

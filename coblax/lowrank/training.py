@@ -30,7 +30,17 @@ import optax
 from coblax.lowrank.decompose import matricize
 from coblax.util.errors import NumericalError
 
-__all__ = ["NetworkTrainer", "attach_trainer", "unmatricize"]
+__all__ = ["NetworkTrainer", "TrainedVariables", "attach_trainer", "set_kernel", "unmatricize"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainedVariables:
+    """The network's variables as an allocator that trains it in original form left them
+    (LC's L steps), decomposable kernels included: the factored network starts from the
+    SVD of these kernels (:func:`coblax.lowrank.joint.trained_start`), not the original's.
+    """
+
+    variables: Any
 
 
 def unmatricize(matrix: np.ndarray, kind: str, scheme: str, kernel_shape: Sequence[int]) -> np.ndarray:
@@ -49,7 +59,8 @@ def _get(tree: Any, name: str) -> Any:
     return tree["kernel"]
 
 
-def _set(tree: dict, name: str, value: Any) -> dict:
+def set_kernel(tree: Mapping[str, Any], name: str, value: Any) -> dict:
+    """``tree`` (a params tree) with layer ``name``'s (``"a/b"``: nested) kernel replaced by ``value``."""
     parts = name.split("/")
 
     def put(node, i):
