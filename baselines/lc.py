@@ -16,9 +16,12 @@ Lagrange multipliers lambda, the LC algorithm alternates, for mu_k = mu0 * a^k:
   whose factored form is not cheaper keeps its original form, tail 0);
 * multipliers: lambda <- lambda - mu (w - Delta(Theta)).
 
-The paper sweeps alpha (its lambda) and reports the ranks each alpha gives; users
-here give budgets, so every C step bisects alpha to the smallest value whose ranks
-meet both budgets, with c_i(r) = N_C,i(r) / N_C,max + N_M,i(r) / N_M,max. The ranks
+The paper sweeps alpha (its lambda) for one cost and reports the ranks each alpha
+gives; users here give two budgets, so every C step bisects alpha to the smallest
+value whose ranks meet both, with c_i(r) = 2 [theta N_C,i(r) / N_C,max + (1 - theta)
+N_M,i(r) / N_M,max], at each of ``mixes`` values of theta in [0, 1] (the ratio of the
+two budgets' multipliers), and keeps the theta whose ranks lose the least normalized
+tail energy (:func:`c_step_mixed`; ``mixes = 1``: theta = 1/2, the plain sum). The ranks
 of the last C step are the allocation, and LC's network is handed on: the trained
 variables with each decomposable kernel set to the last C step's A_i, whose rank-r_i
 truncated SVD, Delta_i, is what the factored network keeps
@@ -58,7 +61,7 @@ from coblax.lowrank.allocation import Allocation, AllocationProblem, LayerCost, 
 from coblax.lowrank.decompose import get_kernel
 from coblax.lowrank.training import TrainedVariables, set_kernel
 
-__all__ = ["LC", "c_step", "c_step_rank", "tail_energies"]
+__all__ = ["LC", "c_step", "c_step_mixed", "c_step_rank", "tail_energies"]
 
 
 def tail_energies(s: np.ndarray) -> np.ndarray:
@@ -67,10 +70,11 @@ def tail_energies(s: np.ndarray) -> np.ndarray:
     return np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
 
 
-def _combined(problem: AllocationProblem, layer: LayerCost, r: int) -> float:
+def _combined(problem: AllocationProblem, layer: LayerCost, r: int, theta: float = 0.5) -> float:
+    """c(r) = 2 [theta N_C(r) / N_C,max + (1 - theta) N_M(r) / N_M,max] (theta = 1/2: the plain sum)."""
     s_mac = problem.mac_max if problem.mac_max > 0 else 1.0
     s_par = problem.param_max if problem.param_max > 0 else 1.0
-    return layer.macs(r) / s_mac + layer.params(r) / s_par
+    return 2.0 * (theta * layer.macs(r) / s_mac + (1.0 - theta) * layer.params(r) / s_par)
 
 
 def _candidates(layer: LayerCost, min_rank: int) -> list[int]:
@@ -79,23 +83,41 @@ def _candidates(layer: LayerCost, min_rank: int) -> list[int]:
 
 
 def c_step_rank(problem: AllocationProblem, layer: LayerCost, s: np.ndarray, alpha: float, mu: float,
-                normalize: bool = True) -> int:
+                normalize: bool = True, theta: float = 0.5) -> int:
     """argmin_r alpha c(r) + mu/2 tail(r) / n over the layer's candidate ranks (ties: cheaper)."""
-    tail = tail_energies(s)
-    norm = float(tail[0]) if normalize and tail[0] > 0 else 1.0
-    best: tuple[float, float, int] | None = None
-    for r in _candidates(layer, problem.min_rank):
-        c = _combined(problem, layer, r)
-        t = 0.0 if layer.is_original(r) else float(tail[min(r, len(tail) - 1)])
-        value = alpha * c + 0.5 * mu * t / norm
-        if best is None or (value, c) < best[:2]:
-            best = (value, c, r)
-    return best[2]
+    return _LayerTable(problem, layer, s, normalize).rank(alpha, mu, theta)
+
+
+class _LayerTable:
+    """One layer's candidate ranks with their normalized costs and tails: the C step's
+    argmin for any (alpha, theta) in one vectorized pass."""
+
+    def __init__(self, problem: AllocationProblem, layer: LayerCost, s: np.ndarray, normalize: bool):
+        tail = tail_energies(s)
+        norm = float(tail[0]) if normalize and tail[0] > 0 else 1.0
+        self._layer, self._tail = layer, tail / norm
+        self.ranks = np.asarray(_candidates(layer, problem.min_rank))
+        self.mac = np.array([_combined(problem, layer, int(r), 1.0) for r in self.ranks])
+        self.par = np.array([_combined(problem, layer, int(r), 0.0) for r in self.ranks])
+        self.tail = np.array([0.0 if layer.is_original(int(r)) else float(tail[min(int(r), len(tail) - 1)])
+                              for r in self.ranks]) / norm
+
+    def rank(self, alpha: float, mu: float, theta: float) -> int:
+        c = theta * self.mac + (1.0 - theta) * self.par
+        value = alpha * c + 0.5 * mu * self.tail
+        best = value.min()
+        tied = np.flatnonzero(value <= best)
+        return int(self.ranks[tied[np.argmin(c[tied])]])
+
+    def distortion(self, r: int) -> float:
+        """tail(r) / n, 0 in original form."""
+        return 0.0 if self._layer.is_original(int(r)) else float(self._tail[min(int(r), len(self._tail) - 1)])
 
 
 def c_step(problem: AllocationProblem, spectra: Mapping[str, np.ndarray], mu: float, *, normalize: bool = True,
-           iters: int = 100) -> tuple[float, dict[str, int]]:
-    """(alpha, ranks): the smallest alpha whose C-step ranks meet both budgets.
+           iters: int = 100, theta: float = 0.5, tables: Mapping[str, _LayerTable] | None = None
+           ) -> tuple[float, dict[str, int]]:
+    """(alpha, ranks): the smallest alpha whose C-step ranks meet both budgets, at cost mix ``theta``.
 
     alpha = 0 first (no cost: the tail alone), then alpha_max = 1 doubled until
     feasible, then ``iters`` bisection rounds; ranks are non-increasing in alpha.
@@ -104,12 +126,11 @@ def c_step(problem: AllocationProblem, spectra: Mapping[str, np.ndarray], mu: fl
       BudgetError: if even min_rank everywhere is infeasible (naming ``lc``).
     """
     check_floor(problem, "lc")
+    tables = tables or {layer.name: _LayerTable(problem, layer, spectra[layer.name], normalize)
+                        for layer in problem.layers}
 
     def ranks_at(alpha: float) -> dict[str, int]:
-        return clip_ranks(problem, {
-            layer.name: c_step_rank(problem, layer, spectra[layer.name], alpha, mu, normalize)
-            for layer in problem.layers
-        })
+        return clip_ranks(problem, {n: t.rank(alpha, mu, theta) for n, t in tables.items()})
 
     if is_feasible(problem, ranks_at(0.0)):
         return 0.0, ranks_at(0.0)
@@ -123,6 +144,29 @@ def c_step(problem: AllocationProblem, spectra: Mapping[str, np.ndarray], mu: fl
         else:
             lo = mid
     return hi, ranks_at(hi)
+
+
+def c_step_mixed(problem: AllocationProblem, spectra: Mapping[str, np.ndarray], mu: float, *,
+                 normalize: bool = True, iters: int = 100, mixes: int = 11) -> tuple[float, float, dict[str, int]]:
+    """(alpha, theta, ranks): :func:`c_step` at each cost mix theta in ``mixes`` evenly spaced
+    values of [0, 1] (one: theta = 1/2), keeping the ranks of least total distortion
+    sum_i tail_i(r_i) / n_i (ties: the theta nearest 1/2).
+
+    Why: two budgets have two Lagrange multipliers. One alpha on the plain sum of the
+    normalized costs (theta = 1/2) charges the budget that is slack as much as the
+    binding one; on ResNet-20 at 0.5 that left the parameters at 0.16 of the budget's
+    reference and cut every stage-3 conv to rank 1. theta is the ratio of the two
+    multipliers, alpha their scale.
+    """
+    tables = {layer.name: _LayerTable(problem, layer, spectra[layer.name], normalize) for layer in problem.layers}
+    thetas = [0.5] if mixes == 1 else list(np.linspace(0.0, 1.0, mixes))
+    best = None
+    for theta in sorted(thetas, key=lambda t: abs(t - 0.5)):
+        alpha, ranks = c_step(problem, spectra, mu, normalize=normalize, iters=iters, theta=theta, tables=tables)
+        distortion = sum(tables[n].distortion(r) for n, r in ranks.items())
+        if best is None or distortion < best[0] - 1e-12 * max(1.0, abs(best[0])):
+            best = (distortion, alpha, float(theta), ranks)
+    return best[1], best[2], best[3]
 
 
 def _truncated(a: np.ndarray, r: int, layer: LayerCost) -> np.ndarray:
@@ -144,7 +188,9 @@ class LC:
       batch_size: examples per SGD step; reference 128.
       normalize: divide the C step's tail by ||w - lambda/mu||^2; reference True.
       iters: bisection rounds on alpha per C step.
-    stats: ``training_steps``, ``lc_seconds``, ``alpha``/``mu`` (last C step),
+      mixes: cost mixes theta tried per C step (:func:`c_step_mixed`; 1: the plain sum
+        of the two normalized costs, one multiplier for both budgets).
+    stats: ``training_steps``, ``lc_seconds``, ``alpha``/``theta``/``mu`` (last C step),
       ``lc_trace`` (per LC step: mu, alpha, mean L-step loss, ranks), ``mac_ratio``,
       ``param_ratio``.
     """
@@ -158,11 +204,12 @@ class LC:
     batch_size: int = 128
     normalize: bool = True
     iters: int = 100
+    mixes: int = 11
 
     name: ClassVar[str] = "lc"
 
     def __post_init__(self) -> None:
-        for key in ("steps", "l_steps", "batch_size", "iters"):
+        for key in ("steps", "l_steps", "batch_size", "iters", "mixes"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "steps" else 1):
                 raise ValueError(f"{key} must be an integer >= {0 if key == 'steps' else 1}, got {v!r}")
@@ -179,9 +226,11 @@ class LC:
         trainer = problem.training
         if trainer is None:
             spectra = {layer.name: np.asarray(layer.sigma, np.float64) for layer in problem.layers}
-            alpha, ranks = c_step(problem, spectra, self.mu0, normalize=self.normalize, iters=self.iters)
+            alpha, theta, ranks = c_step_mixed(problem, spectra, self.mu0, normalize=self.normalize,
+                                               iters=self.iters, mixes=self.mixes)
             return self._result(problem, ranks, "direct_compression",
-                                {"alpha": alpha, "mu": self.mu0, "training_steps": 0, "lc_trace": []}, start)
+                                {"alpha": alpha, "theta": theta, "mu": self.mu0, "training_steps": 0, "lc_trace": []},
+                                start)
         if tuple(trainer.names) != problem.names:
             raise ValueError(f"lc: the trainer's layers {trainer.names} are not the problem's {problem.names}")
         by_name = {layer.name: layer for layer in problem.layers}
@@ -192,12 +241,13 @@ class LC:
         def compress(mu: float):
             shifted = {n: w[n] - lam[n] / mu for n in w}
             spectra = {n: np.linalg.svd(a, compute_uv=False) for n, a in shifted.items()}
-            alpha, ranks = c_step(problem, spectra, mu, normalize=self.normalize, iters=self.iters)
+            alpha, theta, ranks = c_step_mixed(problem, spectra, mu, normalize=self.normalize, iters=self.iters,
+                                               mixes=self.mixes)
             delta = {n: _truncated(shifted[n], ranks[n], by_name[n]) for n in w}
-            return alpha, ranks, delta, shifted
+            return alpha, theta, ranks, delta, shifted
 
-        alpha, ranks, delta, shifted = compress(self.mu0)  # direct compression: lambda = 0
-        trace = [{"step": 0, "mu": self.mu0, "alpha": alpha, "loss": None, "ranks": ranks}]
+        alpha, theta, ranks, delta, shifted = compress(self.mu0)  # direct compression: lambda = 0
+        trace = [{"step": 0, "mu": self.mu0, "alpha": alpha, "theta": theta, "loss": None, "ranks": ranks}]
         mu = self.mu0
         trainer_steps0 = trainer.steps_done
         for k in range(self.steps):
@@ -206,10 +256,10 @@ class LC:
             variables, loss = trainer.penalized_steps(variables, targets, mu, self.l_steps,
                                                       self.lr * self.lr_decay**k)
             w = trainer.matrices(variables)
-            alpha, ranks, delta, shifted = compress(mu)
+            alpha, theta, ranks, delta, shifted = compress(mu)
             lam = {n: lam[n] - mu * (w[n] - delta[n]) for n in w}
-            trace.append({"step": k + 1, "mu": mu, "alpha": alpha, "loss": loss, "ranks": ranks})
-        stats = {"alpha": alpha, "mu": mu, "training_steps": trainer.steps_done - trainer_steps0,
+            trace.append({"step": k + 1, "mu": mu, "alpha": alpha, "theta": theta, "loss": loss, "ranks": ranks})
+        stats = {"alpha": alpha, "theta": theta, "mu": mu, "training_steps": trainer.steps_done - trainer_steps0,
                  "lc_trace": trace,
                  "constraint_violation": float(np.sqrt(sum(np.sum((w[n] - delta[n]) ** 2) for n in w)))}
         allocation = self._result(problem, ranks, "ok", stats, start)

@@ -7,7 +7,7 @@ import pytest
 
 from coblax.baselines.alds import ALDS, alds_ranks, max_relative_error, relative_errors
 from coblax.baselines.balf import BALF, balf_objective, combined_cost, lagrangian_ranks
-from coblax.baselines.lc import LC, c_step, c_step_rank
+from coblax.baselines.lc import LC, c_step, c_step_mixed, c_step_rank
 from coblax.lowrank.allocation import AllocationProblem, BudgetError, LayerCost, is_feasible
 from coblax.lowrank.registry import get_allocator
 
@@ -170,6 +170,39 @@ def test_lc_c_step_alpha_meets_the_budgets_and_is_smallest():
     assert is_feasible(problem, ranks)
     below = {x.name: c_step_rank(problem, x, spectra[x.name], alpha * (1 - 1e-6), 0.5) for x in problem.layers}
     assert alpha == 0.0 or not is_feasible(problem, below)
+
+
+def _distortion(problem, spectra, ranks):
+    """sum_i tail_i(r_i) / ||s_i||^2 by hand (0 in original form)."""
+    total = 0.0
+    for layer in problem.layers:
+        s2 = np.asarray(spectra[layer.name], float) ** 2
+        r = ranks[layer.name]
+        total += 0.0 if layer.is_original(r) else float(np.sum(s2[r:]) / np.sum(s2))
+    return total
+
+
+def test_lc_cost_mix_charges_the_binding_budget():
+    """Two budgets, two multipliers: with the MAC budget tight and the parameter budget
+    slack, the mixed C step keeps less tail energy out than one multiplier on the plain
+    sum of both costs, meets both budgets, and is the least-distortion one of its thetas;
+    with one mix it is the plain-sum C step."""
+    rng = np.random.default_rng(13)
+    layers = (_layer("wide", rng.gamma(1.0, size=8), 8, 12, spatial=16),   # MAC-heavy: 16 positions
+              _layer("deep", rng.gamma(1.0, size=10), 10, 40),             # parameter-heavy
+              _layer("mid", rng.gamma(1.0, size=6), 6, 9, spatial=4))
+    o_mac, o_par = sum(x.original_macs for x in layers), sum(x.original_params for x in layers)
+    problem = AllocationProblem(layers, 0.4 * o_mac, 1.0 * o_par)
+    spectra = {x.name: np.asarray(x.sigma) for x in layers}
+    _, plain = c_step(problem, spectra, 0.5)
+    alpha, theta, mixed = c_step_mixed(problem, spectra, 0.5)
+    assert is_feasible(problem, plain) and is_feasible(problem, mixed)
+    assert _distortion(problem, spectra, mixed) < _distortion(problem, spectra, plain) - 0.1  # 0.78 vs 1.00
+    assert theta > 0.5  # the MAC multiplier weighs more
+    for t in np.linspace(0.0, 1.0, 11):
+        _, other = c_step(problem, spectra, 0.5, theta=float(t))
+        assert _distortion(problem, spectra, mixed) <= _distortion(problem, spectra, other) + 1e-12
+    assert c_step_mixed(problem, spectra, 0.5, mixes=1)[2] == plain
 
 
 def test_lc_unreachable_budget_names_the_smallest_reachable():
