@@ -26,9 +26,8 @@ of the last C step are the allocation, and LC's network is handed on: the traine
 variables with each decomposable kernel set to the last C step's A_i, whose rank-r_i
 truncated SVD, Delta_i, is what the factored network keeps
 (:class:`~coblax.lowrank.training.TrainedVariables`); the common fine-tuning then starts
-from it. (Truncating the original weights at LC's ranks instead throws its training
-away: on ResNet-20 / Fashion-MNIST at 0.5 that network scored 12 % before and 42 %
-after fine-tuning, against COBLA's 66 % and 79 %.) The first C step (lambda = 0,
+from it. Truncating the original weights at LC's ranks instead throws its training
+away (each fix measured: experiments/README.md, "Issue 18: the ResNet-20 benchmark"). The first C step (lambda = 0,
 mu = mu0) is the direct compression that starts LC. The L steps' SGD steps are
 LC's own cost: ``training_steps`` and ``lc_seconds`` in the record's diagnostics.
 
