@@ -43,6 +43,7 @@ def test_negative_recalibrate_bn_exits_2(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name,model", [("allocators_resnet20_fashion", "resnet20"),
+                                        ("allocators_resnet20_fashion_whitened", "resnet20"),
                                         ("allocators_mobilenet_fashion", "mobilenet_v1")])
 def test_shipped_allocator_benchmarks_validate(name, model):
     from coblax.app.config import load_run_config
