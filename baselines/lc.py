@@ -98,8 +98,7 @@ class _LayerTable:
         self.ranks = np.asarray(_candidates(layer, problem.min_rank))
         self.mac = np.array([_combined(problem, layer, int(r), 1.0) for r in self.ranks])
         self.par = np.array([_combined(problem, layer, int(r), 0.0) for r in self.ranks])
-        self.tail = np.array([0.0 if layer.is_original(int(r)) else float(tail[min(int(r), len(tail) - 1)])
-                              for r in self.ranks]) / norm
+        self.tail = np.array([self.distortion(int(r)) for r in self.ranks])
 
     def rank(self, alpha: float, mu: float, theta: float) -> int:
         c = theta * self.mac + (1.0 - theta) * self.par

@@ -36,7 +36,7 @@ its cost counts once per call.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -48,6 +48,7 @@ from jax import lax
 
 __all__ = [
     "SCHEMES",
+    "layer_like",
     "matricize",
     "SPECTRA",
     "input_grams",
@@ -205,6 +206,16 @@ def trace_layers(
         else:
             seen[layer.name] = dataclasses.replace(layer, calls=shapes)
     return list(seen.values())
+
+
+def layer_like(like: Factors, kernel_shape: Sequence[int], name: str = "") -> Any:
+    """The fields of a :class:`TracedLayer` that :func:`factorize` and :func:`arrange` read
+    (kind, kernel shape, strides, padding), taken from factors of the same layer: to factor
+    another kernel of that layer (trained, or exact) without tracing the network again."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=name, kind=like.kind, kernel_shape=tuple(kernel_shape), strides=like.strides,
+                           pads=like.pads)
 
 
 def get_kernel(params: Any, name: str) -> jnp.ndarray:

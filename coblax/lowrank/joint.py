@@ -172,13 +172,10 @@ def factors_kernel(f: Factors, mask: np.ndarray, kernel_shape: tuple[int, ...]) 
 def refactorized(variables: Mapping[str, Any], name: str, like: Factors) -> Factors:
     """Full factors of layer ``name``'s kernel in ``variables``, in the layout (scheme,
     strides, padding) of ``like``."""
-    from types import SimpleNamespace
-
-    from coblax.lowrank.decompose import factorize, get_kernel
+    from coblax.lowrank.decompose import factorize, get_kernel, layer_like
 
     kernel = np.asarray(get_kernel(variables, name))
-    layer = SimpleNamespace(name=name, kind=like.kind, kernel_shape=kernel.shape, strides=like.strides, pads=like.pads)
-    return factorize(kernel, layer, like.scheme)
+    return factorize(kernel, layer_like(like, kernel.shape, name), like.scheme)
 
 
 def trained_start(allocation: Allocation, full: Mapping[str, Factors], variables: Mapping[str, Any],

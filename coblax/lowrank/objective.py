@@ -50,7 +50,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from coblax.lowrank.decompose import Factors, factored_apply
-from coblax.nn.bn import batch_moments, override_batch_norm
+from coblax.nn.bn import batch_moments, has_batch_stats, override_batch_norm
 
 __all__ = ["BN_STATS", "NetworkLoss", "batch_stack", "masked_metrics"]
 
@@ -207,7 +207,7 @@ class NetworkLoss:
         self.objective_data, self.validation_data = objective_data, validation_data
         self._params = params
         # BatchNorm statistics in the variables: what cobla's bn_stats = "auto" switches on
-        self.has_batch_norm = isinstance(params, Mapping) and bool(params.get("batch_stats"))
+        self.has_batch_norm = has_batch_stats(params)
         self._factors = dict(factors)
         if self.mesh is not None:
             replicated = NamedSharding(self.mesh, PartitionSpec())

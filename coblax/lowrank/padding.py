@@ -101,13 +101,11 @@ def exact_factors(kernel: np.ndarray, like: Factors) -> tuple[Factors, str]:
     Returns:
       (factors, ``"first"`` or ``"second"``: the identity, to be kept frozen).
     """
-    from types import SimpleNamespace
-
-    from coblax.lowrank.decompose import arrange, matricize
+    from coblax.lowrank.decompose import arrange, layer_like, matricize
 
     w = matricize(np.asarray(kernel), like.kind, like.scheme)
     rows, cols = w.shape
-    layer = SimpleNamespace(kind=like.kind, kernel_shape=np.shape(kernel), strides=like.strides, pads=like.pads)
+    layer = layer_like(like, np.shape(kernel))
     dt = np.asarray(kernel).dtype
     if rows <= cols:
         return arrange(np.eye(rows, dtype=dt), np.ones(rows, dt), w, layer, like.scheme, dt), "first"
