@@ -78,3 +78,47 @@ def test_base_model_is_cached_and_reused(tmp_path):
     other = train_base_model(RunConfig(data=cfg.data, train=TrainConfig(epochs=2)), mc, data, tmp_path, progress=False)
     assert not other.cached
     assert len(list((tmp_path / "models").glob("*.npz"))) == 2
+
+
+def test_cosine_schedule_steps_follow_the_cosine_formula():
+    # loss = w * label-free constant slope: each SGD update is -lr_k * g, so after all steps
+    # w has moved by -g * sum_k lr_k, with lr_k = lr / 2 * (1 + cos(pi k / K)) (Loshchilov & Hutter)
+    g, lr, n, bs, epochs = 0.5, 0.1, 40, 10, 3
+    x = np.ones((n, 1), np.float32)
+    y = np.zeros(n, np.int32)
+
+    def apply_fn(p, xb):
+        return jnp.concatenate([p["w"] * g * xb, jnp.zeros_like(xb)], axis=1)
+
+    def loss_fn(logits, labels):  # d loss / d w = g exactly
+        return jnp.mean(logits[:, 0])
+
+    out = T.fit(apply_fn, {"w": jnp.zeros(())}, x, y, epochs=epochs, batch_size=bs, learning_rate=lr,
+                optimizer="sgd", schedule="cosine", loss_fn=loss_fn, progress=False)
+    k_total = epochs * n // bs
+    rates = lr / 2 * (1 + np.cos(np.pi * np.arange(k_total) / k_total))
+    np.testing.assert_allclose(float(out["w"]), -g * rates.sum(), rtol=1e-5)
+    flat = T.fit(apply_fn, {"w": jnp.zeros(())}, x, y, epochs=epochs, batch_size=bs, learning_rate=lr,
+                 optimizer="sgd", loss_fn=loss_fn, progress=False)
+    np.testing.assert_allclose(float(flat["w"]), -g * lr * k_total, rtol=1e-5)
+    with pytest.raises(ValueError, match="schedule"):
+        T.fit(apply_fn, {"w": jnp.zeros(())}, x, y, epochs=1, optimizer="sgd", schedule="step",
+              loss_fn=loss_fn, progress=False)
+
+
+def test_schedule_is_a_cache_and_fingerprint_key_only_when_not_constant():
+    from coblax.app.base_model import cache_settings
+    from coblax.app.config import ModelConfig, RunConfig, TrainConfig
+    from coblax.app.plan import config_fingerprint
+    from coblax.nn.data import load_dataset
+
+    data = load_dataset("digits", limit_train=100)
+    mc = ModelConfig("mlp", {})
+    constant = cache_settings(RunConfig(), mc, data, "d")
+    # models cached before the key existed had exactly these training settings
+    assert constant["train"] == {"epochs": 20, "batch_size": 64, "learning_rate": 1e-3, "optimizer": "adam"}
+    cosine = cache_settings(RunConfig(train=TrainConfig(schedule="cosine")), mc, data, "d")
+    assert cosine["train"]["schedule"] == "cosine"
+    old = config_fingerprint({"train": {"epochs": 20}}, "d")
+    assert config_fingerprint({"train": {"epochs": 20, "schedule": "constant"}}, "d") == old
+    assert config_fingerprint({"train": {"epochs": 20, "schedule": "cosine"}}, "d") != old

@@ -65,12 +65,24 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("COBLAX_CACHE", Path.home() / ".cache" / "coblax"))
 
 
+def train_settings(train: Any) -> dict:
+    """A TrainConfig as a dict, without keys added later that hold their default.
+
+    Models cached (and runs fingerprinted) before ``schedule`` existed trained at a
+    constant rate; leaving the default out keeps their keys, so they are reused.
+    """
+    settings = dataclasses.asdict(train)
+    if settings.get("schedule") == "constant":
+        del settings["schedule"]
+    return settings
+
+
 def cache_settings(cfg: RunConfig, mc: ModelConfig, data: Dataset, digest: str | None = None) -> dict:
     """What determines a trained base model: model, options, training, seed and the data itself."""
     return {
         "model": mc.name,
         "options": mc.options,
-        "train": dataclasses.asdict(cfg.train),
+        "train": train_settings(cfg.train),
         "seed": cfg.seed,
         "data": {
             "name": data.name,
@@ -119,6 +131,7 @@ def train_base_model(
         functools.partial(model.apply, **train_kw), params, data.x_train, data.y_train,
         epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
         learning_rate=cfg.train.learning_rate, optimizer=cfg.train.optimizer,
+        schedule=cfg.train.schedule,
         seed=cfg.seed, desc=f"train {mc.label}", progress=progress, **fit_kw,
     )
     acc = T.evaluate(model.apply, params, data.x_test, data.y_test)

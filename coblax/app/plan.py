@@ -147,6 +147,9 @@ def config_fingerprint(config: dict, digest: str | None) -> dict:
         conf.pop(key, None)
     if isinstance(conf.get("data"), dict):
         conf["data"].pop("dir", None)
+    # keys added after results were written, left out at their default so those results resume
+    if isinstance(conf.get("train"), dict) and conf["train"].get("schedule") == "constant":
+        conf["train"].pop("schedule")
     return {"config": conf, "data_digest": digest}
 
 

@@ -102,6 +102,7 @@ def distill(
     batch_size: int = 128,
     learning_rate: float = 1e-3,
     optimizer: str = "adam",
+    schedule: str = "constant",
     seed: int = 0,
     progress: bool = True,
 ) -> Any:
@@ -117,7 +118,7 @@ def distill(
       x, y: training inputs and integer labels.
       teacher_apply, teacher_params: the trained teacher.
       temperature, alpha: T and α of :func:`distill_loss`.
-      epochs, batch_size, learning_rate, optimizer, seed, progress: as for ``fit``.
+      epochs, batch_size, learning_rate, optimizer, schedule, seed, progress: as for ``fit``.
 
     Returns:
       the trained student variables.
@@ -130,5 +131,6 @@ def distill(
         return distill_loss(logits, packed[:, :-1], packed[:, -1].astype(jnp.int32), temperature, alpha)
 
     return fit(apply_fn, params, x, targets, epochs=epochs, batch_size=batch_size,
-               learning_rate=learning_rate, optimizer=optimizer, seed=seed, loss_fn=loss_fn,
+               learning_rate=learning_rate, optimizer=optimizer, schedule=schedule, seed=seed,
+               loss_fn=loss_fn,
                desc=f"distill T={temperature:g}", progress=progress)

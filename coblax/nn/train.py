@@ -52,6 +52,9 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("adam", "sgd", "momentum")
+#: Learning-rate schedules of :func:`fit`: constant, or cosine decay to zero over all steps
+#: (a constant Adam step does not converge a ResNet: 20 epochs scored below 8 on one seed).
+SCHEDULES = ("constant", "cosine")
 #: A loss above this multiple of max(first loss, 1) means training diverged.
 DIVERGENCE_FACTOR = 1e4
 
@@ -61,7 +64,15 @@ def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
-def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+def make_optimizer(name: str, learning_rate: float, schedule: str = "constant",
+                   total_steps: int | None = None) -> optax.GradientTransformation:
+    """The optimizer ``name`` at ``learning_rate``, constant or cosine-decayed over ``total_steps``."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if schedule == "cosine":
+        if not total_steps or total_steps <= 0:
+            raise ValueError("a cosine schedule needs the number of training steps (total_steps > 0)")
+        learning_rate = optax.cosine_decay_schedule(learning_rate, decay_steps=int(total_steps))
     if name == "adam":
         return optax.adam(learning_rate)
     if name == "sgd":
@@ -81,6 +92,7 @@ def fit(
     batch_size: int = 128,
     learning_rate: float = 1e-3,
     optimizer: str | optax.GradientTransformation = "adam",
+    schedule: str = "constant",
     seed: int = 0,
     transform_grads: Callable[[Any, Any], Any] | None = None,
     project: Callable[[Any], Any] | None = None,
@@ -116,6 +128,8 @@ def fit(
         optimizer, ``transform_grads`` and ``project`` see only the other
         collections. ``apply_fn`` must then run the model in training mode
         (e.g. ``functools.partial(model.apply, train=True)``).
+      schedule: ``"constant"`` or ``"cosine"`` (the rate decays to zero over the
+        ``epochs`` x steps-per-epoch steps); only with an optimizer given by name.
       rng_streams: names of the RNG streams the model draws from in training
         (``"dropout"``); each step passes ``rngs={name: key}`` with keys folded
         from ``seed`` and the step number, so runs are reproducible.
@@ -130,7 +144,17 @@ def fit(
     if epochs <= 0:
         return params
     loss_fn = loss_fn or cross_entropy
-    tx = make_optimizer(optimizer, learning_rate) if isinstance(optimizer, str) else optimizer
+    n = len(x)
+    batch_size = min(batch_size, n)
+    steps_per_epoch = max(1, n // batch_size)
+    total_steps = epochs * steps_per_epoch
+    if isinstance(optimizer, str):
+        tx = make_optimizer(optimizer, learning_rate, schedule, total_steps)
+    elif schedule != "constant":
+        raise ValueError("fit: schedule applies to an optimizer given by name; build the schedule "
+                         "into the optax transformation instead")
+    else:
+        tx = optimizer
     state_names = tuple(mutable)
     streams = tuple(rng_streams)
     if state_names:
@@ -145,11 +169,11 @@ def fit(
     opt_state = tx.init(params)
 
     extra = () if aux is None else (aux,)
-    step = _cached_step(apply_fn, tx, optimizer, learning_rate, loss_fn, transform_grads, project,
+    # a schedule's step count is part of the optimizer, so it is part of the cache key
+    opt_key = optimizer if schedule == "constant" or not isinstance(optimizer, str) else \
+        (optimizer, schedule, total_steps)
+    step = _cached_step(apply_fn, tx, opt_key, learning_rate, loss_fn, transform_grads, project,
                         state_names, streams)
-    n = len(x)
-    batch_size = min(batch_size, n)
-    steps_per_epoch = max(1, n // batch_size)
     rng = np.random.default_rng(seed)
     base_key = jax.random.PRNGKey(seed)
     bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False)
@@ -217,7 +241,7 @@ def _cached_step(apply_fn, tx, optimizer, learning_rate, loss_fn, transform_grad
     or anything unhashable, gets a fresh step (compiled on its first call) as before.
     """
     key = None
-    if isinstance(optimizer, str):
+    if isinstance(optimizer, (str, tuple)):
         key = (apply_fn, optimizer, float(learning_rate), loss_fn, transform_grads, project, state_names, streams)
         try:
             hash(key)

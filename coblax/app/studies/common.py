@@ -33,7 +33,7 @@ def train_module(module, data: Dataset, tc: TrainConfig, seed: int, progress: bo
     params = module.init(jax.random.key(seed), jnp.asarray(data.x_train[:1]))
     params = T.fit(module.apply, params, data.x_train, data.y_train, epochs=tc.epochs,
                    batch_size=tc.batch_size, learning_rate=tc.learning_rate, optimizer=tc.optimizer,
-                   seed=seed, desc=desc, progress=progress)
+                   schedule=tc.schedule, seed=seed, desc=desc, progress=progress)
     return params, T.evaluate(module.apply, params, data.x_test, data.y_test)
 
 

@@ -72,7 +72,7 @@ def study_kd(cfg: StudyConfig, data: Dataset, seed: int, progress: bool,
         p = distill(student.apply, init, x_tr, y_tr, teacher_apply=teacher.model.apply,
                     teacher_params=teacher.params, temperature=t, alpha=kd.alpha, epochs=tc.epochs,
                     batch_size=tc.batch_size, learning_rate=tc.learning_rate, optimizer=tc.optimizer,
-                    seed=seed + 1, progress=progress)
+                    schedule=tc.schedule, seed=seed + 1, progress=progress)
         soft = np.asarray(softmax_t(teacher_logits, t))
         return [common | {"role": "student_kd", "temperature": t, "alpha": kd.alpha,
                           "acc": T.evaluate(student.apply, p, data.x_test, data.y_test),
