@@ -333,3 +333,50 @@ def test_polish_refits_the_kept_masks_to_the_quadratic_optimum():
     # A score that prefers the unpolished masks keeps them.
     same, info2 = polish_masks(problem, masks, lambda m: (-loss.value(m),), max_iter=50)
     assert not info2["kept"] and same is masks
+
+
+def test_best_mask_values_are_compared_after_their_polish():
+    """The rounding ranks candidates before the polish; the polish can reverse the order.
+
+    E(m) = Σ σ² (1 - m)²: the polish lifts every kept triplet to 1, so a polished candidate's
+    E is the σ² it dropped (hand count below). The relaxed masks keep triplet 5 of layer a
+    over 2-4 (its m̂ is larger) and so drop larger σ than plain truncation at the same ranks.
+    Ranked on a score that favours it before the polish, the relaxed candidate is chosen by
+    the rounding; after both polishes the plain one is better and must be returned.
+    """
+    from coblax.lowrank.rounding import masks_for_ranks
+
+    layers = (_dense("a", 20, 20, 0.2), _dense("b", 20, 20, 0.1))
+    loss = QuadraticLoss(layers, [np.ones(20), np.ones(20)])
+    problem = AllocationProblem(layers, 1e9, 1e9, loss=loss)
+    m_hat = {"a": np.r_[0.9, 0.9, 0.01, 0.01, 0.01, 0.9, np.full(14, 0.001)], "b": np.r_[0.8, 0.7, np.full(18, 0.001)]}
+    ranks = {"a": 3, "b": 2}
+    info = {"candidates": [{"label": "draw0:relaxed", "ranks": ranks, "values": "relaxed", "score": [0.0]},
+                           {"label": "draw0:plain", "ranks": ranks, "values": "plain", "score": [9.0]}],
+            "chosen": "draw0:relaxed", "values": "relaxed"}
+    masks = masks_for_ranks(problem, ranks, m_hat, "relaxed")[1]
+    assert np.flatnonzero(masks["a"]).tolist() == [0, 1, 5]
+
+    def score(m):
+        return (loss.value(m),)
+
+    s2a, s2b = layers[0].sigma ** 2, layers[1].sigma ** 2
+    e_relaxed = s2a.sum() - s2a[[0, 1, 5]].sum() + s2b[2:].sum()
+    e_plain = s2a[3:].sum() + s2b[2:].sum()
+    assert e_plain < e_relaxed
+    out_ranks, out_masks = COBLA(polish=50)._polish(problem, ranks, masks, m_hat, info, score)
+    assert info["chosen"] == "draw0:plain+polish" and info["values"] == "plain"
+    assert out_ranks == ranks
+    np.testing.assert_allclose(score(flat_of(problem, out_masks))[0], e_plain, rtol=1e-6)
+    # (the polish stops at COBLA's rtol = 3e-3 of the rounded E)
+    np.testing.assert_allclose(info["polish"]["score_after"][0], e_relaxed, rtol=1e-3)
+    # mask_values = "relaxed": only the chosen candidate is polished
+    info2 = {"candidates": info["candidates"], "chosen": "draw0:relaxed", "values": "relaxed"}
+    _, kept = COBLA(polish=50, mask_values="relaxed")._polish(problem, ranks, masks, m_hat, info2, score)
+    assert "polish_other" not in info2 and np.flatnonzero(kept["a"]).tolist() == [0, 1, 5]
+
+
+def flat_of(problem, masks):
+    from coblax.lowrank.rounding import flat_mask
+
+    return flat_mask(problem, masks)

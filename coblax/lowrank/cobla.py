@@ -406,6 +406,40 @@ class COBLA:
         return finetune_pick(problem, (ranks, masks, score(info["score"])), scored, self.finetune_candidates,
                              lambda: candidate_tuner(problem, self.finetune_steps, self.finetune_learning_rate))
 
+    def _polish(self, problem: AllocationProblem, ranks: dict[str, int], masks: dict[str, np.ndarray],
+                m_hat: dict[str, np.ndarray], info: dict, score: Callable) -> tuple[dict, dict]:
+        """Polish the chosen rounding; with ``mask_values = "best"`` also the best candidate
+        of the other mask values, keeping whichever scores better after its polish.
+
+        Why both: the rounding compares candidates before the polish, and the polish does
+        not keep their order. ResNet-20 / Fashion-MNIST at 0.3 (seed 0): the best
+        ``relaxed``-valued candidate led the ``plain`` ones on validation accuracy (63.8
+        against 58.2 %), but polished it reached 67.6 % and a plain candidate 75.6 %
+        (test 67.3 against 73.0 % before fine-tuning, 80.0 against 81.8 % after).
+        """
+        polished, info["polish"] = polish_masks(problem, masks, score, self.polish, rtol=self.rtol)
+        if self.mask_values != "best" or self.select == "finetune":
+            return ranks, polished
+        others = [c for c in info["candidates"] if c["values"] != info["values"]]
+        if not others:
+            return ranks, polished
+
+        def final(record: dict) -> tuple:
+            values = record["score_after"] if record["kept"] else record["score_before"]
+            return tuple(float("inf") if v is None else float(v) for v in values)
+
+        other = min(others, key=lambda c: tuple(float("inf") if v is None else float(v) for v in c["score"]))
+        other_ranks, other_masks = masks_for_ranks(problem, other["ranks"], m_hat, other["values"])
+        other_polished, other_info = polish_masks(problem, other_masks, score, self.polish, rtol=self.rtol)
+        info["polish_other"] = {"label": other["label"], **other_info}
+        if "score_before" not in info["polish"] or "score_before" not in other_info:
+            return ranks, polished  # nothing to polish (every layer original or at rank 0)
+        if final(other_info) < final(info["polish"]):
+            info["chosen"] = f"{other['label']}+polish"
+            info["values"] = other["values"]
+            return other_ranks, other_polished
+        return ranks, polished
+
     def _bn_stats_for(self, loss: Any) -> str:
         """``bn_stats``, with ``"auto"`` resolved: ``"batch"`` where the oracle's network has
         BatchNorm statistics and can switch (measured on ResNet-20 / Fashion-MNIST: +9 to +12
@@ -477,7 +511,7 @@ class COBLA:
         if self.select == "finetune":
             ranks, masks, info["finetune_select"] = self._finetune_select(problem, ranks, masks, m_hat, info)
         if self.polish > 0:
-            masks, info["polish"] = polish_masks(problem, masks, score, self.polish, rtol=self.rtol)
+            ranks, masks = self._polish(problem, ranks, masks, m_hat, info, score)
         value = getattr(problem.loss, "value", None)
         m_rounded = flat_mask(problem, masks)
         relaxed_blocks = blocks(m_relaxed)
