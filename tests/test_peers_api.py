@@ -30,6 +30,17 @@ def test_allocate_recalibrates_batchnorm_statistics():
     assert 0.0 <= acc_plain <= 1.0 and 0.0 <= acc_recal <= 1.0
     tuned = finetune(recal, *obj, train_kwargs={"train": True}, epochs=1, recalibrate_bn=1)
     assert not np.allclose(tuned.variables["batch_stats"]["bn2"]["var"], recal.variables["batch_stats"]["bn2"]["var"])
+    # without train_kwargs a BatchNorm network would be fine-tuned in eval mode: said, not silent
+    with pytest.warns(UserWarning, match="train_kwargs"):
+        eval_mode = finetune(recal, *obj, epochs=1, recalibrate_bn=0)
+    # ... and in eval mode the running statistics are not updated by the training steps
+    np.testing.assert_array_equal(eval_mode.variables["batch_stats"]["bn2"]["var"],
+                                  recal.variables["batch_stats"]["bn2"]["var"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        finetune(recal, *obj, train_kwargs={}, epochs=1, recalibrate_bn=0)  # eval mode chosen: no warning
 
 
 def _leaves(tree):

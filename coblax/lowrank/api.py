@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -76,8 +77,8 @@ from coblax.lowrank.spectra import allocator_spectrum, whitened_factors
 from coblax.lowrank.training import attach_trainer
 from coblax.lowrank.validate import check_allocate_arguments, check_budget, check_finetune_arguments
 from coblax.nn.bn import AUTO as _AUTO
+from coblax.nn.bn import has_batch_stats, resolve_batches
 from coblax.nn.bn import recalibrate_bn as _recalibrate
-from coblax.nn.bn import resolve_batches
 from coblax.nn.train import fit
 from coblax.util.frozen import FrozenMap, frozen
 
@@ -507,6 +508,12 @@ def finetune(
                                     learning_rate=learning_rate, optimizer=optimizer, seed=seed, progress=progress)
     recalibrate_bn = resolve_batches(recalibrate_bn, result.variables)
     check_finetune_arguments(locals())  # coblax.lowrank.validate
+    if train_kwargs is None and has_batch_stats(result.variables):
+        # measured: ResNet-20 / Fashion-MNIST at 0.3, 2 epochs, 75.2 % in eval mode against 83.3 %
+        warnings.warn("finetune: the network has BatchNorm statistics but no train_kwargs, so it is "
+                      "fine-tuned in eval mode (running statistics, frozen); pass the keyword that "
+                      "puts it in training mode, e.g. train_kwargs={'train': True}, or "
+                      "train_kwargs={} to keep eval mode", UserWarning, stacklevel=2)
     state = tuple(k for k in result.variables if k not in ("params", "factors"))
     apply = functools.partial(result.apply_fn, **dict(train_kwargs or {}))
     variables = fit(apply, result.variables, x, y, epochs=epochs, batch_size=batch_size,
