@@ -12,7 +12,7 @@ import functools
 import os
 import platform
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +65,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("COBLAX_CACHE", Path.home() / ".cache" / "coblax"))
 
 
-def train_settings(train: Any) -> dict:
-    """A TrainConfig as a dict, without keys added later that hold their default.
+def train_settings(train: Mapping[str, Any]) -> dict:
+    """A ``[train]`` section (as a dict) without keys added later that hold their default.
 
     Models cached (and runs fingerprinted) before ``schedule`` existed trained at a
     constant rate; leaving the default out keeps their keys, so they are reused.
     """
-    settings = dataclasses.asdict(train)
+    settings = dict(train)
     if settings.get("schedule") == "constant":
         del settings["schedule"]
     return settings
@@ -82,7 +82,7 @@ def cache_settings(cfg: RunConfig, mc: ModelConfig, data: Dataset, digest: str |
     return {
         "model": mc.name,
         "options": mc.options,
-        "train": train_settings(cfg.train),
+        "train": train_settings(dataclasses.asdict(cfg.train)),
         "seed": cfg.seed,
         "data": {
             "name": data.name,

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coblax.app.base_model import default_cache_dir
+from coblax.app.base_model import default_cache_dir, train_settings
 from coblax.app.config import (
     INT_MAX,
     ConfigError,
@@ -147,9 +147,8 @@ def config_fingerprint(config: dict, digest: str | None) -> dict:
         conf.pop(key, None)
     if isinstance(conf.get("data"), dict):
         conf["data"].pop("dir", None)
-    # keys added after results were written, left out at their default so those results resume
-    if isinstance(conf.get("train"), dict) and conf["train"].get("schedule") == "constant":
-        conf["train"].pop("schedule")
+    if isinstance(conf.get("train"), dict):  # keys added later, left out at their default
+        conf["train"] = train_settings(conf["train"])
     return {"config": conf, "data_digest": digest}
 
 

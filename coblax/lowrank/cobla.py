@@ -83,6 +83,11 @@ class _Relaxed:
     pairs: tuple[list[np.ndarray], list[np.ndarray]] | None = None  # L-BFGS memory over all of m
 
 
+def _score_key(values) -> tuple[float, ...]:
+    """A recorded score (``None`` for a non-finite entry) as a comparable tuple."""
+    return tuple(float("inf") if v is None else float(v) for v in values)
+
+
 @dataclasses.dataclass(frozen=True)
 class COBLA:
     """The COBLA allocator; needs ``problem.loss`` (a :class:`~coblax.lowrank.allocation.LossOracle`).
@@ -398,12 +403,9 @@ class COBLA:
 
     def _finetune_select(self, problem, ranks, masks, m_hat, info):
         """``select = "finetune"``: the top ``finetune_candidates`` of the rounding, each fine-tuned."""
-        def score(values):
-            return tuple(float("inf") if v is None else float(v) for v in values)
-
-        scored = [(score(c["score"]), c["ranks"], masks_for_ranks(problem, c["ranks"], m_hat, c["values"])[1])
+        scored = [(_score_key(c["score"]), c["ranks"], masks_for_ranks(problem, c["ranks"], m_hat, c["values"])[1])
                   for c in info["candidates"]]
-        return finetune_pick(problem, (ranks, masks, score(info["score"])), scored, self.finetune_candidates,
+        return finetune_pick(problem, (ranks, masks, _score_key(info["score"])), scored, self.finetune_candidates,
                              lambda: candidate_tuner(problem, self.finetune_steps, self.finetune_learning_rate))
 
     def _polish(self, problem: AllocationProblem, ranks: dict[str, int], masks: dict[str, np.ndarray],
@@ -418,23 +420,20 @@ class COBLA:
         (test 67.3 against 73.0 % before fine-tuning, 80.0 against 81.8 % after).
         """
         polished, info["polish"] = polish_masks(problem, masks, score, self.polish, rtol=self.rtol)
-        if self.mask_values != "best" or self.select == "finetune":
-            return ranks, polished
+        if self.mask_values != "best" or self.select == "finetune" or "score_before" not in info["polish"]:
+            return ranks, polished  # (no score_before: nothing to polish, every layer original)
         others = [c for c in info["candidates"] if c["values"] != info["values"]]
         if not others:
             return ranks, polished
 
         def final(record: dict) -> tuple:
-            values = record["score_after"] if record["kept"] else record["score_before"]
-            return tuple(float("inf") if v is None else float(v) for v in values)
+            return _score_key(record["score_after"] if record["kept"] else record["score_before"])
 
-        other = min(others, key=lambda c: tuple(float("inf") if v is None else float(v) for v in c["score"]))
+        other = min(others, key=lambda c: _score_key(c["score"]))
         other_ranks, other_masks = masks_for_ranks(problem, other["ranks"], m_hat, other["values"])
         other_polished, other_info = polish_masks(problem, other_masks, score, self.polish, rtol=self.rtol)
         info["polish_other"] = {"label": other["label"], **other_info}
-        if "score_before" not in info["polish"] or "score_before" not in other_info:
-            return ranks, polished  # nothing to polish (every layer original or at rank 0)
-        if final(other_info) < final(info["polish"]):
+        if "score_before" in other_info and final(other_info) < final(info["polish"]):
             info["chosen"] = f"{other['label']}+polish"
             info["values"] = other["values"]
             return other_ranks, other_polished
