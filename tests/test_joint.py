@@ -94,9 +94,13 @@ def test_factors_kernel_reproduces_the_kernel_at_full_rank(scheme):
         f = factorize(kernel, layers[name], sch)
         rebuilt = factors_kernel(f, np.ones(f.sigma.shape[0]), kernel.shape)
         np.testing.assert_allclose(rebuilt, kernel, atol=1e-5)
-        # weight normalization leaves the SVD's balanced factors as they are (columns of norm √σ)
+        # the SVD's balanced factors have columns of norm √σ (orthonormal U, V): weight
+        # normalization to the starting norms rescales grown factors back to them
         a, b = joint_mod._split_sigma(f)
-        a_n, b_n = joint_mod._effective(2.0 * a, 3.0 * b, jnp.sqrt(f.sigma), True)
+        norms = joint_mod._start_norms({name: (a, b)}, True)[name]
+        np.testing.assert_allclose(norms[0], np.sqrt(f.sigma), rtol=1e-5)
+        np.testing.assert_allclose(norms[1], np.sqrt(f.sigma), rtol=1e-5)
+        a_n, b_n = joint_mod._effective(2.0 * a, 3.0 * b, norms)
         np.testing.assert_allclose(a_n, a, atol=1e-5)
         np.testing.assert_allclose(b_n, b, atol=1e-5)
         # a mask drops triplets: the kernel of the truncated layer (Eckart-Young's rank-2 part)
@@ -211,6 +215,31 @@ def test_every_step_is_feasible_and_joint_lowers_the_training_loss(monkeypatch):
     after = _train_loss(model, w.variables, w.factors, result.allocation.relaxed, x, y)
     assert after < before - 0.01, (before, after)
     assert stats["joint_objective_after"] < stats["joint_objective_before"]
+
+
+def test_joint_starts_from_the_relaxed_network_on_the_whitened_basis(monkeypatch):
+    # Whitened factors (first = L⁻ᵀU) do not have columns of norm √σ. With a learning rate
+    # of 1e-10 the trained network must be the starting one: the factors returned equal the
+    # whitened SVD's and E(m) after equals E(m) before. (Normalizing to √σ instead changed
+    # the starting network: ResNet-20's first joint loss was 107.8 against E = 0.035.)
+    from coblax.lowrank import api
+    from coblax.lowrank.decompose import factorize_whitened
+
+    monkeypatch.setattr(api, "allocator_spectrum", lambda allocator, default="weight": "whitened")
+    result = _allocate(joint=2, joint_lr=1e-10, joint_mask_lr=1e-10)
+    stats = result.allocation.stats
+    np.testing.assert_allclose(stats["joint_objective_after"], stats["joint_objective_before"], rtol=1e-4)
+    model, variables, (x, _) = _setup()
+    layers = {layer.name: layer for layer in trace_layers(model, variables, jnp.asarray(x[:1]), {})}
+    hidden = np.asarray(nn.relu(x @ variables["params"]["fc1"]["kernel"] + variables["params"]["fc1"]["bias"]))
+    for name, inputs in (("fc1", x), ("fc2", hidden)):
+        gram = np.asarray(inputs, np.float64).T @ np.asarray(inputs, np.float64)
+        ref = factorize_whitened(np.asarray(get_kernel(variables, name)), layers[name], "tai", gram)
+        norms = np.linalg.norm(np.asarray(ref.first, np.float64) * np.sqrt(ref.sigma), axis=0)
+        assert np.max(np.abs(norms / np.sqrt(ref.sigma) - 1.0)) > 0.1  # not the weight SVD's norms
+        got = result.allocation.weights.factors[name]
+        np.testing.assert_allclose(got.first, ref.first, rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(got.second, ref.second, rtol=1e-3, atol=1e-5)
 
 
 def test_the_factored_network_carries_the_trained_factors():
