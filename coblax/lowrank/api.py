@@ -315,7 +315,8 @@ def allocate(
         this many batches of ``data`` (:func:`coblax.nn.bn.recalibrate_bn`;
         0: keep the original network's, stale once layers are truncated). ``"auto"``
         (the default): 20 batches where the network has BatchNorm statistics, none
-        elsewhere (:data:`coblax.nn.bn.AUTO_BATCHES`; linen models).
+        elsewhere (:data:`coblax.nn.bn.AUTO_BATCHES`); nnx models alike, through
+        :func:`coblax.nn.bn_nnx.recalibrate_bn_nnx`.
       rank_multiple: every factored rank a multiple of this (full rank excepted), for
         every allocator (:mod:`coblax.lowrank.rank_multiple`); ``min_rank`` is rounded
         up to a multiple. Below 1, or above a decomposed layer's full rank, is a ValueError.
@@ -359,7 +360,7 @@ def allocate(
                                     validation_data=validation_data, apply_kwargs=apply_kwargs, seed=seed,
                                     min_rank=min_rank, batch_size=batch_size, rank_multiple=rank_multiple,
                                     latency=latency, latency_batch=latency_batch, latency_tables=latency_tables,
-                                    latency_checks=checks)
+                                    latency_checks=checks, recalibrate_bn=recalibrate_bn)
     check_allocate_arguments(locals())  # coblax.lowrank.validate: ValueError naming the argument
     recalibrate_bn = resolve_batches(recalibrate_bn, variables)
     allocator = resolve_method(method, method_options)
@@ -505,7 +506,8 @@ def finetune(
 
     if nnx_api.is_nnx_module(result.model):
         return nnx_api.finetune_nnx(result, x, y, train_kwargs=train_kwargs, epochs=epochs, batch_size=batch_size,
-                                    learning_rate=learning_rate, optimizer=optimizer, seed=seed, progress=progress)
+                                    learning_rate=learning_rate, optimizer=optimizer, seed=seed, progress=progress,
+                                    recalibrate_bn=recalibrate_bn)
     recalibrate_bn = resolve_batches(recalibrate_bn, result.variables)
     check_finetune_arguments(locals())  # coblax.lowrank.validate
     if train_kwargs is None and has_batch_stats(result.variables):

@@ -52,6 +52,8 @@ from coblax.lowrank.nnx_adapter import (
 )
 from coblax.lowrank.objective import NetworkLoss, batch_stack, masked_metrics
 from coblax.lowrank.slicing import refuse_sliced
+from coblax.nn.bn import AUTO
+from coblax.nn.bn_nnx import recalibrate_bn_nnx, resolve_batches_nnx
 from coblax.nn.train_nnx import NnxApply, fit_nnx
 
 __all__ = ["NnxNetworkLoss", "allocate_nnx", "check_model_args", "finetune_nnx"]
@@ -150,13 +152,18 @@ def allocate_nnx(
     latency_batch: int = 64,
     latency_tables: Any = None,
     latency_checks: int = 0,
+    recalibrate_bn: int | str = AUTO,
 ) -> Compressed:
     """:func:`coblax.allocate` for an nnx model (see there for the arguments).
 
     Returns a :class:`~coblax.lowrank.api.Compressed` whose ``model`` is the factored
     nnx module (eval mode), ``variables`` its ``nnx.State`` and ``apply_fn`` an
-    :class:`~coblax.nn.train_nnx.NnxApply`; ``model`` is not changed.
+    :class:`~coblax.nn.train_nnx.NnxApply`; ``model`` is not changed. With
+    ``recalibrate_bn = N`` its BatchNorm statistics are re-estimated on N batches of the
+    objective data (:func:`coblax.nn.bn_nnx.recalibrate_bn_nnx`; ``"auto"``: 20 where it
+    has a BatchNorm).
     """
+    recalibrate_bn = resolve_batches_nnx(recalibrate_bn, model)
     apply_kwargs = dict(apply_kwargs or {})
     x_obj = np.asarray(objective_data[0])
     traced = trace_nnx(model, x_obj[:1], apply_kwargs)
@@ -200,7 +207,8 @@ def allocate_nnx(
         allocation = check_latency(allocation, problem, lambda p: run_allocator(allocator, p, k, timing), timing,
                                    latency, measure, checks=latency_checks)
     kept, ranks = truncate_allocation(net, full, allocation)
-    factored = build_factored(model, kept)
+    factored = recalibrate_bn_nnx(build_factored(model, kept), x_obj, batches=recalibrate_bn,
+                                  batch_size=batch_size, seed=seed, apply_kwargs=apply_kwargs)
     graphdef, variables = nnx.split(factored)
     return compressed_result(factored, variables, NnxApply(graphdef), net, kept, ranks, allocation, schemes,
                              apply_kwargs, basis, allocator.name)
@@ -218,17 +226,23 @@ def finetune_nnx(
     optimizer: str = "adam",
     seed: int = 0,
     progress: bool = False,
+    recalibrate_bn: int | str = AUTO,
 ) -> Compressed:
     """:func:`coblax.finetune` for an nnx result: :func:`~coblax.nn.train_nnx.fit_nnx`
     (``nnx.Optimizer``) on the network ``result.apply_fn`` / ``result.variables`` describe.
 
     Every ``nnx.Param`` is trained (factors and the rest); BatchNorm statistics and every
     other variable are updated by the model in training mode; dropout draws from the
-    model's own ``Rngs``. Returns the result with the new module, state and apply_fn.
+    model's own ``Rngs``. ``recalibrate_bn = N`` then re-estimates the BatchNorm
+    statistics on N batches of ``x`` (``"auto"``: 20 where it has a BatchNorm), as the
+    linen path does. Returns the result with the new module, state and apply_fn.
     """
     start = nnx.merge(result.apply_fn.graphdef, result.variables)
+    recalibrate_bn = resolve_batches_nnx(recalibrate_bn, start)
     model = fit_nnx(start, x, y, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                     optimizer=optimizer, seed=seed, train_kwargs=train_kwargs,
                     desc=f"finetune {result.method}", progress=progress)
+    model = recalibrate_bn_nnx(model, np.asarray(x), batches=recalibrate_bn, batch_size=batch_size, seed=seed,
+                               apply_kwargs=result.apply_kwargs)
     graphdef, variables = nnx.split(model)
     return dataclasses.replace(result, model=model, variables=variables, apply_fn=NnxApply(graphdef))

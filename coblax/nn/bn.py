@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["AUTO", "AUTO_BATCHES", "batch_moments", "batch_statistics", "check_batches", "has_batch_stats",
-           "normalize", "override_batch_norm", "recalibrate_bn", "resolve_batches"]
+__all__ = ["AUTO", "AUTO_BATCHES", "batch_moments", "batch_statistics", "check_batches", "draw_batches",
+           "has_batch_stats", "normalize", "override_batch_norm", "recalibrate_bn", "resolve_batches"]
 
 #: ``recalibrate_bn = "auto"``, the default of ``allocate``, ``finetune`` and the runner's
 #: ``finetune.recalibrate_bn``: :data:`AUTO_BATCHES` batches where the network has
@@ -65,11 +65,14 @@ def has_batch_stats(variables: Any, collection: str = "batch_stats") -> bool:
         return False
 
 
-def resolve_batches(value: Any, variables: Any, key: str = "recalibrate_bn") -> int:
+def resolve_batches(value: Any, variables: Any, key: str = "recalibrate_bn", *,
+                    has_statistics: bool | None = None) -> int:
     """``value`` as a number of batches: ``"auto"`` is :data:`AUTO_BATCHES` where ``variables``
-    have BatchNorm statistics and 0 elsewhere; anything else as :func:`check_batches` takes it."""
+    have BatchNorm statistics (or ``has_statistics`` says so: nnx models) and 0 elsewhere;
+    anything else as :func:`check_batches` takes it."""
     if isinstance(value, str) and value == AUTO:
-        return AUTO_BATCHES if has_batch_stats(variables) else 0
+        present = has_batch_stats(variables) if has_statistics is None else has_statistics
+        return AUTO_BATCHES if present else 0
     if isinstance(value, str):
         raise ValueError(f"{key} must be an integer >= 0 (number of training batches) or {AUTO!r}, got {value!r}")
     return check_batches(value, key)
@@ -161,7 +164,8 @@ def _batch_stats_fn(apply_fn: Callable) -> Callable:
     return jax.jit(run)
 
 
-def _draw_batches(n: int, batches: int, batch_size: int, seed: int) -> list[np.ndarray]:
+def draw_batches(n: int, batches: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    """Index arrays of ``batches`` batches without replacement (as many full ones as fit, at least one)."""
     order = np.random.default_rng(seed).permutation(n)
     size = min(batch_size, n)
     count = max(1, min(batches, n // size))
@@ -179,7 +183,7 @@ def batch_statistics(
     """
     fn = _batch_stats_fn(apply_fn)
     total: dict[tuple[str, ...], list] = {}
-    chosen = _draw_batches(len(x), batches, batch_size, seed)
+    chosen = draw_batches(len(x), batches, batch_size, seed)
     for idx in chosen:
         out = jax.device_get(fn(variables, jnp.asarray(x[idx])))
         for k, (m, v) in out.items():
