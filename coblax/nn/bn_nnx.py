@@ -97,7 +97,7 @@ def recalibrate_bn_nnx(
     copy = nnx.clone(model)
     copy.eval()
     norms = batch_norms(copy)
-    stored = {id(bn): (bn.mean[...], bn.var[...]) for bn in norms}
+    dtypes = {id(bn): (bn.mean[...].dtype, bn.var[...].dtype) for bn in norms}  # the calls may promote them
     calls: dict[int, list] = {}
     totals: dict[int, list] = {}
     chosen = draw_batches(len(x), batches, batch_size, seed)
@@ -111,11 +111,8 @@ def recalibrate_bn_nnx(
                 var = sum(v for _, v in moments) / len(moments)
                 acc = totals.setdefault(key, [0.0, 0.0])
                 acc[0], acc[1] = acc[0] + mean, acc[1] + var
-    for bn in norms:
-        old_mean, old_var = stored[id(bn)]
-        if id(bn) in totals:  # a BatchNorm the network never called keeps its statistics
-            bn.mean[...] = jnp.asarray(totals[id(bn)][0] / len(chosen), old_mean.dtype)
-            bn.var[...] = jnp.asarray(totals[id(bn)][1] / len(chosen), old_var.dtype)
-        else:
-            bn.mean[...], bn.var[...] = old_mean, old_var
+    for bn in norms:  # a BatchNorm the network never called was never touched: it keeps its statistics
+        if id(bn) in totals:
+            bn.mean[...] = jnp.asarray(totals[id(bn)][0] / len(chosen), dtypes[id(bn)][0])
+            bn.var[...] = jnp.asarray(totals[id(bn)][1] / len(chosen), dtypes[id(bn)][1])
     return copy
