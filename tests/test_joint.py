@@ -259,6 +259,46 @@ def test_the_factored_network_carries_the_trained_factors():
         np.testing.assert_allclose(result.variables["factors"][n]["first"], t.first, atol=1e-6)
 
 
+def test_joint_hard_trains_on_at_the_rounded_ranks(monkeypatch):
+    # joint = 40, joint_hard = 15: 25 steps with free masks, a rounding, then 15 steps with
+    # every mask fixed at the rounded ones, continuing the soft phase's weights.
+    calls = []
+    real = joint_mod.joint_train
+
+    def spy(problem, m, idx, A, b, steps, *args, **kwargs):
+        out = real(problem, m, idx, A, b, steps, *args, **kwargs)
+        calls.append({"m": np.asarray(m).copy(), "idx": np.asarray(idx), "steps": steps, "out": out})
+        return out
+
+    monkeypatch.setattr(joint_mod, "joint_train", spy)
+    result = _allocate(joint=40, joint_hard=15, joint_lr=3e-3, joint_mask_lr=2e-2)
+    assert [c["steps"] for c in calls] == [25, 15]
+    assert calls[0]["idx"].size > 0 and calls[1]["idx"].size == 0
+    alloc, stats = result.allocation, result.allocation.stats
+    # the hard phase's masks are the rounded answer, support and values (polish is off)
+    hard_m = calls[1]["m"]
+    sizes = np.cumsum([np.size(alloc.masks[n]) for n in alloc.masks])[:-1]
+    for n, block in zip(alloc.masks, np.split(hard_m, sizes)):
+        np.testing.assert_allclose(alloc.masks[n], block, atol=1e-6)
+        assert stats["joint_hard_ranks"][n] == alloc.ranks[n] == np.count_nonzero(block)
+    # the hard phase starts from the soft phase's weights (its loss before = the soft
+    # network at the rounded masks) and moves only the kept triplets: a dropped triplet
+    # gets no gradient, so Adam leaves it where the soft phase did
+    soft_w, hard_w = calls[0]["out"][2], alloc.weights
+    assert hard_w is calls[1]["out"][2]
+    moved_kept = False
+    for n, block in zip(alloc.masks, np.split(hard_m, sizes)):
+        dropped, kept = block == 0, block > 0
+        a0, a1 = np.asarray(soft_w.factors[n].first), np.asarray(hard_w.factors[n].first)
+        np.testing.assert_allclose(a1[:, dropped], a0[:, dropped], rtol=1e-5, atol=1e-7)  # split/join rounding
+        moved_kept |= bool(np.max(np.abs(a1[:, kept] - a0[:, kept])) > 1e-4)
+    assert moved_kept
+    soft_params = soft_w.variables["params"]["fc2"]["bias"]
+    assert np.max(np.abs(np.asarray(hard_w.variables["params"]["fc2"]["bias"]) - np.asarray(soft_params))) > 1e-5
+    assert stats["joint_hard_steps"] == 15 and stats["joint_steps"] == 25
+    assert stats["joint_hard_train_loss_last"] < stats["joint_hard_train_loss_first"]
+
+
 def test_joint_zero_leaves_the_allocation_unchanged(monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("joint training ran with joint = 0")
@@ -295,7 +335,8 @@ def test_rebound_objective_reuses_the_compiled_callback():
 
 
 def test_bad_options_and_a_bare_problem():
-    for bad in ({"joint": -1}, {"joint": 1.5}, {"joint_lr": 0.0}, {"joint_mask_lr": -1.0}):
+    for bad in ({"joint": -1}, {"joint": 1.5}, {"joint_lr": 0.0}, {"joint_mask_lr": -1.0},
+                {"joint_hard": 5, "joint": 5}, {"joint_hard": 2}, {"joint_hard": -1, "joint": 5}):
         key = next(iter(bad))
         with pytest.raises(ValueError, match=key):
             coblax.allocators.cobla(**bad)

@@ -298,6 +298,7 @@ class CoblaConfig:
     joint: int = setting(0, ge=0)
     joint_lr: float = setting(1e-4, gt=0)
     joint_mask_lr: float = setting(1e-3, gt=0)
+    joint_hard: int = setting(0, ge=0)
 
 
 @dataclasses.dataclass(frozen=True)

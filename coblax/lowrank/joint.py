@@ -310,7 +310,7 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
 
     Returns:
       (m after training (float64, feasible), ``problem`` with its loss rebound to the
-      trained weights, the :class:`TrainedWeights`, stats): ``joint_steps``,
+      trained weights and its trainer holding the trained variables, the :class:`TrainedWeights`, stats): ``joint_steps``,
       ``joint_seconds``, ``joint_objective_before`` / ``_after`` (E(m) on the
       objective subset, original weights at the relaxed m / trained weights at the
       trained m), ``joint_train_loss_first`` / ``_last`` (minibatch loss of the first
@@ -370,12 +370,13 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
         if not np.isfinite(ce):
             raise NumericalError("cobla joint", k + 1, ce, "lower cobla.joint_lr / cobla.joint_mask_lr")
         losses.append(ce)
-        z, _, ok = project_budget(np.asarray(trainable["m"], np.float64), A, b)
-        converged &= ok
-        m_dev = jnp.asarray(z.astype(np.asarray(trainable["m"]).dtype))
-        trainable = {**trainable, "m": m_dev}
-        m64[idx] = z
-        violations.append(_violation(np.asarray(m_dev, np.float64), A, b))
+        if idx.size:  # no free mask (cobla.joint_hard): nothing to project
+            z, _, ok = project_budget(np.asarray(trainable["m"], np.float64), A, b)
+            converged &= ok
+            m_dev = jnp.asarray(z.astype(np.asarray(trainable["m"]).dtype))
+            trainable = {**trainable, "m": m_dev}
+            m64[idx] = z
+            violations.append(_violation(np.asarray(m_dev, np.float64), A, b))
 
     trained = {}
     for n, f in full.items():
@@ -401,7 +402,9 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
             loss, acc = oracle.validation_metrics(point)
             stats[f"joint_val_loss_{label}"], stats[f"joint_val_accuracy_{label}"] = float(loss), float(acc)
     stats["joint_seconds"] = time.perf_counter() - start
-    return (m64, dataclasses.replace(problem, loss=new_loss),
+    # the trainer carries the trained variables too, so that a later call continues them
+    # (cobla.joint_hard: the steps at the rounded masks)
+    return (m64, dataclasses.replace(problem, loss=new_loss, training=_shallow(trainer, variables=new_vars)),
             TrainedWeights(variables=new_vars, factors=trained), stats)
 
 
