@@ -340,6 +340,8 @@ def test_bad_options_and_a_bare_problem():
         key = next(iter(bad))
         with pytest.raises(ValueError, match=key):
             coblax.allocators.cobla(**bad)
+    with pytest.raises(ValueError, match="joint_hard"):
+        coblax.allocators.cobla(joint=5, joint_hard=2, select="finetune")
     layer = LayerCost("a", "dense", (4, 4), np.array([2.0, 1.0]), 8.0, 8.0, 16.0, 16.0)
     problem = AllocationProblem((layer,), 10.0, 10.0)
     with pytest.raises(ValueError, match="problem.training"):
@@ -362,6 +364,12 @@ def test_config_key_is_validated(tmp_path):
     assert load_run_config(tiny_run_config(tmp_path, cobla__joint="50")).cobla.joint == 50
     with pytest.raises(Exception, match="joint"):
         load_run_config(tiny_run_config(tmp_path, name="bad.toml", cobla__joint="-2"))
+    assert load_run_config(tiny_run_config(tmp_path, name="h.toml", cobla__joint="50",
+                                           cobla__joint_hard="20")).cobla.joint_hard == 20
+    for name, extra in (("h1.toml", {"cobla__joint": "20"}), ("h2.toml", {"cobla__joint": "0"}),
+                        ("h3.toml", {"cobla__joint": "50", "cobla__select": '"finetune"'})):
+        with pytest.raises(Exception, match="cobla.joint_hard"):
+            load_run_config(tiny_run_config(tmp_path, name=name, cobla__joint_hard="20", **extra))
 
 
 @pytest.mark.slow  # 16 s: a base model, a COBLA solve and a fine-tuning

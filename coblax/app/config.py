@@ -300,6 +300,14 @@ class CoblaConfig:
     joint_mask_lr: float = setting(1e-3, gt=0)
     joint_hard: int = setting(0, ge=0)
 
+    def validate(self, where: str) -> None:
+        if self.joint_hard and not self.joint_hard < self.joint:
+            raise ConfigError(f"{where}.joint_hard = {self.joint_hard} must be below {where}.joint = {self.joint} "
+                              "(the last joint_hard of the joint steps run at the rounded ranks)")
+        if self.joint_hard and self.select == "finetune":
+            raise ConfigError(f"{where}.joint_hard > 0 fixes the ranks before its steps; {where}.select = "
+                              "'finetune' would pick others afterwards")
+
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:

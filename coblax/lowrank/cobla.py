@@ -201,6 +201,9 @@ class COBLA:
                 or not 0 <= self.joint_hard <= self.joint or (self.joint and self.joint_hard == self.joint)):
             raise ValueError(f"cobla joint_hard = {self.joint_hard!r}: must be an integer, 0 <= joint_hard "
                              f"< joint = {self.joint} (0 without joint)")
+        if self.joint_hard and self.select == "finetune":  # it would re-pick ranks the steps were not spent on
+            raise ValueError("cobla joint_hard > 0 fixes the ranks before its steps; select = 'finetune' "
+                             "would pick others afterwards: use select = 'accuracy' or 'loss'")
         for key in ("joint_lr", "joint_mask_lr"):
             if not float(getattr(self, key)) > 0.0:
                 raise ValueError(f"cobla {key} = {getattr(self, key)!r}: must be > 0")
