@@ -32,6 +32,12 @@ without recompiling), the rounding (ranked by σ·m), the polish and the truncat
 work on them unchanged. The allocation carries them (:class:`TrainedWeights`) and the
 factored network, hence the common fine-tuning, starts from them
 (:func:`trained_start`).
+
+With ``cobla.joint_hard = H`` COBLA calls :func:`joint_train` twice: S − H steps as
+above, then, after the rounding, H steps with no free mask (``idx`` empty, the masks
+fixed at the rounded ones), continuing the first call's weights (the returned
+problem's trainer holds them). A dropped triplet gets no gradient there, so only the
+kept ones and the rest of the network move.
 """
 
 from __future__ import annotations
