@@ -297,6 +297,9 @@ def test_joint_hard_trains_on_at_the_rounded_ranks(monkeypatch):
     assert np.max(np.abs(np.asarray(hard_w.variables["params"]["fc2"]["bias"]) - np.asarray(soft_params))) > 1e-5
     assert stats["joint_hard_steps"] == 15 and stats["joint_steps"] == 25
     assert stats["joint_hard_train_loss_last"] < stats["joint_hard_train_loss_first"]
+    # the relaxed diagnostics are the soft phase's network at its fractional masks
+    assert stats["relaxed_val_accuracy"] == pytest.approx(stats["joint_val_accuracy_after"], abs=1e-6)
+    assert stats["relaxed_objective"] == pytest.approx(stats["joint_objective_after"], rel=1e-5)
 
 
 def test_joint_zero_leaves_the_allocation_unchanged(monkeypatch):

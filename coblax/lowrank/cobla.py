@@ -520,6 +520,7 @@ class COBLA:
             problem, m_hat, draws=self.roundings, seed=problem.seed, score=score,
             values=self.mask_values, extra=extra, local_search_evals=self.local_search,
         )
+        relaxed_on = problem  # the network the relaxed masks were trained with (diagnostics below)
         if self.joint_hard > 0:  # the network trains on at the rounded ranks; those masks are the answer
             problem, weights, hard_stats = self._joint_hard(problem, masks)
             joint_stats = {**joint_stats, **hard_stats}
@@ -534,7 +535,9 @@ class COBLA:
         m_rounded = flat_mask(problem, masks)
         relaxed_blocks = blocks(m_relaxed)
         m_rel_flat = flat_mask(problem, relaxed_blocks)
-        rel_val_loss, rel_val_acc = metrics(m_rel_flat)
+        relaxed_metrics = metrics if relaxed_on is problem else _metrics_fn(relaxed_on.loss)
+        rel_val_loss, rel_val_acc = relaxed_metrics(m_rel_flat)
+        rel_value = getattr(relaxed_on.loss, "value", None)
         rnd_val_loss, rnd_val_acc = metrics(m_rounded)
         last = state.solves[-1] if state.solves else {}
         stats = {
@@ -546,7 +549,7 @@ class COBLA:
             "solver_status": last.get("status"),
             "solver_message": last.get("message"),
             "solves": state.solves,
-            "relaxed_objective": value(m_rel_flat) if value else None,
+            "relaxed_objective": rel_value(m_rel_flat) if rel_value else None,
             "rounded_objective": value(m_rounded) if value else None,
             "relaxed_val_loss": rel_val_loss,
             "relaxed_val_accuracy": rel_val_acc,
