@@ -198,7 +198,7 @@ class COBLA:
         if isinstance(self.joint, bool) or not isinstance(self.joint, (int, np.integer)) or self.joint < 0:
             raise ValueError(f"cobla joint = {self.joint!r}: must be an integer >= 0 (training steps; 0 = off)")
         if (isinstance(self.joint_hard, bool) or not isinstance(self.joint_hard, (int, np.integer))
-                or not 0 <= self.joint_hard <= self.joint or (self.joint and self.joint_hard == self.joint)):
+                or self.joint_hard < 0 or (self.joint_hard and self.joint_hard >= self.joint)):
             raise ValueError(f"cobla joint_hard = {self.joint_hard!r}: must be an integer, 0 <= joint_hard "
                              f"< joint = {self.joint} (0 without joint)")
         if self.joint_hard and self.select == "finetune":  # it would re-pick ranks the steps were not spent on
@@ -520,7 +520,8 @@ class COBLA:
             problem, m_hat, draws=self.roundings, seed=problem.seed, score=score,
             values=self.mask_values, extra=extra, local_search_evals=self.local_search,
         )
-        relaxed_on = problem  # the network the relaxed masks were trained with (diagnostics below)
+        # the relaxed masks' diagnostics below are measured on the network they were trained with
+        relaxed_metrics, rel_value = metrics, getattr(problem.loss, "value", None)
         if self.joint_hard > 0:  # the network trains on at the rounded ranks; those masks are the answer
             problem, weights, hard_stats = self._joint_hard(problem, masks)
             joint_stats = {**joint_stats, **hard_stats}
@@ -535,9 +536,7 @@ class COBLA:
         m_rounded = flat_mask(problem, masks)
         relaxed_blocks = blocks(m_relaxed)
         m_rel_flat = flat_mask(problem, relaxed_blocks)
-        relaxed_metrics = metrics if relaxed_on is problem else _metrics_fn(relaxed_on.loss)
         rel_val_loss, rel_val_acc = relaxed_metrics(m_rel_flat)
-        rel_value = getattr(relaxed_on.loss, "value", None)
         rnd_val_loss, rnd_val_acc = metrics(m_rounded)
         last = state.solves[-1] if state.solves else {}
         stats = {
