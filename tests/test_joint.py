@@ -302,6 +302,38 @@ def test_joint_hard_trains_on_at_the_rounded_ranks(monkeypatch):
     assert stats["relaxed_objective"] == pytest.approx(stats["joint_objective_after"], rel=1e-5)
 
 
+def test_joint_hard_on_the_kept_columns_is_the_full_masked_computation(monkeypatch):
+    # With every mask fixed, a dropped triplet adds 0 and gets no gradient: training only
+    # the kept columns must end where training the full-rank masked factors ends (the
+    # reference: truncate_fixed=False), while each step runs at the rounded ranks.
+    real_train, real_step = joint_mod.joint_train, joint_mod._step_fn
+    widths = []
+
+    def step_spy(model, meta, *args, **kwargs):
+        widths.append({n: int(np.shape(f.sigma)[0]) for n, f in meta.items()})
+        return real_step(model, meta, *args, **kwargs)
+
+    monkeypatch.setattr(joint_mod, "_step_fn", step_spy)
+    results = []
+    for truncate_fixed in (False, True):
+        monkeypatch.setattr(joint_mod, "joint_train",
+                            functools.partial(real_train, truncate_fixed=truncate_fixed))
+        results.append(_allocate(joint=30, joint_hard=12, joint_lr=3e-3, joint_mask_lr=2e-2).allocation)
+    ref, got = results
+    assert ref.ranks == got.ranks
+    full = widths[0]
+    assert widths[1] == full and widths[2] == full  # soft phases, and the untruncated hard phase
+    assert widths[3] == {n: got.ranks[n] if got.ranks[n] < full[n] else full[n] for n in full}
+    assert any(widths[3][n] < full[n] for n in full)
+    for n in ref.weights.factors:
+        for part in ("first", "second"):
+            np.testing.assert_allclose(getattr(got.weights.factors[n], part), getattr(ref.weights.factors[n], part),
+                                       rtol=1e-4, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 got.weights.variables, ref.weights.variables)
+    assert got.stats["joint_hard_val_loss_after"] == pytest.approx(ref.stats["joint_hard_val_loss_after"], rel=1e-4)
+
+
 def test_joint_zero_leaves_the_allocation_unchanged(monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("joint training ran with joint = 0")

@@ -598,7 +598,8 @@ class COBLA:
                                               np.zeros(_budget_rows(problem)), self.joint_hard, self.joint_lr,
                                               self.joint_mask_lr)
         # problem's loss and trainer hold the soft phase's trained weights: this continues them
-        keep = ("joint_steps", "joint_seconds", "joint_train_loss_first", "joint_train_loss_last",
+        keep = ("joint_steps", "joint_seconds", "joint_first_step_seconds", "joint_step_seconds",
+                "joint_train_loss_first", "joint_train_loss_last",
                 "joint_val_loss_before", "joint_val_accuracy_before", "joint_val_loss_after",
                 "joint_val_accuracy_after", "joint_objective_before", "joint_objective_after")
         hard = {"joint_hard_" + k[len("joint_"):]: st[k] for k in keep if k in st}

@@ -53,7 +53,7 @@ import numpy as np
 import optax
 
 from coblax.lowrank.allocation import Allocation, AllocationProblem, LayerCost
-from coblax.lowrank.decompose import Factors, factored_apply
+from coblax.lowrank.decompose import Factors, factored_apply, slice_count
 from coblax.lowrank.projection import project_budget
 from coblax.lowrank.training import TrainedVariables, set_kernel, unmatricize
 from coblax.util.errors import NumericalError
@@ -292,9 +292,44 @@ def check_joint(problem: AllocationProblem) -> dict[str, Factors]:
     return full
 
 
+def _kept_columns(full: Mapping[str, Factors], blocks: list[np.ndarray]) -> dict[str, np.ndarray | None]:
+    """Layer -> the triplets with a nonzero mask, or None where the layer trains in full.
+
+    With every mask fixed (``idx`` empty) a dropped triplet adds exactly 0 to its layer
+    and gets a zero gradient, so Adam leaves it where it is: training only the kept
+    columns is the same computation at the rounded network's cost instead of the
+    full-rank factors' (up to the order of float sums). Sliced (``alds:k``) factors and
+    layers that keep every triplet or none train in full.
+    """
+    out: dict[str, np.ndarray | None] = {}
+    for (n, f), blk in zip(full.items(), blocks):
+        keep = np.nonzero(blk)[0]
+        sliced = f.kind == "conv" and slice_count(f.scheme) > 0
+        out[n] = None if sliced or keep.size in (0, blk.size) else keep
+    return out
+
+
+def _take(f: Factors, keep: np.ndarray | None) -> Factors:
+    """``f`` restricted to the triplets ``keep`` (σ and the balanced split unchanged)."""
+    if keep is None:
+        return f
+    return dataclasses.replace(f, first=jnp.take(f.first, keep, axis=-1), second=jnp.take(f.second, keep, axis=-2),
+                               sigma=jnp.take(f.sigma, keep))
+
+
+def _put(full: jnp.ndarray, part: jnp.ndarray, keep: np.ndarray | None, axis: int) -> jnp.ndarray:
+    """``full`` with the columns ``keep`` along ``axis`` replaced by ``part`` (all of it where keep is None)."""
+    if keep is None:
+        return part
+    index = [slice(None)] * full.ndim
+    index[axis] = keep
+    return full.at[tuple(index)].set(part)
+
+
 def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: np.ndarray, b: np.ndarray,
                 steps: int, lr: float, mask_lr: float, *, mask_optimizer: str = "adam",
-                normalize: bool = True) -> tuple[np.ndarray, AllocationProblem, TrainedWeights, dict]:
+                normalize: bool = True, truncate_fixed: bool = True
+                ) -> tuple[np.ndarray, AllocationProblem, TrainedWeights, dict]:
     """``steps`` steps of projected Adam on the masks m[idx] and the network's weights.
 
     Args:
@@ -313,11 +348,14 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
         subset 0.645 before): Adam 1e-3 normalized 0.504 (validation 80.5 -> 83.0 %),
         projected SGD 1.0 normalized 0.509 (82.1 %), Adam 1e-2 0.761 plain / 0.869
         normalized (the masks random-walk: Adam's steps do not shrink with the gradient).
+      truncate_fixed: with no free mask (``idx`` empty), train only the kept triplets'
+        columns (:func:`_kept_columns`: the same steps at the rounded network's cost;
+        ``benchmarks/bench_joint_hard.py`` measures the two).
 
     Returns:
       (m after training (float64, feasible), ``problem`` with its loss rebound to the
       trained weights and its trainer holding the trained variables, the :class:`TrainedWeights`, stats): ``joint_steps``,
-      ``joint_seconds``, ``joint_objective_before`` / ``_after`` (E(m) on the
+      ``joint_seconds``, ``joint_first_step_seconds`` (it compiles) and ``joint_step_seconds`` (mean of the rest), ``joint_objective_before`` / ``_after`` (E(m) on the
       objective subset, original weights at the relaxed m / trained weights at the
       trained m), ``joint_train_loss_first`` / ``_last`` (minibatch loss of the first
       step / mean of the last ten), ``joint_val_loss_before`` / ``_after`` and
@@ -340,7 +378,15 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
     m64 = np.asarray(m, np.float64).copy()
     m_start = m64.copy()
 
-    split = {n: _split_sigma(f) for n, f in full.items()}
+    keep: dict[str, np.ndarray | None] = {n: None for n in full}
+    if truncate_fixed and idx.size == 0:
+        keep = _kept_columns(full, np.split(m64, splits))
+    work = {n: _take(f, keep[n]) for n, f in full.items()}  # the factors the steps train
+    m_work = np.concatenate([blk if keep[n] is None else blk[keep[n]]
+                             for n, blk in zip(full, np.split(m64, splits))])
+    work_splits = np.cumsum([np.shape(f.sigma)[0] for f in work.values()])[:-1].tolist()
+
+    split = {n: _split_sigma(f) for n, f in work.items()}
     variables = dict(trainer.variables)
     state = {k: variables[k] for k in trainer.mutable}
     trainable = {"m": jnp.asarray(m64[idx], dt), "first": {n: ab[0] for n, ab in split.items()},
@@ -353,7 +399,7 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
     tx = optax.multi_transform({"mask": mask_tx, "weights": optax.adam(lr)}, labels)
     opt_state = tx.init(trainable)
     norms = _start_norms(split, normalize)
-    step = _step_fn(trainer.model, full, splits, trainer.train_kwargs, tuple(trainer.mutable),
+    step = _step_fn(trainer.model, work, work_splits, trainer.train_kwargs, tuple(trainer.mutable),
                     tuple(trainer.rng_streams), tx, norms)
 
     x, y = trainer.x, trainer.y
@@ -361,11 +407,13 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
     rng = np.random.default_rng([int(problem.seed), 18])
     key0 = jax.random.PRNGKey(int(problem.seed) + 18)
     order, pos = rng.permutation(n), 0
-    m_base, idx_dev = jnp.asarray(m64, dt), jnp.asarray(idx)
+    m_base, idx_dev = jnp.asarray(m_work, dt), jnp.asarray(idx)  # m_work is m64 unless truncated
     losses: list[float] = []
     violations: list[float] = []
     converged = True
+    step_times: list[float] = []
     for k in range(int(steps)):
+        t0 = time.perf_counter()
         if pos + bs > n:
             order, pos = rng.permutation(n), 0
         batch = order[pos:pos + bs]
@@ -373,6 +421,7 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
         trainable, state, opt_state, ce = step(trainable, state, opt_state, m_base, idx_dev, x[batch], y[batch],
                                                jax.random.fold_in(key0, k))
         ce = float(ce)
+        step_times.append(time.perf_counter() - t0)
         if not np.isfinite(ce):
             raise NumericalError("cobla joint", k + 1, ce, "lower cobla.joint_lr / cobla.joint_mask_lr")
         losses.append(ce)
@@ -387,11 +436,15 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
     trained = {}
     for n, f in full.items():
         a, b = _effective(trainable["first"][n], trainable["second"][n], norms[n])
-        trained[n] = _join_sigma(f, a, b)
+        a0, b0 = _split_sigma(f)  # dropped triplets: where they were
+        trained[n] = _join_sigma(f, _put(a0, a, keep[n], -1), _put(b0, b, keep[n], -2))
     new_vars = {**variables, "params": trainable["params"], **state}
     new_loss = rebind_loss(problem.loss, new_vars, trained)
     stats: dict[str, Any] = {
         "joint_steps": int(steps),
+        # the first step compiles; the rest is the steady-state cost of one step
+        "joint_first_step_seconds": step_times[0] if step_times else None,
+        "joint_step_seconds": float(np.mean(step_times[1:])) if len(step_times) > 1 else None,
         "joint_lr": float(lr),
         "joint_mask_lr": float(mask_lr),
         "joint_objective_before": _value(problem.loss, m_start),

@@ -20,6 +20,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from coblax.nn.depthwise import depthwise_conv
+
 __all__ = [
     "MLP", "LeNet5", "SmallCNN", "VGGSmall", "Fire", "SqueezeNet", "BasicBlock", "ResNet20",
     "MobileNetV1", "VGG16BN", "build_model", "MODEL_NAMES",
@@ -250,7 +252,7 @@ class MobileNetV1(nn.Module):
         for i, (out, stride) in enumerate(self.blocks):
             c = x.shape[-1]
             x = nn.Conv(c, (3, 3), stride, padding=1, feature_group_count=c, use_bias=False,
-                        name=f"block{i + 1}_dw")(x)
+                        conv_general_dilated=depthwise_conv, name=f"block{i + 1}_dw")(x)
             x = nn.relu(_bn(train, f"block{i + 1}_dw_bn")(x))
             x = nn.Conv(w(out), (1, 1), use_bias=False, name=f"block{i + 1}_pw")(x)
             x = nn.relu(_bn(train, f"block{i + 1}_pw_bn")(x))

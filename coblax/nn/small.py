@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from coblax.nn.depthwise import depthwise_conv
 from coblax.nn.models import Fire, max_pool_2x2
 
 __all__ = [
@@ -130,7 +131,7 @@ class DepthwiseSeparable(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         c = x.shape[-1]
         x = nn.Conv(c, (self.kernel, self.kernel), padding="SAME", feature_group_count=c,
-                    name="depthwise")(x)
+                    conv_general_dilated=depthwise_conv, name="depthwise")(x)
         return nn.Conv(self.features, (1, 1), name="pointwise")(x)
 
 
@@ -149,8 +150,9 @@ class FlattenedConv(nn.Module):
         n = self.features
         x = nn.Conv(n, (1, 1), use_bias=False, name="lateral")(x)
         x = nn.Conv(n, (ky, 1), padding="SAME", feature_group_count=n, use_bias=False,
-                    name="vertical")(x)
-        return nn.Conv(n, (1, kx), padding="SAME", feature_group_count=n, name="horizontal")(x)
+                    conv_general_dilated=depthwise_conv, name="vertical")(x)
+        return nn.Conv(n, (1, kx), padding="SAME", feature_group_count=n, conv_general_dilated=depthwise_conv,
+                       name="horizontal")(x)
 
 
 def _pool_shape(h: int, w: int) -> tuple[int, int]:
