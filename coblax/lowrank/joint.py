@@ -317,10 +317,8 @@ def _take(f: Factors, keep: np.ndarray | None) -> Factors:
                                sigma=jnp.take(f.sigma, keep))
 
 
-def _put(full: jnp.ndarray, part: jnp.ndarray, keep: np.ndarray | None, axis: int) -> jnp.ndarray:
-    """``full`` with the columns ``keep`` along ``axis`` replaced by ``part`` (all of it where keep is None)."""
-    if keep is None:
-        return part
+def _put(full: jnp.ndarray, part: jnp.ndarray, keep: np.ndarray, axis: int) -> jnp.ndarray:
+    """``full`` with the columns ``keep`` along ``axis`` replaced by ``part``."""
     index = [slice(None)] * full.ndim
     index[axis] = keep
     return full.at[tuple(index)].set(part)
@@ -355,7 +353,8 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
     Returns:
       (m after training (float64, feasible), ``problem`` with its loss rebound to the
       trained weights and its trainer holding the trained variables, the :class:`TrainedWeights`, stats): ``joint_steps``,
-      ``joint_seconds``, ``joint_first_step_seconds`` (it compiles) and ``joint_step_seconds`` (mean of the rest), ``joint_objective_before`` / ``_after`` (E(m) on the
+      ``joint_seconds``, ``joint_first_step_seconds`` (it compiles) and
+      ``joint_step_seconds`` (mean of the rest), ``joint_objective_before`` / ``_after`` (E(m) on the
       objective subset, original weights at the relaxed m / trained weights at the
       trained m), ``joint_train_loss_first`` / ``_last`` (minibatch loss of the first
       step / mean of the last ten), ``joint_val_loss_before`` / ``_after`` and
@@ -378,12 +377,11 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
     m64 = np.asarray(m, np.float64).copy()
     m_start = m64.copy()
 
-    keep: dict[str, np.ndarray | None] = {n: None for n in full}
-    if truncate_fixed and idx.size == 0:
-        keep = _kept_columns(full, np.split(m64, splits))
+    blocks = np.split(m64, splits)
+    keep = (_kept_columns(full, blocks) if truncate_fixed and idx.size == 0
+            else dict.fromkeys(full))  # None: the layer trains in full
     work = {n: _take(f, keep[n]) for n, f in full.items()}  # the factors the steps train
-    m_work = np.concatenate([blk if keep[n] is None else blk[keep[n]]
-                             for n, blk in zip(full, np.split(m64, splits))])
+    m_work = np.concatenate([blk if keep[n] is None else blk[keep[n]] for n, blk in zip(full, blocks)])
     work_splits = np.cumsum([np.shape(f.sigma)[0] for f in work.values()])[:-1].tolist()
 
     split = {n: _split_sigma(f) for n, f in work.items()}
@@ -436,8 +434,10 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
     trained = {}
     for n, f in full.items():
         a, b = _effective(trainable["first"][n], trainable["second"][n], norms[n])
-        a0, b0 = _split_sigma(f)  # dropped triplets: where they were
-        trained[n] = _join_sigma(f, _put(a0, a, keep[n], -1), _put(b0, b, keep[n], -2))
+        if keep[n] is not None:  # trained on the kept columns: the dropped ones stay where they were
+            a0, b0 = _split_sigma(f)
+            a, b = _put(a0, a, keep[n], -1), _put(b0, b, keep[n], -2)
+        trained[n] = _join_sigma(f, a, b)
     new_vars = {**variables, "params": trainable["params"], **state}
     new_loss = rebind_loss(problem.loss, new_vars, trained)
     stats: dict[str, Any] = {
