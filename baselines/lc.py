@@ -54,6 +54,7 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from coblax.baselines._budget import check_floor, clip_ranks, ok_allocation
 from coblax.lowrank.allocation import Allocation, AllocationProblem, LayerCost, is_feasible
@@ -188,6 +189,8 @@ class LC:
       iters: bisection rounds on alpha per C step.
       mixes: cost mixes theta tried per C step (:func:`c_step_mixed`; 1: the plain sum
         of the two normalized costs, one multiplier for both budgets).
+      progress: show a progress bar over the LC steps (the runner sets it; a MobileNet
+        record spends 5-10 min in them).
     stats: ``training_steps``, ``lc_seconds``, ``alpha``/``theta``/``mu`` (last C step),
       ``lc_trace`` (per LC step: mu, alpha, mean L-step loss, ranks), ``mac_ratio``,
       ``param_ratio``.
@@ -203,6 +206,7 @@ class LC:
     normalize: bool = True
     iters: int = 100
     mixes: int = 11
+    progress: bool = False
 
     name: ClassVar[str] = "lc"
 
@@ -248,7 +252,8 @@ class LC:
         trace = [{"step": 0, "mu": self.mu0, "alpha": alpha, "theta": theta, "loss": None, "ranks": ranks}]
         mu = self.mu0
         trainer_steps0 = trainer.steps_done
-        for k in range(self.steps):
+        bar = tqdm(range(self.steps), desc="lc L/C steps", unit="step", disable=not self.progress, leave=False)
+        for k in bar:
             mu = self.mu0 * self.mu_inc**k
             targets = trainer.to_kernels({n: delta[n] + lam[n] / mu for n in w})
             variables, loss = trainer.penalized_steps(variables, targets, mu, self.l_steps,
@@ -257,6 +262,8 @@ class LC:
             alpha, theta, ranks, delta, shifted = compress(mu)
             lam = {n: lam[n] - mu * (w[n] - delta[n]) for n in w}
             trace.append({"step": k + 1, "mu": mu, "alpha": alpha, "theta": theta, "loss": loss, "ranks": ranks})
+            bar.set_postfix(loss=f"{loss:.4f}", mu=f"{mu:.3g}", rank=sum(ranks.values()))
+        bar.close()
         stats = {"alpha": alpha, "theta": theta, "mu": mu, "training_steps": trainer.steps_done - trainer_steps0,
                  "lc_trace": trace,
                  "constraint_violation": float(np.sqrt(sum(np.sum((w[n] - delta[n]) ** 2) for n in w)))}

@@ -229,8 +229,8 @@ def _tiny_mlp():
     return model, model.init(jax.random.PRNGKey(0), x[:1]), x, y
 
 
-def test_lc_on_a_network_trains_and_meets_the_budget():
-    """LC with its L steps on a tiny MLP: the budget holds, the steps are counted."""
+def _tiny_mlp_problem():
+    """The tiny MLP's allocation problem at 0.6 / 0.6 with its trainer attached (LC's L steps)."""
     from coblax.lowrank.costs import make_problem, network_cost
     from coblax.lowrank.decompose import factorize, get_kernel, trace_layers
     from coblax.lowrank.training import attach_trainer
@@ -240,11 +240,27 @@ def test_lc_on_a_network_trains_and_meets_the_budget():
     full = {t.name: factorize(get_kernel(variables, t.name), t, "tai") for t in traced}
     net = network_cost(traced, variables, {n: np.asarray(f.sigma) for n, f in full.items()}, "tai")
     problem = make_problem(net, 0.6, 0.6, "decomposed")
-    problem = attach_trainer(problem, model, variables, {n: (f.kind, f.scheme) for n, f in full.items()}, (x, y))
+    return attach_trainer(problem, model, variables, {n: (f.kind, f.scheme) for n, f in full.items()}, (x, y))
+
+
+def test_lc_on_a_network_trains_and_meets_the_budget():
+    """LC with its L steps on a tiny MLP: the budget holds, the steps are counted."""
+    problem = _tiny_mlp_problem()
     alloc = LC(steps=3, l_steps=5, lr=0.01, batch_size=32)(problem)
     assert alloc.status == "ok" and is_feasible(problem, alloc.ranks)
     assert alloc.stats["training_steps"] == 15
     assert len(alloc.stats["lc_trace"]) == 4
+
+
+def test_lc_progress_bar_counts_its_lc_steps_only_when_asked(capsys):
+    """``progress = True`` draws a bar over the ``steps`` LC steps with the L-step loss, μ and
+    the total rank; the default draws none."""
+    problem = _tiny_mlp_problem()
+    LC(steps=2, l_steps=3, lr=0.01, batch_size=32)(problem)
+    assert "lc L/C steps" not in capsys.readouterr().err
+    LC(steps=2, l_steps=3, lr=0.01, batch_size=32, progress=True)(problem)
+    err = capsys.readouterr().err
+    assert "lc L/C steps" in err and "/2 [" in err and "loss=" in err and "mu=9.81e-05" in err  # mu0 * 1.09
 
 
 def test_lc_hands_on_its_trained_network():

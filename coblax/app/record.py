@@ -184,6 +184,8 @@ def run_method(
     if method == "cobla":
         defaults = {k: getattr(cfg.cobla, k) for k in COBLA_KEYS}
         options = defaults | {"progress": progress} | options
+    elif method == "lc":  # its L steps are minutes of training: show them as COBLA's solve is shown
+        options = {"progress": progress} | options
     allocator = get_allocator(method, **options)
     spectrum = allocator_spectrum(allocator, cfg.decompose.spectrum)
     if spectrum != cfg.decompose.spectrum:  # an allocator defined on its own spectrum (BALF: whitened)
