@@ -380,3 +380,33 @@ def flat_of(problem, masks):
     from coblax.lowrank.rounding import flat_mask
 
     return flat_mask(problem, masks)
+
+
+def test_extra_warm_starts_keep_the_start_with_the_lowest_relaxed_objective():
+    """Three iterations from each start end at different points: the two-start run is the
+    single-start run whose relaxed E is lower (ranks, objective and trace), and it pays
+    both solves."""
+    layers = (_dense("a", 60, 40, 0.05), _dense("b", 80, 30, 0.3), _dense("c", 30, 30, 0.01))
+    loss = QuadraticLoss(layers, [np.ones(l.full_rank) for l in layers])
+    o = sum(l.original_macs for l in layers)
+    problem = AllocationProblem(layers, 0.4 * o, 0.4 * o, loss=loss, seed=0)
+    opts = dict(max_iter=3, saturation_rounds=0, local_search=0, polish=0)
+    single = {how: COBLA(warm_start=how, **opts)(problem) for how in ("uniform", "constant")}
+    ends = {how: loss.value(np.concatenate([a.relaxed[l.name] for l in layers])) for how, a in single.items()}
+    assert abs(ends["uniform"] - ends["constant"]) > 1e-3 * max(ends.values())  # the two solves differ
+    winner = min(ends, key=ends.get)
+    for first, extra in (("uniform", "constant"), ("constant", "uniform")):
+        both = COBLA(warm_start=first, extra_warm_starts=(extra,), **opts)(problem)
+        assert both.stats["warm_start"] == winner
+        assert both.ranks == single[winner].ranks
+        assert both.stats["objective_trace"] == single[winner].stats["objective_trace"]
+        objectives = {s["start"]: s["objective"] for s in both.stats["warm_starts"]}
+        assert objectives == pytest.approx(ends, rel=1e-9)
+        assert both.stats["solve_seconds"] == pytest.approx(sum(s["seconds"] for s in both.stats["warm_starts"]))
+
+
+def test_extra_warm_starts_refuse_cobla_and_repeats():
+    with pytest.raises(ValueError, match="itself"):
+        COBLA(extra_warm_starts=("cobla",))
+    with pytest.raises(ValueError, match="repeats"):
+        COBLA(warm_start="uniform", extra_warm_starts=("uniform",))

@@ -30,12 +30,17 @@ def test_new_keys_parse_and_reach_the_allocator(tmp_path):
     options = {k: getattr(cfg.cobla, k) for k in COBLA_KEYS}
     alloc = COBLA(**options)
     assert alloc.continuation == (0.1, 1.0) and alloc.monotone and alloc.select == "loss"
+    cfg = _load(tmp_path, 'extra_warm_starts = ["lc", "constant"]')
+    assert COBLA(**{k: getattr(cfg.cobla, k) for k in COBLA_KEYS}).extra_warm_starts == ("lc", "constant")
 
 
 @pytest.mark.parametrize(
     "cobla,decompose,message",
     [
         ('warm_start = "cobla"', "", "warm_start = 'cobla' is not allowed"),
+        ('extra_warm_starts = ["cobla"]', "", "cobla.extra_warm_starts"),
+        ('extra_warm_starts = ["lc", "lc"]', "", "cobla.extra_warm_starts"),
+        ('extra_warm_starts = ["pos_exact"]', "", "extra_warm_starts repeats cobla.warm_start = 'pos_exact'"),
         ('select = "f1"', "", "valid values: accuracy, loss"),
         ('mask_values = "half"', "", "valid values: relaxed, ones, plain"),
         ("local_search = -1", "", "cobla.local_search"),

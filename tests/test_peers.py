@@ -1,5 +1,6 @@
 """The peer allocators ALDS, LC and BALF against brute force on tiny problems."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -261,6 +262,18 @@ def test_lc_progress_bar_counts_its_lc_steps_only_when_asked(capsys):
     LC(steps=2, l_steps=3, lr=0.01, batch_size=32, progress=True)(problem)
     err = capsys.readouterr().err
     assert "lc L/C steps" in err and "/2 [" in err and "loss=" in err and "mu=9.81e-05" in err  # mu0 * 1.09
+
+
+def test_lc_as_cobla_warm_start_does_not_train():
+    """A warm start is an allocation from the spectra: on a problem with the network's
+    trainer LC's start runs no L step, and its ranks are those of LC on the bare problem."""
+    from coblax.lowrank.warm_start import warm_start_ranks
+
+    problem = _tiny_mlp_problem()
+    ranks = warm_start_ranks(problem, "lc")
+    assert problem.training.steps_done == 0
+    assert ranks == LC()(dataclasses.replace(problem, training=None)).ranks
+    assert is_feasible(problem, ranks)
 
 
 def test_lc_hands_on_its_trained_network():

@@ -279,6 +279,7 @@ class CoblaConfig:
     atol: float = setting(1e-8, ge=0)
     roundings: int = setting(10, ge=1)
     warm_start: str = setting("pos_exact", choices=_warm_starts)
+    extra_warm_starts: tuple[str, ...] = setting((), choices=_warm_starts, unique=True)
     saturation_rounds: int = setting(5, ge=0)
     monotone: bool = False
     continuation: tuple[float, ...] = setting((), ge=0)
@@ -304,6 +305,8 @@ class CoblaConfig:
         if self.joint_hard and not self.joint_hard < self.joint:
             raise ConfigError(f"{where}.joint_hard = {self.joint_hard} must be below {where}.joint = {self.joint} "
                               "(the last joint_hard of the joint steps run at the rounded ranks)")
+        if self.warm_start in self.extra_warm_starts:
+            raise ConfigError(f"{where}.extra_warm_starts repeats {where}.warm_start = {self.warm_start!r}")
         if self.joint_hard and self.select == "finetune":
             raise ConfigError(f"{where}.joint_hard > 0 fixes the ranks before its steps; {where}.select = "
                               "'finetune' would pick others afterwards")

@@ -80,8 +80,8 @@ def split_objective_data(data: Dataset, cfg: RunConfig):
     return (data.x_train[obj], data.y_train[obj]), (data.x_train[val], data.y_train[val]) if n_val else None
 
 
-COBLA_KEYS = ("max_iter", "tol", "rtol", "atol", "roundings", "warm_start", "saturation_rounds", "monotone",
-              "continuation", "local_search", "select", "mask_values", "polish", "solver", "window",
+COBLA_KEYS = ("max_iter", "tol", "rtol", "atol", "roundings", "warm_start", "extra_warm_starts",
+              "saturation_rounds", "monotone", "continuation", "local_search", "select", "mask_values", "polish", "solver", "window",
               "bn_stats", "finetune_candidates", "finetune_steps", "finetune_learning_rate",
               "joint", "joint_lr", "joint_mask_lr", "joint_hard")
 

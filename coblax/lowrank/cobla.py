@@ -105,6 +105,13 @@ class COBLA:
       roundings: K, the number of stochastic roundings drawn.
       warm_start: an allocator's name (``pos_greedy``, ``pos_exact``, ``uniform``...)
         or ``"constant"``; ``"cobla"`` is refused.
+      extra_warm_starts: further starts, as ``warm_start``. The relaxed solve is local:
+        on MobileNet it ends within a few ranks per layer of its start
+        (experiments/README.md, issue 18). With more than one start the relaxed solve
+        (saturation and continuation included) runs from each, and the one with the
+        lowest E(m) goes on to the joint steps and the rounding; the others cost only
+        their solve time. A start's allocation never sees the network's trainer (LC is
+        its direct-compression C step).
       saturation_rounds: rounds of saturation, each fixing every eligible layer in
         original form and re-solving at most once, warm-started (0: none).
       monotone: add m_ij >= m_i,j+1 within each layer.
@@ -154,6 +161,7 @@ class COBLA:
     atol: float = 1e-8
     roundings: int = 10
     warm_start: str = "pos_exact"
+    extra_warm_starts: tuple[str, ...] = ()
     saturation_rounds: int = 5
     monotone: bool = False
     continuation: tuple[float, ...] = ()
@@ -182,8 +190,13 @@ class COBLA:
 
     def __post_init__(self) -> None:
         check_tolerances(max_iter=self.max_iter, tol=self.tol, rtol=self.rtol, atol=self.atol)
-        if self.warm_start == "cobla":
-            warm_start_ranks(None, "cobla")  # raises the explanatory ValueError
+        for how in (self.warm_start, *self.extra_warm_starts):
+            if how == "cobla":
+                warm_start_ranks(None, "cobla")  # raises the explanatory ValueError
+        starts = (self.warm_start, *self.extra_warm_starts)
+        if len(set(starts)) != len(starts):
+            raise ValueError(f"cobla extra_warm_starts = {list(self.extra_warm_starts)!r} repeats a start "
+                             f"(warm_start = {self.warm_start!r} included)")
         if self.select not in SELECT:
             raise ValueError(f"cobla select = {self.select!r}; valid: {', '.join(SELECT)}")
         if self.mask_values not in VALUE_CHOICES:
@@ -357,6 +370,17 @@ class COBLA:
             cheapest += (min(problem.layers[i].latency_line[1] for i in active),)
         return any(s < c for s, c in zip(slack, cheapest))
 
+    def _start_saturated(self, problem: AllocationProblem, warm_ranks: dict[str, int] | None) -> tuple[str, ...]:
+        """Layers a solve from ``warm_ranks`` starts in original form (see :meth:`_relaxed`)."""
+        layers = problem.layers
+        start_saturated: tuple[str, ...] = ()
+        if warm_ranks is not None and self.saturation_rounds > 0:
+            start_saturated = tuple(l.name for l in layers if l.is_original(warm_ranks[l.name]))
+        if problem.has_latency:  # a layer whose factored form is never faster stays original
+            start_saturated += tuple(l.name for l in layers
+                                     if l.is_original(problem.min_rank) and l.name not in start_saturated)
+        return start_saturated
+
     def _relaxed(self, problem: AllocationProblem, m0: np.ndarray, tick,
                  start_saturated: tuple[str, ...] = ()) -> tuple[_Relaxed, np.ndarray]:
         """Relaxed solve with saturation, then the continuation; (state, m before continuation).
@@ -482,22 +506,25 @@ class COBLA:
             check_joint(problem)
         layers = problem.layers
         offsets = problem.offsets()
-        warm_ranks = warm_start_ranks(problem, self.warm_start)
-        m0 = warm_start_point(problem, self.warm_start, warm_ranks)
         bar = tqdm(desc="cobla SQP", unit="it", disable=not self.progress, leave=False)
 
         def tick(iteration: int, value: float) -> None:
             bar.update(1)
             bar.set_postfix(E=f"{value:.4f}")
 
-        start_saturated = ()
-        if warm_ranks is not None and self.saturation_rounds > 0:
-            start_saturated = tuple(l.name for l in layers if l.is_original(warm_ranks[l.name]))
-        if problem.has_latency:  # a layer whose factored form is never faster stays original
-            start_saturated += tuple(l.name for l in layers
-                                     if l.is_original(problem.min_rank) and l.name not in start_saturated)
-        state, m_relaxed = self._relaxed(problem, m0, tick, start_saturated)
+        starts = []
+        for how in (self.warm_start, *self.extra_warm_starts):
+            ranks0 = warm_start_ranks(problem, how)
+            bar.set_description(f"cobla SQP from {how}")
+            state, m_relaxed = self._relaxed(problem, warm_start_point(problem, how, ranks0), tick,
+                                             self._start_saturated(problem, ranks0))
+            starts.append((how, ranks0, state, m_relaxed, float(problem.loss.value_and_grad(state.m)[0])))
         bar.close()
+        # the lowest relaxed objective wins (the first start on ties and where E is not finite)
+        best = min(range(len(starts)), key=lambda k: (not np.isfinite(starts[k][4]), starts[k][4], k))
+        how, warm_ranks, state, m_relaxed, _ = starts[best]
+        start_stats = [{"start": h, "objective": e if np.isfinite(e) else None, "iterations": st.iterations,
+                        "seconds": st.seconds, "ranks": r} for h, r, st, _, e in starts]
         weights, joint_stats = None, {}
         if self.joint > 0:  # masks and factors trained together; rounding then sees the trained network
             state.m, problem, weights, joint_stats = self._joint(problem, state, self.joint - self.joint_hard)
@@ -543,7 +570,9 @@ class COBLA:
             "objective_trace": [t["objective"] for t in state.trace],
             "trace": state.trace,
             "solver_iterations": state.iterations,
-            "solve_seconds": state.seconds,
+            "solve_seconds": sum(st["seconds"] for st in start_stats),  # every start's solve is paid
+            "warm_start": how,
+            "warm_starts": start_stats,
             "bn_stats": getattr(problem.loss, "bn_stats", "running"),
             "solver_status": last.get("status"),
             "solver_message": last.get("message"),

@@ -8,6 +8,8 @@ problem orders its layers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from coblax.lowrank.allocation import AllocationProblem
@@ -24,7 +26,10 @@ def warm_start_ranks(problem: AllocationProblem, how: str) -> dict[str, int] | N
     if how == "constant":
         return None
     options = {"bound": False, "compare_greedy": False} if how == "pos_exact" else {}  # only its ranks
-    return dict(get_allocator(how, **options)(problem).ranks)
+    # A start is an allocation from the spectra: with the network's trainer attached LC
+    # would run its L steps (minutes) and hand on weights the solve never sees; without it
+    # LC is its first C step (direct compression), as ALDS and the rest are.
+    return dict(get_allocator(how, **options)(dataclasses.replace(problem, training=None)).ranks)
 
 
 def warm_start_point(problem: AllocationProblem, how: str, ranks: dict[str, int] | None = None) -> np.ndarray:
