@@ -1,6 +1,5 @@
 """The peer allocators ALDS, LC and BALF against brute force on tiny problems."""
 
-import dataclasses
 import itertools
 
 import numpy as np
@@ -265,14 +264,18 @@ def test_lc_progress_bar_counts_its_lc_steps_only_when_asked(capsys):
 
 
 def test_lc_as_cobla_warm_start_does_not_train():
-    """A warm start is an allocation from the spectra: on a problem with the network's
-    trainer LC's start runs no L step, and its ranks are those of LC on the bare problem."""
+    """LC's warm start is its first C step: no L step runs, and the ranks are the C step's on
+    the network's weights (numpy's singular values of each kernel), not on the problem's."""
+    from coblax.lowrank.decompose import get_kernel
     from coblax.lowrank.warm_start import warm_start_ranks
 
     problem = _tiny_mlp_problem()
     ranks = warm_start_ranks(problem, "lc")
     assert problem.training.steps_done == 0
-    assert ranks == LC()(dataclasses.replace(problem, training=None)).ranks
+    variables = problem.training.variables
+    spectra = {n: np.linalg.svd(np.asarray(get_kernel(variables, n), np.float64), compute_uv=False)
+               for n in problem.names}
+    assert ranks == c_step_mixed(problem, spectra, LC().mu0)[2]
     assert is_feasible(problem, ranks)
 
 

@@ -110,8 +110,8 @@ class COBLA:
         (experiments/README.md, issue 18). With more than one start the relaxed solve
         (saturation and continuation included) runs from each, and the one with the
         lowest E(m) goes on to the joint steps and the rounding; the others cost only
-        their solve time. A start's allocation never sees the network's trainer (LC is
-        its direct-compression C step).
+        their solve time. ``lc`` starts from LC's first C step (direct compression on the
+        network's weights; no L step runs).
       saturation_rounds: rounds of saturation, each fixing every eligible layer in
         original form and re-solving at most once, warm-started (0: none).
       monotone: add m_ij >= m_i,j+1 within each layer.

@@ -8,8 +8,6 @@ problem orders its layers.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from coblax.lowrank.allocation import AllocationProblem
@@ -26,10 +24,12 @@ def warm_start_ranks(problem: AllocationProblem, how: str) -> dict[str, int] | N
     if how == "constant":
         return None
     options = {"bound": False, "compare_greedy": False} if how == "pos_exact" else {}  # only its ranks
-    # A start is an allocation from the spectra: with the network's trainer attached LC
-    # would run its L steps (minutes) and hand on weights the solve never sees; without it
-    # LC is its first C step (direct compression), as ALDS and the rest are.
-    return dict(get_allocator(how, **options)(dataclasses.replace(problem, training=None)).ranks)
+    if how == "lc":
+        # LC's first C step (direct compression, no L step): its L steps would take minutes
+        # and hand on weights the solve never sees. With the network's trainer that C step
+        # is on the weights, as in the paper; on a bare problem, on the problem's spectra.
+        options = {"steps": 0}
+    return dict(get_allocator(how, **options)(problem).ranks)
 
 
 def warm_start_point(problem: AllocationProblem, how: str, ranks: dict[str, int] | None = None) -> np.ndarray:
