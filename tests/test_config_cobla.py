@@ -39,6 +39,7 @@ def test_new_keys_parse_and_reach_the_allocator(tmp_path):
     [
         ('warm_start = "cobla"', "", "warm_start = 'cobla' is not allowed"),
         ('extra_warm_starts = ["cobla"]', "", "cobla.extra_warm_starts"),
+        ('joint_schedule = "linear"', "", "valid values: constant, cosine"),
         ('extra_warm_starts = ["lc", "lc"]', "", "cobla.extra_warm_starts"),
         ('extra_warm_starts = ["pos_exact"]', "", "extra_warm_starts repeats cobla.warm_start = 'pos_exact'"),
         ('select = "f1"', "", "valid values: accuracy, loss"),

@@ -420,3 +420,25 @@ def test_a_run_record_with_joint(tmp_path):
     assert rec["status"] in ("ok", "repaired") and diag["joint_steps"] == 5
     assert diag["joint_max_violation"] <= 1e-6
     assert 0.0 <= rec["acc_before_finetune"] <= 1.0 and rec["mac_ratio"] <= 0.5 + 1e-9
+
+
+def test_joint_schedule_cosine_runs_both_phases_as_one_decay():
+    """joint = 40, joint_hard = 15, cosine: the soft phase runs steps 0-24 and the hard phase
+    steps 25-39 of one cosine decay from joint_lr, lr_k = lr (1 + cos(pi k / 40)) / 2 (the
+    hand formula); the weights still train (the hard phase's loss falls)."""
+    import math
+
+    lr, S, H = 3e-3, 40, 15
+    stats = _allocate(joint=S, joint_hard=H, joint_lr=lr, joint_mask_lr=2e-2,
+                      joint_schedule="cosine").allocation.stats
+
+    def rate(k):
+        return lr * 0.5 * (1.0 + math.cos(math.pi * k / S))
+
+    assert stats["joint_lr_first"] == pytest.approx(lr, rel=1e-6)
+    assert stats["joint_lr_last"] == pytest.approx(rate(S - H - 1), rel=1e-5)
+    assert stats["joint_hard_lr_first"] == pytest.approx(rate(S - H), rel=1e-5)
+    assert stats["joint_hard_lr_last"] == pytest.approx(rate(S - 1), rel=1e-4)
+    assert stats["joint_hard_train_loss_last"] < stats["joint_hard_train_loss_first"]
+    constant = _allocate(joint=S, joint_hard=H, joint_lr=lr, joint_mask_lr=2e-2).allocation.stats
+    assert constant["joint_hard_lr_first"] == constant["joint_hard_lr_last"] == lr

@@ -300,6 +300,7 @@ class CoblaConfig:
     joint_lr: float = setting(1e-4, gt=0)
     joint_mask_lr: float = setting(1e-3, gt=0)
     joint_hard: int = setting(0, ge=0)
+    joint_schedule: str = setting("constant", choices=("constant", "cosine"))
 
     def validate(self, where: str) -> None:
         if self.joint_hard and not self.joint_hard < self.joint:

@@ -83,7 +83,7 @@ def split_objective_data(data: Dataset, cfg: RunConfig):
 COBLA_KEYS = ("max_iter", "tol", "rtol", "atol", "roundings", "warm_start", "extra_warm_starts",
               "saturation_rounds", "monotone", "continuation", "local_search", "select", "mask_values", "polish", "solver", "window",
               "bn_stats", "finetune_candidates", "finetune_steps", "finetune_learning_rate",
-              "joint", "joint_lr", "joint_mask_lr", "joint_hard")
+              "joint", "joint_lr", "joint_mask_lr", "joint_hard", "joint_schedule")
 
 
 def decompose_layers(cfg: RunConfig, base: BaseModel, chosen, scheme: str, objective_x) -> dict[str, Factors]:

@@ -128,6 +128,10 @@ class COBLA:
         :mod:`coblax.lowrank.joint`); the rounding, polish and the factored network
         then use the trained factors.
       joint_lr, joint_mask_lr: Adam's learning rates of the weights and of the masks there.
+      joint_schedule: the weights' rate over the ``joint`` steps (both phases, as one run):
+        ``"constant"`` (``joint_lr`` throughout) or ``"cosine"`` (``joint_lr`` decayed to 0
+        at the last step, as the base model is trained), so that the network handed on
+        is not left mid-step at Adam's full rate.
       joint_hard: H, the last H of the ``joint`` steps train the weights at fixed ranks:
         after S − H joint steps the masks are rounded (the usual rounding, scored on the
         trained network), then the network trains H steps under the rounded masks,
@@ -179,6 +183,7 @@ class COBLA:
     joint_lr: float = 1e-4
     joint_mask_lr: float = 1e-3
     joint_hard: int = 0
+    joint_schedule: str = "constant"
     progress: bool = False
     # issue 18 (BatchNorm statistics in E(m), fine-tuning-aware selection)
     bn_stats: str = "auto"
@@ -217,6 +222,8 @@ class COBLA:
         if self.joint_hard and self.select == "finetune":  # it would re-pick ranks the steps were not spent on
             raise ValueError("cobla joint_hard > 0 fixes the ranks before its steps; select = 'finetune' "
                              "would pick others afterwards: use select = 'accuracy' or 'loss'")
+        if self.joint_schedule not in ("constant", "cosine"):
+            raise ValueError(f"cobla joint_schedule = {self.joint_schedule!r}; valid: constant, cosine")
         for key in ("joint_lr", "joint_mask_lr"):
             if not float(getattr(self, key)) > 0.0:
                 raise ValueError(f"cobla {key} = {getattr(self, key)!r}: must be > 0")
@@ -616,7 +623,17 @@ class COBLA:
         active = [i for i, l in enumerate(problem.layers) if l.name not in saturated]
         idx, A, b = self._system(problem, active, saturated)
         rows = _budget_rows(problem)  # the budgets; monotone rows are not imposed (see joint's doc)
-        return joint_train(problem, state.m, idx, A[:rows], b[:rows], steps, self.joint_lr, self.joint_mask_lr)
+        return joint_train(problem, state.m, idx, A[:rows], b[:rows], steps, self.joint_lr, self.joint_mask_lr,
+                           lr_schedule=self._joint_rate(0))
+
+    def _joint_rate(self, offset: int):
+        """The weights' rate at a phase's step k, which is step ``offset + k`` of the joint run."""
+        if self.joint_schedule == "constant":
+            return None
+        import optax  # only joint training needs it, as coblax.lowrank.joint is imported late
+
+        cosine = optax.cosine_decay_schedule(self.joint_lr, self.joint)
+        return lambda count: cosine(count + offset)
 
     def _joint_hard(self, problem: AllocationProblem, masks: Mapping[str, np.ndarray]):
         """``joint_hard`` steps on the weights with the rounded masks fixed (no mask is free)."""
@@ -625,9 +642,11 @@ class COBLA:
         m = flat_mask(problem, masks)
         _, problem, weights, st = joint_train(problem, m, np.zeros(0, int), np.zeros((_budget_rows(problem), 0)),
                                               np.zeros(_budget_rows(problem)), self.joint_hard, self.joint_lr,
-                                              self.joint_mask_lr)
+                                              self.joint_mask_lr,
+                                              lr_schedule=self._joint_rate(self.joint - self.joint_hard))
         # problem's loss and trainer hold the soft phase's trained weights: this continues them
         keep = ("joint_steps", "joint_seconds", "joint_first_step_seconds", "joint_step_seconds",
+                "joint_lr_first", "joint_lr_last",
                 "joint_train_loss_first", "joint_train_loss_last",
                 "joint_val_loss_before", "joint_val_accuracy_before", "joint_val_loss_after",
                 "joint_val_accuracy_after", "joint_objective_before", "joint_objective_after")

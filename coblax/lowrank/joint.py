@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -326,7 +326,8 @@ def _put(full: jnp.ndarray, part: jnp.ndarray, keep: np.ndarray, axis: int) -> j
 
 def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: np.ndarray, b: np.ndarray,
                 steps: int, lr: float, mask_lr: float, *, mask_optimizer: str = "adam",
-                normalize: bool = True, truncate_fixed: bool = True
+                normalize: bool = True, truncate_fixed: bool = True,
+                lr_schedule: Callable[[int], float] | None = None,
                 ) -> tuple[np.ndarray, AllocationProblem, TrainedWeights, dict]:
     """``steps`` steps of projected Adam on the masks m[idx] and the network's weights.
 
@@ -349,6 +350,8 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
       truncate_fixed: with no free mask (``idx`` empty), train only the kept triplets'
         columns (:func:`_kept_columns`: the same steps at the rounded network's cost;
         ``benchmarks/bench_joint_hard.py`` measures the two).
+      lr_schedule: the weights' rate at each of these steps (step 0 first); None: ``lr``
+        throughout.
 
     Returns:
       (m after training (float64, feasible), ``problem`` with its loss rebound to the
@@ -394,7 +397,7 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
         return {k: jax.tree.map(lambda _, k=k: "mask" if k == "m" else "weights", v) for k, v in tree.items()}
 
     mask_tx = optax.adam(mask_lr) if mask_optimizer == "adam" else optax.sgd(mask_lr)
-    tx = optax.multi_transform({"mask": mask_tx, "weights": optax.adam(lr)}, labels)
+    tx = optax.multi_transform({"mask": mask_tx, "weights": optax.adam(lr_schedule or lr)}, labels)
     opt_state = tx.init(trainable)
     norms = _start_norms(split, normalize)
     step = _step_fn(trainer.model, work, work_splits, trainer.train_kwargs, tuple(trainer.mutable),
@@ -446,6 +449,9 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
         "joint_first_step_seconds": step_times[0] if step_times else None,
         "joint_step_seconds": float(np.mean(step_times[1:])) if len(step_times) > 1 else None,
         "joint_lr": float(lr),
+        # the weights' rate at the first and the last step (they differ under a schedule)
+        "joint_lr_first": float(lr_schedule(0)) if lr_schedule and steps else float(lr),
+        "joint_lr_last": float(lr_schedule(int(steps) - 1)) if lr_schedule and steps else float(lr),
         "joint_mask_lr": float(mask_lr),
         "joint_objective_before": _value(problem.loss, m_start),
         "joint_objective_after": _value(new_loss, m64),
