@@ -442,3 +442,12 @@ def test_joint_schedule_cosine_runs_both_phases_as_one_decay():
     assert stats["joint_hard_train_loss_last"] < stats["joint_hard_train_loss_first"]
     constant = _allocate(joint=S, joint_hard=H, joint_lr=lr, joint_mask_lr=2e-2).allocation.stats
     assert constant["joint_hard_lr_first"] == constant["joint_hard_lr_last"] == lr
+
+
+def test_joint_phases_show_progress_bars_only_when_asked(capsys):
+    _allocate(joint=6, joint_hard=2, joint_lr=3e-3, joint_mask_lr=2e-2)
+    assert "cobla joint" not in capsys.readouterr().err
+    _allocate(joint=6, joint_hard=2, joint_lr=3e-3, joint_mask_lr=2e-2, progress=True)
+    err = capsys.readouterr().err
+    assert "cobla joint:" in err and "/4 [" in err  # the soft phase: 6 - 2 steps
+    assert "cobla joint_hard:" in err and "/2 [" in err

@@ -139,7 +139,7 @@ class COBLA:
         fractional masks that the weights rely on, and rounding drops them (ResNet-20 /
         Fashion-MNIST, whitened, ``joint = 300``: relaxed validation accuracy 87–93 %,
         rounded 80–89 %); LC ends at its ranks instead. 0: off.
-      progress: show a progress bar over SQP iterations.
+      progress: show progress bars over the SQP iterations and the joint steps.
       bn_stats: how E(m) and the candidate scores normalize BatchNorm: the original's
         ``"running"`` statistics, each batch's own (``"batch"``), or statistics
         re-estimated at m on the objective subset (``"recalibrated"``);
@@ -624,7 +624,7 @@ class COBLA:
         idx, A, b = self._system(problem, active, saturated)
         rows = _budget_rows(problem)  # the budgets; monotone rows are not imposed (see joint's doc)
         return joint_train(problem, state.m, idx, A[:rows], b[:rows], steps, self.joint_lr, self.joint_mask_lr,
-                           lr_schedule=self._joint_rate(0))
+                           lr_schedule=self._joint_rate(0), progress="cobla joint" if self.progress else None)
 
     def _joint_rate(self, offset: int):
         """The weights' rate at a phase's step k, which is step ``offset + k`` of the joint run."""
@@ -643,7 +643,8 @@ class COBLA:
         _, problem, weights, st = joint_train(problem, m, np.zeros(0, int), np.zeros((_budget_rows(problem), 0)),
                                               np.zeros(_budget_rows(problem)), self.joint_hard, self.joint_lr,
                                               self.joint_mask_lr,
-                                              lr_schedule=self._joint_rate(self.joint - self.joint_hard))
+                                              lr_schedule=self._joint_rate(self.joint - self.joint_hard),
+                                              progress="cobla joint_hard" if self.progress else None)
         # problem's loss and trainer hold the soft phase's trained weights: this continues them
         keep = ("joint_steps", "joint_seconds", "joint_first_step_seconds", "joint_step_seconds",
                 "joint_lr_first", "joint_lr_last",

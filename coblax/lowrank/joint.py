@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from coblax.lowrank.allocation import Allocation, AllocationProblem, LayerCost
 from coblax.lowrank.decompose import Factors, factored_apply, slice_count
@@ -327,7 +328,7 @@ def _put(full: jnp.ndarray, part: jnp.ndarray, keep: np.ndarray, axis: int) -> j
 def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: np.ndarray, b: np.ndarray,
                 steps: int, lr: float, mask_lr: float, *, mask_optimizer: str = "adam",
                 normalize: bool = True, truncate_fixed: bool = True,
-                lr_schedule: Callable[[int], float] | None = None,
+                lr_schedule: Callable[[int], float] | None = None, progress: str | None = None,
                 ) -> tuple[np.ndarray, AllocationProblem, TrainedWeights, dict]:
     """``steps`` steps of projected Adam on the masks m[idx] and the network's weights.
 
@@ -352,6 +353,7 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
         ``benchmarks/bench_joint_hard.py`` measures the two).
       lr_schedule: the weights' rate at each of these steps (step 0 first); None: ``lr``
         throughout.
+      progress: the label of a progress bar over the steps (None: no bar).
 
     Returns:
       (m after training (float64, feasible), ``problem`` with its loss rebound to the
@@ -413,7 +415,8 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
     violations: list[float] = []
     converged = True
     step_times: list[float] = []
-    for k in range(int(steps)):
+    bar = tqdm(range(int(steps)), desc=progress, unit="step", disable=progress is None, leave=False)
+    for k in bar:
         t0 = time.perf_counter()
         if pos + bs > n:
             order, pos = rng.permutation(n), 0
@@ -426,6 +429,7 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
         if not np.isfinite(ce):
             raise NumericalError("cobla joint", k + 1, ce, "lower cobla.joint_lr / cobla.joint_mask_lr")
         losses.append(ce)
+        bar.set_postfix(loss=f"{ce:.4f}", refresh=False)
         if idx.size:  # no free mask (cobla.joint_hard): nothing to project
             z, _, ok = project_budget(np.asarray(trainable["m"], np.float64), A, b)
             converged &= ok
@@ -434,6 +438,7 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
             m64[idx] = z
             violations.append(_violation(np.asarray(m_dev, np.float64), A, b))
 
+    bar.close()
     trained = {}
     for n, f in full.items():
         a, b = _effective(trainable["first"][n], trainable["second"][n], norms[n])
