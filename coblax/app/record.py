@@ -20,7 +20,7 @@ import numpy as np
 
 from coblax.app.base_model import BaseModel
 from coblax.app.budget_extras import checked_latency, record_problem, restricted, with_latency_stats
-from coblax.app.config import ConfigError, RunConfig
+from coblax.app.config import ConfigError, RunConfig, _allocator_options
 from coblax.lowrank.allocation import Allocation, has_room, is_feasible
 from coblax.lowrank.costs import NetworkCost, network_cost
 from coblax.lowrank.decompose import (
@@ -34,7 +34,7 @@ from coblax.lowrank.factored import truncate_allocation
 from coblax.lowrank.joint import trained_start
 from coblax.lowrank.objective import NetworkLoss
 from coblax.lowrank.padding import finetune_layout, pad_to_full_rank  # noqa: F401 - pad_to_full_rank: benchmarks replace it
-from coblax.lowrank.registry import get_allocator
+from coblax.lowrank.registry import allocator_factory, get_allocator
 from coblax.lowrank.slicing import plan_slices
 from coblax.lowrank.spectra import allocator_spectrum
 from coblax.lowrank.training import attach_trainer
@@ -81,9 +81,9 @@ def split_objective_data(data: Dataset, cfg: RunConfig):
 
 
 COBLA_KEYS = ("max_iter", "tol", "rtol", "atol", "roundings", "warm_start", "extra_warm_starts",
-              "saturation_rounds", "monotone", "continuation", "local_search", "select", "mask_values", "polish", "solver", "window",
-              "bn_stats", "finetune_candidates", "finetune_steps", "finetune_learning_rate",
-              "joint", "joint_lr", "joint_mask_lr", "joint_hard", "joint_schedule")
+              "saturation_rounds", "monotone", "continuation", "local_search", "select", "mask_values",
+              "polish", "solver", "window", "bn_stats", "finetune_candidates", "finetune_steps",
+              "finetune_learning_rate", "joint", "joint_lr", "joint_mask_lr", "joint_hard", "joint_schedule")
 
 
 def decompose_layers(cfg: RunConfig, base: BaseModel, chosen, scheme: str, objective_x) -> dict[str, Factors]:
@@ -182,9 +182,8 @@ def run_method(
     compiled_before = compile_stats()  # compiles and their seconds in this record: issue 19
     options = dict(cfg.method_options.get(method, {}))
     if method == "cobla":
-        defaults = {k: getattr(cfg.cobla, k) for k in COBLA_KEYS}
-        options = defaults | {"progress": progress} | options
-    elif method == "lc":  # its L steps are minutes of training: show them as COBLA's solve is shown
+        options = {k: getattr(cfg.cobla, k) for k in COBLA_KEYS} | options
+    if "progress" in _allocator_options(allocator_factory(method))[0]:  # COBLA's solve, LC's L steps
         options = {"progress": progress} | options
     allocator = get_allocator(method, **options)
     spectrum = allocator_spectrum(allocator, cfg.decompose.spectrum)

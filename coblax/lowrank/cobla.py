@@ -196,10 +196,9 @@ class COBLA:
 
     def __post_init__(self) -> None:
         check_tolerances(max_iter=self.max_iter, tol=self.tol, rtol=self.rtol, atol=self.atol)
-        for how in (self.warm_start, *self.extra_warm_starts):
-            if how == "cobla":
-                warm_start_ranks(None, "cobla")  # raises the explanatory ValueError
-        starts = (self.warm_start, *self.extra_warm_starts)
+        starts = self._starts
+        if "cobla" in starts:
+            warm_start_ranks(None, "cobla")  # raises the explanatory ValueError
         if len(set(starts)) != len(starts):
             raise ValueError(f"cobla extra_warm_starts = {list(self.extra_warm_starts)!r} repeats a start "
                              f"(warm_start = {self.warm_start!r} included)")
@@ -228,6 +227,11 @@ class COBLA:
         for key in ("joint_lr", "joint_mask_lr"):
             if not float(getattr(self, key)) > 0.0:
                 raise ValueError(f"cobla {key} = {getattr(self, key)!r}: must be > 0")
+
+    @property
+    def _starts(self) -> tuple[str, ...]:
+        """Every start of the relaxed solve, ``warm_start`` first."""
+        return (self.warm_start, *self.extra_warm_starts)
 
     # -- the relaxed solve -------------------------------------------------------------
 
@@ -520,13 +524,17 @@ class COBLA:
             bar.update(1)
             bar.set_postfix(E=f"{value:.4f}")
 
+        several = len(self._starts) > 1
+        objective = getattr(problem.loss, "value", None) or (lambda m: problem.loss.value_and_grad(m)[0])
         starts = []
-        for how in (self.warm_start, *self.extra_warm_starts):
+        for how in self._starts:
             ranks0 = warm_start_ranks(problem, how)
             bar.set_description(f"cobla SQP from {how}")
             state, m_relaxed = self._relaxed(problem, warm_start_point(problem, how, ranks0), tick,
                                              self._start_saturated(problem, ranks0))
-            starts.append((how, ranks0, state, m_relaxed, float(problem.loss.value_and_grad(state.m)[0])))
+            # E at the end of each solve, only where there is a choice to make
+            end = float(objective(state.m)) if several else float("nan")
+            starts.append((how, ranks0, state, m_relaxed, end))
         bar.close()
         # the lowest relaxed objective wins (the first start on ties and where E is not finite)
         best = min(range(len(starts)), key=lambda k: (not np.isfinite(starts[k][4]), starts[k][4], k))
