@@ -135,6 +135,41 @@ def test_sigterm_during_a_save_keeps_the_record(tmp_path, capsys, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+class _SignalInFinalizer:
+    """Receives SIGINT inside ``__del__``: Python prints the handler's exception and drops it."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # bytecodes for the handler to run between, still inside __del__
+            pass
+
+
+def test_sigint_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, capsys, monkeypatch):
+    """CI, stop 31: a SIGINT whose exception a gc callback swallowed let the run go on and exit 0."""
+    from coblax.app import experiment
+
+    real = experiment.run_method
+    calls = []
+
+    def swallowing_run_method(*args, **kwargs):
+        record = real(*args, **kwargs)
+        if not calls:
+            _SignalInFinalizer()  # dropped at once: its __del__ runs here
+        calls.append(1)
+        return record
+
+    swallowed = []
+    monkeypatch.setattr(experiment, "run_method", swallowing_run_method)
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: swallowed.append(unraisable.exc_type))
+    out = tmp_path / "run"
+    assert main(["run", str(_config(tmp_path)), "--out", str(out), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert swallowed == [experiment.RunInterrupted]  # the swallowing happened, as in the CI run
+    assert "interrupted by SIGINT; 1 finished record(s) are saved" in err
+    assert len(calls) == 1 and len(_records(out / "results.partial.json")) == 1
+    assert not (out / "results.json").exists()
+
+
 def test_handlers_restored_even_when_sigint_was_ignored_at_start(tmp_path, capsys, monkeypatch):
     """The handler in place before the run comes back after it (here SIG_IGN, as in a background job)."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -120,17 +120,32 @@ class _Signals:
 
     A signal that arrives while a finished record is being saved is held until the
     save is complete, then raised: a record never dies half written.
+
+    Python runs a handler between any two bytecodes of the main thread, including
+    inside a ``__del__`` or a gc callback (JAX's ``_xla_gc_callback``), where the
+    exception it raises is printed ("Exception ignored ...") and dropped: the run
+    then went on and exited 0 (``test_early_sigint_exits_130``, 1 trial in a CI
+    run). So every signal is also remembered in ``received``, and :meth:`check`
+    raises it again at the runner's safe points: after each save and before the
+    final results file.
     """
 
     def __init__(self) -> None:
         self.depth = 0
         self.pending: int | None = None
+        self.received: int | None = None
 
     def handler(self, signum, frame) -> None:
+        self.received = signum
         if self.depth:
             self.pending = signum
             return
         raise RunInterrupted(signum)
+
+    def check(self) -> None:
+        """Raise :class:`RunInterrupted` for a signal whose exception was swallowed."""
+        if self.received is not None and not self.depth:
+            raise RunInterrupted(self.received)
 
     @contextlib.contextmanager
     def saving(self) -> Iterator[None]:
@@ -142,6 +157,7 @@ class _Signals:
         if not self.depth and self.pending is not None:
             signum, self.pending = self.pending, None
             raise RunInterrupted(signum)
+        self.check()
 
 
 @contextlib.contextmanager
@@ -263,6 +279,7 @@ def _run_locked(plan: RunPlan, config_text: str, progress: bool, on_record: Call
             payload["records"] = in_serial_order(cfg, payload["records"])
         payload["compile_seconds"] = sum(r.get("compile_seconds") or 0.0 for r in payload["records"])
         payload["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        signals.check()  # a signal whose exception a gc callback swallowed still stops the run
         # not held: a signal here leaves the partial file whole, and a rerun completes it
         write_json_atomic(out / RESULTS, payload)
         partial.unlink(missing_ok=True)

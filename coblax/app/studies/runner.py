@@ -212,6 +212,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, config_text: str = "", p
                 payload["done_seeds"].append(seed)
                 del payload["pieces"][str(seed)]
                 save()
+            signals.check()  # a signal whose exception a gc callback swallowed still stops the run
         except RunInterrupted as err:
             in_pieces = sum(len(r) for seed in payload["pieces"].values() for r in seed.values())
             err.saved = len(payload["records"]) + in_pieces if partial.exists() else 0
