@@ -40,6 +40,8 @@ def test_new_keys_parse_and_reach_the_allocator(tmp_path):
         ('warm_start = "cobla"', "", "warm_start = 'cobla' is not allowed"),
         ('extra_warm_starts = ["cobla"]', "", "cobla.extra_warm_starts"),
         ('joint_schedule = "linear"', "", "valid values: constant, cosine"),
+        ("joint = 10\njoint_hard = 4\njoint_average = 5", "", "cobla.joint_average = 5 must be at most"),
+        ("joint_average = -1", "", "cobla.joint_average"),
         ('extra_warm_starts = ["lc", "lc"]', "", "cobla.extra_warm_starts"),
         ('extra_warm_starts = ["pos_exact"]', "", "extra_warm_starts repeats cobla.warm_start = 'pos_exact'"),
         ('select = "f1"', "", "valid values: accuracy, loss"),

@@ -334,6 +334,38 @@ def test_joint_hard_on_the_kept_columns_is_the_full_masked_computation(monkeypat
     assert got.stats["joint_hard_val_loss_after"] == pytest.approx(ref.stats["joint_hard_val_loss_after"], rel=1e-4)
 
 
+def test_joint_average_is_the_mean_of_the_last_steps_weights(monkeypatch):
+    """joint_average = A: the hard phase's network is the mean of the weights after each of
+    its last A steps. Reference: the same hard phase run separately for S - A + 1, ..., S
+    steps (no averaging; the runs are deterministic), their factors and biases averaged
+    with numpy."""
+    calls = []
+    real = joint_mod.joint_train
+
+    def spy(problem, m, idx, A, b, steps, *args, **kwargs):
+        calls.append((problem, np.asarray(m).copy(), idx, A, b, steps, args, dict(kwargs)))
+        return real(problem, m, idx, A, b, steps, *args, **kwargs)
+
+    monkeypatch.setattr(joint_mod, "joint_train", spy)
+    S, A = 12, 4
+    got = _allocate(joint=30, joint_hard=S, joint_lr=3e-3, joint_mask_lr=2e-2, joint_average=A).allocation
+    assert got.stats["joint_hard_averaged_steps"] == A and got.stats["joint_averaged_steps"] == 0
+    problem, m, idx, A_rows, b, steps, args, kwargs = calls[1]
+    assert steps == S and kwargs["average_last"] == A
+    kwargs["average_last"] = 0
+    runs = [real(problem, m, idx, A_rows, b, n, *args, **kwargs)[2] for n in range(S - A + 1, S + 1)]
+    for n in got.weights.factors:
+        for part in ("first", "second"):
+            mean = np.mean([np.asarray(getattr(w.factors[n], part)) for w in runs], axis=0)
+            np.testing.assert_allclose(np.asarray(getattr(got.weights.factors[n], part)), mean, rtol=1e-5, atol=1e-6)
+            last = np.asarray(getattr(runs[-1].factors[n], part))
+            assert np.max(np.abs(mean - last)) > 1e-4  # the mean is not the last step's weights
+        bias = np.mean([np.asarray(w.variables["params"][n]["bias"]) for w in runs], axis=0)
+        np.testing.assert_allclose(np.asarray(got.weights.variables["params"][n]["bias"]), bias, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="joint_average"):
+        coblax.allocators.cobla(joint=30, joint_hard=5, joint_average=6)
+
+
 def test_joint_zero_leaves_the_allocation_unchanged(monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("joint training ran with joint = 0")

@@ -103,6 +103,8 @@ def test_runner_slices_alds_layers_and_counts_their_cost(tmp_path):
     assert record["status"] == "ok", record.get("error")
     slices = record["diagnostics"]["slices"]
     assert max(slices.values()) > 1
+    # the search is ALDS's own time: counted in solve_seconds (the eps bisection alone takes ~1 ms)
+    assert 0.0 < record["diagnostics"]["slice_plan_seconds"] <= record["solve_seconds"]
     model = build_model("resnet20", num_classes=10, input_shape=(8, 8, 1), blocks=1, widths=(4, 8, 8))
     x = jnp.zeros((1, 8, 8, 1))
     layers = {l.name: l for l in trace_layers(model, jax.eval_shape(model.init, jax.random.PRNGKey(0), x), x)}

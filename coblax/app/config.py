@@ -301,8 +301,12 @@ class CoblaConfig:
     joint_mask_lr: float = setting(1e-3, gt=0)
     joint_hard: int = setting(0, ge=0)
     joint_schedule: str = setting("constant", choices=("constant", "cosine"))
+    joint_average: int = setting(0, ge=0)
 
     def validate(self, where: str) -> None:
+        if self.joint_average > self.joint_hard:
+            raise ConfigError(f"{where}.joint_average = {self.joint_average} must be at most {where}.joint_hard = "
+                              f"{self.joint_hard} (the last joint_average of the joint_hard steps are averaged)")
         if self.joint_hard and not self.joint_hard < self.joint:
             raise ConfigError(f"{where}.joint_hard = {self.joint_hard} must be below {where}.joint = {self.joint} "
                               "(the last joint_hard of the joint steps run at the rounded ranks)")

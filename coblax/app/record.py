@@ -83,7 +83,8 @@ def split_objective_data(data: Dataset, cfg: RunConfig):
 COBLA_KEYS = ("max_iter", "tol", "rtol", "atol", "roundings", "warm_start", "extra_warm_starts",
               "saturation_rounds", "monotone", "continuation", "local_search", "select", "mask_values",
               "polish", "solver", "window", "bn_stats", "finetune_candidates", "finetune_steps",
-              "finetune_learning_rate", "joint", "joint_lr", "joint_mask_lr", "joint_hard", "joint_schedule")
+              "finetune_learning_rate", "joint", "joint_lr", "joint_mask_lr", "joint_hard", "joint_schedule",
+              "joint_average")
 
 
 def decompose_layers(cfg: RunConfig, base: BaseModel, chosen, scheme: str, objective_x) -> dict[str, Factors]:
@@ -192,7 +193,9 @@ def run_method(
         scheme = next(iter(full.values())).scheme
         full = decompose_layers(own, base, [l for l in traced if l.name in full], scheme, split_objective_data(data, cfg)[0][0])
         net = network_cost(traced, base.params, {n: np.asarray(f.sigma) for n, f in full.items()}, scheme)
+    slicing_start = time.perf_counter()
     full, net = sliced_layers(allocator, cfg, base, net, full, data.x_train, budget)  # ALDS's slices
+    slicing_seconds = time.perf_counter() - slicing_start
     # budgets.latency and budgets.rank_multiple (coblax.app.budget_extras)
     problem, net, timing = record_problem(cfg, base, traced, net, full, data.x_train, budget,
                                           loss=None if loss is None else _FiniteLoss(loss), seed=cfg.seed)
@@ -206,6 +209,9 @@ def run_method(
     allocation = with_latency_stats(allocation, problem, timing)
     allocation = checked_latency(cfg, allocation, problem, allocator, timing, base, net, full, data.x_train)
     solve_seconds = time.perf_counter() - start  # the end-to-end latency checks are the allocator's time
+    if getattr(allocator, "slice_plan", None) is not None:  # ALDS's search for k is its own cost too
+        allocation = dataclasses.replace(allocation, stats={**allocation.stats, "slice_plan_seconds": slicing_seconds})
+        solve_seconds += slicing_seconds
     full, params = trained_start(allocation, full, base.params, net.layers)  # COBLA's joint: trained weights
     start_from = base if params is base.params else dataclasses.replace(base, params=params)
     kept, ranks = truncate_allocation(net, full, allocation)

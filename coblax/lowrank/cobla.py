@@ -140,6 +140,9 @@ class COBLA:
         fractional masks that the weights rely on, and rounding drops them (ResNet-20 /
         Fashion-MNIST, whitened, ``joint = 300``: relaxed validation accuracy 87–93 %,
         rounded 80–89 %); LC ends at its ranks instead. 0: off.
+      joint_average: A, the network after the ``joint_hard`` steps is the mean of the
+        weights over its last A steps (tail averaging; :func:`coblax.lowrank.joint.joint_train`'s
+        ``average_last``) instead of the last step's. 0 (default): the last step's.
       progress: show progress bars over the SQP iterations and the joint steps.
       bn_stats: how E(m) and the candidate scores normalize BatchNorm: the original's
         ``"running"`` statistics, each batch's own (``"batch"``), or statistics
@@ -185,6 +188,7 @@ class COBLA:
     joint_mask_lr: float = 1e-3
     joint_hard: int = 0
     joint_schedule: str = "constant"
+    joint_average: int = 0
     progress: bool = False
     # issue 18 (BatchNorm statistics in E(m), fine-tuning-aware selection)
     bn_stats: str = "auto"
@@ -222,6 +226,10 @@ class COBLA:
         if self.joint_hard and self.select == "finetune":  # it would re-pick ranks the steps were not spent on
             raise ValueError("cobla joint_hard > 0 fixes the ranks before its steps; select = 'finetune' "
                              "would pick others afterwards: use select = 'accuracy' or 'loss'")
+        if (isinstance(self.joint_average, bool) or not isinstance(self.joint_average, (int, np.integer))
+                or not 0 <= self.joint_average <= self.joint_hard):
+            raise ValueError(f"cobla joint_average = {self.joint_average!r}: must be an integer, "
+                             f"0 <= joint_average <= joint_hard = {self.joint_hard}")
         if self.joint_schedule not in ("constant", "cosine"):
             raise ValueError(f"cobla joint_schedule = {self.joint_schedule!r}; valid: constant, cosine")
         for key in ("joint_lr", "joint_mask_lr"):
@@ -653,13 +661,15 @@ class COBLA:
                                               np.zeros(_budget_rows(problem)), self.joint_hard, self.joint_lr,
                                               self.joint_mask_lr,
                                               lr_schedule=self._joint_rate(self.joint - self.joint_hard),
-                                              progress="cobla joint_hard" if self.progress else None)
+                                              progress="cobla joint_hard" if self.progress else None,
+                                              average_last=self.joint_average)
         # problem's loss and trainer hold the soft phase's trained weights: this continues them
         keep = ("joint_steps", "joint_seconds", "joint_first_step_seconds", "joint_step_seconds",
                 "joint_lr_first", "joint_lr_last",
                 "joint_train_loss_first", "joint_train_loss_last",
                 "joint_val_loss_before", "joint_val_accuracy_before", "joint_val_loss_after",
-                "joint_val_accuracy_after", "joint_objective_before", "joint_objective_after")
+                "joint_val_accuracy_after", "joint_objective_before", "joint_objective_after",
+                "joint_averaged_steps")
         hard = {"joint_hard_" + k[len("joint_"):]: st[k] for k in keep if k in st}
         hard["joint_hard_ranks"] = {n: int(np.count_nonzero(v)) for n, v in masks.items()}
         return problem, weights, hard

@@ -329,6 +329,7 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
                 steps: int, lr: float, mask_lr: float, *, mask_optimizer: str = "adam",
                 normalize: bool = True, truncate_fixed: bool = True,
                 lr_schedule: Callable[[int], float] | None = None, progress: str | None = None,
+                average_last: int = 0,
                 ) -> tuple[np.ndarray, AllocationProblem, TrainedWeights, dict]:
     """``steps`` steps of projected Adam on the masks m[idx] and the network's weights.
 
@@ -354,6 +355,13 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
       lr_schedule: the weights' rate at each of these steps (step 0 first); None: ``lr``
         throughout.
       progress: the label of a progress bar over the steps (None: no bar).
+      average_last: A, the weights returned are the mean of the weights after each of
+        the last A steps (tail averaging, Polyak-Ruppert / SWA: at a constant rate the
+        last step's weights are one noisy point of where the steps wander); the
+        effective factors (as the layers use them) and the network's other parameters
+        are averaged, the masks and the mutable
+        state (BatchNorm's running statistics) are the last step's. 0: the last step's.
+        Only without free masks (``idx`` empty: the weights of a fixed network).
 
     Returns:
       (m after training (float64, feasible), ``problem`` with its loss rebound to the
@@ -375,6 +383,10 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
     start = time.perf_counter()
     full = check_joint(problem)
     trainer = problem.training
+    average_last = int(average_last)
+    if not 0 <= average_last <= int(steps) or (average_last and np.size(idx)):
+        raise ValueError(f"average_last = {average_last}: must be in [0, steps = {int(steps)}], "
+                         "and 0 while masks are free")
     dt = jnp.asarray(next(iter(full.values())).sigma).dtype
     sizes = [layer.full_rank for layer in problem.layers]
     splits = np.cumsum(sizes)[:-1].tolist()
@@ -415,6 +427,7 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
     violations: list[float] = []
     converged = True
     step_times: list[float] = []
+    average, averaged = None, 0  # the running mean of the weights over the last average_last steps
     bar = tqdm(range(int(steps)), desc=progress, unit="step", disable=progress is None, leave=False)
     for k in bar:
         t0 = time.perf_counter()
@@ -430,6 +443,13 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
             raise NumericalError("cobla joint", k + 1, ce, "lower cobla.joint_lr / cobla.joint_mask_lr")
         losses.append(ce)
         bar.set_postfix(loss=f"{ce:.4f}", refresh=False)
+        if k >= int(steps) - average_last:  # the weights as the network uses them: effective factors
+            weights = {"factors": {n: _effective(trainable["first"][n], trainable["second"][n], norms[n])
+                                   for n in work},
+                       "params": trainable["params"]}
+            averaged += 1
+            average = weights if average is None else jax.tree.map(
+                lambda mean, w, c=averaged: mean + (w - mean) / c, average, weights)
         if idx.size:  # no free mask (cobla.joint_hard): nothing to project
             z, _, ok = project_budget(np.asarray(trainable["m"], np.float64), A, b)
             converged &= ok
@@ -439,9 +459,12 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
             violations.append(_violation(np.asarray(m_dev, np.float64), A, b))
 
     bar.close()
+    if average is not None:
+        trainable = {**trainable, "params": average["params"]}
     trained = {}
     for n, f in full.items():
-        a, b = _effective(trainable["first"][n], trainable["second"][n], norms[n])
+        a, b = (average["factors"][n] if average is not None
+                else _effective(trainable["first"][n], trainable["second"][n], norms[n]))
         if keep[n] is not None:  # trained on the kept columns: the dropped ones stay where they were
             a0, b0 = _split_sigma(f)
             a, b = _put(a0, a, keep[n], -1), _put(b0, b, keep[n], -2)
@@ -466,6 +489,7 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
         "joint_violation_trace": violations,
         "joint_projection_converged": bool(converged),
         "joint_mask_change": float(np.max(np.abs(m64 - m_start), initial=0.0)),
+        "joint_averaged_steps": averaged,
     }
     if hasattr(problem.loss, "validation_metrics"):
         for label, oracle, point in (("before", problem.loss, m_start), ("after", new_loss, m64)):
