@@ -359,9 +359,9 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
         the last A steps (tail averaging, Polyak-Ruppert / SWA: at a constant rate the
         last step's weights are one noisy point of where the steps wander); the
         effective factors (as the layers use them) and the network's other parameters
-        are averaged, the masks and the mutable
-        state (BatchNorm's running statistics) are the last step's. 0: the last step's.
-        Only without free masks (``idx`` empty: the weights of a fixed network).
+        are averaged; the masks and the mutable state (BatchNorm's running statistics)
+        are the last step's. 0: the last step's. Only without free masks (``idx``
+        empty: the weights of a fixed network).
 
     Returns:
       (m after training (float64, feasible), ``problem`` with its loss rebound to the
