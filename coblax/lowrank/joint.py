@@ -374,10 +374,12 @@ def joint_train(problem: AllocationProblem, m: np.ndarray, idx: np.ndarray, A: n
       ``joint_val_accuracy_before`` / ``_after`` where the objective reports them,
       ``joint_max_violation`` (largest scaled constraint or box violation of any
       step's m as the network used it, float32), ``joint_violation_trace`` (per step),
-      ``joint_projection_converged`` and ``joint_mask_change`` (‖m_S − m̂‖_∞).
+      ``joint_projection_converged``, ``joint_mask_change`` (‖m_S − m̂‖_∞) and
+      ``joint_averaged_steps`` (how many steps' weights were averaged: ``average_last``).
 
     Raises:
-      ValueError: no network objective or no trainer on the problem.
+      ValueError: no network objective or no trainer on the problem, or ``average_last``
+        outside [0, steps] or nonzero with free masks.
       NumericalError: a non-finite training loss (names the step).
     """
     start = time.perf_counter()
